@@ -1,0 +1,38 @@
+# Two commands, on a fresh machine:
+#   make lab    installs everything and opens JupyterLab on notebooks/
+#   make test   installs everything and runs the whole test suite (pytest + nbval)
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch: small, runs everywhere. On a CUDA machine use e.g.
+#   make lab TORCH_SPEC="torch"   (pip then picks the CUDA build for your platform)
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+# Quick mode keeps each notebook to about a minute on 2 cores; COURSE_QUICK=0 runs the full version.
+COURSE_QUICK ?= 1
+
+.PHONY: install lab test lint bench clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (course)" >/dev/null
+	touch $@
+
+install: $(VENV)/.installed
+
+lab: install
+	$(BIN)/jupyter lab notebooks/
+
+test: install
+	$(BIN)/ruff check .
+	COURSE_QUICK=$(COURSE_QUICK) $(BIN)/python -m pytest tests notebooks --nbval-lax --durations=15
+
+bench: install
+	$(BIN)/python -m course_lib bench --quick --json reports/bench.json --report reports/
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,72 @@
+"""Command line: ``python -m course_lib {doctor,train,bench}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .models import EMBEDDED
+    from .train import TrainConfig, train
+
+    if args.model != "course-tiny":
+        from .distillation import main_train_student  # the student is trained by its own chapter
+
+        return main_train_student(args)
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    cfg = TrainConfig(**overrides)
+    out = Path(args.out) if args.out else EMBEDDED["course-tiny"]
+    record = train(cfg, out, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in record.items() if k != "corpus"}, indent=2))
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor()
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(suites=args.suite, quick=args.quick, json_path=args.json, report_dir=args.report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m course_lib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="versions, device, bandwidth, and whether the embedded model loads")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("train", help="train the embedded model (course-tiny) from scratch, offline")
+    p.add_argument("--model", default="course-tiny", choices=["course-tiny", "course-tiny-student"])
+    p.add_argument("--out", help="output folder (default: the package's embedded folder)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bench", help="run benchmark suites and write JSON (and a report)")
+    p.add_argument("--suite", action="append", help="suite name; repeat for several (default: all)")
+    p.add_argument("--quick", action="store_true", help="smaller models and fewer repeats")
+    p.add_argument("--json", help="write results to this JSON file")
+    p.add_argument("--report", help="write a Markdown table and plots into this folder")
+    p.set_defaults(func=_cmd_bench)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

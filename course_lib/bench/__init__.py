@@ -1,0 +1,64 @@
+"""``python -m course_lib bench``: every headline number, reproducible, as JSON.
+
+Each suite lives in its own module ``course_lib/bench/<suite>.py`` and exposes
+``run(quick: bool) -> dict`` returning ``{"machine": {...}, "rows": [...]}``.
+Suites whose module is not there yet are reported as missing, not faked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import platform
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SUITES = ("decode", "quant", "prune", "distill")
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def available_suites() -> list[str]:
+    """Suites whose module exists in this install."""
+    return [s for s in SUITES if importlib.util.find_spec(f"{__name__}.{s}") is not None]
+
+
+def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: str | None = None,
+              report_dir: str | None = None) -> int:
+    """Run the chosen suites (default: all that exist) and write JSON / a report."""
+    chosen = suites or available_suites()
+    unknown = [s for s in chosen if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown}; choose from {list(SUITES)}")
+    missing = [s for s in chosen if s not in available_suites()]
+    if missing:
+        raise ValueError(f"suite(s) {missing} are not implemented yet; available: {available_suites()}")
+    result = {"machine": machine_info(), "quick": quick, "rows": []}
+    for name in chosen:
+        log.info("running suite %s (quick=%s)", name, quick)
+        out = importlib.import_module(f"{__name__}.{name}").run(quick=quick)
+        result["machine"].update(out.get("machine", {}))
+        result["rows"].extend(out["rows"])
+    text = json.dumps(result, indent=2)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text)
+    if report_dir:
+        from .report import write_report
+
+        write_report(result, Path(report_dir))
+    print(text)
+    return 0

@@ -1,0 +1,75 @@
+"""Quality metrics: perplexity, next-token accuracy, model size."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import encode_split
+
+
+def _as_ids(model, tokenizer_or_ids, split: str, max_tokens: int | None) -> torch.Tensor:
+    if isinstance(tokenizer_or_ids, torch.Tensor):
+        ids = tokenizer_or_ids.flatten()
+    else:
+        # ~4 characters per token is plenty to fill max_tokens without encoding the whole split.
+        max_chars = None if max_tokens is None else max_tokens * 8
+        ids = encode_split(tokenizer_or_ids, split, max_chars=max_chars)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError("need at least 2 tokens to measure perplexity")
+    return ids
+
+
+@torch.inference_mode()
+def _nll_and_correct(model, ids: torch.Tensor, seq_len: int, batch_size: int) -> tuple[float, int, int]:
+    """Sum of next-token NLL, correct top-1 predictions and count, over non-overlapping windows."""
+    device = next(model.parameters()).device
+    n_windows = max(1, (ids.numel() - 1) // seq_len)
+    windows = [ids[i * seq_len : i * seq_len + seq_len + 1] for i in range(n_windows)]
+    total_nll, correct, count = 0.0, 0, 0
+    for b in range(0, len(windows), batch_size):
+        chunk = windows[b : b + batch_size]
+        length = min(len(w) for w in chunk)
+        x = torch.stack([w[:length] for w in chunk]).to(device)
+        logits = model(input_ids=x[:, :-1]).logits.float()
+        targets = x[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+        )
+        total_nll += nll.item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        count += targets.numel()
+    return total_nll, correct, count
+
+
+def perplexity(model, tokenizer_or_ids, split: str = "heldout", max_tokens: int | None = 32768,
+               seq_len: int = 256, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over non-overlapping ``seq_len`` windows.
+
+    ``tokenizer_or_ids`` is either a tokenizer (the held-out split is encoded
+    with it) or a 1-D tensor of token ids.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    ids = _as_ids(model, tokenizer_or_ids, split, max_tokens)
+    nll, _, count = _nll_and_correct(model, ids, seq_len, batch_size)
+    return math.exp(nll / count)
+
+
+def next_token_accuracy(model, tokenizer_or_ids, split: str = "heldout", max_tokens: int | None = 32768,
+                        seq_len: int = 256, batch_size: int = 8) -> float:
+    """Fraction of positions where the top-1 prediction is the actual next token."""
+    ids = _as_ids(model, tokenizer_or_ids, split, max_tokens)
+    _, correct, count = _nll_and_correct(model, ids, seq_len, batch_size)
+    return correct / count
+
+
+def model_size_bytes(model: torch.nn.Module) -> int:
+    """Bytes of real storage: every distinct parameter and buffer (tied weights once)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr() if t.device.type != "meta" else id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())

@@ -1,0 +1,221 @@
+"""Loading models: the embedded course model, speed-lab architectures, any HF model.
+
+Two kinds of model serve two purposes in this course:
+
+* **quality lab** - ``course-tiny``, a small Llama-family model trained by this
+  project on the Python standard library and shipped inside the package. Its
+  perplexity means something, so compression methods are judged on it.
+* **speed lab** - real-size architectures (the published shapes of SmolLM2-135M,
+  Qwen2.5-0.5B, ...) built with *random* weights. A matmul takes the same time
+  whatever numbers are in the matrix, so these give honest timings of a
+  realistic model with no download. Their text is gibberish, by design.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "course-tiny"
+
+# Named presets: embedded folders first, then short names for hub models.
+EMBEDDED = {
+    "course-tiny": WEIGHTS_DIR / "course-tiny",
+    "course-tiny-student": WEIGHTS_DIR / "course-tiny-student",
+}
+HUB_ALIASES = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+}
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Turn "bf16", "float32", torch.float16, ... into a torch dtype (default float32)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} not supported; use one of {sorted(DTYPES)}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or a torch.dtype")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto" (or None) picks CUDA when present, else CPU; anything else is validated."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but this machine has no CUDA GPU; use 'cpu' or 'auto'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but MPS is not available here; use 'cpu' or 'auto'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device type {dev.type!r} not supported; use 'auto', 'cpu', 'cuda' or 'mps'")
+    return dev
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so an offline machine fails in seconds instead of hanging."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a preset name, local folder or hub id to what `from_pretrained` takes."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ValueError(f"model name must be a non-empty string; try {DEFAULT_MODEL!r}")
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        folder = EMBEDDED[name]
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"embedded model {name!r} is not in this install ({folder}); "
+                f"train it with `python -m course_lib train` or use {DEFAULT_MODEL!r}"
+            )
+        return str(folder)
+    if Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"folder {folder} has no config.json: not a saved Hugging Face model")
+        return str(folder)
+    hub_id = HUB_ALIASES.get(name.lower(), name)
+    if "/" not in hub_id:
+        raise ValueError(
+            f"unknown model {name!r}; presets are {sorted(EMBEDDED) + sorted(HUB_ALIASES)}, "
+            "or pass a local folder or a hub id like 'org/name'"
+        )
+    return hub_id
+
+
+def _from_pretrained_offline_aware(loader, path: str, **kw):
+    """Load from a folder, the local hub cache, or (only if reachable) the hub."""
+    if Path(path).is_dir():
+        return loader.from_pretrained(path, **kw)
+    try:
+        return loader.from_pretrained(path, local_files_only=True, **kw)
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise ValueError(
+            f"{path!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline). Use the embedded default {DEFAULT_MODEL!r}, a local folder, or "
+            "download the model on a machine with internet first."
+        )
+    return loader.from_pretrained(path, **kw)
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """The tokenizer of a preset, folder or hub id."""
+    return _from_pretrained_offline_aware(AutoTokenizer, resolve_model_path(name_or_path))
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = "cpu",
+) -> tuple[PreTrainedModel, object]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    ``name_or_path`` is a preset (``course-tiny``, ``smollm2-135m``, ...), a
+    local folder saved with ``save_pretrained``, or a hub id.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    path = resolve_model_path(name_or_path)
+    model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
+    tokenizer = _from_pretrained_offline_aware(AutoTokenizer, path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(dev).eval(), tokenizer
+
+
+# --- speed lab -----------------------------------------------------------------
+# Published shapes (from each model's config.json); weights are random.
+SPEED_LAB_CONFIGS: dict[str, dict] = {
+    "smollm2-135m": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+        max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+    ),
+    "smollm2-360m": dict(
+        model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+        num_attention_heads=15, num_key_value_heads=5, vocab_size=49152,
+        max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+    ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+    ),
+}
+
+
+def speed_lab_config(name: str, num_layers: int | None = None):
+    """The Hugging Face config of a speed-lab architecture (optionally fewer layers)."""
+    key = name.lower()
+    if key not in SPEED_LAB_CONFIGS:
+        raise ValueError(f"unknown speed-lab model {name!r}; choose one of {sorted(SPEED_LAB_CONFIGS)}")
+    spec = dict(SPEED_LAB_CONFIGS[key])
+    model_type = spec.pop("model_type")
+    rope_theta = spec.pop("rope_theta")
+    if num_layers is not None:
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        spec["num_hidden_layers"] = num_layers
+    cfg = AutoConfig.for_model(model_type, **spec)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+    return cfg
+
+
+def speed_lab_model(
+    name: str = "smollm2-135m",
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = "cpu",
+    num_layers: int | None = None,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, object]:
+    """A real-size architecture with random weights: honest timings, no download."""
+    cfg = speed_lab_config(name, num_layers)
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+    return model.to(dev).eval(), cfg
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

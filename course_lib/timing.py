@@ -1,0 +1,147 @@
+"""Honest timing: warm-up, synchronize, many samples, median and spread.
+
+Three classic mistakes make speed numbers lie:
+
+1. **no warm-up** - the first call pays for memory allocation, kernel
+   selection, lazy initialisation (and compilation, with ``torch.compile``);
+2. **no synchronize** - a GPU runs asynchronously: ``time.perf_counter()``
+   around a CUDA call measures how long it took to *queue* the work. CUDA
+   events recorded on the stream measure the work itself;
+3. **one sample** - timings are noisy; report the median and a spread
+   (p10 / p90), not the best or a single run.
+
+``benchmark`` avoids all three. ``time_generation`` measures what a user of a
+chat model feels: time to first token and time per output token.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Seconds per call of a timed function."""
+
+    times: tuple[float, ...] = field(repr=False)
+    median: float
+    p10: float
+    p90: float
+    mean: float
+    count: int
+    method: str  # "cuda-events" or "perf_counter"
+
+    @classmethod
+    def from_times(cls, times: list[float], method: str) -> BenchResult:
+        s = sorted(times)
+        return cls(tuple(times), statistics.median(s), _quantile(s, 0.1), _quantile(s, 0.9),
+                   statistics.fmean(s), len(s), method)
+
+    def __str__(self) -> str:
+        return (f"median {self.median * 1e3:.3f} ms (p10 {self.p10 * 1e3:.3f}, "
+                f"p90 {self.p90 * 1e3:.3f}, n={self.count}, {self.method})")
+
+
+def _quantile(sorted_times: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted list."""
+    if len(sorted_times) == 1:
+        return sorted_times[0]
+    pos = q * (len(sorted_times) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_times) - 1)
+    return sorted_times[lo] + (sorted_times[hi] - sorted_times[lo]) * (pos - lo)
+
+
+def synchronize(device: str | torch.device | None = None) -> None:
+    """Wait for queued work on an asynchronous device (no-op on CPU)."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize(dev)
+    elif dev is not None and dev.type == "mps":
+        torch.mps.synchronize()
+
+
+def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10,
+              device: str | torch.device | None = None) -> BenchResult:
+    """Time ``fn()`` ``repeat`` times after ``warmup`` untimed calls, under inference mode.
+
+    On a CUDA ``device`` each call is timed with CUDA events; otherwise with
+    ``time.perf_counter`` (after synchronizing, so queued work is counted).
+    """
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        synchronize(dev)
+        if dev.type == "cuda":
+            for _ in range(repeat):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return BenchResult.from_times(times, "cuda-events")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(dev)
+            times.append(time.perf_counter() - t0)
+    return BenchResult.from_times(times, "perf_counter")
+
+
+@dataclass(frozen=True)
+class GenerationTiming:
+    """What a user of a streaming chat model feels."""
+
+    ttft_s: float  # time to first token: the prompt's prefill plus one sampling step
+    tpot_s: float  # time per output token after the first (median gap)
+    tokens_per_s: float  # decode speed: 1 / tpot
+    new_tokens: int
+    total_s: float
+    prompt_tokens: int
+    token_times: tuple[float, ...] = field(repr=False)  # seconds from start, one per token
+
+
+def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens: int = 32,
+                    warmup: int = 1, repeat: int = 3, generate_fn=None) -> GenerationTiming:
+    """Greedy-generate ``max_new_tokens`` and time each token as it is produced.
+
+    ``generate_fn`` is a streaming generator like :func:`course_lib.generation.stream_generate`
+    (the default); the median over ``repeat`` runs of TTFT and TPOT is reported.
+    """
+    from .generation import stream_generate
+
+    if max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be >= 2 to time the decode phase, got {max_new_tokens}")
+    gen = generate_fn or stream_generate
+    device = next(model.parameters()).device
+    runs = []
+    for i in range(warmup + repeat):
+        stamps: list[float] = []
+        synchronize(device)
+        t0 = time.perf_counter()
+        n_prompt = 0
+        for step in gen(model, tokenizer, prompt, max_new_tokens=max_new_tokens, stop_at_eos=False):
+            synchronize(device)  # the token must exist before we stamp it
+            stamps.append(time.perf_counter() - t0)
+            n_prompt = step.prompt_tokens
+        if i >= warmup:
+            runs.append((stamps, n_prompt))
+    ttfts = [s[0] for s, _ in runs]
+    gaps = [b - a for s, _ in runs for a, b in zip(s, s[1:])]
+    tpot = statistics.median(gaps)
+    best = runs[len(runs) // 2][0]
+    return GenerationTiming(
+        ttft_s=statistics.median(ttfts), tpot_s=tpot, tokens_per_s=1.0 / tpot,
+        new_tokens=len(best), total_s=statistics.median(s[-1] for s, _ in runs),
+        prompt_tokens=runs[0][1], token_times=tuple(best),
+    )

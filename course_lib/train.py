@@ -1,0 +1,182 @@
+"""Train the embedded model ``course-tiny`` from scratch, offline, reproducibly.
+
+Two steps, both run by ``python -m course_lib train``:
+
+1. a byte-level BPE tokenizer trained on the train split (the ``tokenizers`` package);
+2. a small Llama (RMSNorm, RoPE, SwiGLU, grouped-query attention) trained with
+   AdamW and a cosine schedule on random windows of the train split.
+
+Seed, corpus hash, hyperparameters, timings and held-out figures are written
+to ``training.json`` next to the weights so anyone can check or repeat the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from . import data
+from .models import count_parameters
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained model. Validated on creation."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 2  # grouped-query attention: 4 query heads share each KV head
+    max_position_embeddings: int = 512
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 700
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    seed: int = 1234
+    eval_every: int = 100
+    eval_tokens: int = 32768
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "seq_len", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.seq_len > self.max_position_embeddings:
+            raise ValueError("seq_len must be <= max_position_embeddings")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+
+
+def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on the train split: every byte is representable, no unknown tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator((d.text for d in data.load_documents("train")), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None,
+        model_max_length=512,
+    )
+
+
+def build_model(cfg: TrainConfig, tokenizer) -> LlamaForCausalLM:
+    """A fresh Llama of the configured shape (random init, seeded)."""
+    torch.manual_seed(cfg.seed)
+    mcfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id, rms_norm_eps=1e-5,
+    )
+    return LlamaForCausalLM(mcfg)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_frac * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def _eval_loss(model, ids: torch.Tensor, seq_len: int) -> float:
+    from .metrics import perplexity
+
+    return math.log(perplexity(model, ids, seq_len=seq_len))
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
+    """Train tokenizer and model, save both to ``out_dir``; return the training record."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(cfg.vocab_size)
+    tok_time = time.perf_counter() - t0
+    train_ids = data.encode_split(tokenizer, "train")
+    held_ids = data.encode_split(tokenizer, "heldout")
+    log.info("train tokens %d, held-out tokens %d", train_ids.numel(), held_ids.numel())
+
+    model = build_model(cfg, tokenizer)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stream = data.batches(train_ids, cfg.seq_len, cfg.batch_size, gen)
+    history = []
+    t1 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="training course-tiny")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        x, y = next(stream)
+        loss = model(input_ids=x, labels=None).logits
+        loss = torch.nn.functional.cross_entropy(loss.reshape(-1, loss.size(-1)), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            model.eval()
+            held = _eval_loss(model, held_ids[: cfg.eval_tokens], cfg.seq_len)
+            model.train()
+            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": held,
+                            "seconds": time.perf_counter() - t1})
+            log.info("step %d train %.3f held-out %.3f", step + 1, loss.item(), held)
+    train_time = time.perf_counter() - t1
+    model.eval()
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    record = {
+        "config": asdict(cfg),
+        "parameters": count_parameters(model),
+        "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "tokenizer_seconds": round(tok_time, 1),
+        "train_seconds": round(train_time, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "corpus": {"train": data.corpus_spec("train"), "heldout": data.corpus_spec("heldout"),
+                   "train_tokens": int(train_ids.numel()), "heldout_tokens": int(held_ids.numel()),
+                   "train_modules": list(data.TRAIN_MODULES), "heldout_modules": list(data.HELDOUT_MODULES)},
+        "history": history,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    return record

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models (fast, seeded) for unit tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network: a hub id that isn't cached must fail at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_tiny(model_type: str = "llama", num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64,
+              layers: int = 2, intermediate: int = 128, vocab: int = 128, seed: int = 0, **extra):
+    """A few-thousand-parameter causal LM of the given family, random weights, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        model_type, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, vocab_size=vocab,
+        max_position_embeddings=256, tie_word_embeddings=False, **extra,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    """GQA Llama: 4 query heads, 2 KV heads."""
+    return make_tiny("llama")
+
+
+@pytest.fixture
+def tiny_qwen2():
+    """Qwen2 shape: GQA with q/k/v biases."""
+    return make_tiny("qwen2")
+
+
+@pytest.fixture(scope="session")
+def course_tiny():
+    """The embedded model and its tokenizer (loaded once per test session)."""
+    from course_lib import load_model
+
+    return load_model("course-tiny")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,8 +8,8 @@ exists, so callers can time TTFT and time per output token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

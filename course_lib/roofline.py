@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+
 def measure_bandwidth(size_mb: int = 256, repeat: int = 5, device: str | torch.device = "cpu") -> float:
     """Achieved memory bandwidth in GB/s, STREAM-style copy of ``size_mb`` MB.
 

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 1234
     eval_every: int = 100
     eval_tokens: int = 32768
+    corpus_chars: int | None = None  # cap on characters per split (None = all); for quick tests
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -64,11 +65,13 @@ class TrainConfig:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.seq_len > self.max_position_embeddings:
             raise ValueError("seq_len must be <= max_position_embeddings")
+        if self.corpus_chars is not None and self.corpus_chars < 20_000:
+            raise ValueError(f"corpus_chars must be None or >= 20000, got {self.corpus_chars}")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
 
 
-def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int, max_chars: int | None = None) -> PreTrainedTokenizerFast:
     """Byte-level BPE on the train split: every byte is representable, no unknown tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -79,7 +82,13 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size, special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator((d.text for d in data.load_documents("train")), trainer=trainer)
+    texts, used = [], 0
+    for d in data.load_documents("train"):
+        if max_chars is not None and used >= max_chars:
+            break
+        texts.append(d.text if max_chars is None else d.text[: max_chars - used])
+        used += len(texts[-1])
+    tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=None,
         model_max_length=512,
@@ -121,10 +130,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, overwrite: bool = False) -> dic
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(cfg.vocab_size)
+    tokenizer = train_tokenizer(cfg.vocab_size, cfg.corpus_chars)
     tok_time = time.perf_counter() - t0
-    train_ids = data.encode_split(tokenizer, "train")
-    held_ids = data.encode_split(tokenizer, "heldout")
+    train_ids = data.encode_split(tokenizer, "train", max_chars=cfg.corpus_chars)
+    held_ids = data.encode_split(tokenizer, "heldout", max_chars=cfg.corpus_chars)
     log.info("train tokens %d, held-out tokens %d", train_ids.numel(), held_ids.numel())
 
     model = build_model(cfg, tokenizer)

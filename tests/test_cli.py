@@ -1,0 +1,48 @@
+"""The command line and a non-editable install: what a learner runs first."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "course_lib", *args], capture_output=True, text=True,
+                          env=env, timeout=300, **kw)
+
+
+def test_doctor_reports_and_succeeds():
+    res = run("doctor")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "bandwidth" in res.stdout and "course-tiny loads" in res.stdout
+
+
+def test_bench_unknown_suite_is_a_clear_error():
+    res = run("bench", "--suite", "warp-speed")
+    assert res.returncode == 2 and "choose from" in res.stderr
+
+
+def test_train_refuses_existing_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    res = run("train", "--out", str(tmp_path), "--steps", "1")
+    assert res.returncode == 2 and "overwrite" in res.stderr
+
+
+@pytest.mark.slow
+def test_non_editable_install_loads_embedded_model(tmp_path):
+    """`pip install .` (not -e) must carry the weights inside the package."""
+    target = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                          "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr
+    code = ("import course_lib, sys; m, t = course_lib.load_model(); "
+            "assert 'site' in course_lib.__file__, course_lib.__file__; print(m.config.model_type)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "llama"

@@ -1,0 +1,60 @@
+"""Perplexity against an independent computation; accuracy; storage bytes."""
+
+import math
+
+import pytest
+import torch
+
+from course_lib import model_size_bytes, next_token_accuracy, perplexity
+from tests.conftest import make_tiny
+
+
+def test_perplexity_matches_hf_loss_on_one_window():
+    model = make_tiny()
+    ids = torch.randint(0, 128, (65,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(ids[None], labels=ids[None]).loss.item()  # HF's own mean NLL
+    assert perplexity(model, ids, seq_len=64, max_tokens=None) == pytest.approx(math.exp(ref), rel=1e-5)
+
+
+def test_perplexity_matches_manual_mean_over_windows():
+    model = make_tiny(seed=3)
+    ids = torch.randint(0, 128, (3 * 32 + 1,), generator=torch.Generator().manual_seed(1))
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(3):
+            w = ids[i * 32 : i * 32 + 33]
+            logp = torch.log_softmax(model(w[None, :-1]).logits[0], -1)
+            nll -= logp.gather(1, w[1:, None]).sum().item()
+            n += 32
+    assert perplexity(model, ids, seq_len=32, max_tokens=None, batch_size=2) == pytest.approx(
+        math.exp(nll / n), rel=1e-5)
+
+
+def test_random_model_is_near_uniform_and_accuracy_in_range():
+    model = make_tiny()
+    ids = torch.randint(0, 128, (257,), generator=torch.Generator().manual_seed(0))
+    ppl = perplexity(model, ids, seq_len=64, max_tokens=None)
+    assert 60 < ppl < 300  # a random model over 128 tokens is roughly uniform
+    acc = next_token_accuracy(model, ids, seq_len=64, max_tokens=None)
+    assert 0.0 <= acc < 0.1
+
+
+def test_trained_model_beats_uniform_on_heldout(course_tiny):
+    model, tok = course_tiny
+    ppl = perplexity(model, tok, max_tokens=4096)
+    assert ppl < len(tok) / 20  # far better than guessing uniformly over the vocabulary
+
+
+def test_perplexity_needs_two_tokens():
+    with pytest.raises(ValueError, match="2 tokens"):
+        perplexity(make_tiny(), torch.tensor([1]))
+
+
+def test_model_size_counts_tied_weights_once():
+    lin = torch.nn.Linear(10, 20)
+    assert model_size_bytes(lin) == (10 * 20 + 20) * 4
+    emb = torch.nn.Embedding(50, 8)
+    head = torch.nn.Linear(8, 50, bias=False)
+    head.weight = emb.weight
+    assert model_size_bytes(torch.nn.ModuleList([emb, head])) == 50 * 8 * 4

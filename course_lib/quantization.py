@@ -1,0 +1,635 @@
+"""Weight-only quantization: primitives, packed int8/int4 layers, and GPTQ.
+
+Decode reads every weight once per token, so it is limited by memory bandwidth:
+store the weights in fewer bytes and each token gets cheaper. This module has
+three layers of the same idea.
+
+1. **Primitives** a learner derives by hand: map a float tensor to ``bits``-bit
+   integers with a scale (and, asymmetric, a zero point) per tensor, per
+   output channel or per group of ``group_size`` input columns; measure the
+   error (MSE, SQNR).
+2. **Packed layers** that really store the integers - int8 in one byte each,
+   int4 two per byte - and run them with PyTorch's integer kernels
+   (``torch._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``).
+   A reference path (unpack, dequantize, ``F.linear``) takes over when a
+   kernel refuses a shape or device; which one runs is logged and kept in
+   ``layer.kernel``.
+3. **GPTQ** (Frantar et al., 2022): round-to-nearest (RTN) rounds every
+   weight on its own; GPTQ rounds one input column at a time and pushes the
+   rounding error onto the columns not yet rounded, weighted by how the
+   calibration activations correlate (the Hessian ``X^T X``). Outlier
+   activations get their weights rounded most carefully. We pick GPTQ because
+   it needs no change to the model's float layers (AWQ and SmoothQuant rescale
+   neighbouring layers, which depends on each architecture) and it works at
+   4 bits, where RTN hurts most.
+
+``quantize_(model, QuantConfig(...))`` replaces ``nn.Linear`` layers in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the aten int4 kernel takes
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# --- 1. primitives ----------------------------------------------------------------
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range: symmetric uses [-(2^(b-1)-1), 2^(b-1)-1] so 0 sits in the middle; asymmetric [0, 2^b-1]."""
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int from 2 to 8, got {bits!r}")
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Integers ``q`` (same shape as the input) and the parameters to map them back.
+
+    ``scale`` and ``zero_point`` broadcast against ``q`` viewed as groups:
+    shape (N, K // group_size, 1) for per_group, (N, 1) per_channel, () per_tensor.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    symmetric: bool
+    granularity: str
+    group_size: int | None
+
+
+def _grouped(x: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
+    """View ``x`` so that one scale covers the last dim (per_channel / per_group) or everything."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "per_tensor":
+        return x.reshape(1, -1)
+    if x.dim() != 2:
+        raise ValueError(f"{granularity} needs a 2-D weight (out_features, in_features), got shape {tuple(x.shape)}")
+    if granularity == "per_channel":
+        return x
+    if not isinstance(group_size, int) or group_size < 1 or x.shape[1] % group_size:
+        raise ValueError(
+            f"group_size {group_size!r} must be a positive int that divides in_features={x.shape[1]}; "
+            f"for example {[g for g in (32, 64, 128, 256) if x.shape[1] % g == 0] or [x.shape[1]]}"
+        )
+    return x.reshape(x.shape[0], x.shape[1] // group_size, group_size)
+
+
+def quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = True, granularity: str = "per_channel",
+             group_size: int | None = None) -> Quantized:
+    """Round ``x`` to ``bits``-bit integers: ``q = clamp(round(x / scale) + zero_point)``."""
+    qmin, qmax = qrange(bits, symmetric)
+    g = _grouped(x.detach().float(), granularity, group_size)
+    if symmetric:
+        # The largest magnitude maps to qmax; zero stays exactly zero.
+        scale = g.abs().amax(-1, keepdim=True) / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        # [min, max] (widened to contain 0, so 0 is exact) maps to [0, 2^b - 1].
+        lo = g.amin(-1, keepdim=True).clamp(max=0)
+        hi = g.amax(-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = torch.round(-lo / scale.clamp(min=1e-12)).clamp(qmin, qmax)
+    scale = scale.clamp(min=1e-12)  # an all-zero group would divide by zero
+    q = torch.clamp(torch.round(g / scale) + zero, qmin, qmax)
+    if granularity == "per_tensor":
+        scale, zero = scale.reshape(()), zero.reshape(())
+    return Quantized(q.reshape(x.shape).to(torch.int8 if symmetric else torch.uint8),
+                     scale, zero, bits, symmetric, granularity, group_size)
+
+
+def dequantize(qt: Quantized) -> torch.Tensor:
+    """Back to float: ``x_hat = (q - zero_point) * scale``."""
+    q = qt.q.float()
+    if qt.granularity == "per_tensor":
+        return (q - qt.zero_point) * qt.scale
+    g = _grouped(q, qt.granularity, qt.group_size)
+    return ((g - qt.zero_point) * qt.scale).reshape(qt.q.shape)
+
+
+def fake_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = True, granularity: str = "per_channel",
+                  group_size: int | None = None) -> torch.Tensor:
+    """Quantize then dequantize: the float tensor the quantized model effectively uses."""
+    return dequantize(quantize(x, bits, symmetric, granularity, group_size)).to(x.dtype)
+
+
+def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Mean squared error."""
+    return float(((x.detach().float() - x_hat.detach().float()) ** 2).mean())
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|x|^2 / |x - x_hat|^2). ~6 dB per bit."""
+    x, x_hat = x.detach().float(), x_hat.detach().float()
+    noise = ((x - x_hat) ** 2).sum()
+    if noise == 0:
+        return math.inf
+    return float(10 * torch.log10((x.float() ** 2).sum() / noise))
+
+
+# --- 2. packed layers -----------------------------------------------------------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers in [0, 15] -> (N, K/2) uint8: column 2j in the low nibble, 2j+1 in the high."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: (N, K/2) uint8 -> (N, K) uint8 in [0, 15]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def _cpu_int4_layout(n: int, k: int) -> torch.Tensor:
+    """Where each of the N*K nibbles lands in the aten CPU int4 layout (it depends on the CPU's ISA).
+
+    Packing an index pattern, one hex digit at a time, reveals the permutation,
+    so a kernel-packed weight can be saved in the portable :func:`pack_int4` form.
+    """
+    idx = torch.arange(n * k, dtype=torch.int64).reshape(n, k)
+    where = torch.zeros(n * k, dtype=torch.int64)
+    digits = max(1, math.ceil(math.log(n * k, 16)))
+    for d in range(digits):
+        probe = ((idx >> (4 * d)) & 0xF).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).reshape(-1)
+        nibbles = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1).to(torch.int64)
+        where |= nibbles << (4 * d)
+    return where  # nibble position p holds element where[p] of the row-major (N, K) matrix
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """y = x @ (q * scale)^T + b with int8 ``q`` (one byte per weight) and a scale per output channel."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto"):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_int8", q.to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.reshape(-1).to(compute_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.kernel = _choose_kernel(self, kernel, "aten._weight_int8pack_mm")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
+                    kernel: str = "auto") -> Int8WeightOnlyLinear:
+        """Round-to-nearest, symmetric, per output channel."""
+        qt = quantize(linear.weight, 8, symmetric=True, granularity="per_channel")
+        return cls(qt.q, qt.scale, linear.bias, compute_dtype, kernel)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.kernel == "reference":
+            y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scales
+        else:
+            y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}, compute={self.compute_dtype}"
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """Two 4-bit weights per byte; per group of ``group_size`` inputs a scale and a zero.
+
+    The dequantized weight is ``(q - 8) * scale + zero`` (the aten kernel's
+    convention), stored as ``scales_and_zeros`` of shape (K / group_size, N, 2).
+    With the aten kernel the bytes are in its own CPU-specific tiled layout;
+    the state dict always holds the portable :func:`pack_int4` layout.
+    """
+
+    def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto"):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_packed", pack_int4(q))
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(compute_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.kernel = _choose_kernel(self, kernel, "aten._weight_int4pack_mm_for_cpu")
+
+    @classmethod
+    def from_quantized(cls, qt: Quantized, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
+                       kernel: str = "auto") -> Int4WeightOnlyLinear:
+        """From an asymmetric 4-bit per-group :class:`Quantized` (integer zero points)."""
+        if qt.bits != 4 or qt.symmetric or qt.granularity != "per_group":
+            raise ValueError("Int4WeightOnlyLinear needs quantize(w, bits=4, symmetric=False, granularity='per_group')")
+        scale = qt.scale.squeeze(-1)  # (N, K/g)
+        # (q - zp) * s == (q - 8) * s + (8 - zp) * s
+        zero = (8 - qt.zero_point.squeeze(-1)) * scale
+        sz = torch.stack([scale, zero], -1).transpose(0, 1)  # (K/g, N, 2)
+        return cls(qt.q, sz, qt.group_size, bias, compute_dtype, kernel)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, compute_dtype: torch.dtype = torch.bfloat16,
+                    kernel: str = "auto") -> Int4WeightOnlyLinear:
+        """Round-to-nearest, asymmetric, per group."""
+        qt = quantize(linear.weight, 4, symmetric=False, granularity="per_group", group_size=group_size)
+        return cls.from_quantized(qt, linear.bias, compute_dtype, kernel)
+
+    def _use_kernel_layout(self) -> None:
+        q = unpack_int4(self.weight_packed).to(torch.int32)
+        self.weight_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+    def int_weight(self) -> torch.Tensor:
+        """The (N, K) integers in [0, 15], whatever layout the bytes are in."""
+        if self.kernel == "reference":
+            return unpack_int4(self.weight_packed)
+        where = _cpu_int4_layout(self.out_features, self.in_features)
+        nib = torch.stack([self.weight_packed & 0xF, self.weight_packed >> 4], -1).reshape(-1)
+        q = torch.empty(self.out_features * self.in_features, dtype=torch.uint8)
+        q[where] = nib
+        return q.reshape(self.out_features, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = self.int_weight().float().reshape(self.out_features, -1, self.group_size)
+        sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.kernel == "reference":
+            y = F.linear(x2, self.dequantized_weight().to(self.compute_dtype))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
+                                                           self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    # The state dict holds the portable layout, so a file saved on an AVX-512
+    # machine loads on an AVX2 one (the kernel's tiling differs between them).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel != "reference":
+            destination[prefix + "weight_packed"] = pack_int4(self.int_weight())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight_packed"
+        if key in state_dict and self.kernel != "reference":
+            q = unpack_int4(state_dict[key]).to(torch.int32)
+            state_dict = dict(state_dict)
+            state_dict[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
+                f"kernel={self.kernel}, compute={self.compute_dtype}")
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookup from int8 rows with a scale per row; can share storage with an int8 lm_head."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight_int8.shape
+        self.out_dtype = out_dtype
+        # Same tensor objects as the lm_head's when tied: stored once, counted once.
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_int8).to(self.out_dtype)
+        return rows * self.scales[ids].to(self.out_dtype).unsqueeze(-1)
+
+
+def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
+    """Try the fast kernel on a one-row input; fall back to the reference path (and say why)."""
+    if kernel not in ("auto", "reference"):
+        raise ValueError(f"kernel must be 'auto' or 'reference', got {kernel!r}")
+    if kernel == "reference":
+        return "reference"
+    portable = layer.weight_packed if isinstance(layer, Int4WeightOnlyLinear) else None
+    layer.kernel = fast
+    try:
+        if portable is not None:
+            if portable.device.type != "cpu":
+                raise RuntimeError("only the CPU flavour of the aten int4 kernel is wired up here")
+            layer._use_kernel_layout()  # refuses N not a multiple of 16, for example
+        probe = torch.zeros(1, layer.in_features, dtype=layer.compute_dtype, device=layer.bias.device
+                            if layer.bias is not None else portable.device if portable is not None
+                            else layer.weight_int8.device)
+        with torch.no_grad():
+            layer(probe)
+        return fast
+    except (RuntimeError, NotImplementedError) as e:
+        log.info("%d x %d layer: %s refused (%s); using the reference path", layer.out_features,
+                 layer.in_features, fast, str(e).splitlines()[0][:160])
+        if portable is not None:
+            layer.weight_packed = portable  # back to the layout the reference path reads
+        return "reference"
+
+
+# --- 3. config and quantize_ ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What ``quantize_`` does. Validated on creation.
+
+    bits: 8 (int8, symmetric, one scale per output channel) or 4 (int4, asymmetric, per group).
+    group_size: int4 only; one of 32, 64, 128, 256 (what the aten int4 kernel takes).
+    method: "rtn" (round to nearest) or "gptq" (needs calibration token ids).
+    embeddings: "int8" quantizes the output head (and the input embedding, sharing its int8
+        storage when the two are tied) to int8 per row; "float" leaves both as they are.
+    compute_dtype: activations are cast to this for the kernel; on CPU bf16 is the fast path.
+    skip: regular expressions of module names left in float.
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    method: str = "rtn"
+    embeddings: str = "int8"
+    compute_dtype: str = "bfloat16"
+    kernel: str = "auto"
+    skip: tuple[str, ...] = ()
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4 for packed layers, got {self.bits!r} "
+                             "(use fake_quantize to simulate 2-8 bits)")
+        if self.bits == 8 and self.group_size is not None:
+            raise ValueError("int8 uses one scale per output channel; leave group_size=None")
+        if self.bits == 4 and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 needs group_size in {INT4_GROUP_SIZES}, got {self.group_size!r}; "
+                             "try QuantConfig(bits=4, group_size=128)")
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"method must be 'rtn' or 'gptq', got {self.method!r}")
+        if self.embeddings not in ("int8", "float"):
+            raise ValueError(f"embeddings must be 'int8' or 'float', got {self.embeddings!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.kernel not in ("auto", "reference"):
+            raise ValueError(f"kernel must be 'auto' or 'reference', got {self.kernel!r}")
+        if not isinstance(self.skip, tuple):
+            raise ValueError("skip must be a tuple of regular expressions, e.g. skip=('mlp.down_proj',)")
+        if not 0 < self.gptq_damp < 1:
+            raise ValueError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
+            raise ValueError(f"gptq_block must be a positive int, got {self.gptq_block!r}")
+
+    @property
+    def name(self) -> str:
+        g = f"-g{self.group_size}" if self.group_size else ""
+        return f"{'gptq-' if self.method == 'gptq' else ''}int{self.bits}-wo{g}"
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize_`` did, layer by layer."""
+
+    quantized: dict[str, str]  # name -> kernel
+    skipped: dict[str, str]  # name -> reason
+
+    def summary(self) -> str:
+        kernels: dict[str, int] = {}
+        for k in self.quantized.values():
+            kernels[k] = kernels.get(k, 0) + 1
+        return f"{len(self.quantized)} layers quantized {kernels}, {len(self.skipped)} left in float"
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8Embedding)) for m in model.modules())
+
+
+def _quantize_linear(lin: nn.Linear, cfg: QuantConfig, hessian: torch.Tensor | None = None) -> nn.Module:
+    dt = COMPUTE_DTYPES[cfg.compute_dtype]
+    if hessian is None:
+        if cfg.bits == 8:
+            return Int8WeightOnlyLinear.from_linear(lin, dt, cfg.kernel)
+        return Int4WeightOnlyLinear.from_linear(lin, cfg.group_size, dt, cfg.kernel)
+    qt = gptq_quantize_weight(lin.weight, hessian, cfg)
+    if cfg.bits == 8:
+        return Int8WeightOnlyLinear(qt.q, qt.scale, lin.bias, dt, cfg.kernel)
+    return Int4WeightOnlyLinear.from_quantized(qt, lin.bias, dt, cfg.kernel)
+
+
+def quantize_(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> QuantReport:
+    """Replace the model's ``nn.Linear`` layers with packed int8/int4 layers, in place.
+
+    The output head (``lm_head``) and input embedding follow ``cfg.embeddings``.
+    ``calibration``: (batch, seq) token ids, needed by ``method="gptq"``
+    (``course_lib.data.calibration_batches(tokenizer)``).
+    """
+    if not isinstance(cfg, QuantConfig):
+        raise ValueError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
+    if _is_quantized(model):
+        raise ValueError("this model is already quantized; quantize a fresh float copy instead "
+                         "(quantizing twice would round already-rounded weights)")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    if not linears and head is None:
+        raise ValueError("the model has no nn.Linear layers to quantize (quantize_ handles nn.Linear only)")
+    if cfg.method == "gptq" and calibration is None:
+        raise ValueError("method='gptq' needs calibration token ids: "
+                         "quantize_(model, cfg, calibration=course_lib.data.calibration_batches(tokenizer))")
+    report = QuantReport({}, {})
+    todo: dict[str, nn.Linear] = {}
+    for name, lin in linears.items():
+        reason = _cannot_take(name, lin, cfg)
+        if reason:
+            report.skipped[name] = reason
+            log.info("left %s in float: %s", name, reason)
+        else:
+            todo[name] = lin
+    if not todo and linears:
+        raise ValueError(f"no Linear layer can take {cfg}: {next(iter(report.skipped.values()))}")
+    if cfg.method == "gptq":
+        _gptq_model(model, todo, cfg, calibration, report)
+    else:
+        for name, lin in tqdm(todo.items(), desc=f"quantizing ({cfg.name})", leave=False):
+            new = _quantize_linear(lin, cfg)
+            _set_module(model, name, new)
+            report.quantized[name] = new.kernel
+    _quantize_embeddings(model, head, emb, cfg, report)
+    log.info("quantize_ %s: %s", cfg.name, report.summary())
+    return report
+
+
+def _cannot_take(name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None:
+    """Why this layer stays in float, or None."""
+    for pattern in cfg.skip:
+        if re.search(pattern, name):
+            return f"matches skip pattern {pattern!r}"
+    if cfg.bits == 4 and lin.in_features % cfg.group_size:
+        return f"in_features={lin.in_features} is not a multiple of group_size={cfg.group_size}"
+    return None
+
+
+def _quantize_embeddings(model: nn.Module, head: nn.Module | None, emb: nn.Module | None,
+                         cfg: QuantConfig, report: QuantReport) -> None:
+    """lm_head (and the tied input embedding) to int8 rows, or left alone, per ``cfg.embeddings``."""
+    if head is None or not isinstance(head, nn.Linear):
+        return
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    if cfg.embeddings == "float":
+        report.skipped[head_name] = "embeddings='float' keeps the output head (and embedding) in float"
+        return
+    # int8 even in an int4 config: the head is the widest layer and the most sensitive to error.
+    new_head = Int8WeightOnlyLinear.from_linear(head, COMPUTE_DTYPES[cfg.compute_dtype], cfg.kernel)
+    tied = emb is not None and getattr(emb, "weight", None) is head.weight
+    _set_module(model, head_name, new_head)
+    report.quantized[head_name] = new_head.kernel
+    if isinstance(emb, nn.Embedding):
+        emb_name = next(n for n, m in model.named_modules() if m is emb)
+        if tied:  # share the head's int8 rows: one copy, like the float model had
+            new_emb = Int8Embedding(new_head.weight_int8, new_head.scales, emb.weight.dtype)
+        else:
+            qt = quantize(emb.weight, 8, symmetric=True, granularity="per_channel")
+            new_emb = Int8Embedding(qt.q, qt.scale.reshape(-1).to(emb.weight.dtype), emb.weight.dtype)
+        _set_module(model, emb_name, new_emb)
+        report.quantized[emb_name] = "int8 lookup" + (" (tied to lm_head)" if tied else "")
+    if hasattr(model, "config"):
+        model.config.tie_word_embeddings = False  # HF must not try to re-tie float weights onto our buffers
+
+
+# --- GPTQ -----------------------------------------------------------------------------
+
+
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig) -> Quantized:
+    """GPTQ on one weight (N, K) given H = 2 X^T X / n over its calibration inputs.
+
+    Columns are rounded left to right; each column's error is spread over the
+    later columns with the inverse Hessian (Cholesky form), in blocks of
+    ``cfg.gptq_block`` columns for speed. Group scales are set from the
+    already-updated weights when a group starts (the paper's choice).
+    """
+    W = weight.detach().float().clone()
+    N, K = W.shape
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += cfg.gptq_damp * torch.mean(torch.diag(H)) * torch.eye(K)  # dampening keeps H invertible
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    bits, sym = cfg.bits, cfg.bits == 8
+    gs = cfg.group_size or K
+    qmin, qmax = qrange(bits, sym)
+    Q = torch.zeros(N, K)
+    scales = torch.zeros(N, K // gs)
+    zeros = torch.zeros(N, K // gs)
+
+    def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qt = quantize(cols, bits, sym, "per_channel")
+        return qt.scale.reshape(-1), qt.zero_point.reshape(-1)
+
+    scale, zero = params(W)  # int8: one scale per channel from the whole row
+    for i1 in range(0, K, cfg.gptq_block):
+        i2 = min(i1 + cfg.gptq_block, K)
+        W1 = W[:, i1:i2].clone()
+        Err = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if cfg.group_size and col % gs == 0:
+                # scales from the weights as GPTQ has updated them so far
+                scale, zero = params(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs])
+                scales[:, col // gs], zeros[:, col // gs] = scale, zero
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / scale) + zero, qmin, qmax)
+            Q[:, col] = q
+            err = (w - (q - zero) * scale) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    if not cfg.group_size:
+        scales[:, 0], zeros[:, 0] = scale, zero
+    if cfg.group_size:
+        return Quantized(Q.to(torch.uint8), scales.unsqueeze(-1), zeros.unsqueeze(-1), bits, sym, "per_group", gs)
+    return Quantized(Q.to(torch.int8), scales, zeros, bits, sym, "per_channel", None)
+
+
+def _blocks(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """Group layer names by transformer block (``...layers.<i>.``) in order; GPTQ quantizes block by block."""
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        m = re.search(r"layers\.(\d+)\.", n)
+        groups.setdefault(int(m.group(1)) if m else -1, []).append(n)
+    return [groups[k] for k in sorted(groups)]
+
+
+class _Hessian:
+    """Forward hook: running mean of 2 x x^T over every token a layer sees (independent of token count)."""
+
+    def __init__(self, k: int):
+        self.H = torch.zeros(k, k)
+        self.n = 0
+
+    def __call__(self, module, inputs, output) -> None:
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
+        total = self.n + x.shape[0]
+        self.H *= self.n / total
+        self.H += (2 / total) * x.t() @ x
+        self.n = total
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _stop_forward(module, inputs, output):
+    raise _StopForward
+
+
+@torch.no_grad()
+def _gptq_model(model: nn.Module, todo: dict[str, nn.Linear], cfg: QuantConfig,
+                calibration: torch.Tensor, report: QuantReport) -> None:
+    """Sequential GPTQ: block i is calibrated on the outputs of the already-quantized blocks before it."""
+    if calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise ValueError(f"calibration must be (batch, seq) token ids (torch.long), got {tuple(calibration.shape)} "
+                         f"{calibration.dtype}")
+    device = next(model.parameters()).device
+    for block in tqdm(_blocks(model, list(todo)), desc="GPTQ blocks", leave=False):
+        hess = {n: _Hessian(todo[n].in_features) for n in block}
+        handles = [todo[n].register_forward_hook(hess[n]) for n in block]
+        m = re.match(r"(.*layers\.\d+)\.", block[0])
+        if m:  # the blocks after this one do not matter yet: stop the forward pass here
+            handles.append(model.get_submodule(m.group(1)).register_forward_hook(_stop_forward))
+        try:
+            for row in calibration:  # one sequence at a time keeps memory flat
+                try:
+                    model(input_ids=row[None].to(device))
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        for n in block:
+            new = _quantize_linear(todo[n], cfg, hess[n].H)
+            _set_module(model, n, new)
+            report.quantized[n] = new.kernel

@@ -3,15 +3,32 @@
 ``stream_generate`` runs the model's own KV cache (``past_key_values``): the
 prompt is processed once (*prefill*), then each new token costs one forward
 pass over a single position (*decode*). It yields every token as soon as it
-exists, so callers can time TTFT and time per output token.
+exists, with a timestamp, so callers can time TTFT and time per output token.
+
+The greedy loops below are the same job done four ways, from slowest to fastest:
+
+* ``generate_no_cache`` - run the whole sequence through the model for every
+  new token (what you would write first; O(n^2) work);
+* ``generate_kv_cache`` - the from-scratch KV cache of :mod:`course_lib.kv_cache`;
+* ``generate_hf`` - Hugging Face's ``generate``, the reference;
+* ``generate_compiled`` - the static cache step compiled with ``torch.compile``.
+
+``batched_generate`` serves several prompts at once with left padding.
+All return the new token ids, so their outputs can be compared exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from .kv_cache import ScratchLlama
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,6 +39,7 @@ class Step:
     text: str
     index: int  # 0 for the first new token
     prompt_tokens: int
+    time_s: float = 0.0  # seconds from the call until this token existed (synchronized)
 
 
 def encode_prompt(tokenizer, prompt: str | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -37,6 +55,22 @@ def encode_prompt(tokenizer, prompt: str | torch.Tensor, device: torch.device) -
     if ids.numel() == 0:
         raise ValueError("prompt has no tokens; give at least one")
     return ids.to(device)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this version takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def hf_forward(model, ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
+    """One cached forward pass of a Hugging Face model: (last-position logits (B, V), the cache)."""
+    out = model(input_ids=ids, use_cache=True, **({_cache_kwarg(model): cache} if cache is not None else {}))
+    new_cache = getattr(out, "cache", None)
+    if new_cache is None:
+        new_cache = out.past_key_values
+    return out.logits[:, -1], new_cache
 
 
 def _check_new_tokens(max_new_tokens: int) -> None:
@@ -69,20 +103,18 @@ def stream_generate(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
     ids = encode_prompt(tokenizer, prompt, device)
     gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     eos = getattr(tokenizer, "eos_token_id", None)
-    out = model(input_ids=ids, use_cache=True)  # prefill: the whole prompt at once
-    past = out.past_key_values
-    logits = out.logits[:, -1]
+    t0 = time.perf_counter()
+    logits, past = hf_forward(model, ids)  # prefill: the whole prompt at once
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, gen)
-        tok = int(nxt.item())
-        yield Step(tok, tokenizer.decode([tok]) if tokenizer is not None else "", i, ids.shape[1])
+        tok = int(nxt.item())  # .item() waits for the device, so the timestamp is honest
+        yield Step(tok, tokenizer.decode([tok]) if tokenizer is not None else "", i, ids.shape[1],
+                   time.perf_counter() - t0)
         if stop_at_eos and tok == eos:
             return
         if i + 1 == max_new_tokens:
             return
-        out = model(input_ids=nxt.view(1, 1), past_key_values=past, use_cache=True)  # decode
-        past = out.past_key_values
-        logits = out.logits[:, -1]
+        logits, past = hf_forward(model, nxt.view(1, 1), past)  # decode: one position
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -91,3 +123,194 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperatur
     new = [s.token_id for s in stream_generate(model, tokenizer, prompt, max_new_tokens,
                                                temperature, top_k, seed)]
     return prompt + tokenizer.decode(new)
+
+
+# --- greedy loops, slowest to fastest --------------------------------------------
+
+def _as_ids(prompt_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    ids = prompt_ids.reshape(1, -1) if prompt_ids.dim() == 1 else prompt_ids
+    if ids.numel() == 0 or ids.shape[-1] == 0:
+        raise ValueError("prompt has no tokens; give at least one")
+    return ids.to(device)
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Last-position logits of a HF model or a ScratchLlama, without any cache."""
+    if isinstance(model, ScratchLlama):
+        return model(ids, last_only=True)[:, -1]
+    return model(input_ids=ids, use_cache=False).logits[:, -1]
+
+
+@torch.inference_mode()
+def generate_no_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding that re-reads the whole sequence every step: (B, T) -> (B, max_new_tokens)."""
+    _check_new_tokens(max_new_tokens)
+    ids = _as_ids(prompt_ids, _device_of(model))
+    new = []
+    for _ in range(max_new_tokens):
+        nxt = _logits(model, ids).argmax(-1, keepdim=True)  # the whole sequence, again
+        new.append(nxt)
+        ids = torch.cat([ids, nxt], dim=1)
+    return torch.cat(new, dim=1)
+
+
+@torch.inference_mode()
+def generate_kv_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int,
+                      attention: str = "sdpa") -> torch.Tensor:
+    """Greedy decoding with the from-scratch KV cache: one prefill, then one token per step."""
+    _check_new_tokens(max_new_tokens)
+    scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model, attention)
+    ids = _as_ids(prompt_ids, scratch.device)
+    cache = scratch.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    nxt = scratch(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # prefill
+    new = [nxt]
+    for _ in range(max_new_tokens - 1):
+        nxt = scratch(nxt, cache)[:, -1].argmax(-1, keepdim=True)  # decode: one position
+        new.append(nxt)
+    return torch.cat(new, dim=1)
+
+
+@torch.inference_mode()
+def generate_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """The reference: ``model.generate`` greedily, exactly ``max_new_tokens`` (EOS ignored)."""
+    _check_new_tokens(max_new_tokens)
+    ids = _as_ids(prompt_ids, _device_of(model))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+def compile_supported(device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """Can ``torch.compile`` (inductor) build kernels here? (ok, reason when not)."""
+    import shutil
+    import sys
+
+    dev = torch.device(device)
+    if sys.platform == "win32":
+        return False, "torch.compile's inductor backend is not supported on Windows"
+    if dev.type == "cpu" and not (shutil.which("gcc") or shutil.which("g++") or shutil.which("clang")):
+        return False, "torch.compile on CPU needs a C++ compiler (gcc or clang) on PATH"
+    if dev.type == "mps":
+        return False, "torch.compile's inductor backend for MPS is experimental; skipped"
+    return True, ""
+
+
+class CompiledDecoder:
+    """A static-cache decode step compiled once with ``torch.compile``, reused across calls.
+
+    Compilation costs tens of seconds to minutes (it generates and builds C++ or
+    Triton kernels), so build one and call it many times; the first call to a
+    new cache size recompiles.
+    """
+
+    def __init__(self, model, mode: str | None = None):
+        ok, why = compile_supported(_device_of(model))
+        if not ok:
+            raise RuntimeError(why)
+        self.scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+        self.step: Callable = torch.compile(self.scratch.decode_static, mode=mode, fullgraph=True)
+
+    @torch.inference_mode()
+    def __call__(self, prompt_ids: torch.Tensor, max_new_tokens: int, max_len: int | None = None) -> torch.Tensor:
+        _check_new_tokens(max_new_tokens)
+        s = self.scratch
+        ids = _as_ids(prompt_ids, s.device)
+        max_len = max_len or ids.shape[1] + max_new_tokens
+        cache = s.new_cache(ids.shape[0], max_len)
+        nxt = s(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # prefill stays eager
+        new = [nxt]
+        slot = torch.tensor(ids.shape[1], device=s.device)
+        for _ in range(max_new_tokens - 1):
+            nxt = self.step(nxt, slot, cache).argmax(-1, keepdim=True)
+            slot += 1  # in place: the compiled graph sees the same tensor, no recompile
+            new.append(nxt)
+        return torch.cat(new, dim=1)
+
+
+def generate_compiled(model, prompt_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """One-off compiled generation (compiles on the first call; keep a CompiledDecoder to reuse)."""
+    return CompiledDecoder(model)(prompt_ids, max_new_tokens)
+
+
+@torch.inference_mode()
+def batched_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+    """Several prompts in one batch, greedily, with the from-scratch cache. Returns the new text of each.
+
+    Prompts differ in length, so the short ones are *left*-padded: every row's
+    last real token sits in the same column, which is where the next token is
+    predicted. Padding is masked out of attention, and RoPE positions count
+    only real tokens, so each row gets exactly the tokens it would get alone.
+    """
+    _check_new_tokens(max_new_tokens)
+    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=scratch.device)
+    real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=scratch.device)
+    cache = scratch.new_cache(len(rows), width + max_new_tokens)
+    key_mask = torch.cat([real, torch.ones(len(rows), max_new_tokens, dtype=torch.bool, device=real.device)], 1)
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)  # padding gets position 0; it is masked anyway
+    nxt = scratch(ids, cache, positions, key_mask, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    next_pos = positions[:, -1:] + 1
+    new = [nxt]
+    for _ in range(max_new_tokens - 1):
+        nxt = scratch(nxt, cache, next_pos, key_mask)[:, -1].argmax(-1, keepdim=True)
+        next_pos = next_pos + 1
+        new.append(nxt)
+    out = torch.cat(new, dim=1)
+    return [tokenizer.decode(r.tolist()) for r in out]
+
+
+def _device_of(model) -> torch.device:
+    return model.device if isinstance(model, ScratchLlama) else next(model.parameters()).device
+
+
+# --- naive attention vs SDPA -----------------------------------------------------
+
+def attention_cost(seq_lens: list[int], heads: int = 8, head_dim: int = 64, batch: int = 1,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   repeat: int = 5) -> list[dict]:
+    """Time and memory of causal prefill attention, naive vs ``scaled_dot_product_attention``.
+
+    Memory is the bytes allocated during one call: measured by the CUDA
+    allocator on a GPU, by the PyTorch profiler's CPU allocation records on CPU.
+    The naive version materialises a (T x T) score matrix per head; a fused
+    kernel works in tiles and never holds it whole.
+    """
+    from .kv_cache import naive_attention
+    from .timing import benchmark
+
+    dev = torch.device(device)
+    rows = []
+    for t in seq_lens:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, t, head_dim, generator=g).to(dev, dtype) for _ in range(3))
+        mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+        fns = {"naive": lambda q=q, k=k, v=v, m=mask: naive_attention(q, k, v, m),
+               "sdpa": lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        for name, fn in fns.items():
+            res = benchmark(fn, warmup=1, repeat=repeat, device=dev)
+            rows.append(dict(method=name, seq_len=t, ms=res.median * 1e3, alloc_mb=_allocated_mb(fn, dev),
+                             scores_mb=batch * heads * t * t * 4 / 2**20))
+    return rows
+
+
+def _allocated_mb(fn: Callable, dev: torch.device) -> float:
+    """Bytes allocated while ``fn`` runs (peak over the baseline on CUDA; sum of allocations on CPU)."""
+    with torch.inference_mode():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            fn()
+            torch.cuda.synchronize(dev)
+            return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+        return allocated / 2**20

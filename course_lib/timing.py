@@ -145,3 +145,75 @@ def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
         new_tokens=len(best), total_s=statistics.median(s[-1] for s, _ in runs),
         prompt_tokens=runs[0][1], token_times=tuple(best),
     )
+
+
+# --- the wrong ways, kept so notebooks can show them side by side -----------------
+
+def time_once(fn: Callable[[], object], sync: bool = True, device: str | torch.device | None = None) -> float:
+    """One ``perf_counter`` sample of ``fn()``: no warm-up, and no synchronize if ``sync=False``.
+
+    This is how timing usually goes wrong. On a GPU with ``sync=False`` it
+    measures how long the launch took, not the work.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.inference_mode():
+        if sync:
+            synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            synchronize(dev)
+        return time.perf_counter() - t0
+
+
+def first_call_cost(make_fn: Callable[[], Callable[[], object]], repeat: int = 5,
+                    device: str | torch.device | None = None) -> dict:
+    """Time the first call of a freshly built ``fn`` against its steady state.
+
+    ``make_fn`` builds the function from scratch (new tensors, a new model...),
+    so the first call pays for allocation, lazy initialisation, kernel choice.
+    """
+    fn = make_fn()
+    first = time_once(fn, sync=True, device=device)
+    steady = benchmark(fn, warmup=1, repeat=repeat, device=device)
+    return {"first_s": first, "steady_median_s": steady.median, "ratio": first / steady.median}
+
+
+def thread_scaling(fn: Callable[[], object], threads: list[int], warmup: int = 2, repeat: int = 5) -> list[dict]:
+    """Median time of ``fn`` for each CPU thread count (the old thread count is restored)."""
+    if not threads or any(t < 1 for t in threads):
+        raise ValueError(f"threads must be a non-empty list of positive ints, got {threads!r}")
+    old = torch.get_num_threads()
+    rows = []
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            res = benchmark(fn, warmup=warmup, repeat=repeat)
+            rows.append({"threads": n, "median_s": res.median, "p10_s": res.p10, "p90_s": res.p90})
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+
+def torch_timer_median(fn: Callable[[], object], min_run_time: float = 1.0,
+                       num_threads: int | None = None) -> float:
+    """Median seconds per call according to ``torch.utils.benchmark.Timer`` (an independent referee)."""
+    from torch.utils import benchmark as tb
+
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=num_threads or torch.get_num_threads())
+    with torch.inference_mode():
+        return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def supported_dtypes(device: str | torch.device = "cpu") -> dict[str, bool]:
+    """Which of fp32 / bf16 / fp16 can run a matmul on ``device`` (tried, not guessed)."""
+    dev = torch.device(device)
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        try:
+            a = torch.ones(8, 8, device=dev, dtype=dt)
+            (a @ a).sum().item()
+            out[name] = True
+        except (RuntimeError, TypeError):
+            out[name] = False
+    return out

@@ -1,0 +1,273 @@
+"""A Llama-family forward pass with a KV cache, written from scratch.
+
+Generating token ``t+1`` needs attention over every earlier token. Without a
+cache the model recomputes the keys and values of the whole sequence at every
+step, so step ``t`` costs O(t) matmuls and a whole generation O(n^2). The keys
+and values of earlier tokens never change (causal attention: a token only
+looks back), so we can compute them once and keep them: the **KV cache**.
+Each decode step then runs the model on *one* token and reads the cache.
+
+This module reads the weights of a Hugging Face Llama-family model (Llama,
+SmolLM2, Qwen2 with its q/k/v biases, the course's own ``course-tiny``) and runs
+the same arithmetic with plain tensor operations:
+
+* **RMSNorm** - scale each vector by 1 / its root-mean-square (no mean subtraction);
+* **RoPE** - rotate pairs of query/key channels by an angle proportional to the
+  token's position, so q.k depends on the *distance* between tokens;
+* **grouped-query attention (GQA)** - fewer key/value heads than query heads;
+  each K/V head serves ``n_heads / n_kv_heads`` query heads, which shrinks the
+  cache by the same factor;
+* a **static cache** - one preallocated tensor per layer for K and for V,
+  filled position by position. Fixed shapes are what ``torch.compile`` (and
+  CUDA graphs) need, and no memory is reallocated during decoding.
+
+Tests check the logits against ``transformers`` within a tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_KINDS = ("sdpa", "naive")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The few numbers of a config that the forward pass needs."""
+
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    rope_theta: float
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @classmethod
+    def from_config(cls, cfg) -> LlamaShape:
+        """Read a Hugging Face Llama/Qwen2/Mistral-style config."""
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        return cls(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+                   cfg.num_key_value_heads or cfg.num_attention_heads, head_dim, cfg.vocab_size,
+                   cfg.rms_norm_eps, float(theta))
+
+
+# --- the building blocks --------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, computed in float32 (a sum of squares overflows fp16 easily)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, T, head_dim) for integer ``positions`` of shape (B, T).
+
+    Channel pair i rotates at frequency theta^(-2i/head_dim): the first pairs
+    spin fast (local order), the last ones slowly (long range).
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # HF layout: the two halves of a head form the pairs
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys; pairs are (x[i], x[i + D/2])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, S, D) -> (B, n_kv * n_rep, S, D): each K/V head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, written out. Materialises the (T x S) score matrix per head."""
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+    """The same maths through PyTorch's fused kernel (flash / memory-efficient where available)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# --- the cache ------------------------------------------------------------------
+
+class KVCache:
+    """Preallocated keys and values: ``k[layer]`` has shape (B, n_kv_heads, max_len, head_dim).
+
+    ``length`` slots are filled. Slot index is the order tokens arrived in
+    (left padding included); the RoPE *position* of a token is passed
+    separately, so padded rows still see positions 0, 1, 2, ...
+    """
+
+    def __init__(self, shape: LlamaShape, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"batch and max_len must be >= 1, got batch={batch}, max_len={max_len}")
+        size = (batch, shape.n_kv_heads, max_len, shape.head_dim)
+        self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
+        self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def nbytes(self) -> int:
+        """Memory held by the cache (all of it is reserved up front)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new (B, n_kv, T, D) keys/values at slots [length, length+T); return all filled slots."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > max_len={self.max_len}; make a larger cache")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# --- the model ------------------------------------------------------------------
+
+class ScratchLlama:
+    """The forward pass of a Hugging Face Llama-family model, by hand, sharing its weights (no copy)."""
+
+    def __init__(self, hf_model, attention: str = "sdpa"):
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        cfg = hf_model.config
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"only default RoPE is written here, this model uses {rope.get('rope_type')!r}")
+        self.shape = LlamaShape.from_config(cfg)
+        self.attention = attention
+        self.hf_model = hf_model
+        inner = hf_model.model
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = hf_model.lm_head.weight
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(dict(
+                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                q=(a.q_proj.weight, a.q_proj.bias), k=(a.k_proj.weight, a.k_proj.bias),
+                v=(a.v_proj.weight, a.v_proj.bias), o=(a.o_proj.weight, a.o_proj.bias),
+                gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight,
+            ))
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache sized for ``max_len`` tokens (prompt plus new tokens)."""
+        return KVCache(self.shape, batch, max_len, self.dtype, self.device)
+
+    def _attend(self, x: torch.Tensor, w: dict, cos, sin, layer: int, cache: KVCache | None,
+                mask: torch.Tensor | None, slot: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.shape
+        b, t, _ = x.shape
+        q = F.linear(x, *w["q"]).view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
+        k = F.linear(x, *w["k"]).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        v = F.linear(x, *w["v"]).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if slot is not None:  # static path: write in place at a tensor index, attend over all slots
+            cache.k[layer].index_copy_(2, slot.view(1), k)
+            cache.v[layer].index_copy_(2, slot.view(1), v)
+            k, v = cache.k[layer], cache.v[layer]
+        elif cache is not None:  # keep this step's K/V, then attend over everything so far
+            k, v = cache.write(layer, k, v)
+        rep = s.n_heads // s.n_kv_heads
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+        attn = naive_attention if self.attention == "naive" else sdpa_attention
+        out = attn(q, k, v, mask)
+        return F.linear(out.transpose(1, 2).reshape(b, t, -1), *w["o"])
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for new tokens ``ids`` (B, T).
+
+        ``cache``: where earlier tokens' K/V live (None = attend only within ``ids``).
+        ``positions``: RoPE positions (B, T); default continues from the cache length.
+        ``key_mask``: (B, slots) True for real tokens, False for padding.
+        ``last_only``: compute logits for the last position only (what generation needs).
+        """
+        b, t = ids.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + t, device=ids.device).expand(b, t)
+        cos, sin = rope_tables(positions, self.shape.head_dim, self.shape.rope_theta, self.dtype)
+        mask = self._mask(b, t, past, key_mask, ids.device)
+        x = F.embedding(ids, self.embed)
+        for i, w in enumerate(self.layers):
+            x = x + self._attend(rms_norm(x, w["ln1"], self.shape.eps), w, cos, sin, i, cache, mask)
+            h = rms_norm(x, w["ln2"], self.shape.eps)
+            x = x + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])  # SwiGLU
+        if cache is not None:
+            cache.length += t
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(rms_norm(x, self.final_norm, self.shape.eps), self.lm_head)
+
+    __call__ = forward
+
+    def decode_static(self, tok: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step whose tensor shapes never change: what ``torch.compile`` wants.
+
+        ``tok`` is (B, 1); ``slot`` a 0-d long tensor, the cache slot (and RoPE
+        position) of this token. Attention runs over all ``max_len`` slots with
+        a mask hiding the empty ones, so step 5 and step 500 are the same graph.
+        The caller advances ``slot``; ``cache.length`` is not touched.
+        """
+        b = tok.shape[0]
+        positions = slot.view(1, 1).expand(b, 1)
+        cos, sin = rope_tables(positions, self.shape.head_dim, self.shape.rope_theta, self.dtype)
+        mask = (torch.arange(cache.max_len, device=tok.device) <= slot).view(1, 1, 1, -1)
+        x = F.embedding(tok, self.embed)
+        for i, w in enumerate(self.layers):
+            x = x + self._attend(rms_norm(x, w["ln1"], self.shape.eps), w, cos, sin, i, cache, mask, slot)
+            h = rms_norm(x, w["ln2"], self.shape.eps)
+            x = x + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
+        return F.linear(rms_norm(x, self.final_norm, self.shape.eps), self.lm_head)[:, -1]
+
+    @staticmethod
+    def _mask(b: int, t: int, past: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+        """(B, 1, T, past+T) boolean, True = may attend. None when nothing needs masking."""
+        if key_mask is None and t == 1:
+            return None  # one new token may look at every cached one
+        total = past + t
+        q_slot = torch.arange(past, total, device=device)[:, None]
+        k_slot = torch.arange(total, device=device)[None, :]
+        mask = (k_slot <= q_slot)[None, None].expand(b, 1, t, total)
+        if key_mask is not None:
+            # A padding query would see no key at all (softmax of all -inf = NaN, and NaN * 0 in
+            # the next layer is still NaN), so every token may always see itself.
+            mask = mask & (key_mask[:, None, None, :total] | (k_slot == q_slot))
+        return mask

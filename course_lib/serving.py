@@ -1,0 +1,387 @@
+"""Why servers batch: a small in-process serving simulation on a real model.
+
+Decode is memory-bound (see :mod:`course_lib.roofline`): one step reads every
+weight once whether it serves one sequence or sixteen. So a server that runs
+many requests in the *same* forward pass gets more tokens per second out of
+the same weight traffic. What it costs is per-request latency: a bigger batch
+makes each step a little slower, and a request may wait for a slot.
+
+Two scheduling policies, run on the same requests and the same model:
+
+* **static batching** - take the requests that are waiting, run them together
+  until the *longest* is done, then take the next group. Finished rows keep
+  their slot (and their compute) until the whole batch ends; newcomers wait.
+* **continuous batching** (Orca, vLLM) - after *every* decode step finished
+  requests leave and waiting ones join. Slots never idle while work waits.
+
+Everything runs for real: each prefill and decode step is a forward pass of
+the model (the from-scratch :class:`~course_lib.kv_cache.ScratchLlama`), timed
+with ``perf_counter``. Only the *clock* is virtual: requests "arrive" on a
+simulated timeline and the clock advances by the measured duration of each
+forward pass, so a run of a few seconds can simulate a busy minute without
+sleeping. Greedy tokens do not depend on the policy (tested), only timings do.
+
+How one batched KV cache serves requests that joined at different times: each
+row of the cache belongs to one request; all rows write their next token into
+the same slot, and a per-row key mask hides slots that do not belong to the
+row (gaps, a previous occupant's tokens). RoPE positions are tracked per row,
+so a request sees exactly the positions it would see alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .kv_cache import KVCache, ScratchLlama
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("static", "continuous")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One user request: a prompt arriving at ``arrival_s`` that wants ``max_new_tokens`` tokens."""
+
+    rid: int
+    arrival_s: float
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise ValueError(f"request {self.rid}: prompt_ids is empty; give at least one token")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"request {self.rid}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.arrival_s < 0:
+            raise ValueError(f"request {self.rid}: arrival_s must be >= 0, got {self.arrival_s}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the simulated server schedules: ``policy`` in POLICIES, at most ``max_batch`` rows at once."""
+
+    policy: str = "continuous"
+    max_batch: int = 8
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {self.max_batch!r}")
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What happened to one request (times on the simulated clock, seconds)."""
+
+    rid: int
+    arrival_s: float
+    start_s: float  # prefill began
+    first_token_s: float
+    finish_s: float
+    tokens: tuple[int, ...]
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token, queueing included: what the user waits before text appears."""
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def latency_s(self) -> float:
+        """End-to-end: arrival to last token."""
+        return self.finish_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first."""
+        n = len(self.tokens)
+        return (self.finish_s - self.first_token_s) / (n - 1) if n > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class ServeReport:
+    """A whole run: every request, plus the forward passes the server made."""
+
+    policy: str
+    max_batch: int
+    finished: tuple[Finished, ...]
+    steps: int  # decode forward passes
+    busy_rows: int  # sum over decode steps of rows that still needed a token
+    computed_rows: int  # sum over decode steps of rows computed (static batching computes finished rows too)
+    makespan_s: float  # first arrival to last token
+    batch_trace: tuple[tuple[float, int], ...] = field(repr=False)  # (clock, rows in the step)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(f.tokens) for f in self.finished)
+
+    @property
+    def throughput_tok_s(self) -> float:
+        """Generated tokens per second of simulated time, over the whole run."""
+        return self.tokens / self.makespan_s if self.makespan_s > 0 else 0.0
+
+    @property
+    def wasted_frac(self) -> float:
+        """Fraction of computed rows that produced nothing (finished requests kept in a static batch)."""
+        return 1 - self.busy_rows / self.computed_rows if self.computed_rows else 0.0
+
+    def summary(self) -> dict:
+        """One row for a table: throughput, TTFT and latency median / p90, mean batch."""
+        ttft = sorted(f.ttft_s for f in self.finished)
+        lat = sorted(f.latency_s for f in self.finished)
+        return dict(policy=self.policy, max_batch=self.max_batch, requests=len(self.finished),
+                    tokens=self.tokens, throughput_tok_s=self.throughput_tok_s,
+                    ttft_p50_s=_q(ttft, 0.5), ttft_p90_s=_q(ttft, 0.9),
+                    latency_p50_s=_q(lat, 0.5), latency_p90_s=_q(lat, 0.9),
+                    tpot_p50_s=statistics.median(f.tpot_s for f in self.finished),
+                    mean_batch=self.computed_rows / self.steps if self.steps else 0.0,
+                    wasted_frac=self.wasted_frac)
+
+
+def _q(sorted_vals: list[float], q: float) -> float:
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def poisson_requests(n: int, rate_per_s: float, vocab: int, prompt_len: tuple[int, int] = (8, 32),
+                     new_tokens: tuple[int, int] = (4, 32), seed: int = 0) -> list[Request]:
+    """``n`` requests with exponential gaps (a Poisson process at ``rate_per_s``) and random lengths.
+
+    Real traffic is bursty and answer lengths vary a lot; that variety is what
+    makes static batching waste slots. Lengths are uniform in the given
+    inclusive ranges; prompt tokens are random ids below ``vocab``.
+    """
+    if n < 1 or rate_per_s <= 0:
+        raise ValueError(f"need n >= 1 and rate_per_s > 0, got n={n}, rate_per_s={rate_per_s}")
+    for name, (lo, hi) in (("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if lo < 1 or hi < lo:
+            raise ValueError(f"{name} must be (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        prompt = tuple(rng.randrange(vocab) for _ in range(rng.randint(*prompt_len)))
+        out.append(Request(i, t, prompt, rng.randint(*new_tokens)))
+        t += rng.expovariate(rate_per_s)
+    return out
+
+
+class _BatchState:
+    """The server's rows: a shared KV cache, a key mask per row, a RoPE position per row.
+
+    Active rows are kept at the front (rows 0..n-1), so a decode step runs on a
+    *view* of the first n rows: no copies, and idle rows cost nothing.
+    """
+
+    def __init__(self, scratch: ScratchLlama, max_batch: int, max_len: int):
+        self.scratch = scratch
+        self.cache = scratch.new_cache(max_batch, max_len)
+        self.key_mask = torch.zeros(max_batch, max_len, dtype=torch.bool, device=scratch.device)
+        self.next_pos = torch.zeros(max_batch, 1, dtype=torch.long, device=scratch.device)
+        self.last_tok = torch.zeros(max_batch, 1, dtype=torch.long, device=scratch.device)
+        self.rows: list[dict] = []  # per active row: request, tokens so far, times
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def _view(self, n: int) -> KVCache:
+        """A KVCache over rows [0, n) of the shared tensors (views: writes land in the big cache)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[:n] for t in self.cache.k]
+        view.v = [t[:n] for t in self.cache.v]
+        view.max_len, view.length = self.cache.max_len, self.cache.length
+        return view
+
+    def add(self, req: Request, clock: float) -> float:
+        """Prefill ``req`` alone (batch 1) and copy its K/V into a free row. Returns the seconds it took."""
+        r = len(self.rows)
+        p = len(req.prompt_ids)
+        if max(self.length, p) + req.max_new_tokens > self.cache.max_len:
+            self.compact()
+        ids = torch.tensor([req.prompt_ids], device=self.scratch.device)
+        t0 = time.perf_counter()
+        solo = self.scratch.new_cache(1, p)
+        logits = self.scratch(ids, solo, last_only=True)
+        tok = logits[:, -1].argmax(-1)
+        first = int(tok.item())  # .item() waits for the device: the token exists now
+        dt = time.perf_counter() - t0
+        for layer in range(len(self.cache.k)):  # the prompt's K/V go to slots [0, p) of row r
+            self.cache.k[layer][r, :, :p] = solo.k[layer][0]
+            self.cache.v[layer][r, :, :p] = solo.v[layer][0]
+        self.key_mask[r] = False
+        self.key_mask[r, :p] = True
+        self.next_pos[r] = p
+        self.last_tok[r] = first
+        self.cache.length = max(self.cache.length, p)  # later slots of a shorter row stay masked
+        self.rows.append(dict(req=req, tokens=[first], start=clock, first=clock + dt, done=req.max_new_tokens == 1))
+        return dt
+
+    def step(self, n_compute: int) -> float:
+        """One decode forward pass over rows [0, n_compute); returns the seconds it took."""
+        if self.length + 1 > self.cache.max_len:
+            self.compact()
+        slot = self.length
+        self.key_mask[:n_compute, slot] = True
+        view = self._view(n_compute)
+        t0 = time.perf_counter()
+        logits = self.scratch(self.last_tok[:n_compute], view, self.next_pos[:n_compute],
+                              self.key_mask[:n_compute], last_only=True)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        toks = nxt.view(-1).tolist()  # synchronizes
+        dt = time.perf_counter() - t0
+        self.cache.length = view.length
+        self.last_tok[:n_compute] = nxt
+        self.next_pos[:n_compute] += 1
+        for row, tok in zip(self.rows[:n_compute], toks):
+            if not row["done"]:
+                row["tokens"].append(tok)
+                row["done"] = len(row["tokens"]) >= row["req"].max_new_tokens
+        return dt
+
+    def remove_done(self) -> list[dict]:
+        """Take finished rows out; the last active row moves into each hole so active rows stay in front."""
+        out = []
+        r = 0
+        while r < len(self.rows):
+            if self.rows[r]["done"]:
+                out.append(self.rows[r])
+                last = len(self.rows) - 1
+                if r != last:
+                    self._move(last, r)
+                    self.rows[r] = self.rows[last]
+                self.rows.pop()
+            else:
+                r += 1
+        if not self.rows:
+            self.cache.length = 0  # nobody left: reuse the cache from slot 0
+        return out
+
+    def _move(self, src: int, dst: int) -> None:
+        n = self.length
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][dst, :, :n] = self.cache.k[layer][src, :, :n]
+            self.cache.v[layer][dst, :, :n] = self.cache.v[layer][src, :, :n]
+        self.key_mask[dst] = self.key_mask[src]
+        self.next_pos[dst] = self.next_pos[src]
+        self.last_tok[dst] = self.last_tok[src]
+
+    def compact(self) -> None:
+        """Squeeze out masked gaps: each row's real slots move to the left, in order."""
+        new_len = 0
+        for r in range(len(self.rows)):
+            idx = self.key_mask[r].nonzero().view(-1)
+            n = idx.numel()
+            for layer in range(len(self.cache.k)):
+                self.cache.k[layer][r, :, :n] = self.cache.k[layer][r, :, idx]
+                self.cache.v[layer][r, :, :n] = self.cache.v[layer][r, :, idx]
+            self.key_mask[r] = False
+            self.key_mask[r, :n] = True
+            new_len = max(new_len, n)
+        self.cache.length = new_len
+        log.debug("compacted the KV cache to %d slots", new_len)
+
+
+@torch.inference_mode()
+def serve(model, requests: list[Request], cfg: ServeConfig, progress: bool = False) -> ServeReport:
+    """Run ``requests`` through a simulated server with ``cfg``'s policy; greedy decoding.
+
+    ``model`` is a Hugging Face Llama-family model (or a ScratchLlama). Every
+    prefill and decode step is a real forward pass, timed; the simulated clock
+    advances by those times and jumps over idle gaps to the next arrival.
+    """
+    if not requests:
+        raise ValueError("requests is empty; make some with poisson_requests(...)")
+    if len({r.rid for r in requests}) != len(requests):
+        raise ValueError("request ids (rid) must be unique")
+    scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+    queue = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
+    max_len = 2 * max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+    state = _BatchState(scratch, cfg.max_batch, max_len)
+    clock = queue[0].arrival_s
+    done: list[Finished] = []
+    steps = busy = computed = 0
+    trace: list[tuple[float, int]] = []
+    static_width = 0  # rows in the current static batch (finished ones included)
+    bar = tqdm(total=len(requests), desc=f"serve ({cfg.policy})", disable=not progress)
+
+    def admit() -> None:
+        nonlocal clock
+        while queue and queue[0].arrival_s <= clock and len(state.rows) < cfg.max_batch:
+            clock += state.add(queue.pop(0), clock)
+
+    def collect() -> None:
+        for row in state.remove_done():
+            # A row finished at the clock of the step that produced its last token.
+            finish = row["first"] if len(row["tokens"]) == 1 else row.get("finish", clock)
+            done.append(Finished(row["req"].rid, row["req"].arrival_s, row["start"], row["first"],
+                                 finish, tuple(row["tokens"])))
+            bar.update(1)
+
+    while queue or state.rows:
+        if not state.rows and queue and queue[0].arrival_s > clock:
+            clock = queue[0].arrival_s  # idle: jump to the next arrival
+        if cfg.policy == "continuous" or not state.rows:
+            admit()
+            static_width = len(state.rows)
+            if cfg.policy == "continuous":
+                collect()  # one-token requests are done after prefill: free their rows at once
+        active = sum(not r["done"] for r in state.rows)
+        if active:
+            n = static_width if cfg.policy == "static" else len(state.rows)
+            clock += state.step(n)
+            steps += 1
+            busy += active
+            computed += n
+            trace.append((clock, n))
+        for row in state.rows:  # stamp rows that got their last token in this step
+            if row["done"] and "finish" not in row and len(row["tokens"]) > 1:
+                row["finish"] = clock
+        if cfg.policy == "continuous" or all(r["done"] for r in state.rows):
+            collect()  # static batching frees its rows only when the whole batch is done
+    bar.close()
+    done.sort(key=lambda f: f.rid)
+    makespan = max(f.finish_s for f in done) - min(r.arrival_s for r in requests)
+    return ServeReport(cfg.policy, cfg.max_batch, tuple(done), steps, busy, computed, makespan, tuple(trace))
+
+
+def compare_policies(model, requests: list[Request], max_batch: int = 8) -> list[dict]:
+    """Static and continuous batching on the same requests: one summary row each.
+
+    A short untimed run first pays the one-off costs (allocations, first-call
+    kernel selection), so neither policy is charged for them.
+    """
+    scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+    serve(scratch, requests[: min(len(requests), 2)], ServeConfig("continuous", max_batch))  # warm-up
+    return [serve(scratch, requests, ServeConfig(p, max_batch)).summary() for p in POLICIES]
+
+
+# --- batch size vs latency vs throughput -------------------------------------------
+
+def batch_sweep(model, batch_sizes: list[int], context: int = 64, warmup: int = 2,
+                repeat: int = 5) -> list[dict]:
+    """Decode step time at each batch size: throughput (tokens/s, all rows) vs latency per token.
+
+    One decode step reads every weight once for the whole batch, so while the
+    step stays memory-bound, doubling the batch nearly doubles throughput and
+    barely moves the per-request time per output token.
+    """
+    from .roofline import measure_decode_step
+
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes!r}")
+    rows = []
+    for b in tqdm(batch_sizes, desc="batch sweep", leave=False):
+        res = measure_decode_step(model, context=context, batch=b, warmup=warmup, repeat=repeat)
+        rows.append(dict(batch=b, step_ms=res.median * 1e3, tpot_ms=res.median * 1e3,
+                         throughput_tok_s=b / res.median, p10_ms=res.p10 * 1e3, p90_ms=res.p90 * 1e3))
+    return rows

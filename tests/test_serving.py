@@ -1,0 +1,111 @@
+"""The serving simulation: same greedy tokens under any policy, honest bookkeeping, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib.generation import generate_kv_cache
+from course_lib.serving import (
+    POLICIES,
+    Request,
+    ServeConfig,
+    batch_sweep,
+    compare_policies,
+    poisson_requests,
+    serve,
+)
+
+from .conftest import make_tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny("llama", vocab=128)
+
+
+@pytest.fixture(scope="module")
+def requests_():
+    return poisson_requests(10, rate_per_s=100.0, vocab=128, prompt_len=(2, 9), new_tokens=(1, 10), seed=3)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_tokens_match_serving_each_request_alone(model, requests_, policy):
+    report = serve(model, requests_, ServeConfig(policy, max_batch=3))
+    assert [f.rid for f in report.finished] == [r.rid for r in requests_]
+    for f, r in zip(report.finished, requests_):
+        alone = generate_kv_cache(model, torch.tensor(r.prompt_ids), r.max_new_tokens)[0].tolist()
+        assert list(f.tokens) == alone, f"request {r.rid} differs under {policy} batching"
+
+
+def test_qwen2_biases_and_cache_compaction():
+    # Long answers in a small cache force compaction; Qwen2 adds q/k/v biases.
+    m = make_tiny("qwen2", vocab=96)
+    reqs = [Request(i, 0.001 * i, tuple(range(1 + i, 5 + 2 * i)), 6 + 3 * i) for i in range(5)]
+    report = serve(m, reqs, ServeConfig("continuous", max_batch=2))
+    for f, r in zip(report.finished, reqs):
+        assert list(f.tokens) == generate_kv_cache(m, torch.tensor(r.prompt_ids), r.max_new_tokens)[0].tolist()
+
+
+def test_bookkeeping(model, requests_):
+    static = serve(model, requests_, ServeConfig("static", max_batch=4))
+    cont = serve(model, requests_, ServeConfig("continuous", max_batch=4))
+    for rep in (static, cont):
+        assert rep.tokens == sum(r.max_new_tokens for r in requests_)
+        assert max(n for _, n in rep.batch_trace) <= 4
+        for f in rep.finished:
+            assert f.arrival_s <= f.start_s < f.first_token_s <= f.finish_s
+            assert f.ttft_s > 0 and f.latency_s >= f.ttft_s
+        s = rep.summary()
+        assert s["requests"] == len(requests_) and s["throughput_tok_s"] > 0
+    # Continuous batching never computes a row that has nothing left to produce.
+    assert cont.wasted_frac == 0.0
+    assert cont.busy_rows == cont.computed_rows
+    # Static batching keeps finished rows until the batch ends: with varied lengths it wastes some.
+    assert static.computed_rows >= static.busy_rows and static.wasted_frac > 0
+
+
+def test_single_request_and_one_token(model):
+    rep = serve(model, [Request(0, 0.5, (1, 2, 3), 1)], ServeConfig("static", 2))
+    (f,) = rep.finished
+    assert len(f.tokens) == 1 and f.finish_s == f.first_token_s and rep.steps == 0
+
+
+def test_compare_and_sweep(model, requests_):
+    rows = compare_policies(model, requests_[:4], max_batch=2)
+    assert [r["policy"] for r in rows] == list(POLICIES)
+    sweep = batch_sweep(model, [1, 2], context=8, warmup=1, repeat=2)
+    assert [r["batch"] for r in sweep] == [1, 2]
+    assert all(r["throughput_tok_s"] > 0 and r["step_ms"] > 0 for r in sweep)
+
+
+def test_poisson_requests_are_seeded_and_ordered():
+    a = poisson_requests(6, 2.0, vocab=50, seed=7)
+    assert a == poisson_requests(6, 2.0, vocab=50, seed=7)
+    assert a != poisson_requests(6, 2.0, vocab=50, seed=8)
+    assert all(x.arrival_s <= y.arrival_s for x, y in zip(a, a[1:]))
+    assert all(max(r.prompt_ids) < 50 and 4 <= r.max_new_tokens <= 32 for r in a)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(policy="dynamic"), "policy must be one of"),
+    (dict(max_batch=0), "max_batch"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ServeConfig(**kwargs)
+
+
+def test_bad_requests(model):
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        Request(0, 0.0, (), 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Request(0, 0.0, (1,), 0)
+    with pytest.raises(ValueError, match="requests is empty"):
+        serve(model, [], ServeConfig())
+    with pytest.raises(ValueError, match="unique"):
+        serve(model, [Request(0, 0.0, (1,), 2), Request(0, 0.1, (2,), 2)], ServeConfig())
+    with pytest.raises(ValueError, match="rate_per_s"):
+        poisson_requests(3, 0.0, vocab=10)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        batch_sweep(model, [0])

@@ -1,0 +1,105 @@
+"""Applications as latency budgets: what "fast enough" means for a product.
+
+A user does not feel "tokens per second"; they feel two waits:
+
+* **TTFT** (time to first token) - the silence before anything appears (or is spoken);
+* **TPOT** (time per output token) - how fast the answer then streams. Text that
+  streams faster than people read (or faster than a voice speaks) is fast enough.
+
+With streaming, end-to-end latency for an answer of ``n`` tokens is
+``TTFT + (n - 1) * TPOT``. Each product sets its own targets. The presets
+below take the article's own example numbers (chapter 6) where it gives them,
+and human reading / speaking rates for the streaming speed; every target is
+written down with its reason so a learner can argue with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """Service-level targets of one application (seconds, tokens)."""
+
+    name: str
+    ttft_s: float  # the longest acceptable wait before the first token
+    tpot_s: float  # the longest acceptable gap between streamed tokens
+    answer_tokens: int  # a typical answer length
+    e2e_s: float  # the longest acceptable time for the whole typical answer
+    why: str = ""
+
+    def __post_init__(self):
+        for name in ("ttft_s", "tpot_s", "e2e_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.answer_tokens < 1:
+            raise ValueError(f"answer_tokens must be >= 1, got {self.answer_tokens}")
+
+    @property
+    def min_tokens_per_s(self) -> float:
+        """Decode speed the TPOT target asks for."""
+        return 1.0 / self.tpot_s
+
+
+# People read roughly 4-5 English words (~6 tokens) per second and speak ~150 words per
+# minute (~3.5 tokens/s); streaming faster than that is invisible to them.
+BUDGETS: dict[str, LatencyBudget] = {
+    "customer service": LatencyBudget(
+        "customer service", ttft_s=1.0, tpot_s=1 / 8, answer_tokens=120, e2e_s=15.0,
+        why="the article's example: average response time cut from 3 s to 1 s; the answer streams "
+            "faster than a customer reads (~6 tokens/s), with margin"),
+    "voice assistant": LatencyBudget(
+        "voice assistant", ttft_s=0.5, tpot_s=1 / 4, answer_tokens=40, e2e_s=10.0,
+        why="the article's example: response time cut from 2 s to 1 s, of which speech recognition and "
+            "synthesis take part; a pause over ~0.5 s feels broken in conversation; text must be ready "
+            "faster than speech plays (~3.5 tokens/s)"),
+    "text generation": LatencyBudget(
+        "text generation", ttft_s=5.0, tpot_s=0.3, answer_tokens=400, e2e_s=120.0,
+        why="the article's example: a 300-character advert written in 2 minutes instead of 5 "
+            "(~400 tokens); nobody watches it stream, so only the total counts"),
+}
+
+
+def e2e_seconds(ttft_s: float, tpot_s: float, answer_tokens: int) -> float:
+    """End-to-end time of a streamed answer: first token, then ``answer_tokens - 1`` gaps."""
+    if answer_tokens < 1:
+        raise ValueError(f"answer_tokens must be >= 1, got {answer_tokens}")
+    return ttft_s + (answer_tokens - 1) * tpot_s
+
+
+def check_budget(budget: LatencyBudget | str, ttft_s: float, tpot_s: float) -> dict:
+    """Does a measured (TTFT, TPOT) meet ``budget``? One row: each target, met or not, and the margin."""
+    b = BUDGETS[budget] if isinstance(budget, str) and budget in BUDGETS else budget
+    if not isinstance(b, LatencyBudget):
+        raise ValueError(f"unknown budget {budget!r}; use a LatencyBudget or one of {sorted(BUDGETS)}")
+    e2e = e2e_seconds(ttft_s, tpot_s, b.answer_tokens)
+    ok = dict(ttft=ttft_s <= b.ttft_s, tpot=tpot_s <= b.tpot_s, e2e=e2e <= b.e2e_s)
+    return dict(application=b.name, ttft_s=ttft_s, ttft_target_s=b.ttft_s, tpot_s=tpot_s,
+                tpot_target_s=b.tpot_s, e2e_s=e2e, e2e_target_s=b.e2e_s,
+                meets_ttft=ok["ttft"], meets_tpot=ok["tpot"], meets_e2e=ok["e2e"], meets_all=all(ok.values()),
+                # > 1 means faster than needed; the tightest target sets the headroom
+                headroom=min(b.ttft_s / ttft_s, b.tpot_s / tpot_s, b.e2e_s / e2e))
+
+
+def budget_table(ttft_s: float, tpot_s: float, budgets: dict[str, LatencyBudget] | None = None) -> list[dict]:
+    """``check_budget`` against every preset (or the given budgets)."""
+    return [check_budget(b, ttft_s, tpot_s) for b in (budgets or BUDGETS).values()]
+
+
+def roofline_timing(config, hw, weight_bits: float = 16, prompt_len: int = 256, context: int = 512,
+                    batch: int = 1, overhead_s: float = 0.0) -> tuple[float, float]:
+    """Predicted (TTFT, TPOT) on hardware ``hw`` from the roofline model of :mod:`course_lib.roofline`.
+
+    TTFT ~ one prefill of ``prompt_len`` tokens; TPOT ~ one decode step at
+    ``context`` cached tokens. The roofline is a lower bound: real kernels reach
+    60-90 % of peak, so treat the answer as "at best".
+    """
+    from .roofline import decode_cost, predict, prefill_cost
+
+    # Compute in the narrowest float type the hardware has a figure for (int weights run in bf16).
+    prefs = ("bf16", "fp16", "fp32") if weight_bits <= 16 else ("fp32",)
+    compute = next((d for d in prefs if d in hw.gflops), "fp32")
+    pre = predict(prefill_cost(config, batch, prompt_len, weight_bits), hw, compute, overhead_s)
+    dec = predict(decode_cost(config, batch, context, weight_bits), hw, compute, overhead_s)
+    return pre.seconds, dec.seconds

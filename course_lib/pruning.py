@@ -1,0 +1,598 @@
+"""Pruning: removing weights, and why only *structured* removal makes a model faster.
+
+Two ideas share the name:
+
+* **unstructured** pruning zeroes individual weights (the smallest in magnitude).
+  The matrices keep their shape, so a dense kernel multiplies the zeros just
+  as fast as any other number: "50% sparse" is exactly as slow as dense.
+* **structured** pruning deletes whole rows and columns - MLP channels,
+  attention heads - so the matrices become physically smaller and every
+  decode step moves fewer bytes.
+
+Structured removal must respect what is *coupled*: dropping channel ``j`` of
+an MLP removes row ``j`` of ``gate_proj`` and ``up_proj`` and column ``j`` of
+``down_proj`` together. Torch-Pruning's ``DependencyGraph`` discovers such
+couplings by tracing the model; we use it for the MLP, where
+``get_pruning_group`` works and its ``details()`` show the learner what is
+coupled. For attention the graph is of no use on this stack: Torch-Pruning
+1.6.1's ``get_pruning_group`` on ``q/k/v_proj`` of a Hugging Face Llama never
+returns (its index propagation loops through the rotary-embedding ops), so
+the high-level pruners hang too. We write the attention coupling down by hand
+instead - it is short - and cut with Torch-Pruning's own low-level pruning
+functions. Grouped-query attention fixes the granularity: a KV head is shared
+by ``num_attention_heads // num_key_value_heads`` query heads, so a KV head
+goes together with all of its query heads (one *KV group*).
+
+Hugging Face configs describe every layer with one number, so every layer
+loses the same count of channels and groups (importance decides *which*),
+and ``save_pretrained`` / ``from_pretrained`` round-trip the pruned model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+# Decoder layouts we know: model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+METHODS = ("structured", "unstructured")
+TARGETS = ("mlp", "heads", "both")
+SCOPES = ("global", "layer")
+
+# Per decoder layer: (scores of each MLP channel, scores of each KV group).
+LayerScores = tuple[torch.Tensor, torch.Tensor]
+ImportanceFn = Callable[[nn.Module, "torch.Tensor | None"], list[LayerScores]]
+
+
+# --- the model's anatomy -----------------------------------------------------------
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a ValueError naming the supported families if ``model`` isn't one of them."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"structured pruning supports model types {list(SUPPORTED_MODEL_TYPES)} "
+            f"(Llama-style decoder: q/k/v/o_proj attention, gate/up/down_proj MLP); "
+            f"got {model_type!r} ({type(model).__name__})"
+        )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a supported causal LM."""
+    check_supported(model)
+    return model.model.layers
+
+
+def head_dim(model: nn.Module) -> int:
+    """Size of one attention head; pruning never changes it."""
+    c = model.config
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def _mlp_tensors(layer: nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, axis) pairs whose entries along ``axis`` are the MLP channels."""
+    m = layer.mlp
+    return [(m.gate_proj.weight, 0), (m.up_proj.weight, 0), (m.down_proj.weight, 1)]
+
+
+def _head_tensors(layer: nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, axis) pairs whose entries along ``axis`` are laid out KV group by KV group.
+
+    q rows are head after head, and query head ``h`` uses KV head ``h // groups``,
+    so the rows of one KV group are contiguous in q, k, v and in the columns of o.
+    """
+    a = layer.self_attn
+    out = [(a.q_proj.weight, 0), (a.k_proj.weight, 0), (a.v_proj.weight, 0), (a.o_proj.weight, 1)]
+    out += [(p.bias, 0) for p in (a.q_proj, a.k_proj, a.v_proj) if p.bias is not None]  # Qwen2
+    return out
+
+
+def _per_block(values: torch.Tensor, axis: int, blocks: int) -> torch.Tensor:
+    """Sum a per-element score tensor into ``blocks`` contiguous blocks along ``axis``."""
+    v = values.movedim(axis, 0).reshape(blocks, -1)
+    return v.float().sum(dim=1)
+
+
+def _score(layer: nn.Module, per_element: Callable[[torch.Tensor], torch.Tensor],
+           n_kv: int) -> LayerScores:
+    """Apply a per-weight score and pool it per MLP channel and per KV group."""
+    inter = layer.mlp.gate_proj.out_features
+    mlp = sum(_per_block(per_element(t), ax, inter) for t, ax in _mlp_tensors(layer))
+    heads = sum(_per_block(per_element(t), ax, n_kv) for t, ax in _head_tensors(layer))
+    return mlp, heads
+
+
+# --- importance criteria (pluggable: any callable with this signature works) ------
+
+@torch.no_grad()
+def magnitude_importance(model: nn.Module, calibration: torch.Tensor | None = None) -> list[LayerScores]:
+    """Squared L2 norm of every weight a channel / KV group owns: small weights matter least."""
+    n_kv = model.config.num_key_value_heads
+    return [_score(layer, lambda t: t.detach().pow(2), n_kv) for layer in decoder_layers(model)]
+
+
+def taylor_importance(model: nn.Module, calibration: torch.Tensor | None) -> list[LayerScores]:
+    """First-order Taylor estimate |w * dL/dw| of the loss change when a weight is removed.
+
+    Gradients of the language-model loss are accumulated over the calibration
+    batch (a (N, T) tensor of token ids), one sequence at a time to bound memory.
+    """
+    if calibration is None:
+        raise ValueError("taylor importance needs calibration token ids (N, T); "
+                         "use course_lib.data.calibration_batches(tokenizer)")
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters()]
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    device = next(model.parameters()).device
+    try:
+        with torch.enable_grad():
+            for row in calibration:
+                x = row.view(1, -1).to(device)
+                model(input_ids=x, labels=x).loss.backward()
+        n_kv = model.config.num_key_value_heads
+        scores = [_score(layer, lambda t: (t.detach() * t.grad).abs(), n_kv)
+                  for layer in decoder_layers(model)]
+    finally:
+        for p, s in zip(params, saved):
+            p.grad = None
+            p.requires_grad_(s)
+        model.train(was_training)
+    return scores
+
+
+@torch.no_grad()
+def activation_importance(model: nn.Module, calibration: torch.Tensor | None) -> list[LayerScores]:
+    """Wanda-style: mean |input activation| of a channel times the norm of the weights reading it.
+
+    Hooks on ``down_proj`` and ``o_proj`` see the MLP channels and the heads'
+    outputs on real calibration text; a channel that is large but never fires
+    scores low.
+    """
+    if calibration is None:
+        raise ValueError("activation importance needs calibration token ids (N, T); "
+                         "use course_lib.data.calibration_batches(tokenizer)")
+    layers = decoder_layers(model)
+    n_kv = model.config.num_key_value_heads
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        for name, mod in (("mlp", layer.mlp.down_proj), ("attn", layer.self_attn.o_proj)):
+            def hook(_m, args, _out, key=(i, name)):
+                a = args[0].detach().abs().float().reshape(-1, args[0].shape[-1]).sum(0)
+                sums[key] = sums.get(key, 0) + a
+            hooks.append(mod.register_forward_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for row in calibration:
+            model(input_ids=row.view(1, -1).to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for i, layer in enumerate(layers):
+        down, o = layer.mlp.down_proj.weight, layer.self_attn.o_proj.weight
+        mlp = sums[(i, "mlp")] * down.float().norm(dim=0)
+        heads = (sums[(i, "attn")] * o.float().norm(dim=0)).reshape(n_kv, -1).sum(1)
+        out.append((mlp, heads))
+    return out
+
+
+IMPORTANCE: dict[str, ImportanceFn] = {
+    "magnitude": magnitude_importance,
+    "taylor": taylor_importance,
+    "activation": activation_importance,
+}
+NEEDS_CALIBRATION = ("taylor", "activation")
+
+
+# --- the configuration ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to remove and how to choose it.
+
+    ``ratio`` is the fraction removed: of the weights (unstructured) or of the
+    MLP channels (structured). ``head_ratio`` is the fraction of KV groups
+    (a KV head with its query heads) removed; ``None`` follows ``ratio``,
+    rounded down to whole groups (possibly none). ``round_to`` keeps the MLP
+    width a multiple of that many channels (kernels like multiples of 8).
+    """
+
+    ratio: float = 0.3
+    method: str = "structured"
+    target: str = "both"
+    head_ratio: float | None = None
+    importance: str | ImportanceFn = "magnitude"
+    scope: str = "global"  # unstructured only: one threshold for all layers, or one per matrix
+    round_to: int = 1
+
+    def __post_init__(self):
+        for name in ("ratio", "head_ratio"):
+            v = getattr(self, name)
+            if name == "head_ratio" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{name} must be a number in [0, 1) (the fraction removed; "
+                                 f"1 would remove everything), got {v!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if isinstance(self.importance, str) and self.importance not in IMPORTANCE:
+            raise ValueError(f"importance must be one of {sorted(IMPORTANCE)} or a callable "
+                             f"(model, calibration) -> [(mlp_scores, group_scores), ...]; "
+                             f"got {self.importance!r}")
+        if not isinstance(self.importance, str) and not callable(self.importance):
+            raise ValueError(f"importance must be a name in {sorted(IMPORTANCE)} or a callable")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be a positive int (1 = no rounding), got {self.round_to!r}")
+        if self.method == "unstructured" and (self.target != "both" or self.head_ratio is not None):
+            raise ValueError("target and head_ratio apply to method='structured' only; "
+                             "unstructured pruning zeroes single weights everywhere")
+
+    def importance_fn(self) -> ImportanceFn:
+        """The importance callable this config names."""
+        return IMPORTANCE[self.importance] if isinstance(self.importance, str) else self.importance
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """How many channels / KV groups each layer keeps (the same in every layer)."""
+
+    mlp_keep: int
+    mlp_total: int
+    groups_keep: int
+    groups_total: int
+
+
+def plan(model: nn.Module, cfg: PruneConfig) -> PrunePlan:
+    """Turn ratios into whole channels and KV groups, or raise if that can't be done."""
+    c = model.config
+    inter, n_kv = c.intermediate_size, c.num_key_value_heads
+    mlp_keep = inter
+    if cfg.target in ("mlp", "both") and cfg.ratio > 0:
+        if cfg.round_to > inter:
+            raise ValueError(f"round_to={cfg.round_to} exceeds the MLP width {inter}; use a smaller round_to")
+        mlp_keep = inter - math.floor(cfg.ratio * inter)
+        mlp_keep = min(inter, math.ceil(mlp_keep / cfg.round_to) * cfg.round_to)
+        if mlp_keep == inter:
+            raise ValueError(f"ratio={cfg.ratio} of {inter} MLP channels rounded to multiples of "
+                             f"{cfg.round_to} removes nothing; raise ratio or lower round_to")
+    groups_keep = n_kv
+    if cfg.target in ("heads", "both"):
+        hr = cfg.ratio if cfg.head_ratio is None else cfg.head_ratio
+        remove = math.floor(hr * n_kv + 1e-9)
+        allowed = [round(k / n_kv, 4) for k in range(1, n_kv)]
+        if remove == 0 and (cfg.head_ratio or cfg.target == "heads"):
+            raise ValueError(
+                f"head ratio {hr} of {n_kv} KV group(s) removes no whole group (grouped-query attention "
+                f"prunes a KV head with its {c.num_attention_heads // n_kv} query heads); allowed "
+                f"head ratios here: {allowed or 'none - a single KV group cannot be pruned'}; "
+                "or use target='mlp'")
+        if remove == 0 and hr > 0:
+            log.info("head ratio %.2f of %d KV groups rounds to 0 groups: heads kept", hr, n_kv)
+        groups_keep = n_kv - remove
+    return PrunePlan(mlp_keep, inter, groups_keep, n_kv)
+
+
+# --- structured surgery -------------------------------------------------------------------
+
+def mlp_dependency_group(layer: nn.Module, idxs: Sequence[int]):
+    """Torch-Pruning's group for removing MLP channels ``idxs``: what is coupled, and how.
+
+    The graph is traced on the MLP alone (cheap, and it stays clear of the
+    attention ops that make Torch-Pruning loop forever). ``print(group)`` shows
+    gate_proj out -> SiLU -> * up_proj out -> down_proj in.
+    """
+    mlp = layer.mlp
+    w = mlp.gate_proj.weight
+    example = torch.zeros(1, 2, mlp.gate_proj.in_features, dtype=w.dtype, device=w.device)
+    with torch.enable_grad():  # the graph is traced through autograd
+        dg = tp.DependencyGraph().build_dependency(mlp, example_inputs=example)
+    return dg.get_pruning_group(mlp.gate_proj, tp.prune_linear_out_channels, idxs=list(idxs))
+
+
+def prune_mlp_channels_(layer: nn.Module, remove: Sequence[int]) -> None:
+    """Delete MLP channels ``remove`` from one decoder layer, via the dependency group."""
+    if len(remove) == 0:
+        return
+    if len(remove) >= layer.mlp.gate_proj.out_features:
+        raise ValueError("cannot remove every MLP channel of a layer")
+    mlp_dependency_group(layer, remove).prune()
+    layer.mlp.intermediate_size = layer.mlp.gate_proj.out_features
+
+
+def prune_kv_groups_(layer: nn.Module, remove: Sequence[int], n_kv: int, head_dim_: int) -> None:
+    """Delete whole KV groups (a KV head and the query heads sharing it) from one layer.
+
+    The coupling, written down: q_proj rows, k_proj and v_proj rows (and their
+    biases) are outputs; o_proj columns are inputs. Torch-Pruning's pruning
+    functions cut each one (they also cut the biases).
+    """
+    if len(remove) == 0:
+        return
+    if len(remove) >= n_kv:
+        raise ValueError(f"cannot remove all {n_kv} KV groups of a layer")
+    a = layer.self_attn
+    q_per_group = a.num_key_value_groups * head_dim_
+    q_idx = [g * q_per_group + i for g in remove for i in range(q_per_group)]
+    kv_idx = [g * head_dim_ + i for g in remove for i in range(head_dim_)]
+    tp.prune_linear_out_channels(a.q_proj, q_idx)
+    tp.prune_linear_out_channels(a.k_proj, kv_idx)
+    tp.prune_linear_out_channels(a.v_proj, kv_idx)
+    tp.prune_linear_in_channels(a.o_proj, q_idx)
+
+
+def _lowest(scores: torch.Tensor, keep: int) -> list[int]:
+    """Indices of the ``len(scores) - keep`` lowest scores, sorted."""
+    n_remove = scores.numel() - keep
+    if n_remove <= 0:
+        return []
+    return sorted(torch.argsort(scores.float(), stable=True)[:n_remove].tolist())
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What a pruning call did (numbers measured on the model afterwards)."""
+
+    method: str
+    params_before: int
+    params_after: int
+    sparsity: float  # fraction of zeros in the decoder's Linear weights
+    plan: PrunePlan | None = None
+    removed: dict = field(default_factory=dict, repr=False)  # layer -> {"mlp": [...], "groups": [...]}
+    seconds: float = 0.0
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None = None) -> PruneReport:
+    """Prune ``model`` in place as ``cfg`` says; return a report. Use :func:`pruned` to keep the original.
+
+    ``calibration`` is a (N, T) tensor of token ids, needed by the ``taylor``
+    and ``activation`` importances.
+    """
+    if not isinstance(cfg, PruneConfig):
+        raise ValueError(f"cfg must be a PruneConfig, got {type(cfg).__name__}")
+    t0 = time.perf_counter()
+    before = _count(model)
+    if cfg.method == "unstructured":
+        magnitude_prune_unstructured_(model, cfg.ratio, cfg.scope)
+        return PruneReport("unstructured", before, _count(model), sparsity(model),
+                           seconds=time.perf_counter() - t0)
+    p = plan(model, cfg)
+    if isinstance(cfg.importance, str) and cfg.importance in NEEDS_CALIBRATION and calibration is None:
+        raise ValueError(f"importance {cfg.importance!r} needs calibration token ids; pass "
+                         "calibration=course_lib.data.calibration_batches(tokenizer) or use 'magnitude'")
+    scores = cfg.importance_fn()(model, calibration)
+    layers = decoder_layers(model)
+    if len(scores) != len(layers):
+        raise ValueError(f"importance returned {len(scores)} layer scores for {len(layers)} layers")
+    hd = head_dim(model)
+    removed = {}
+    with torch.no_grad():
+        for i, (layer, (mlp_s, grp_s)) in enumerate(zip(layers, scores)):
+            mlp_rm, grp_rm = _lowest(mlp_s, p.mlp_keep), _lowest(grp_s, p.groups_keep)
+            prune_mlp_channels_(layer, mlp_rm)
+            prune_kv_groups_(layer, grp_rm, p.groups_total, hd)
+            removed[i] = {"mlp": mlp_rm, "groups": grp_rm}
+    _update_config(model, p, hd)
+    return PruneReport("structured", before, _count(model), sparsity(model), p, removed,
+                       time.perf_counter() - t0)
+
+
+def _update_config(model: nn.Module, p: PrunePlan, hd: int) -> None:
+    """Make the HF config describe the new shapes, so save/load round-trips."""
+    c = model.config
+    groups = c.num_attention_heads // c.num_key_value_heads
+    c.head_dim = hd  # pin it: the default hidden_size // num_attention_heads would now be wrong
+    c.intermediate_size = p.mlp_keep
+    c.num_key_value_heads = p.groups_keep
+    c.num_attention_heads = p.groups_keep * groups
+
+
+def pruned(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None = None
+           ) -> tuple[nn.Module, PruneReport]:
+    """A pruned *copy* of ``model`` (the original is untouched) and the report."""
+    clone = copy.deepcopy(model)
+    report = prune_(clone, cfg, calibration)
+    return clone, report
+
+
+# --- unstructured ---------------------------------------------------------------------------
+
+def _decoder_linears(model: nn.Module) -> list[nn.Linear]:
+    """The Linear layers inside the decoder blocks (embeddings and lm_head are left alone)."""
+    return [m for m in decoder_layers(model).modules() if isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def magnitude_prune_unstructured_(model: nn.Module, sparsity_: float, scope: str = "global") -> float:
+    """Zero the smallest-magnitude weights of the decoder's Linear layers; return measured sparsity.
+
+    ``scope="global"`` uses one threshold for the whole model (layers with
+    small weights lose more); ``"layer"`` zeroes the same fraction of every matrix.
+    """
+    if not 0 <= sparsity_ < 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity_!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    linears = _decoder_linears(model)
+    if sparsity_ == 0:
+        return sparsity(model)
+    if scope == "global":
+        # kthvalue over every weight at once; a float32 copy of the magnitudes is the only extra memory.
+        flat = torch.cat([m.weight.detach().abs().float().flatten() for m in linears])
+        k = max(1, int(sparsity_ * flat.numel()))
+        threshold = flat.kthvalue(k).values
+        del flat
+        for m in linears:
+            m.weight.masked_fill_(m.weight.abs().float() <= threshold, 0)
+    else:
+        for m in linears:
+            w = m.weight
+            k = max(1, int(sparsity_ * w.numel()))
+            threshold = w.abs().float().flatten().kthvalue(k).values
+            w.masked_fill_(w.abs().float() <= threshold, 0)
+    return sparsity(model)
+
+
+def sparsity(model: nn.Module) -> float:
+    """Measured fraction of exact zeros in the decoder's Linear weights."""
+    zeros = total = 0
+    for m in _decoder_linears(model):
+        zeros += int((m.weight == 0).sum())
+        total += m.weight.numel()
+    return zeros / max(1, total)
+
+
+# --- sensitivity -------------------------------------------------------------------------------
+
+def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float], ratio: float = 0.5,
+                     target: str = "mlp", importance: str | ImportanceFn = "magnitude",
+                     calibration: torch.Tensor | None = None) -> list[float]:
+    """Prune one layer at a time (on a copy) and return ``evaluate(copy)`` for each layer.
+
+    ``evaluate`` is typically held-out perplexity. A layer whose score jumps is
+    sensitive and should be pruned less. The copies have layers of different
+    widths, which a HF config cannot describe: they are for measuring only.
+    """
+    cfg = PruneConfig(ratio=ratio, target=target, importance=importance)
+    p = plan(model, cfg)
+    scores = cfg.importance_fn()(model, calibration)
+    hd = head_dim(model)
+    out = []
+    n = len(decoder_layers(model))
+    for i in tqdm(range(n), desc="sensitivity", leave=False):
+        clone = copy.deepcopy(model)
+        layer = decoder_layers(clone)[i]
+        with torch.no_grad():
+            prune_mlp_channels_(layer, _lowest(scores[i][0], p.mlp_keep))
+            prune_kv_groups_(layer, _lowest(scores[i][1], p.groups_keep), p.groups_total, hd)
+        out.append(float(evaluate(clone)))
+        del clone
+    return out
+
+
+# --- recovery ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """A short fine-tune that lets the remaining weights take over the pruned ones' work.
+
+    With ``distill_alpha > 0`` the loss mixes in KL divergence to the unpruned
+    teacher's next-token distribution (temperature ``temperature``): the teacher
+    says how likely every token was, not just which one came next.
+    """
+
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 128
+    distill_alpha: float = 0.0
+    temperature: float = 2.0
+    max_seconds: float | None = 600.0  # stop early when the time budget is spent
+    eval_every: int = 0  # 0: no evaluation during training
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (try 1e-3), got {self.lr!r}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1] (0 = plain fine-tune), got {self.distill_alpha!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0 or None, got {self.max_seconds!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
+
+
+@dataclass(frozen=True)
+class RecoveryLog:
+    """The recovery curve: training loss per step, and evaluations along the way."""
+
+    losses: tuple[float, ...]
+    evals: tuple[tuple[int, float], ...]  # (step, evaluate(model))
+    seconds: float
+    steps_done: int
+
+
+def recover_(model: nn.Module, train_ids: torch.Tensor, cfg: RecoveryConfig = RecoveryConfig(),
+             teacher: nn.Module | None = None,
+             evaluate: Callable[[nn.Module], float] | None = None) -> RecoveryLog:
+    """Fine-tune ``model`` in place on windows of ``train_ids`` (1-D token ids); return the curve.
+
+    ``teacher`` (used when ``cfg.distill_alpha > 0``) is the unpruned model.
+    ``evaluate(model)`` (e.g. held-out perplexity) runs at step 0, every
+    ``cfg.eval_every`` steps and at the end.
+    """
+    from .data import batches
+
+    if cfg.distill_alpha > 0 and teacher is None:
+        raise ValueError("distill_alpha > 0 needs teacher= (the unpruned model)")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(cfg.seed)
+    data = batches(train_ids.flatten(), cfg.seq_len, cfg.batch_size, g)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / cfg.steps))
+    losses, evals = [], []
+    if evaluate is not None:
+        evals.append((0, float(evaluate(model))))
+    t0 = time.perf_counter()
+    step = 0
+    bar = tqdm(range(cfg.steps), desc="recovery", leave=False)
+    for step in bar:
+        model.train()
+        x, y = next(data)
+        x, y = x.to(device), y.to(device)
+        logits = model(input_ids=x).logits.float()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        if cfg.distill_alpha > 0:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x).logits.float()
+            T = cfg.temperature
+            kd = nn.functional.kl_div(torch.log_softmax(logits / T, -1), torch.log_softmax(t_logits / T, -1),
+                                      log_target=True, reduction="batchmean") * T * T / x.shape[1]
+            loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            model.eval()
+            evals.append((step + 1, float(evaluate(model))))
+        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+            log.info("recovery stopped at step %d: time budget %.0f s spent", step + 1, cfg.max_seconds)
+            break
+    bar.close()
+    model.eval()
+    if evaluate is not None:
+        evals.append((len(losses), float(evaluate(model))))
+    return RecoveryLog(tuple(losses), tuple(evals), time.perf_counter() - t0, len(losses))

@@ -1,0 +1,200 @@
+"""Decode loops: the from-scratch KV cache against transformers, greedy agreement, batching, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib.generation import (
+    attention_cost,
+    batched_generate,
+    compile_supported,
+    encode_prompt,
+    generate,
+    generate_hf,
+    generate_kv_cache,
+    generate_no_cache,
+    sample_next,
+    stream_generate,
+)
+from course_lib.kv_cache import KVCache, LlamaShape, ScratchLlama, apply_rope, naive_attention, rms_norm, sdpa_attention
+from tests.conftest import make_tiny
+
+
+def _prompt(n=7, vocab=128, batch=1, seed=1):
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+class _ByteTokenizer:
+    """A tiny character-level tokenizer (ids 1..127), enough for batching and streaming tests."""
+
+    pad_token_id = 0
+    eos_token_id = None
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = [min(ord(c), 127) or 1 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids):
+        return "".join(chr(max(i, 32)) for i in ids)
+
+
+# --- the from-scratch forward pass matches transformers -------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attention", ["sdpa", "naive"])
+def test_scratch_logits_match_transformers(family, attention):
+    model = make_tiny(family)
+    scratch = ScratchLlama(model, attention)
+    ids = _prompt(12, batch=2)
+    with torch.inference_mode():
+        ref = model(ids).logits
+        torch.testing.assert_close(scratch(ids), ref, atol=1e-4, rtol=1e-4)
+        # prefill 8 tokens into the cache, then feed the rest one at a time
+        cache = scratch.new_cache(2, 16)
+        parts = [scratch(ids[:, :8], cache)] + [scratch(ids[:, i:i + 1], cache) for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), ref, atol=1e-4, rtol=1e-4)
+    assert cache.length == 12
+
+
+def test_scratch_matches_course_tiny(course_tiny):
+    model, tok = course_tiny
+    ids = tok("def main():\n    return", return_tensors="pt")["input_ids"]
+    scratch = ScratchLlama(model)
+    with torch.inference_mode():
+        ref = model(ids).logits
+        cache = scratch.new_cache(1, ids.shape[1])
+        a = scratch(ids[:, :-1], cache)
+        b = scratch(ids[:, -1:], cache)
+    torch.testing.assert_close(torch.cat([a, b], 1), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_static_decode_step_matches_dynamic_cache():
+    model = make_tiny("llama")
+    scratch = ScratchLlama(model)
+    ids = _prompt(10)
+    with torch.inference_mode():
+        ref = model(ids).logits[:, -1]
+        cache = scratch.new_cache(1, 32)  # bigger than needed: the empty slots must be masked
+        scratch(ids[:, :9], cache)
+        out = scratch.decode_static(ids[:, 9:], torch.tensor(9), cache)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_building_blocks():
+    x = torch.randn(2, 5, 16)
+    w = torch.rand(16)
+    want = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * w
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), want)
+    # RoPE is a rotation: it keeps each head vector's length
+    q = torch.randn(1, 2, 5, 8)
+    from course_lib.kv_cache import rope_tables
+
+    cos, sin = rope_tables(torch.arange(5)[None], 8, 10000.0, torch.float32)
+    torch.testing.assert_close(apply_rope(q, cos, sin).norm(dim=-1), q.norm(dim=-1))
+    k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    torch.testing.assert_close(naive_attention(q, k, v, mask), sdpa_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_refuses_overflow_and_bad_sizes():
+    shape = LlamaShape(64, 2, 4, 2, 16, 128, 1e-6, 10000.0)
+    cache = KVCache(shape, 1, 4, torch.float32)
+    assert cache.nbytes() == 2 * 2 * 1 * 2 * 4 * 16 * 4  # layers x (k, v) x batch x heads x slots x dim x bytes
+    with pytest.raises(ValueError, match="full"):
+        cache.write(0, torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16))
+    with pytest.raises(ValueError, match="max_len"):
+        KVCache(shape, 1, 0, torch.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        LlamaShape(64, 2, 4, 3, 16, 128, 1e-6, 10000.0)
+    with pytest.raises(ValueError, match="attention"):
+        ScratchLlama(make_tiny("llama"), attention="flash9")
+
+
+# --- the four greedy loops agree --------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_loops_agree_with_hf_generate(family):
+    model = make_tiny(family)
+    ids = _prompt(7)
+    ref = generate_hf(model, ids, 16)
+    assert ref.shape == (1, 16)
+    assert torch.equal(generate_kv_cache(model, ids, 16), ref)
+    assert torch.equal(generate_no_cache(model, ids, 16), ref)
+    assert torch.equal(generate_no_cache(ScratchLlama(model), ids, 16), ref)
+    assert torch.equal(generate_kv_cache(model, ids, 16, attention="naive"), ref)
+
+
+def test_stream_generate_matches_hf_and_is_deterministic():
+    model, tok = make_tiny("llama"), _ByteTokenizer()
+    steps = list(stream_generate(model, tok, "hello", max_new_tokens=9, stop_at_eos=False))
+    assert [s.index for s in steps] == list(range(9))
+    ids = encode_prompt(tok, "hello", torch.device("cpu"))
+    assert [s.token_id for s in steps] == generate_hf(model, ids, 9)[0].tolist()
+    again = [s.token_id for s in stream_generate(model, tok, "hello", max_new_tokens=9, stop_at_eos=False)]
+    assert again == [s.token_id for s in steps]
+    times = [s.time_s for s in steps]
+    assert all(t > 0 for t in times) and times == sorted(times)  # timestamps: positive, in order
+    assert generate(model, tok, "hello", max_new_tokens=9).startswith("hello")
+
+
+def test_sampling_is_seeded():
+    model, tok = make_tiny("llama"), _ByteTokenizer()
+    a = [s.token_id for s in stream_generate(model, tok, "abc", 12, temperature=1.0, seed=3, stop_at_eos=False)]
+    b = [s.token_id for s in stream_generate(model, tok, "abc", 12, temperature=1.0, seed=3, stop_at_eos=False)]
+    c = [s.token_id for s in stream_generate(model, tok, "abc", 12, temperature=1.0, seed=4, stop_at_eos=False)]
+    assert a == b and a != c
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    assert sample_next(logits).item() == 1
+    assert sample_next(logits, temperature=1.0, top_k=1).item() == 1
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, None])
+def test_bad_token_counts_raise(bad):
+    model, tok = make_tiny("llama"), _ByteTokenizer()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        list(stream_generate(model, tok, "hi", max_new_tokens=bad))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_kv_cache(model, _prompt(), bad)
+
+
+def test_empty_prompts_raise():
+    model, tok = make_tiny("llama"), _ByteTokenizer()
+    with pytest.raises(ValueError, match="empty"):
+        list(stream_generate(model, tok, "", 4))
+    with pytest.raises(ValueError, match="no tokens"):
+        generate_no_cache(model, torch.zeros(1, 0, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(torch.zeros(1, 3), temperature=-1)
+    with pytest.raises(ValueError, match="prompts"):
+        batched_generate(model, tok, ["ok", ""], 4)
+
+
+def test_batched_left_padding_matches_one_by_one():
+    model, tok = make_tiny("llama"), _ByteTokenizer()
+    prompts = ["a much longer prompt", "hi", "medium one"]
+    batch = batched_generate(model, tok, prompts, max_new_tokens=8)
+    for p, got in zip(prompts, batch):
+        ids = encode_prompt(tok, p, torch.device("cpu"))
+        assert got == tok.decode(generate_hf(model, ids, 8)[0].tolist())
+
+
+def test_attention_cost_rows():
+    rows = attention_cost([16, 64], heads=2, head_dim=8, repeat=1)
+    assert [(r["method"], r["seq_len"]) for r in rows] == [("naive", 16), ("sdpa", 16), ("naive", 64), ("sdpa", 64)]
+    naive64 = rows[2]
+    assert naive64["ms"] > 0 and naive64["scores_mb"] == 2 * 64 * 64 * 4 / 2**20
+    # the naive version materialises at least the score matrix
+    assert naive64["alloc_mb"] >= naive64["scores_mb"]
+
+
+@pytest.mark.slow
+def test_compiled_decoder_matches_eager():
+    ok, why = compile_supported("cpu")
+    if not ok:
+        pytest.skip(why)
+    from course_lib.generation import CompiledDecoder
+
+    model = make_tiny("llama")
+    ids = _prompt(6)
+    assert torch.equal(CompiledDecoder(model)(ids, 8), generate_kv_cache(model, ids, 8))

@@ -1,0 +1,152 @@
+"""Timing statistics measured against functions of known duration."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from course_lib.timing import (
+    BenchResult,
+    benchmark,
+    first_call_cost,
+    supported_dtypes,
+    thread_scaling,
+    time_generation,
+    time_once,
+    torch_timer_median,
+)
+from tests.conftest import make_tiny, requires_cuda
+
+TARGET = 0.020  # seconds
+
+# The functions timed here busy-wait for a known duration and also record how long each call
+# really took by their own clock. On a loaded machine the OS may preempt a call and stretch it;
+# a correct timer must then report the stretched time, so we compare against the recorded time
+# (within a few percent) and against the nominal duration only from below.
+
+
+class KnownWork:
+    """Busy-wait ``seconds`` per call (the first call ``first_factor`` times longer); record each call."""
+
+    def __init__(self, seconds: float = TARGET, first_factor: float = 1.0):
+        self.seconds, self.first_factor, self.durations = seconds, first_factor, []
+
+    def __call__(self) -> None:
+        t0 = time.perf_counter()
+        end = t0 + self.seconds * (self.first_factor if not self.durations else 1.0)
+        while time.perf_counter() < end:
+            pass
+        self.durations.append(time.perf_counter() - t0)
+
+
+def test_benchmark_measures_known_duration():
+    work = KnownWork()
+    res = benchmark(work, warmup=1, repeat=7)
+    assert isinstance(res, BenchResult)
+    assert res.count == 7 and len(res.times) == 7 and res.method == "perf_counter"
+    assert len(work.durations) == 8  # warm-up + repeats
+    for measured, real in zip(res.times, work.durations[1:]):  # warm-up calls are not in the times
+        assert measured == pytest.approx(real, rel=0.03)
+    assert res.p10 >= TARGET  # a busy wait cannot finish early
+    assert res.median == pytest.approx(statistics.median(work.durations[1:]), rel=0.03)
+    assert res.p10 <= res.median <= res.p90
+
+
+def test_benchmark_sleep_is_never_shorter_than_asked():
+    res = benchmark(lambda: time.sleep(TARGET), warmup=0, repeat=5)
+    assert res.p10 >= TARGET and res.median < 10 * TARGET
+
+
+def test_quantiles_from_known_samples():
+    res = BenchResult.from_times([5.0, 1.0, 4.0, 2.0, 3.0], "perf_counter")
+    assert res.median == 3.0 and res.p10 == pytest.approx(1.4) and res.p90 == pytest.approx(4.6)
+    assert res.mean == 3.0 and res.count == 5
+    assert "median 3000.000 ms" in str(res)
+
+
+def test_benchmark_counts_warmup_and_repeat_calls():
+    calls = []
+    benchmark(lambda: calls.append(1), warmup=2, repeat=4)
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match="repeat"):
+        benchmark(lambda: None, repeat=0)
+    with pytest.raises(ValueError, match="warmup"):
+        benchmark(lambda: None, warmup=-1)
+
+
+def test_time_once_and_first_call_cost():
+    work = KnownWork()
+    assert time_once(work) == pytest.approx(work.durations[-1], rel=0.03)
+    made = []
+
+    def make():
+        made.append(KnownWork(first_factor=3.0))  # a function whose first call is 3x dearer
+        return made[-1]
+
+    out = first_call_cost(make, repeat=3)
+    work = made[0]
+    assert out["first_s"] == pytest.approx(work.durations[0], rel=0.03)
+    assert out["first_s"] >= 3 * TARGET
+    assert out["steady_median_s"] == pytest.approx(statistics.median(work.durations[2:]), rel=0.03)
+    assert out["ratio"] == pytest.approx(out["first_s"] / out["steady_median_s"])
+
+
+def test_torch_timer_agrees_on_known_work():
+    work = KnownWork()
+    t = torch_timer_median(work, min_run_time=0.2)
+    # Timer reports per-call means of blocks of calls: it must lie between the fastest and the
+    # slowest call it made (a per-block total, or a missed division, would not).
+    assert TARGET <= min(work.durations) * 0.99 <= t <= max(work.durations) * 1.03
+
+
+def test_thread_scaling_restores_threads():
+    before = torch.get_num_threads()
+    work = KnownWork()
+    rows = thread_scaling(work, [1, 2], warmup=0, repeat=3)
+    assert [r["threads"] for r in rows] == [1, 2]
+    for r, real in zip(rows, (work.durations[:3], work.durations[3:])):
+        assert r["median_s"] == pytest.approx(statistics.median(real), rel=0.03)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        thread_scaling(work, [0])
+
+
+def test_supported_dtypes_on_cpu():
+    assert supported_dtypes("cpu")["fp32"] is True
+
+
+class _Tok:
+    eos_token_id = None
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return {"input_ids": torch.tensor([[min(ord(c), 127) for c in text]])}
+
+    def decode(self, ids):
+        return "x" * len(ids)
+
+
+def test_time_generation_fields_are_sane():
+    model = make_tiny("llama")
+    t = time_generation(model, _Tok(), "hello", max_new_tokens=6, warmup=1, repeat=2)
+    assert t.new_tokens == 6 and len(t.token_times) == 6 and t.prompt_tokens == 5
+    assert 0 < t.ttft_s <= t.total_s
+    assert t.tpot_s > 0 and t.tokens_per_s == pytest.approx(1 / t.tpot_s)
+    assert list(t.token_times) == sorted(t.token_times)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        time_generation(model, _Tok(), "hello", max_new_tokens=1)
+
+
+@requires_cuda
+def test_cuda_events_measure_known_gpu_work():
+    """torch.cuda._sleep spins the GPU for a number of cycles; events must see it, perf_counter without sync not."""
+    dev = torch.device("cuda")
+    cycles = int(torch.cuda.get_device_properties(dev).clock_rate * 1e3 * TARGET)  # clock_rate is in kHz
+    res = benchmark(lambda: torch.cuda._sleep(cycles), warmup=1, repeat=5, device=dev)
+    assert res.method == "cuda-events"
+    assert res.median == pytest.approx(TARGET, rel=0.25)  # the clock may boost: a loose bound
+    launch_only = time_once(lambda: torch.cuda._sleep(cycles), sync=False, device=dev)
+    torch.cuda.synchronize()
+    assert launch_only < res.median / 2

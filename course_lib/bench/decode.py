@@ -64,9 +64,11 @@ def run(quick: bool = False, device: str = "auto") -> dict:
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     name = "smollm2-135m"
-    layers = 4 if quick and not gpu else None
+    small = quick and not gpu
+    layers = 2 if small else None
     model_label = f"{name}" + (f" ({layers} layers)" if layers else "")
-    new_tokens, prompt_len, repeat = 256, 64, (1 if quick else 3)
+    # The goal is stated at 256 new tokens; --quick on a CPU uses 128 so it stays under 5 minutes.
+    new_tokens, prompt_len, repeat = (128 if small else 256), (32 if small else 64), (1 if quick else 3)
     t0 = time.perf_counter()
 
     hw = measure_machine(dev, quick=quick)
@@ -97,7 +99,7 @@ def run(quick: bool = False, device: str = "auto") -> dict:
                 t = time.perf_counter()
                 decoder(prompt, 4, max_len=prompt_len + new_tokens)  # compile once for this cache size
                 compile_s = time.perf_counter() - t
-                first, tok_s = _time_tokens(lambda p, n: decoder(p, n, max_len=prompt_len + new_tokens),
+                first, tok_s = _time_tokens(lambda p, n, d=decoder: d(p, n, max_len=prompt_len + new_tokens),
                                             prompt, new_tokens, dev, repeat)
                 row.update(decode_tok_s=tok_s, prefill_ms=first * 1e3, note=f"compile took {compile_s:.0f} s")
             rows.append(row)
@@ -112,7 +114,7 @@ def run(quick: bool = False, device: str = "auto") -> dict:
     del model
 
     # Part 2: roofline prediction vs measurement at bf16 (the whole model, full depth).
-    pred_layers = 8 if quick and not gpu else None
+    pred_layers = 4 if small else None
     n_pred = 16 if quick else 64
     model, cfg = speed_lab_model(name, dtype=torch.bfloat16, device=dev, num_layers=pred_layers)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)

@@ -1,8 +1,22 @@
-"""Turn benchmark JSON into a Markdown table (and, later chapters, plots)."""
+"""Turn benchmark JSON into a Markdown report and two plots.
+
+* ``results.md`` - the machine, then one table per suite (README-ready);
+* ``pareto.png`` - decode tokens/s vs held-out perplexity, every row that has
+  both: up and to the left is better, the staircase is the Pareto front;
+* ``roofline.png`` - decode tokens/s vs bytes read per token (the model's
+  weights), with the memory roof ``tokens/s = bandwidth / bytes`` drawn from
+  the measured bandwidth: how close each method gets to what memory allows.
+
+A plot whose data is missing (no suite produced those columns) is skipped and
+the report says so.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -10,20 +24,131 @@ def markdown_table(rows: list[dict]) -> str:
     cols: list[str] = []
     for r in rows:
         cols.extend(k for k in r if k not in cols)
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}"
         return "" if v is None else str(v)
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def _label(r: dict) -> str:
+    return f"{r.get('suite', '?')}:{r.get('method', '?')}"
+
+
+def pareto_front(rows: list[dict], speed: str = "decode_tok_s", quality: str = "ppl") -> list[dict]:
+    """Rows no other row beats on both speed (higher) and quality (lower perplexity), fastest first."""
+    pts = [r for r in rows if _num(r.get(speed)) and _num(r.get(quality))]
+    front = [r for r in pts if not any(o[speed] >= r[speed] and o[quality] <= r[quality]
+                                       and (o[speed] > r[speed] or o[quality] < r[quality]) for o in pts)]
+    return sorted(front, key=lambda r: -r[speed])
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v > 0
+
+
+def _new_axes():
+    """A Figure without pyplot: no GUI backend needed, and a notebook's backend is left alone."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    return fig, fig.add_subplot()
+
+
+def plot_pareto(rows: list[dict], speed: str = "decode_tok_s", quality: str = "ppl", ax=None):
+    """Speed vs quality scatter of every row with both numbers, front highlighted. None if no such row."""
+    pts = [r for r in rows if _num(r.get(speed)) and _num(r.get(quality))]
+    if not pts:
+        return None
+    fig, ax = (ax.figure, ax) if ax is not None else _new_axes()
+    suites = sorted({r.get("suite", "?") for r in pts})
+    for s in suites:
+        sub = [r for r in pts if r.get("suite", "?") == s]
+        ax.scatter([r[quality] for r in sub], [r[speed] for r in sub], label=s, s=40)
+        for r in sub:
+            ax.annotate(r.get("method", "?"), (r[quality], r[speed]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    front = sorted(pareto_front(pts, speed, quality), key=lambda r: r[quality])
+    ax.step([r[quality] for r in front], [r[speed] for r in front], where="post", color="k", lw=1, ls="--",
+            label="Pareto front")
+    ax.set_xlabel(f"held-out perplexity ({quality}, lower is better)")
+    ax.set_ylabel(f"{speed} (higher is better)")
+    ax.set_title("Speed vs quality: every variant measured")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_decode_roofline(rows: list[dict], bandwidth_gbs: float | None, ax=None):
+    """Decode tokens/s vs weight bytes per token, log-log, with the memory roof. None if no data."""
+    import numpy as np
+
+    pts = [r for r in rows if _num(r.get("decode_tok_s")) and _num(r.get("bytes"))]
+    if not pts:
+        return None
+    fig, ax = (ax.figure, ax) if ax is not None else _new_axes()
+    xs = np.array([r["bytes"] for r in pts], dtype=float)
+    if bandwidth_gbs:
+        grid = np.logspace(np.log10(xs.min() / 2), np.log10(xs.max() * 2), 50)
+        ax.loglog(grid, bandwidth_gbs * 1e9 / grid, "k-", lw=2,
+                  label=f"memory roof: {bandwidth_gbs:.1f} GB/s / bytes")
+    for s in sorted({r.get("suite", "?") for r in pts}):
+        sub = [r for r in pts if r.get("suite", "?") == s]
+        ax.loglog([r["bytes"] for r in sub], [r["decode_tok_s"] for r in sub], "o", label=s)
+        for r in sub:
+            ax.annotate(r.get("method", "?"), (r["bytes"], r["decode_tok_s"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("bytes read per decode step (model weights)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title("Decode is memory-bound: fewer bytes, more tokens/s")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def machine_line(result: dict) -> str:
+    """'Measured on ...' with the machine fields and quick mode."""
+    machine = ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+                        for k, v in result.get("machine", {}).items())
+    return f"Measured on {machine}{' (quick mode)' if result.get('quick') else ''}."
+
+
+def results_markdown(result: dict, plots: dict[str, str | None] | None = None) -> str:
+    """README-ready Markdown: machine, one table per suite, the plots (or why each is missing)."""
+    rows = result.get("rows", [])
+    parts = [machine_line(result), ""]
+    suites = list(dict.fromkeys(r.get("suite", "other") for r in rows))
+    if not rows:
+        parts.append("No rows: no suite ran.")
+    for s in suites:
+        parts += [f"### {s}", "", markdown_table([r for r in rows if r.get("suite", "other") == s]), ""]
+    front = pareto_front(rows)
+    if front:
+        parts += ["Pareto front (no other variant is both faster and better): "
+                  + ", ".join(_label(r) for r in front), ""]
+    for name, path in (plots or {}).items():
+        parts.append(f"![{name}]({path})" if path else f"({name} plot skipped: no rows with its columns)")
+    return "\n".join(parts).rstrip() + "\n"
+
+
 def write_report(result: dict, out_dir: Path) -> Path:
-    """Write ``results.md`` into ``out_dir``; return its path."""
+    """Write ``results.md``, ``pareto.png`` and ``roofline.png`` into ``out_dir``; return the Markdown path."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    machine = ", ".join(f"{k}: {v}" for k, v in result["machine"].items())
+    rows = result.get("rows", [])
+    plots: dict[str, str | None] = {}
+    for name, fig in (("pareto", plot_pareto(rows)),
+                      ("roofline", plot_decode_roofline(rows, result.get("machine", {}).get("bandwidth_gbs")))):
+        if fig is None:
+            plots[name] = None
+            continue
+        fig.savefig(out_dir / f"{name}.png", dpi=120)
+        plots[name] = f"{name}.png"
     path = out_dir / "results.md"
-    path.write_text(f"Measured on {machine}{' (quick mode)' if result.get('quick') else ''}\n\n"
-                    + markdown_table(result["rows"]) + "\n")
+    path.write_text(results_markdown(result, plots))
+    log.info("report written to %s", out_dir)
     return path

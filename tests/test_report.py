@@ -1,0 +1,78 @@
+"""The benchmark report: Markdown per suite, Pareto front, PNG plots, the bench command end to end."""
+
+from __future__ import annotations
+
+import json
+
+from course_lib.bench.report import markdown_table, pareto_front, plot_decode_roofline, plot_pareto, write_report
+
+RESULT = {
+    "machine": {"device": "cpu", "bandwidth_gbs": 10.0},
+    "quick": True,
+    "rows": [
+        {"suite": "quant", "method": "fp32", "decode_tok_s": 10.0, "ppl": 5.0, "bytes": 8e8},
+        {"suite": "quant", "method": "int8-wo", "decode_tok_s": 30.0, "ppl": 5.02, "bytes": 2e8},
+        {"suite": "quant", "method": "slow-and-bad", "decode_tok_s": 5.0, "ppl": 6.0, "bytes": 8e8},
+        {"suite": "prune", "method": "structured-50", "decode_tok_s": 40.0, "ppl": 7.0, "bytes": 1e8},
+        {"suite": "decode", "method": "no-cache", "decode_tok_s": 3.0, "prefill_ms": 12.5},
+    ],
+}
+
+
+def test_markdown_table_union_of_columns():
+    md = markdown_table([{"a": 1, "b": 0.123456}, {"a": 2, "c": None}])
+    lines = md.splitlines()
+    assert lines[0] == "| a | b | c |" and lines[2] == "| 1 | 0.1235 |  |" and lines[3] == "| 2 |  |  |"
+
+
+def test_pareto_front():
+    front = pareto_front(RESULT["rows"])
+    # fp32 stays (best perplexity); slow-and-bad is beaten on both axes
+    assert [r["method"] for r in front] == ["structured-50", "int8-wo", "fp32"]
+
+
+def test_plots_skip_when_columns_are_missing():
+    assert plot_pareto([{"suite": "decode", "decode_tok_s": 3.0}]) is None
+    assert plot_decode_roofline([{"suite": "x", "ppl": 3.0}], 10.0) is None
+    fig = plot_decode_roofline(RESULT["rows"], 10.0)
+    assert len(fig.axes[0].lines) == 1 + 2  # the roof plus one marker series per suite with bytes
+
+
+def test_write_report(tmp_path):
+    md = write_report(RESULT, tmp_path).read_text()
+    assert "quick mode" in md and "bandwidth_gbs: 10" in md
+    for suite in ("quant", "prune", "decode"):
+        assert f"### {suite}" in md
+    assert "Pareto front" in md and "prune:structured-50" in md
+    for png in ("pareto.png", "roofline.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in md
+
+
+def test_write_report_without_plot_data(tmp_path):
+    md = write_report({"machine": {}, "rows": [{"suite": "decode", "method": "x", "decode_tok_s": 1.0}]},
+                      tmp_path).read_text()
+    assert "pareto plot skipped" in md and not (tmp_path / "pareto.png").exists()
+
+
+def test_bench_command_writes_json_and_report(tmp_path, monkeypatch):
+    """`python -m course_lib bench --json --report` end to end, with a stand-in suite module."""
+    import sys
+    import types
+
+    from course_lib import bench
+    from course_lib.__main__ import main
+
+    fake = types.ModuleType("course_lib.bench.fake")
+    fake.run = lambda quick: {"machine": {"bandwidth_gbs": 5.0}, "rows": [
+        {"suite": "fake", "method": "m", "decode_tok_s": 2.0, "ppl": 4.0, "bytes": 1e9, "quick": quick}]}
+    monkeypatch.setitem(sys.modules, "course_lib.bench.fake", fake)
+    monkeypatch.setattr(bench, "SUITES", (*bench.SUITES, "fake"))
+    monkeypatch.setattr(bench, "available_suites", lambda: ["fake"])
+    rc = main(["bench", "--quick", "--json", str(tmp_path / "b.json"), "--report", str(tmp_path / "rep")])
+    assert rc == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["quick"] is True and data["rows"][0]["quick"] is True
+    assert data["machine"]["bandwidth_gbs"] == 5.0
+    assert (tmp_path / "rep" / "pareto.png").exists() and (tmp_path / "rep" / "roofline.png").exists()
+    assert "### fake" in (tmp_path / "rep" / "results.md").read_text()

@@ -391,3 +391,16 @@ def plot_roofline(hw: Hardware, points: list[dict] | None = None, dtype: str = "
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def explain(config, hw: Hardware, weight_bits: float = 16, batch: int = 1, context: int = 512,
+            compute_dtype: str = "bf16", overhead_s: float = 0.0) -> str:
+    """One paragraph for the explorer widget: predicted decode and prefill speed, and what limits each."""
+    dec = predict(decode_cost(config, batch, context, weight_bits, 16), hw, compute_dtype, overhead_s)
+    pre = predict(prefill_cost(config, batch, context, weight_bits, 16), hw, compute_dtype, overhead_s)
+    c = decode_cost(config, batch, context, weight_bits, 16)
+    return (f"{hw.name} [{hw.source}]\n"
+            f"decode : {dec.tokens_per_s:10.1f} tokens/s for the batch ({dec.tokens_per_s / batch:.1f} per sequence),"
+            f" {dec.bound}-bound; moves {c.bytes / 1e6:.1f} MB, {c.flops / 1e9:.2f} GFLOP per step\n"
+            f"prefill: {pre.tokens_per_s:10.1f} tokens/s ({context} tokens x {batch}), {pre.bound}-bound,"
+            f" {pre.seconds * 1e3:.1f} ms")

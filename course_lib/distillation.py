@@ -1,0 +1,506 @@
+"""Knowledge distillation: train a small *student* to imitate a big *teacher*.
+
+A language model trained on text sees one "right" next token per position
+(cross-entropy against a one-hot target). A trained teacher knows more: after
+``for i in`` it spreads probability over ``range``, ``enumerate``, ``self``...
+Distillation (Hinton et al., 2015) trains the student on those soft targets:
+
+    loss = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, targets)
+
+where ``p^T = softmax(logits / T)``. A temperature T > 1 flattens both
+distributions so the small probabilities (the "dark knowledge") carry
+gradient; the T^2 factor keeps the gradient scale independent of T (the
+gradient of the softened KL shrinks like 1/T^2). ``alpha`` mixes soft and hard
+targets: alpha = 0 is ordinary training from scratch, alpha = 1 pure imitation.
+
+Two variants are offered: *reverse* KL(p_student || p_teacher), which is
+mode-seeking (the student commits to the teacher's main mode rather than
+covering every option), and *hidden-state matching*, which also pulls the
+student's intermediate layers towards chosen teacher layers.
+
+The student is built from the teacher by :func:`make_student`: fewer layers
+(layer dropping, as in DistilBERT) and/or a narrower MLP, initialised from the
+teacher's own weights or at random. :func:`distill` is the training loop;
+``python -m course_lib train --model course-tiny-student`` runs the recipe that
+produced the shipped student (:func:`main_train_student`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from . import data
+from .models import count_parameters
+
+log = logging.getLogger(__name__)
+
+KL_KINDS = ("forward", "reverse")
+INITS = ("teacher", "random")
+
+
+# --- the loss ------------------------------------------------------------------
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None,
+            temperature: float = 2.0, alpha: float = 0.5, kind: str = "forward") -> torch.Tensor:
+    """Distillation loss on (..., V) logits: ``alpha * T^2 * KL + (1 - alpha) * CE``, mean over positions.
+
+    ``kind="forward"`` is KL(teacher || student) (Hinton's loss), ``"reverse"``
+    is KL(student || teacher). ``targets`` (token ids, shape ``logits.shape[:-1]``)
+    are needed unless ``alpha == 1``.
+    """
+    _check_temperature_alpha(temperature, alpha)
+    if kind not in KL_KINDS:
+        raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "differ: teacher and student must share the vocabulary (same tokenizer) and see the same batch"
+        )
+    vocab = student_logits.size(-1)
+    s = student_logits.float().reshape(-1, vocab)
+    t = teacher_logits.float().reshape(-1, vocab).detach()  # the teacher is a fixed target
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(t / temperature, dim=-1)
+    if kind == "forward":  # sum_v p_t (log p_t - log p_s)
+        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    else:  # sum_v p_s (log p_s - log p_t)
+        kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1).mean()
+    loss = alpha * temperature**2 * kl
+    if alpha < 1:
+        if targets is None:
+            raise ValueError("targets are needed when alpha < 1 (the cross-entropy part); pass the next-token ids")
+        loss = loss + (1 - alpha) * F.cross_entropy(s, targets.reshape(-1))
+    return loss
+
+
+def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+                projections: torch.nn.ModuleList | None = None) -> torch.Tensor:
+    """Mean relative MSE between paired hidden states (student states projected when widths differ).
+
+    Dividing by the teacher state's mean square makes the term scale-free, so
+    one weight means the same at every layer.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"{len(student_hidden)} student states but {len(teacher_hidden)} teacher states")
+    total = student_hidden[0].new_zeros(())
+    for i, (hs, ht) in enumerate(zip(student_hidden, teacher_hidden)):
+        if projections is not None:
+            hs = projections[i](hs)
+        if hs.shape != ht.shape:
+            raise ValueError(f"hidden states {tuple(hs.shape)} vs {tuple(ht.shape)}: pass projections for a "
+                             "narrower student (distill() creates them for you)")
+        ht = ht.detach().float()
+        total = total + F.mse_loss(hs.float(), ht) / ht.pow(2).mean().clamp_min(1e-8)
+    return total / len(student_hidden)
+
+
+def _check_temperature_alpha(temperature: float, alpha: float) -> None:
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number > 0 (typical: 1-4), got {temperature!r}")
+    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1] (0 = train from scratch, 1 = pure distillation), got {alpha!r}")
+
+
+# --- compatibility -------------------------------------------------------------
+
+def check_compatible(student, teacher, student_tokenizer=None, teacher_tokenizer=None) -> None:
+    """Raise ValueError unless student and teacher share a vocabulary (and tokenizer, when given)."""
+    vs, vt = student.config.vocab_size, teacher.config.vocab_size
+    if vs != vt:
+        raise ValueError(f"student vocabulary ({vs}) differs from the teacher's ({vt}): logit distillation "
+                         "compares token by token, so build the student with the teacher's tokenizer "
+                         "(make_student does)")
+    if (student_tokenizer is None) != (teacher_tokenizer is None):
+        raise ValueError("pass both tokenizers or neither")
+    if student_tokenizer is not None and student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError("student and teacher tokenizers map text to different ids; use the teacher's tokenizer "
+                         "for the student")
+
+
+# --- building a student --------------------------------------------------------
+
+def spread_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Which teacher layers a shallower student keeps: evenly spaced, always the first and last."""
+    if not 1 <= n_student <= n_teacher:
+        raise ValueError(f"student layers must be in [1, {n_teacher}], got {n_student}")
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def student_config(teacher_config, num_layers: int | None = None, intermediate_size: int | None = None,
+                   hidden_size: int | None = None, num_heads: int | None = None, num_kv_heads: int | None = None):
+    """The teacher's config with fewer layers and/or narrower dimensions (same vocabulary)."""
+    d = teacher_config.to_dict()
+    d.pop("layer_types", None)  # per-layer lists (Qwen2) are rebuilt for the new depth
+    for key, val in (("num_hidden_layers", num_layers), ("intermediate_size", intermediate_size),
+                     ("hidden_size", hidden_size), ("num_attention_heads", num_heads),
+                     ("num_key_value_heads", num_kv_heads)):
+        if val is not None:
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{key} must be a positive int, got {val!r}")
+            d[key] = val
+    if d["hidden_size"] % d["num_attention_heads"]:
+        raise ValueError(f"hidden_size {d['hidden_size']} must be divisible by num_heads {d['num_attention_heads']}")
+    if d["num_attention_heads"] % d["num_key_value_heads"]:
+        raise ValueError("num_heads must be a multiple of num_kv_heads")
+    if hidden_size is not None and "head_dim" in d:
+        d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+    return type(teacher_config)(**d)
+
+
+def mlp_channel_importance(layer) -> torch.Tensor:
+    """Per-channel importance of a SwiGLU MLP: product of the channel's gate, up and down weight norms."""
+    mlp = layer.mlp
+    return (mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
+            * mlp.down_proj.weight.norm(dim=0))
+
+
+def make_student(teacher: PreTrainedModel, num_layers: int, intermediate_size: int | None = None,
+                 hidden_size: int | None = None, init: str = "teacher", layers: list[int] | None = None,
+                 seed: int = 0) -> PreTrainedModel:
+    """A smaller model of the teacher's family and vocabulary.
+
+    ``init="teacher"`` copies the embeddings, final norm, head and the teacher
+    layers ``layers`` (default :func:`spread_layers`); a narrower MLP keeps the
+    teacher's most important channels (:func:`mlp_channel_importance`).
+    ``init="random"`` is a fresh model of the same shape (the from-scratch
+    baseline). Changing ``hidden_size`` is only possible with random init.
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    n_t = teacher.config.num_hidden_layers
+    if layers is not None:
+        if len(layers) != num_layers or any(not 0 <= i < n_t for i in layers):
+            raise ValueError(f"layers must list {num_layers} teacher layer indices in [0, {n_t - 1}], got {layers}")
+    src = list(layers) if layers is not None else spread_layers(n_t, num_layers)
+    if init == "teacher" and hidden_size not in (None, teacher.config.hidden_size):
+        raise ValueError("a different hidden_size cannot copy the teacher's weights; use init='random', "
+                         "or keep hidden_size and narrow intermediate_size instead")
+    if intermediate_size is not None and init == "teacher" and intermediate_size > teacher.config.intermediate_size:
+        raise ValueError(f"intermediate_size {intermediate_size} is wider than the teacher's "
+                         f"{teacher.config.intermediate_size}; a teacher-initialised student can only be narrower")
+    cfg = student_config(teacher.config, num_layers, intermediate_size, hidden_size)
+    torch.manual_seed(seed)
+    student = AutoModelForCausalLM.from_config(cfg, dtype=next(teacher.parameters()).dtype)
+    if init == "teacher":
+        _copy_from_teacher(student, teacher, src)
+    return student.to(next(teacher.parameters()).device).eval()
+
+
+@torch.no_grad()
+def _copy_from_teacher(student, teacher, src: list[int]) -> None:
+    t_sd = teacher.state_dict()
+    keep = {}  # per student layer: indices of the MLP channels it keeps
+    width = student.config.intermediate_size
+    for i, j in enumerate(src):
+        imp = mlp_channel_importance(teacher.model.layers[j])
+        keep[i] = imp.topk(width).indices.sort().values
+    new_sd = {}
+    for key, val in student.state_dict().items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+        w = t_sd[key if m is None else f"model.layers.{src[int(m[1])]}.{m[2]}"]
+        if w.shape != val.shape:
+            idx = keep[int(m[1])]
+            if m[2] in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                w = w[idx]
+            elif m[2] == "mlp.down_proj.weight":
+                w = w[:, idx]
+            else:
+                raise ValueError(f"cannot copy {key}: teacher {tuple(w.shape)} vs student {tuple(val.shape)}")
+        new_sd[key] = w.clone()
+    student.load_state_dict(new_sd)
+
+
+# --- the training loop ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How to train a student. Validated on creation; ``alpha=0`` trains from scratch (no teacher needed)."""
+
+    temperature: float = 2.0
+    alpha: float = 0.5
+    kind: str = "forward"  # "forward" KL(teacher||student) or "reverse" KL(student||teacher)
+    hidden_weight: float = 0.0  # > 0 adds hidden-state matching on spread teacher layers
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 2e-3
+    min_lr_frac: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50
+    eval_tokens: int = 16384
+    checkpoint_every: int = 100  # with a checkpoint folder: save every this many steps (and at the end)
+
+    def __post_init__(self) -> None:
+        _check_temperature_alpha(self.temperature, self.alpha)
+        if self.kind not in KL_KINDS:
+            raise ValueError(f"kind must be one of {KL_KINDS}, got {self.kind!r}")
+        if self.hidden_weight < 0:
+            raise ValueError(f"hidden_weight must be >= 0 (0 = off), got {self.hidden_weight}")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0 or not 0 < self.lr < 1 or not 0 <= self.min_lr_frac <= 1:
+            raise ValueError("need warmup_steps >= 0, lr in (0, 1) and min_lr_frac in [0, 1]")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.alpha > 0 or self.hidden_weight > 0
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to ``min_lr_frac * lr``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class DistillResult:
+    """What a run produced: the trained student and its curve."""
+
+    student: PreTrainedModel
+    history: list[dict] = field(default_factory=list)  # one row per evaluation
+    seconds: float = 0.0
+    resumed_from: int = 0  # the step a resumed run started at
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids: torch.Tensor,
+            cfg: DistillConfig, heldout_ids: torch.Tensor | None = None,
+            checkpoint_dir: str | Path | None = None, overwrite: bool = False,
+            progress: bool = True) -> DistillResult:
+    """Train ``student`` (in place) on random windows of ``data_ids`` with the distillation loss.
+
+    Every ``cfg.eval_every`` steps the held-out loss (of ``heldout_ids``) is
+    recorded. With ``checkpoint_dir`` the run saves there every
+    ``cfg.checkpoint_every`` steps and *resumes* from a checkpoint it finds
+    (same config required); ``overwrite=True`` starts afresh instead. A resumed
+    run gives exactly the same student as an uninterrupted one.
+    """
+    if cfg.needs_teacher:
+        if teacher is None:
+            raise ValueError("this config distils (alpha > 0 or hidden_weight > 0) and needs a teacher; "
+                             "pass one, or use alpha=0 to train from scratch")
+        check_compatible(student, teacher)
+        teacher.eval()
+    data_ids = data_ids.flatten()
+    torch.manual_seed(cfg.seed)
+    projections = _make_projections(student, teacher, cfg)
+    params = list(student.parameters()) + (list(projections.parameters()) if projections is not None else [])
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    start = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        start, history = _prepare_checkpoint(ckpt, cfg, student, projections, opt, gen, overwrite)
+    stream = data.batches(data_ids, cfg.seq_len, cfg.batch_size, gen)
+    device = next(student.parameters()).device
+    layer_pairs = _layer_pairs(student, teacher) if cfg.hidden_weight > 0 else []
+
+    student.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg.steps), desc="distilling" if cfg.needs_teacher else "training",
+               disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        x, y = (t.to(device) for t in next(stream))
+        want_hidden = cfg.hidden_weight > 0
+        out_s = student(input_ids=x, output_hidden_states=want_hidden)
+        if cfg.needs_teacher:
+            with torch.no_grad():
+                out_t = teacher(input_ids=x, output_hidden_states=want_hidden)
+            loss = kd_loss(out_s.logits, out_t.logits, y, cfg.temperature, cfg.alpha, cfg.kind)
+            if want_hidden:
+                hs = [out_s.hidden_states[i] for i, _ in layer_pairs]
+                ht = [out_t.hidden_states[j] for _, j in layer_pairs]
+                loss = loss + cfg.hidden_weight * hidden_loss(hs, ht, projections)
+        else:
+            loss = F.cross_entropy(out_s.logits.float().reshape(-1, out_s.logits.size(-1)), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            row = {"step": done, "train_loss": loss.item(), "tokens": done * cfg.batch_size * cfg.seq_len,
+                   "seconds": time.perf_counter() - t0}
+            if heldout_ids is not None:
+                row["heldout_loss"] = evaluate_loss(student, heldout_ids, cfg)
+                student.train()
+            history.append(row)
+            log.info("step %d %s", done, {k: round(v, 3) for k, v in row.items() if k != "step"})
+        if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            _save_checkpoint(ckpt, cfg, done, student, projections, opt, gen, history)
+    student.eval()
+    return DistillResult(student, history, time.perf_counter() - t0, start)
+
+
+@torch.no_grad()
+def evaluate_loss(model, heldout_ids: torch.Tensor, cfg: DistillConfig) -> float:
+    """Mean held-out next-token NLL (log of the perplexity) over ``cfg.eval_tokens`` tokens."""
+    from .metrics import perplexity
+
+    model.eval()
+    return math.log(perplexity(model, heldout_ids, max_tokens=cfg.eval_tokens, seq_len=cfg.seq_len))
+
+
+def _layer_pairs(student, teacher) -> list[tuple[int, int]]:
+    """(student hidden-state index, teacher index): each student layer's output to its spread teacher layer."""
+    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
+    return [(i + 1, j + 1) for i, j in enumerate(spread_layers(n_t, n_s))]
+
+
+def _make_projections(student, teacher, cfg: DistillConfig) -> torch.nn.ModuleList | None:
+    """Linear maps student width -> teacher width, trained alongside (only when widths differ)."""
+    if cfg.hidden_weight == 0 or student.config.hidden_size == teacher.config.hidden_size:
+        return None
+    n = student.config.num_hidden_layers
+    dev = next(student.parameters()).device
+    return torch.nn.ModuleList(
+        torch.nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False) for _ in range(n)
+    ).to(dev)
+
+
+def _config_fingerprint(cfg: DistillConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("eval_every")  # changing how often to evaluate or save does not change the student
+    d.pop("checkpoint_every")
+    return d
+
+
+def _prepare_checkpoint(ckpt: Path, cfg, student, projections, opt, gen, overwrite: bool):
+    """Resume from ``ckpt/checkpoint.pt`` if present; refuse a foreign non-empty folder unless overwrite."""
+    if ckpt.exists() and any(ckpt.iterdir()):
+        if overwrite:
+            shutil.rmtree(ckpt)
+        elif not (ckpt / CHECKPOINT).is_file():
+            raise ValueError(f"{ckpt} is not empty and holds no {CHECKPOINT}; choose another folder "
+                             "or pass overwrite=True (--overwrite) to replace it")
+        else:
+            state = torch.load(ckpt / CHECKPOINT, weights_only=False)
+            if state["config"] != _config_fingerprint(cfg):
+                raise ValueError(f"the checkpoint in {ckpt} was made with a different config "
+                                 f"({state['config']}); use the same config to resume, or overwrite=True")
+            student.load_state_dict(state["student"])
+            if projections is not None:
+                projections.load_state_dict(state["projections"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            log.info("resuming from step %d (%s)", state["step"], ckpt)
+            return state["step"], state["history"]
+    return 0, []
+
+
+def _save_checkpoint(ckpt: Path, cfg, step, student, projections, opt, gen, history) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    state = {"config": _config_fingerprint(cfg), "step": step, "student": student.state_dict(),
+             "projections": projections.state_dict() if projections is not None else None,
+             "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+             "history": history}
+    tmp = ckpt / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(ckpt / CHECKPOINT)  # atomic: an interrupted save never corrupts the last good checkpoint
+
+
+# --- the shipped student -------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudentRecipe:
+    """The shape and training of ``course-tiny-student`` (what ``train --model course-tiny-student`` runs)."""
+
+    num_layers: int = 2
+    intermediate_size: int = 384
+    init: str = "teacher"
+    distill: DistillConfig = DistillConfig(temperature=2.0, alpha=0.5, steps=400, batch_size=16, seq_len=128,
+                                           lr=2e-3, warmup_steps=20, seed=1234, eval_every=50,
+                                           eval_tokens=16384)
+    scratch_baseline: bool = True  # also train the same shape from random init, same tokens, for comparison
+    final_eval_tokens: int = 32768
+
+
+def main_train_student(args) -> int:
+    """``python -m course_lib train --model course-tiny-student [--out DIR] [--steps N] [--seed S] [--overwrite]``."""
+    from dataclasses import replace
+
+    from .metrics import perplexity
+    from .models import EMBEDDED, load_model
+
+    recipe = StudentRecipe()
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    cfg = replace(recipe.distill, **overrides)
+    out = Path(args.out) if args.out else EMBEDDED["course-tiny-student"]
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    ckpt = out.parent / (out.name + ".ckpt")  # beside the output, removed once the run has finished
+    teacher, tok = load_model("course-tiny")
+    t0 = time.perf_counter()
+    train_ids = data.encode_split(tok, "train")
+    held_ids = data.encode_split(tok, "heldout")
+    student = make_student(teacher, recipe.num_layers, recipe.intermediate_size, init=recipe.init, seed=cfg.seed)
+    kd = distill(student, teacher, train_ids, cfg, held_ids, checkpoint_dir=ckpt / "kd", overwrite=args.overwrite)
+
+    def ppl(m) -> float:
+        return perplexity(m, held_ids, max_tokens=recipe.final_eval_tokens, seq_len=256)
+
+    record = {
+        "recipe": {"num_layers": recipe.num_layers, "intermediate_size": recipe.intermediate_size,
+                   "init": recipe.init, "teacher": "course-tiny"},
+        "config": asdict(cfg),
+        "seed": cfg.seed,
+        "parameters": count_parameters(student),
+        "teacher_parameters": count_parameters(teacher),
+        "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "heldout_ppl": {"teacher": ppl(teacher), "student_kd": ppl(kd.student)},
+        "heldout_eval_tokens": recipe.final_eval_tokens,
+        "history": {"student_kd": kd.history},
+        "seconds": {"student_kd": round(kd.seconds, 1)},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "corpus": {"train": data.corpus_spec("train")["sha256"], "heldout": data.corpus_spec("heldout")["sha256"]},
+    }
+    if recipe.scratch_baseline:
+        scratch = make_student(teacher, recipe.num_layers, recipe.intermediate_size, init="random", seed=cfg.seed)
+        sc = distill(scratch, None, train_ids, replace(cfg, alpha=0.0), held_ids,
+                     checkpoint_dir=ckpt / "scratch", overwrite=args.overwrite)
+        record["heldout_ppl"]["student_scratch"] = ppl(sc.student)
+        record["history"]["student_scratch"] = sc.history
+        record["seconds"]["student_scratch"] = round(sc.seconds, 1)
+    record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    if out.exists() and args.overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kd.student.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    print(json.dumps({k: record[k] for k in ("parameters", "teacher_parameters", "heldout_ppl", "seconds")},
+                     indent=2))
+    return 0

@@ -1,0 +1,184 @@
+"""Speculative decoding: a small draft model guesses, the big target model checks.
+
+Decoding one token costs the target one forward pass, and at batch size 1 that
+pass is memory-bound: it reads every weight to do a handful of FLOPs per
+weight. Checking k+1 positions in one pass reads the same weights once, so it
+costs barely more than checking one (until the arithmetic catches up with the
+memory traffic). Speculative decoding exploits that:
+
+1. the draft model (the distilled student) proposes k tokens greedily, one at a time (cheap);
+2. the target runs *one* forward pass over the last accepted token and the k guesses;
+3. the longest prefix of guesses the target agrees with is kept, plus the
+   target's own token at the first disagreement (or a bonus token when all k
+   were right). Every round therefore yields between 1 and k+1 tokens.
+
+With greedy decoding the output is exactly the target's own greedy output:
+every kept token is the target's argmax given the tokens before it. Only the
+speed changes, and it pays when (accepted tokens per round) outweigh
+(k draft steps + one slightly longer target pass). On a model so small that a
+forward pass is dominated by fixed Python/dispatch overhead rather than by
+reading weights, the draft step costs nearly as much as the target step, and
+the gain shrinks or vanishes; the notebook measures both regimes.
+
+Both models keep their Hugging Face KV cache; rejected guesses are removed from
+the caches with ``DynamicCache.crop``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .generation import encode_prompt
+
+
+@dataclass(frozen=True)
+class SpeculativeResult:
+    """The new tokens and how the guessing went."""
+
+    tokens: list[int] = field(repr=False)
+    k: int
+    rounds: int  # target forward passes after the prefill
+    proposed: int  # draft tokens offered for verification
+    accepted: int  # draft tokens the target agreed with
+    seconds: float
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of drafted tokens the target kept."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """New tokens per target forward pass (1.0 = no better than plain decoding)."""
+        return len(self.tokens) / self.rounds if self.rounds else float(len(self.tokens))
+
+
+def check_pair(target, draft, k: int) -> None:
+    """Raise ValueError unless the pair can speculate together with ``k`` guesses per round."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k (draft tokens per round) must be an int >= 1, got {k!r}")
+    if target.config.vocab_size != draft.config.vocab_size:
+        raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
+                         f"({target.config.vocab_size}); the draft must use the target's tokenizer")
+
+
+def _step(model, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """Logits of ``ids`` appended to ``cache`` (which grows by ``ids.shape[1]``)."""
+    # transformers 5.x renamed ``past_key_values`` to ``cache``; accept either spelling.
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(input_ids=ids, use_cache=True, **{kw: cache}).logits
+
+
+def _rollback(cache: DynamicCache, keep: int) -> None:
+    """Forget every cached position from ``keep`` on (rejected guesses)."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)  # a negative argument means "remove this many" in transformers 4.x and 5.x alike
+
+
+@torch.inference_mode()
+def speculative_generate(target, draft, prompt, max_new_tokens: int = 32, k: int = 4,
+                         tokenizer=None) -> SpeculativeResult:
+    """Greedy speculative decoding (batch size 1): the target's greedy tokens, found k at a time.
+
+    ``prompt`` is text (then pass ``tokenizer``) or a tensor of token ids.
+    """
+    check_pair(target, draft, k)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    device = next(target.parameters()).device
+    ids = encode_prompt(tokenizer, prompt, device)
+    if ids.shape[0] != 1:
+        raise ValueError("speculative_generate handles one prompt at a time (batch size 1)")
+    t0 = time.perf_counter()
+    t_cache, d_cache = DynamicCache(), DynamicCache()
+    # Prefill both models on the prompt minus its last token; that token is the first "pending" one.
+    # Invariant at the top of each round: the target cache holds every token but the last (`pending`);
+    # the draft cache holds every token but `draft_pending` (the last one or two).
+    if ids.shape[1] > 1:
+        _step(target, ids[:, :-1], t_cache)
+        _step(draft, ids[:, :-1], d_cache)
+    pending = ids[:, -1:]
+    draft_pending = pending
+    new: list[int] = []
+    rounds = proposed = accepted = 0
+    while len(new) < max_new_tokens:
+        k_now = min(k, max_new_tokens - len(new))  # no point guessing past the end
+        n_ctx = t_cache.get_seq_length()
+        # 1. draft k tokens greedily, one forward pass each.
+        guesses = []
+        inp = draft_pending
+        for _ in range(k_now):
+            nxt = _step(draft, inp, d_cache)[:, -1].argmax(-1, keepdim=True)
+            guesses.append(nxt)
+            inp = nxt
+        guess = torch.cat(guesses, dim=1)  # (1, k)
+        # 2. the target scores the pending token and all k guesses in one pass.
+        logits = _step(target, torch.cat([pending, guess], dim=1), t_cache)[0]
+        best = logits.argmax(-1)  # best[i]: the target's token after position i of the chunk
+        # 3. keep the agreeing prefix, then the target's own token.
+        agree = (best[:k_now] == guess[0]).long()
+        n = int(agree.cumprod(0).sum())
+        kept = guess[0, :n].tolist() + [int(best[n])]
+        rounds += 1
+        proposed += k_now
+        accepted += n
+        new.extend(kept)
+        # Roll the caches back to the kept tokens (the last kept token becomes pending).
+        _rollback(t_cache, n_ctx + 1 + n)
+        if n < k_now:
+            _rollback(d_cache, n_ctx + 1 + n)
+            draft_pending = best[n].view(1, 1)
+        else:  # the draft never saw its own last guess: feed it together with the bonus token next round
+            draft_pending = torch.tensor([[guess[0, -1].item(), kept[-1]]], device=device)
+        pending = best[n].view(1, 1)
+    return SpeculativeResult(new[:max_new_tokens], k, rounds, proposed, accepted, time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def greedy_reference(model, prompt, max_new_tokens: int = 32, tokenizer=None) -> tuple[list[int], float]:
+    """The target alone, greedy with its KV cache, one token per pass: (tokens, seconds).
+
+    The same loop shape as :func:`speculative_generate` (prefill, then one
+    position per step), so the two are timed on equal terms.
+    """
+    device = next(model.parameters()).device
+    ids = encode_prompt(tokenizer, prompt, device)
+    t0 = time.perf_counter()
+    cache = DynamicCache()
+    logits = _step(model, ids, cache)[:, -1]
+    new = []
+    for i in range(max_new_tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        new.append(int(nxt))
+        if i + 1 < max_new_tokens:
+            logits = _step(model, nxt, cache)[:, -1]
+    return new, time.perf_counter() - t0
+
+
+def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_tokens: int = 64,
+            repeat: int = 3) -> list[dict]:
+    """Acceptance rate and tokens/s for several k, next to the target alone (median of ``repeat`` runs)."""
+    import statistics
+
+    rows = []
+    ref_times = []
+    for _ in range(repeat + 1):  # the first run warms up
+        ref, s = greedy_reference(target, prompt_ids, max_new_tokens)
+        ref_times.append(s)
+    base = max_new_tokens / statistics.median(ref_times[1:])
+    rows.append({"method": "target-greedy", "k": 0, "tok_s": base, "speedup": 1.0, "acceptance_rate": None,
+                 "tokens_per_round": 1.0, "identical": True})
+    for k in ks:
+        runs = [speculative_generate(target, draft, prompt_ids, max_new_tokens, k) for _ in range(repeat + 1)]
+        res = runs[-1]
+        tok_s = max_new_tokens / statistics.median(r.seconds for r in runs[1:])
+        rows.append({"method": f"speculative-k{k}", "k": k, "tok_s": tok_s, "speedup": tok_s / base,
+                     "acceptance_rate": res.acceptance_rate, "tokens_per_round": res.tokens_per_round,
+                     "identical": res.tokens == ref})
+    return rows

@@ -1,0 +1,85 @@
+"""Speculative decoding: exactly the target's greedy tokens, whatever the draft and k."""
+
+import pytest
+import torch
+
+from course_lib.distillation import make_student
+from course_lib.generation import stream_generate
+from course_lib.models import EMBEDDED
+from course_lib.speculative import greedy_reference, speculative_generate, sweep_k
+from tests.conftest import make_tiny
+
+
+def target_greedy(model, ids, n):
+    """The target's own greedy tokens, from the library's plain decode loop."""
+    return [s.token_id for s in stream_generate(model, None, ids, n, stop_at_eos=False)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = make_tiny("llama", layers=3, seed=0)
+    return target, {"random": make_tiny("llama", layers=1, seed=1),
+                    "layer-dropped": make_student(target, 2, intermediate_size=64, init="teacher"),
+                    "itself": target}
+
+
+@pytest.mark.parametrize("draft_name", ["random", "layer-dropped", "itself"])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_greedy_output_is_identical_to_the_target(pair, draft_name, k):
+    target, drafts = pair
+    for prompt in (torch.tensor([[5]]), torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])):
+        ref = target_greedy(target, prompt, 24)
+        res = speculative_generate(target, drafts[draft_name], prompt, max_new_tokens=24, k=k)
+        assert res.tokens == ref
+        assert res.proposed >= res.accepted >= 0 and 1 <= res.rounds <= 24
+
+
+def test_acceptance_is_total_for_a_perfect_draft_and_rounds_shrink_with_k(pair):
+    target, drafts = pair
+    prompt = torch.tensor([[2, 7, 1, 8]])
+    res = speculative_generate(target, drafts["itself"], prompt, 40, k=4)
+    assert res.acceptance_rate == 1.0 and res.rounds == 8  # 5 tokens per round: 4 guesses + 1 bonus
+    low = speculative_generate(target, drafts["random"], prompt, 40, k=4)
+    assert low.acceptance_rate < 0.5 and low.tokens_per_round < res.tokens_per_round
+
+
+def test_qwen2_pair_and_odd_lengths():
+    target = make_tiny("qwen2", layers=2, seed=5)
+    draft = make_student(target, 1, init="teacher")
+    for n in (1, 2, 3, 9):
+        ref, _ = greedy_reference(target, torch.tensor([4, 4, 2]), n)
+        assert speculative_generate(target, draft, torch.tensor([4, 4, 2]), n, k=3).tokens == ref
+
+
+def test_bad_input_is_refused(pair):
+    target, drafts = pair
+    p = torch.tensor([[1, 2]])
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="k"):
+            speculative_generate(target, drafts["random"], p, 8, k=k)
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(target, make_tiny(vocab=96), p, 8, k=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        speculative_generate(target, drafts["random"], p, 0, k=2)
+
+
+def test_sweep_reports_every_k(pair):
+    target, drafts = pair
+    rows = sweep_k(target, drafts["layer-dropped"], torch.tensor([[1, 2, 3]]), [1, 3], max_new_tokens=12, repeat=1)
+    assert [r["k"] for r in rows] == [0, 1, 3]
+    assert all(r["identical"] for r in rows) and all(r["tok_s"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(not (EMBEDDED["course-tiny-student"] / "model.safetensors").is_file()
+                    or not (EMBEDDED["course-tiny"] / "model.safetensors").is_file(),
+                    reason="course-tiny and course-tiny-student not both in this install")
+def test_course_models_speculate_exactly():
+    from course_lib import load_model
+
+    teacher, tok = load_model("course-tiny")
+    student, _ = load_model("course-tiny-student")
+    prompt = "def read_config(path):\n    "
+    ref = target_greedy(teacher, tok(prompt, return_tensors="pt")["input_ids"], 48)
+    res = speculative_generate(teacher, student, prompt, 48, k=4, tokenizer=tok)
+    assert res.tokens == ref
+    assert res.acceptance_rate > 0.3  # a distilled draft agrees with its teacher far more than chance

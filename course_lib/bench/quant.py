@@ -1,0 +1,135 @@
+"""Benchmark suite ``quant``: every weight format side by side, speed and quality.
+
+Speed rows run on a speed-lab model big enough that reading the weights
+dominates a decode step (the Qwen2.5-0.5B shapes; ``--quick`` keeps fewer
+layers of the same shapes). Quality (held-out perplexity) is measured on
+``course-tiny``, whose weights were trained and so mean something.
+Each row: decode tokens/s at batch 1, prefill time, bytes of weights,
+achieved bandwidth (bytes x tokens/s) and its fraction of the machine's
+measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+
+import torch
+
+from ..metrics import model_size_bytes, perplexity
+from ..models import count_parameters, load_model, speed_lab_model
+from ..quantization import QuantConfig, quantize_
+from ..roofline import measure_bandwidth
+from ..timing import benchmark, time_generation
+
+log = logging.getLogger(__name__)
+
+SPEED_MODEL = "qwen2.5-0.5b"
+METHODS = ("fp32", "bf16", "int8-wo", "int4-wo", "gptq-int4", "torch-dynamic-int8", "torchao-int8-wo")
+
+
+def _torchao_int8(model: torch.nn.Module) -> torch.nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import quantize_ as ao_quantize_
+
+    ao_quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def _torch_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
+    # Dynamic quantization also quantizes activations per call (fbgemm, fp32 in/out).
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights, including torch's packed dynamic-quantized Linear and torchao tensor subclasses."""
+    total = 0
+    for m in model.modules():
+        packed = getattr(m, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            w, b = packed._weight_bias()
+            total += w.numel() * 1 + (0 if b is None else b.numel() * b.element_size())
+            total += w.q_per_channel_scales().numel() * 8 if w.qscheme() != torch.per_tensor_affine else 8
+    try:
+        from torchao.utils import get_model_size_in_bytes
+
+        if any(type(p).__module__.startswith("torchao") for p in model.parameters()):
+            return total + get_model_size_in_bytes(model)
+    except ImportError:
+        pass
+    return total + model_size_bytes(model)
+
+
+def _prepare(method: str, model: torch.nn.Module, calibration: torch.Tensor | None) -> torch.nn.Module:
+    """The model in ``method``'s format (``model`` is a float32 model, changed in place)."""
+    if method == "fp32":
+        return model
+    if method == "torch-dynamic-int8":
+        return _torch_dynamic_int8(model)
+    if method in ("bf16", "torchao-int8-wo"):
+        model = model.to(torch.bfloat16)
+        return model if method == "bf16" else _torchao_int8(model)
+    # Our packed layers cast their input to bf16 for the integer kernel and back; the rest of
+    # the model (norms, attention) stays fp32, which this AVX2 CPU runs faster than bf16.
+    cfg = {"int8-wo": QuantConfig(bits=8), "int4-wo": QuantConfig(bits=4, group_size=128),
+           "gptq-int4": QuantConfig(bits=4, group_size=128, method="gptq")}[method]
+    quantize_(model, cfg, calibration=calibration)
+    return model
+
+
+def _speed(method: str, make: Callable[[], torch.nn.Module], quick: bool, bandwidth: float) -> dict:
+    model = _prepare(method, make(), torch.randint(0, 1000, (2 if quick else 8, 64), generator=torch.Generator()
+                                                   .manual_seed(0)) if method == "gptq-int4" else None)
+    nbytes = weight_bytes(model)
+    new_tokens = 8 if quick else 32
+    prompt = torch.randint(0, 1000, (128,), generator=torch.Generator().manual_seed(1))
+    t = time_generation(model, None, prompt, max_new_tokens=new_tokens, warmup=1, repeat=2 if quick else 3)
+    pre = benchmark(lambda: model(input_ids=prompt[None]), warmup=1, repeat=3 if quick else 5)
+    bw = nbytes * t.tokens_per_s / 1e9
+    return {"decode_tok_s": t.tokens_per_s, "prefill_ms": pre.median * 1e3, "bytes": nbytes,
+            "bandwidth_gbs": bw, "roofline_frac": bw / bandwidth}
+
+
+def _quality(method: str, quick: bool, calibration: torch.Tensor, ids: torch.Tensor) -> float:
+    model, _ = load_model("course-tiny")
+    model = _prepare(method, model, calibration)
+    with torch.inference_mode():
+        return perplexity(model, ids, max_tokens=None)
+
+
+def run(quick: bool = False) -> dict:
+    """All methods: speed on the Qwen2.5-0.5B shapes, perplexity on course-tiny."""
+    from ..data import calibration_batches, encode_split
+    from ..models import load_tokenizer
+
+    torch.manual_seed(0)
+    bandwidth = measure_bandwidth(size_mb=128 if quick else 256)
+    layers = 12 if quick else None  # 12 of 24 layers: same per-layer shapes, still > 0.3B parameters
+    make = lambda: speed_lab_model(SPEED_MODEL, num_layers=layers)[0]  # noqa: E731
+    n_params = count_parameters(make())
+    tok = load_tokenizer("course-tiny")
+    calibration = calibration_batches(tok, n=8 if quick else 32, seq_len=128)
+    heldout = encode_split(tok, "heldout", max_chars=(8192 if quick else 65536) * 8)[: 8192 if quick else 65536]
+    model_name = f"{SPEED_MODEL}" + (f" ({layers} layers)" if layers else "")
+    rows = []
+    for method in METHODS:
+        row = {"suite": "quant", "method": method, "model": model_name, "params": n_params}
+        try:
+            row.update(_speed(method, make, quick, bandwidth))
+            row["ppl"] = _quality(method, quick, calibration, heldout)
+        except Exception as e:  # a method that cannot run here gets a row that says why
+            log.warning("%s failed: %s", method, e)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        log.info("%s", row)
+        rows.append(row)
+        gc.collect()
+    base = {r["method"]: r for r in rows}
+    for r in rows:
+        for ref in ("fp32", "bf16"):
+            if "decode_tok_s" in r and "decode_tok_s" in base.get(ref, {}):
+                r[f"speedup_vs_{ref}"] = r["decode_tok_s"] / base[ref]["decode_tok_s"]
+        if "ppl" in r and "ppl" in base.get("fp32", {}):
+            r["ppl_vs_fp32"] = r["ppl"] / base["fp32"]["ppl"] - 1
+    return {"machine": {"bandwidth_gbs": bandwidth, "speed_model": model_name, "quality_model": "course-tiny",
+                        "heldout_tokens": int(heldout.numel())}, "rows": rows}

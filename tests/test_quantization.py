@@ -1,0 +1,296 @@
+"""Tests for course_lib.quantization: primitives, packed layers, quantize_, GPTQ."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.metrics import model_size_bytes
+from course_lib.quantization import (
+    Int4WeightOnlyLinear,
+    Int8Embedding,
+    Int8WeightOnlyLinear,
+    QuantConfig,
+    _cpu_int4_layout,
+    dequantize,
+    fake_quantize,
+    gptq_quantize_weight,
+    mse,
+    pack_int4,
+    qrange,
+    quantize,
+    quantize_,
+    sqnr_db,
+    unpack_int4,
+)
+from tests.conftest import make_tiny
+
+
+@pytest.fixture
+def w():
+    torch.manual_seed(0)
+    return torch.randn(64, 256)
+
+
+# --- primitives ---------------------------------------------------------------------
+
+
+def test_qrange():
+    assert qrange(8, True) == (-127, 127)
+    assert qrange(8, False) == (0, 255)
+    assert qrange(4, True) == (-7, 7)
+    assert qrange(2, False) == (0, 3)
+    for bad in (1, 9, 4.0):
+        with pytest.raises(ValueError, match="bits"):
+            qrange(bad, True)
+
+
+def test_hand_derived_symmetric_per_tensor_matches(w):
+    scale = w.abs().max() / 127  # what the notebook derives by hand
+    q = torch.clamp(torch.round(w / scale), -127, 127)
+    qt = quantize(w, 8, symmetric=True, granularity="per_tensor")
+    assert torch.equal(qt.q.float(), q)
+    assert torch.allclose(dequantize(qt), q * scale)
+
+
+def test_hand_derived_asymmetric_per_channel_matches(w):
+    lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 15
+    zp = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(w / scale) + zp, 0, 15)
+    qt = quantize(w, 4, symmetric=False, granularity="per_channel")
+    assert torch.equal(qt.q.float(), q)
+    assert torch.allclose(dequantize(qt), (q - zp) * scale)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("gran,gs", [("per_tensor", None), ("per_channel", None), ("per_group", 32)])
+def test_error_is_at_most_half_a_step(w, bits, symmetric, gran, gs):
+    qt = quantize(w, bits, symmetric, gran, gs)
+    qmin, qmax = qrange(bits, symmetric)
+    assert qt.q.min() >= qmin and qt.q.max() <= qmax
+    err = (dequantize(qt) - w).abs()
+    step = qt.scale if gran == "per_tensor" else qt.scale
+    if gran == "per_group":
+        err = err.reshape(64, -1, gs)
+    assert torch.all(err <= step / 2 + 1e-6)
+
+
+def test_symmetric_keeps_zero_exact(w):
+    x = w.clone()
+    x[:, :10] = 0
+    for sym in (True, False):
+        assert torch.all(fake_quantize(x, 4, sym, "per_channel")[:, :10] == 0)
+
+
+def test_sqnr_grows_about_6db_per_bit(w):
+    s = [sqnr_db(w, fake_quantize(w, b, True, "per_channel")) for b in (4, 5, 6, 7, 8)]
+    gains = [b - a for a, b in zip(s, s[1:])]
+    assert all(5.0 < g < 7.0 for g in gains), gains
+    assert sqnr_db(w, w) == math.inf
+    assert mse(w, w) == 0
+
+
+def test_finer_granularity_handles_outliers(w):
+    x = w.clone()
+    x[3, 7] = 80.0  # one outlier weight
+    s = {g: sqnr_db(x, fake_quantize(x, 4, True, g, 32 if g == "per_group" else None))
+         for g in ("per_tensor", "per_channel", "per_group")}
+    assert s["per_tensor"] < s["per_channel"] < s["per_group"]
+
+
+def test_bad_primitive_input(w):
+    with pytest.raises(ValueError, match="granularity"):
+        quantize(w, 8, True, "per_row")
+    with pytest.raises(ValueError, match="divides in_features"):
+        quantize(w, 4, False, "per_group", 100)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(torch.randn(4, 4, 4), 8, True, "per_channel")
+
+
+def test_pack_unpack_roundtrip():
+    q = torch.randint(0, 16, (48, 64), dtype=torch.uint8)
+    p = pack_int4(q)
+    assert p.shape == (48, 32) and p.dtype == torch.uint8
+    assert torch.equal(unpack_int4(p), q)
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(torch.zeros(4, 3, dtype=torch.uint8))
+
+
+def test_cpu_int4_layout_is_a_permutation_we_can_invert():
+    n, k = 48, 128
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    where = _cpu_int4_layout(n, k)
+    assert torch.equal(torch.sort(where).values, torch.arange(n * k))
+    nib = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1)
+    back = torch.empty(n * k, dtype=torch.uint8)
+    back[where] = nib
+    assert torch.equal(back.reshape(n, k).int(), q)
+
+
+# --- packed layers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_layer_matches_float_and_reference(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48, bias=bias)
+    x = torch.randn(2, 3, 128)
+    fast = Int8WeightOnlyLinear.from_linear(lin)
+    ref = Int8WeightOnlyLinear.from_linear(lin, kernel="reference")
+    assert fast.kernel == "aten._weight_int8pack_mm" and ref.kernel == "reference"
+    assert fast.weight_int8.dtype == torch.int8
+    y = fast(x)
+    assert y.shape == (2, 3, 48) and y.dtype == x.dtype
+    assert sqnr_db(lin(x), y) > 35
+    assert sqnr_db(ref(x), y) > 40
+
+
+def test_int4_layer_kernel_and_reference_agree():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    x = torch.randn(5, 256)
+    fast = Int4WeightOnlyLinear.from_linear(lin, 64)
+    ref = Int4WeightOnlyLinear.from_linear(lin, 64, kernel="reference")
+    assert fast.kernel == "aten._weight_int4pack_mm_for_cpu"
+    assert fast.weight_packed.numel() == 64 * 256 // 2  # two weights per byte
+    assert torch.equal(fast.int_weight(), ref.int_weight())
+    assert torch.equal(fast.dequantized_weight(), ref.dequantized_weight())
+    assert sqnr_db(ref(x), fast(x)) > 40
+    assert sqnr_db(lin(x), fast(x)) > 18
+
+
+def test_int4_odd_shape_falls_back_to_reference(caplog):
+    lin = nn.Linear(64, 40)  # 40 outputs: the aten kernel wants a multiple of 16
+    with caplog.at_level("INFO", logger="course_lib.quantization"):
+        layer = Int4WeightOnlyLinear.from_linear(lin, 32)
+    assert layer.kernel == "reference"
+    assert "reference path" in caplog.text
+    assert sqnr_db(lin.weight, layer.dequantized_weight()) > 18
+
+
+# --- quantize_ ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("cfg,min_sqnr", [(QuantConfig(bits=8), 30), (QuantConfig(bits=4, group_size=32), 15)])
+def test_quantize_model_and_state_dict_roundtrip(family, cfg, min_sqnr):
+    model = make_tiny(family)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    before = model_size_bytes(model)
+    report = quantize_(model, cfg)
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert not report.skipped
+    out = model(ids).logits
+    assert sqnr_db(ref, out) > min_sqnr
+    assert model_size_bytes(model) < before / (3 if cfg.bits == 8 else 4.5)
+    twin = make_tiny(family, seed=7)
+    quantize_(twin, cfg)
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin(ids).logits, out)
+
+
+def test_tied_embeddings_share_int8_storage():
+    model = make_tiny("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie them, as course-tiny and Qwen2.5 do
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    float_bytes = model_size_bytes(model)
+    quantize_(model, QuantConfig(bits=8))
+    assert isinstance(model.model.embed_tokens, Int8Embedding)
+    assert model.model.embed_tokens.weight_int8 is model.lm_head.weight_int8
+    assert model_size_bytes(model) < float_bytes / 3
+
+
+def test_embeddings_float_and_skip_patterns():
+    model = make_tiny("llama")
+    report = quantize_(model, QuantConfig(bits=8, embeddings="float", skip=(r"down_proj",)))
+    assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    assert "lm_head" in report.skipped and "model.layers.1.mlp.down_proj" in report.skipped
+
+
+def test_layers_a_group_cannot_divide_stay_float():
+    model = make_tiny("llama", hidden=64, intermediate=96)  # down_proj has 96 inputs
+    report = quantize_(model, QuantConfig(bits=4, group_size=64))
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    assert "not a multiple of group_size" in report.skipped["model.layers.0.mlp.down_proj"]
+
+
+def test_bad_input():
+    for kw, msg in [({"bits": 3}, "bits"), ({"bits": 4}, "group_size"), ({"bits": 4, "group_size": 100}, "group_size"),
+                    ({"bits": 8, "group_size": 32}, "group_size=None"), ({"method": "awq"}, "method"),
+                    ({"embeddings": "int4"}, "embeddings"), ({"compute_dtype": "int8"}, "compute_dtype"),
+                    ({"skip": "lm_head"}, "tuple")]:
+        with pytest.raises(ValueError, match=msg):
+            QuantConfig(**kw)
+    model = make_tiny("llama")
+    quantize_(model, QuantConfig())
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(model, QuantConfig())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quantize_(nn.Sequential(nn.ReLU()), QuantConfig())
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_(make_tiny("llama"), QuantConfig(bits=4, group_size=32, method="gptq"))
+    with pytest.raises(ValueError, match="no Linear layer can take"):
+        quantize_(make_tiny("llama", hidden=96, intermediate=160), QuantConfig(bits=4, group_size=64,
+                                                                                 embeddings="float"))
+    with pytest.raises(ValueError, match="QuantConfig"):
+        quantize_(make_tiny("llama"), {"bits": 8})
+
+
+# --- GPTQ -----------------------------------------------------------------------------
+
+
+def _outlier_inputs(n=512, k=128, seed=0):
+    mix = torch.eye(k) + 0.3 * torch.randn(k, k, generator=torch.Generator().manual_seed(123))
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) @ mix  # correlated, same for all seeds
+    x[:, :4] *= 20  # a few outlier channels, as in real LLM activations
+    return x
+
+
+def test_gptq_beats_rtn_on_layer_output():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    x_cal, x_test = _outlier_inputs(seed=0), _outlier_inputs(seed=1)
+    H = 2 * x_cal.t() @ x_cal / x_cal.shape[0]
+    cfg = QuantConfig(bits=4, group_size=32, method="gptq")
+    qt = gptq_quantize_weight(lin.weight, H, cfg)
+    assert qt.q.min() >= 0 and qt.q.max() <= 15
+    gptq_w = dequantize(qt)
+    rtn_w = fake_quantize(lin.weight, 4, False, "per_group", 32)
+    ref = x_test @ lin.weight.t()
+    assert sqnr_db(ref, x_test @ gptq_w.t()) > sqnr_db(ref, x_test @ rtn_w.t()) + 1.0
+
+
+def test_gptq_model_end_to_end(tiny_qwen2):
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = tiny_qwen2(ids).logits
+    cal = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    report = quantize_(tiny_qwen2, QuantConfig(bits=4, group_size=32, method="gptq"), calibration=cal)
+    assert len(report.quantized) == 16
+    assert sqnr_db(ref, tiny_qwen2(ids).logits) > 15
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(tiny_qwen2, QuantConfig(bits=4, group_size=32, method="gptq"), calibration=cal)
+
+
+def test_gptq_beats_rtn_perplexity_on_course_tiny():
+    from course_lib import load_model
+    from course_lib.data import calibration_batches, encode_split
+    from course_lib.metrics import perplexity
+
+    try:
+        model, tok = load_model("course-tiny")
+    except ValueError as e:
+        pytest.skip(f"course-tiny not trained yet: {e}")
+    ids = encode_split(tok, "heldout", max_chars=40000)[:4096]
+    cal = calibration_batches(tok, n=8, seq_len=128)
+    rtn, _ = load_model("course-tiny")
+    quantize_(rtn, QuantConfig(bits=4, group_size=128))
+    quantize_(model, QuantConfig(bits=4, group_size=128, method="gptq"), calibration=cal)
+    assert perplexity(model, ids, max_tokens=None) < perplexity(rtn, ids, max_tokens=None)

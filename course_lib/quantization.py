@@ -130,6 +130,23 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = True, granul
     return dequantize(quantize(x, bits, symmetric, granularity, group_size)).to(x.dtype)
 
 
+@torch.no_grad()
+def fake_quantize_model_(model: nn.Module, bits: int, symmetric: bool = True, granularity: str = "per_channel",
+                         group_size: int | None = None) -> int:
+    """Round every ``nn.Linear`` weight except the output head in place (simulated: still float storage).
+
+    Any bit width from 2 to 8, any granularity: the tool to see *quality* vs bits
+    before paying for packed layers. Returns the number of layers rounded.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    if not layers:
+        raise ValueError("the model has no nn.Linear layers to quantize")
+    for lin in layers:
+        lin.weight.copy_(fake_quantize(lin.weight, bits, symmetric, granularity, group_size))
+    return len(layers)
+
+
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Mean squared error."""
     return float(((x.detach().float() - x_hat.detach().float()) ** 2).mean())

@@ -17,6 +17,7 @@ from course_lib.quantization import (
     _cpu_int4_layout,
     dequantize,
     fake_quantize,
+    fake_quantize_model_,
     gptq_quantize_weight,
     mse,
     pack_int4,
@@ -101,6 +102,19 @@ def test_finer_granularity_handles_outliers(w):
     s = {g: sqnr_db(x, fake_quantize(x, 4, True, g, 32 if g == "per_group" else None))
          for g in ("per_tensor", "per_channel", "per_group")}
     assert s["per_tensor"] < s["per_channel"] < s["per_group"]
+
+
+def test_fake_quantize_model_lowers_quality_with_bits():
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = make_tiny("llama")(ids).logits
+    s = {}
+    for bits in (8, 4, 2):
+        m = make_tiny("llama")
+        assert fake_quantize_model_(m, bits, False, "per_group", 32) == 14  # the head stays float
+        s[bits] = sqnr_db(ref, m(ids).logits)
+    assert s[8] > s[4] > s[2]
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        fake_quantize_model_(nn.Sequential(nn.ReLU()), 8)
 
 
 def test_bad_primitive_input(w):

@@ -1,0 +1,112 @@
+"""Where the parameters are and where the time goes: the anatomy of a decoder LM.
+
+Used by the core-concepts chapter: parameters -> bytes -> FLOPs per token, and
+a profile of one decode step grouped into kinds of work.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per component: embedding, attention, mlp, norm, lm_head (tied weights counted once)."""
+    out: dict[str, int] = defaultdict(int)
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if "embed" in name:
+            kind = "embedding"
+        elif "lm_head" in name:
+            kind = "lm_head"
+        elif "self_attn" in name or "attention" in name:
+            kind = "attention"
+        elif "mlp" in name:
+            kind = "mlp"
+        elif "norm" in name:
+            kind = "norm"
+        else:
+            kind = "other"
+        out[kind] += p.numel()
+    return dict(out)
+
+
+def weight_bytes(n_params: int, fmt: str = "fp32") -> float:
+    """Bytes to store ``n_params`` weights in ``fmt`` (fp32, bf16, fp16, int8, int4; scales ignored)."""
+    if fmt not in BYTES_PER_PARAM:
+        raise ValueError(f"unknown format {fmt!r}; choose from {sorted(BYTES_PER_PARAM)}")
+    return n_params * BYTES_PER_PARAM[fmt]
+
+
+def matmul_flops_per_token(model: torch.nn.Module) -> int:
+    """FLOPs of the weight matmuls for one token: 2 x (inputs x outputs) for every Linear.
+
+    The embedding is a lookup (no FLOPs); the LM head is a Linear even when
+    tied to the embedding. Attention over the context adds 4 x layers x
+    context x hidden more, which grows with the context (see the roofline chapter).
+    """
+    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+_KINDS = (
+    ("matmul", ("addmm", "mm", "bmm", "matmul", "linear")),
+    ("attention", ("scaled_dot_product", "softmax", "flash", "efficient_attention")),
+    ("norm", ("rsqrt", "pow", "mean", "rms_norm", "layer_norm")),
+    ("elementwise", ("mul", "add", "silu", "neg", "cat", "sub", "div", "exp", "sigmoid")),
+    ("copy / layout", ("copy_", "to", "contiguous", "clone", "view", "reshape", "transpose",
+                       "slice", "select", "expand", "index", "empty", "zeros", "unsqueeze", "t")),
+)
+
+
+def _kind_of(op: str) -> str:
+    name = op.removeprefix("aten::")
+    for kind, keys in _KINDS:
+        if any(name == k or name.startswith(k + "_") or (k in name and len(k) > 3) for k in keys):
+            return kind
+    return "other"
+
+
+@torch.inference_mode()
+def profile_decode_step(model, context: int = 64, steps: int = 5) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """Profile ``steps`` single-token decode steps after a ``context``-token prefill.
+
+    Returns (milliseconds per step by kind of work, top operators by self time).
+    The gap between the profiled total and the wall time of the same steps is
+    Python and framework overhead, reported as its own kind.
+    """
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    if context < 1 or steps < 1:
+        raise ValueError("context and steps must be >= 1")
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    out = model(input_ids=ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    model(input_ids=nxt, past_key_values=past, use_cache=True)  # warm-up step
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        wall = time.perf_counter() - t0
+    by_kind: dict[str, float] = defaultdict(float)
+    ops = []
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        ms = ev.self_cpu_time_total / 1e3 / steps
+        by_kind[_kind_of(ev.key)] += ms
+        ops.append((ev.key, ms))
+    # The profiler itself slows Python down, so this "overhead" is an upper bound.
+    by_kind["python / framework"] = max(0.0, wall * 1e3 / steps - sum(by_kind.values()))
+    ops.sort(key=lambda x: -x[1])
+    return dict(by_kind), ops[:12]

@@ -1,0 +1,54 @@
+"""Figures for the first chapters. Each function returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+
+# The article's taxonomy (its section 2 Mermaid chart): three families of methods.
+TAXONOMY = {
+    "Algorithm optimization\n算法优化": ["KV cache", "better attention kernels", "batching", "compilation",
+                                     "speculative decoding"],
+    "Hardware acceleration\n硬件加速": ["GPU / TPU", "lower-precision dtypes", "memory bandwidth"],
+    "Model compression\n模型压缩": ["quantization 量化", "pruning 剪枝", "distillation 蒸馏"],
+}
+
+
+def plot_taxonomy(chapters: dict[str, str] | None = None):
+    """The three families of speed-ups as a diagram; ``chapters`` maps a method to its notebook."""
+    chapters = chapters or {}
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    ax.axis("off")
+    colors = ["#4c72b0", "#dd8452", "#55a868"]
+    ax.text(0.5, 0.97, "faster LLM inference", ha="center", va="top", fontsize=13, weight="bold",
+            bbox=dict(boxstyle="round", fc="#eeeeee"))
+    for i, (family, methods) in enumerate(TAXONOMY.items()):
+        x = (i + 0.5) / len(TAXONOMY)
+        ax.annotate("", xy=(x, 0.78), xytext=(0.5, 0.88), arrowprops=dict(arrowstyle="->", color="gray"))
+        ax.text(x, 0.74, family, ha="center", va="top", fontsize=11, color="white", weight="bold",
+                bbox=dict(boxstyle="round", fc=colors[i]))
+        for j, m in enumerate(methods):
+            label = m + (f"  → {chapters[m]}" if m in chapters else "")
+            ax.text(x, 0.52 - j * 0.1, label, ha="center", va="top", fontsize=9.5,
+                    bbox=dict(boxstyle="round", fc="white", ec=colors[i]))
+    return fig
+
+
+def plot_token_timeline(token_times: Sequence[float], title: str = ""):
+    """When each token appeared: the first gap is TTFT (prefill), later gaps are decode steps."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4))
+    ms = [t * 1e3 for t in token_times]
+    a.step(range(1, len(ms) + 1), ms, where="post")
+    a.set_xlabel("tokens generated")
+    a.set_ylabel("ms since request")
+    a.set_title("time to each token")
+    gaps = [ms[0]] + [y - x for x, y in zip(ms, ms[1:])]
+    b.bar(range(1, len(gaps) + 1), gaps, color=["#dd8452"] + ["#4c72b0"] * (len(gaps) - 1))
+    b.set_xlabel("token index")
+    b.set_ylabel("ms for this token")
+    b.set_title("orange: first token (prefill), blue: decode steps")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -31,6 +31,16 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor()
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_model
+
+    card = evaluate_model(args.model, n_functions=args.functions)
+    print(json.dumps(card, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(card, indent=2))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -51,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="held-out perplexity, accuracy, compile rate and samples of a model")
+    p.add_argument("--model", default="course-tiny")
+    p.add_argument("--functions", type=int, default=64, help="held-out functions for the compile rate")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("bench", help="run benchmark suites and write JSON (and a report)")
     p.add_argument("--suite", action="append", help="suite name; repeat for several (default: all)")

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from course_lib import metrics as course_lib_metrics
 from course_lib import model_size_bytes, next_token_accuracy, perplexity
 from tests.conftest import make_tiny
 
@@ -58,3 +59,29 @@ def test_model_size_counts_tied_weights_once():
     head = torch.nn.Linear(8, 50, bias=False)
     head.weight = emb.weight
     assert model_size_bytes(torch.nn.ModuleList([emb, head])) == 50 * 8 * 4
+
+
+def test_function_prompts_are_deterministic_function_heads():
+    a = course_lib_metrics.function_prompts(n=8)
+    assert a == course_lib_metrics.function_prompts(n=8) and len(a) == 8
+    assert all(p.startswith(("def ", "async def ")) for p in a)
+
+
+def test_cut_function_stops_at_dedent_and_drops_unfinished_line():
+    cut = course_lib_metrics._cut_function("def f(x):\n    y = x\n", "    return y\nprint(1)\nz = (")
+    assert cut == "def f(x):\n    y = x\n    return y\n"
+    compile(cut, "<t>", "exec")
+
+
+def test_compile_rate_counts_real_compiles(monkeypatch):
+    completions = {"def f(x):\n": "    return x\n\n", "def g(x):\n": "    return (x\n\n"}
+    import course_lib.generation as gen
+
+    monkeypatch.setattr(gen, "generate", lambda m, t, p, max_new_tokens: p + completions[p])
+    rate = course_lib_metrics.compile_rate(None, None, prompts=list(completions))
+    assert rate == 0.5  # the unclosed bracket does not compile
+
+
+def test_course_tiny_completions_often_compile(course_tiny):
+    model, tok = course_tiny
+    assert course_lib_metrics.compile_rate(model, tok, n=6, max_new_tokens=48) > 0

@@ -278,18 +278,36 @@ def plan(model: nn.Module, cfg: PruneConfig) -> PrunePlan:
     groups_keep = n_kv
     if cfg.target in ("heads", "both"):
         hr = cfg.ratio if cfg.head_ratio is None else cfg.head_ratio
-        remove = math.floor(hr * n_kv + 1e-9)
-        allowed = [round(k / n_kv, 4) for k in range(1, n_kv)]
-        if remove == 0 and (cfg.head_ratio or cfg.target == "heads"):
+        want = n_kv - math.floor(hr * n_kv + 1e-9)
+        valid = [k for k in range(1, n_kv) if _config_accepts(model, k)]
+        allowed = [round(1 - k / n_kv, 4) for k in sorted(valid, reverse=True)]
+        explicit = cfg.head_ratio is not None or cfg.target == "heads"
+        if explicit and want not in valid:
             raise ValueError(
-                f"head ratio {hr} of {n_kv} KV group(s) removes no whole group (grouped-query attention "
-                f"prunes a KV head with its {c.num_attention_heads // n_kv} query heads); allowed "
-                f"head ratios here: {allowed or 'none - a single KV group cannot be pruned'}; "
-                "or use target='mlp'")
-        if remove == 0 and hr > 0:
-            log.info("head ratio %.2f of %d KV groups rounds to 0 groups: heads kept", hr, n_kv)
-        groups_keep = n_kv - remove
+                f"head ratio {hr} of {n_kv} KV group(s) can't be met: grouped-query attention removes a KV "
+                f"head with its {c.num_attention_heads // n_kv} query heads, and the {c.model_type} config "
+                f"must still accept the head count; allowed head ratios here: "
+                f"{allowed or 'none - this model has a single KV group'}; or use target='mlp'")
+        if not explicit:  # following ratio: prune at most that much, never more
+            groups_keep = min([k for k in valid if k >= want], default=n_kv)
+            if groups_keep != want:
+                log.info("head ratio %.2f -> keeping %d of %d KV groups", hr, groups_keep, n_kv)
+        else:
+            groups_keep = want
     return PrunePlan(mlp_keep, inter, groups_keep, n_kv)
+
+
+def _config_accepts(model: nn.Module, groups_keep: int) -> bool:
+    """Would the model's config class accept this many KV groups (e.g. Llama wants hidden % heads == 0)?"""
+    c = copy.deepcopy(model.config)
+    c.num_attention_heads = groups_keep * (c.num_attention_heads // c.num_key_value_heads)
+    c.num_key_value_heads = groups_keep
+    try:
+        if hasattr(c, "validate_architecture"):
+            c.validate_architecture()
+    except ValueError:
+        return False
+    return True
 
 
 # --- structured surgery -------------------------------------------------------------------
@@ -373,6 +391,7 @@ def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None 
     """
     if not isinstance(cfg, PruneConfig):
         raise ValueError(f"cfg must be a PruneConfig, got {type(cfg).__name__}")
+    check_supported(model)
     t0 = time.perf_counter()
     before = _count(model)
     if cfg.method == "unstructured":

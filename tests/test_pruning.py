@@ -1,0 +1,192 @@
+"""Tests for course_lib.pruning: exactness of the surgery, configs, save/load, recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from course_lib import pruning as P
+from course_lib.models import EMBEDDED
+from course_lib.pruning import PruneConfig, RecoveryConfig
+from tests.conftest import make_tiny
+
+X = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def zeroed_reference(model, report):
+    """The unpruned model with the removed channels' and groups' outputs zeroed: must equal the pruned one."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    hd = P.head_dim(model)
+    with torch.no_grad():
+        for i, layer in enumerate(P.decoder_layers(ref)):
+            rm = report.removed[i]
+            layer.mlp.down_proj.weight[:, rm["mlp"]] = 0
+            q_per_group = layer.self_attn.num_key_value_groups * hd
+            for g in rm["groups"]:
+                layer.self_attn.o_proj.weight[:, g * q_per_group:(g + 1) * q_per_group] = 0
+    return ref
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("llama", dict(num_heads=8, num_kv_heads=2)),   # GQA
+    ("qwen2", dict(num_heads=8, num_kv_heads=4)),   # GQA with q/k/v biases
+    ("llama", dict(num_heads=4, num_kv_heads=4)),   # MHA
+])
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "activation"])
+def test_structured_equals_zeroing_what_was_removed(kind, kw, importance):
+    model = make_tiny(kind, **kw)
+    small, rep = P.pruned(model, PruneConfig(ratio=0.5, importance=importance), calibration=X)
+    assert rep.plan.mlp_keep == 64 and rep.plan.groups_keep == kw["num_kv_heads"] // 2
+    assert small.config.num_attention_heads == kw["num_heads"] // 2
+    assert small.config.num_key_value_heads == kw["num_kv_heads"] // 2
+    assert small.config.intermediate_size == 64
+    assert small.model.layers[0].self_attn.q_proj.out_features == kw["num_heads"] // 2 * P.head_dim(model)
+    assert rep.params_after < rep.params_before
+    torch.testing.assert_close(logits(small), logits(zeroed_reference(model, rep)), atol=1e-5, rtol=1e-5)
+
+
+def test_original_untouched_by_copying_variant(tiny_llama):
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    P.pruned(tiny_llama, PruneConfig(ratio=0.5))
+    P.pruned(tiny_llama, PruneConfig(ratio=0.5, method="unstructured"))
+    P.sensitivity_scan(tiny_llama, lambda m: float(logits(m).std()), ratio=0.5)
+    after = tiny_llama.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert tiny_llama.config.intermediate_size == 128 and tiny_llama.config.num_key_value_heads == 2
+
+
+@pytest.mark.parametrize("kind,head_ratio,kv_left", [("llama", 0.5, 2), ("qwen2", 0.25, 3)])
+def test_save_and_reload_identical_logits(kind, head_ratio, kv_left, tmp_path):
+    model = make_tiny(kind, num_heads=8, num_kv_heads=4)
+    P.prune_(model, PruneConfig(ratio=0.3, head_ratio=head_ratio, round_to=8))
+    assert model.config.intermediate_size == 96 and model.config.num_key_value_heads == kv_left
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert again.config.head_dim == 8 and again.config.num_attention_heads == 2 * kv_left
+    assert torch.equal(logits(model), logits(again))
+
+
+@pytest.mark.skipif(not (EMBEDDED["course-tiny"] / "config.json").is_file(), reason="course-tiny not trained yet")
+def test_course_model_round_trip(course_tiny, tmp_path):
+    model, tok = course_tiny
+    small, _ = P.pruned(model, PruneConfig(ratio=0.5))
+    small.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, model.config.vocab_size, (1, 16))
+    assert torch.equal(logits(small, x), logits(again, x))
+
+
+def test_importance_decides_which_group_goes():
+    model = make_tiny("qwen2", num_heads=8, num_kv_heads=4)
+    a = model.model.layers[1].self_attn
+    with torch.no_grad():  # KV group 2 of layer 1 gets tiny weights: magnitude must drop it
+        for p in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight):
+            rows = p.shape[0] // 4
+            p[2 * rows:3 * rows] *= 1e-3
+    rep = P.prune_(model, PruneConfig(ratio=0.25, target="heads"))
+    assert rep.removed[1]["groups"] == [2]
+    assert rep.removed[1]["mlp"] == []
+
+
+def test_custom_importance_callable():
+    model = make_tiny("llama")
+    n = len(P.decoder_layers(model))
+
+    def last_channels_least(m, calib):
+        return [(torch.arange(128, 0, -1).float(), torch.tensor([1.0, 0.0])) for _ in range(n)]
+
+    rep = P.prune_(model, PruneConfig(ratio=0.25, importance=last_channels_least, head_ratio=0.5))
+    assert rep.removed[0]["mlp"] == list(range(96, 128)) and rep.removed[0]["groups"] == [1]
+
+
+def test_unstructured_sparsity_measured_and_shapes_kept(tiny_llama):
+    shapes = {k: v.shape for k, v in tiny_llama.state_dict().items()}
+    small, rep = P.pruned(tiny_llama, PruneConfig(ratio=0.5, method="unstructured", scope="layer"))
+    assert rep.sparsity == pytest.approx(0.5, abs=0.01)
+    assert {k: v.shape for k, v in small.state_dict().items()} == shapes
+    for m in P._decoder_linears(small):  # per-layer scope: every matrix at the target
+        assert (m.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    glob, rep = P.pruned(tiny_llama, PruneConfig(ratio=0.7, method="unstructured"))
+    assert rep.sparsity == pytest.approx(0.7, abs=0.01) and P.sparsity(tiny_llama) == 0.0
+    assert not torch.equal(logits(glob), logits(tiny_llama))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(ratio=1.0), r"\[0, 1\)"),
+    (dict(ratio=-0.1), r"\[0, 1\)"),
+    (dict(ratio=0.3, head_ratio=1.5), "head_ratio"),
+    (dict(method="random"), "structured"),
+    (dict(target="embeddings"), "mlp"),
+    (dict(importance="l7"), "magnitude"),
+    (dict(round_to=0), "round_to"),
+    (dict(scope="row"), "global"),
+    (dict(method="unstructured", head_ratio=0.5), "structured' only"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruneConfig(**kwargs)
+
+
+def test_plan_rejects_what_cannot_be_met(tiny_llama):
+    with pytest.raises(ValueError, match="allowed head ratios here: \\[0.5\\]"):
+        P.plan(tiny_llama, PruneConfig(ratio=0.3, head_ratio=0.3))
+    with pytest.raises(ValueError, match="round_to"):
+        P.plan(tiny_llama, PruneConfig(ratio=0.3, round_to=256))
+    with pytest.raises(ValueError, match="removes nothing"):
+        P.plan(tiny_llama, PruneConfig(ratio=0.01, round_to=64, target="mlp"))
+    mqa = make_tiny("llama", num_heads=4, num_kv_heads=1)
+    with pytest.raises(ValueError, match="single KV group"):
+        P.plan(mqa, PruneConfig(ratio=0.5, target="heads"))
+    llama4 = make_tiny("llama", num_heads=8, num_kv_heads=4)  # Llama's config wants hidden % heads == 0
+    with pytest.raises(ValueError, match=r"allowed head ratios here: \[0.5, 0.75\]"):
+        P.plan(llama4, PruneConfig(ratio=0.3, head_ratio=0.25))
+    assert P.plan(llama4, PruneConfig(ratio=0.25)).groups_keep == 4  # following ratio: prune less, not more
+    # following ratio, heads that can't be split are kept, MLP is still pruned
+    assert P.plan(tiny_llama, PruneConfig(ratio=0.3)).groups_keep == 2
+    with pytest.raises(ValueError, match="calibration"):
+        P.prune_(tiny_llama, PruneConfig(ratio=0.5, importance="taylor"))
+
+
+def test_unsupported_architecture_names_supported_ones():
+    with pytest.raises(ValueError, match="llama.*qwen2"):
+        P.prune_(torch.nn.Sequential(torch.nn.Linear(4, 4)), PruneConfig())
+
+
+def test_mlp_group_shows_the_coupling(tiny_llama):
+    text = str(P.mlp_dependency_group(tiny_llama.model.layers[0], [0, 1]))
+    for name in ("gate_proj", "up_proj", "down_proj", "prune_in_channels"):
+        assert name in text
+
+
+def test_sensitivity_scan_one_value_per_layer(tiny_llama):
+    vals = P.sensitivity_scan(tiny_llama, lambda m: float((logits(m) - logits(tiny_llama)).abs().mean()))
+    assert len(vals) == 2 and all(v > 0 for v in vals)
+
+
+def test_recovery_lowers_loss_and_distills():
+    torch.manual_seed(0)
+    ids = torch.arange(64).repeat(20) % 128  # a repeating sequence: learnable in a few steps
+    model = make_tiny("llama")
+    teacher = make_tiny("llama")
+    small, _ = P.pruned(model, PruneConfig(ratio=0.5))
+    cfg = RecoveryConfig(steps=30, lr=3e-3, batch_size=4, seq_len=32, eval_every=10)
+    curve = P.recover_(small, ids, cfg, evaluate=lambda m: float(m(input_ids=ids[None, :33],
+                                                                   labels=ids[None, :33]).loss))
+    assert curve.steps_done == 30 and len(curve.losses) == 30
+    assert curve.losses[-1] < curve.losses[0] * 0.7
+    assert [s for s, _ in curve.evals] == [0, 10, 20, 30] and curve.evals[-1][1] < curve.evals[0][1]
+    kd = P.recover_(small, ids, RecoveryConfig(steps=3, batch_size=2, seq_len=16, distill_alpha=0.5), teacher)
+    assert kd.steps_done == 3
+    with pytest.raises(ValueError, match="teacher"):
+        P.recover_(small, ids, RecoveryConfig(distill_alpha=0.5))
+    with pytest.raises(ValueError, match="lr"):
+        RecoveryConfig(lr=0)

@@ -84,19 +84,21 @@ def profile_decode_step(model, context: int = 64, steps: int = 5) -> tuple[dict[
 
     from torch.profiler import ProfilerActivity, profile
 
+    from .generation import hf_forward
+
     if context < 1 or steps < 1:
         raise ValueError("context and steps must be >= 1")
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
-    out = model(input_ids=ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    model(input_ids=nxt, past_key_values=past, use_cache=True)  # warm-up step
+    logits, past = hf_forward(model, ids)
+    nxt = logits.argmax(-1, keepdim=True)
+    hf_forward(model, nxt, past)  # warm-up step
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            logits, past = hf_forward(model, nxt, past)
+            nxt = logits.argmax(-1, keepdim=True)
         wall = time.perf_counter() - t0
     by_kind: dict[str, float] = defaultdict(float)
     ops = []

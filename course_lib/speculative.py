@@ -182,3 +182,46 @@ def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_toke
                      "acceptance_rate": res.acceptance_rate, "tokens_per_round": res.tokens_per_round,
                      "identical": res.tokens == ref})
     return rows
+
+
+def verify_cost(model, n_positions: list[int], context: int = 64, repeat: int = 5) -> list[dict]:
+    """Time one forward pass over ``n`` new positions on top of a cached ``context``, for each n.
+
+    This is the roofline question of speculative decoding: if checking n = k+1
+    positions costs about as much as decoding one (memory-bound: the weights
+    are read once either way), verification is nearly free. ``ratio`` is the
+    time relative to n = 1.
+    """
+    from .timing import benchmark
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, vocab, (1, context), generator=g).to(device)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        _step(model, ctx, cache)
+    rows = []
+    for n in n_positions:
+        new = torch.randint(0, vocab, (1, n), generator=g).to(device)
+
+        def once(new=new):
+            _step(model, new, cache)
+            _rollback(cache, context)  # undo, so every call sees the same context
+
+        res = benchmark(once, warmup=2, repeat=repeat, device=device)
+        rows.append({"positions": n, "ms": res.median * 1e3})
+    for r in rows:
+        r["ratio"] = r["ms"] / rows[0]["ms"]
+    return rows
+
+
+def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_ratio: float) -> float:
+    """Speed-up over plain decoding if each guess is accepted independently with prob. ``acceptance``.
+
+    A round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps
+    (each ``draft_cost`` times a target decode step) plus one verification
+    (``verify_ratio`` times a target decode step).
+    """
+    tokens = k + 1 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
+    return tokens / (k * draft_cost + verify_ratio)

@@ -11,8 +11,8 @@ from .metrics import compile_rate, next_token_accuracy, perplexity
 from .models import count_parameters, load_model, resolve_model_path
 
 SAMPLE_PROMPTS = (
-    "def is_prime(n):\n",
-    "class Stack:\n    def __init__(self):\n",
+    "def is_prime(n):",
+    "class Stack:\n    def __init__(self):",
     "import os\n\ndef list_python_files(",
 )
 

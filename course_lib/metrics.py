@@ -84,6 +84,9 @@ def function_prompts(n: int = 32, split: str = "heldout", min_lines: int = 4,
 
     Functions are picked deterministically (every k-th of those with
     ``min_lines``..``max_lines`` lines, in file order) and dedented to column 0.
+    The prompt has no trailing newline: the byte-level BPE merges a newline with
+    the next line's indentation into one token, so a prompt ending in a bare
+    newline would force a token boundary the model rarely saw in training.
     """
     import ast
     import textwrap
@@ -104,7 +107,7 @@ def function_prompts(n: int = 32, split: str = "heldout", min_lines: int = 4,
                 length = node.end_lineno - node.lineno + 1
                 if min_lines <= length <= max_lines:
                     head = lines[node.lineno - 1 : node.body[0].lineno]
-                    candidates.append(textwrap.dedent("\n".join(head)) + "\n")
+                    candidates.append(textwrap.dedent("\n".join(head)))
     step = max(1, len(candidates) // n)
     return candidates[::step][:n]
 
@@ -112,7 +115,7 @@ def function_prompts(n: int = 32, split: str = "heldout", min_lines: int = 4,
 def _cut_function(prompt: str, completion: str) -> str:
     """Prompt + completion up to the end of the function: the first non-blank line back at column 0."""
     lines = (prompt + completion).split("\n")
-    n_prompt = prompt.count("\n")
+    n_prompt = prompt.count("\n") + 1  # the prompt's last line is completed by the model
     kept = lines[:n_prompt]
     for line in lines[n_prompt:-1]:  # the last piece has no newline yet: an unfinished line
         if line.strip() and not line.startswith((" ", "\t")):

@@ -68,13 +68,13 @@ def test_function_prompts_are_deterministic_function_heads():
 
 
 def test_cut_function_stops_at_dedent_and_drops_unfinished_line():
-    cut = course_lib_metrics._cut_function("def f(x):\n    y = x\n", "    return y\nprint(1)\nz = (")
+    cut = course_lib_metrics._cut_function("def f(x):\n    y = x", "\n    return y\nprint(1)\nz = (")
     assert cut == "def f(x):\n    y = x\n    return y\n"
     compile(cut, "<t>", "exec")
 
 
 def test_compile_rate_counts_real_compiles(monkeypatch):
-    completions = {"def f(x):\n": "    return x\n\n", "def g(x):\n": "    return (x\n\n"}
+    completions = {"def f(x):": "\n    return x\n\n", "def g(x):": "\n    return (x\n\n"}
     import course_lib.generation as gen
 
     monkeypatch.setattr(gen, "generate", lambda m, t, p, max_new_tokens: p + completions[p])

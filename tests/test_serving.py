@@ -109,3 +109,16 @@ def test_bad_requests(model):
         poisson_requests(3, 0.0, vocab=10)
     with pytest.raises(ValueError, match="batch_sizes"):
         batch_sweep(model, [0])
+
+
+def test_serve_bench_suite_rows(monkeypatch):
+    """The suite's row shape, on a tiny stand-in model so the test stays fast."""
+    from course_lib.bench import serve as suite
+
+    monkeypatch.setattr(suite, "speed_lab_model", lambda name, num_layers=None: (
+        make_tiny("llama", vocab=128), make_tiny("llama", vocab=128).config))
+    out = suite.run(quick=True)
+    methods = [r["method"] for r in out["rows"]]
+    assert methods == ["batch-1", "batch-2", "batch-4", "batch-8", "static-b8", "continuous-b8"]
+    assert all(r["suite"] == "serve" and r["throughput_tok_s"] > 0 for r in out["rows"])
+    assert all("decode_tok_s" not in r for r in out["rows"])  # batch throughput is not batch-1 speed

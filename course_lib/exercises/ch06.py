@@ -29,7 +29,7 @@ def check_magnitude_mask(fn) -> Feedback:
     for shape, s in (((8, 16), 0.5), ((32, 4), 0.25), ((5, 7), 0.8)):
         w = torch.randn(shape, generator=g)
         mask, err = _call(fn, w.clone(), s)
-        if err:
+        if err is not None:
             return err
         if not isinstance(mask, torch.Tensor) or mask.shape != w.shape:
             return fail(f"return a tensor of the weight's shape {tuple(w.shape)}, "
@@ -60,7 +60,7 @@ def check_mlp_channel_scores(fn) -> Feedback:
     model = AutoModelForCausalLM.from_config(cfg).eval()
     layer = model.model.layers[0]
     scores, err = _call(fn, layer)
-    if err:
+    if err is not None:
         return err
     want = magnitude_importance(model)[0][0]
     if not isinstance(scores, torch.Tensor) or scores.numel() != want.numel():
@@ -82,7 +82,7 @@ def check_group_rows(fn) -> Feedback:
     """Check ``fn(group, queries_per_kv, head_dim) -> rows of q_proj`` on a few layouts."""
     for group, qpk, hd in ((0, 4, 2), (1, 4, 2), (2, 3, 4), (1, 1, 8)):
         rows, err = _call(fn, group, qpk, hd)
-        if err:
+        if err is not None:
             return err
         want = list(range(group * qpk * hd, (group + 1) * qpk * hd))
         got = sorted(int(r) for r in rows) if rows is not None else None

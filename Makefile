@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # Quick mode keeps each notebook to about a minute on 2 cores; COURSE_QUICK=0 runs the full version.
 COURSE_QUICK ?= 1
 
-.PHONY: install lab test lint bench clean-venv
+.PHONY: install lab test lint bench budget clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,17 @@ install: $(VENV)/.installed
 lab: install
 	$(BIN)/jupyter lab notebooks/
 
+# -p scripts.notebook_budget: each notebook nbval runs also gets a memory-budget item (Binder's 2 GB per user)
 test: install
 	$(BIN)/ruff check .
-	COURSE_QUICK=$(COURSE_QUICK) $(BIN)/python -m pytest tests notebooks --nbval-lax --durations=15
+	COURSE_QUICK=$(COURSE_QUICK) $(BIN)/python -m pytest tests notebooks --nbval-lax --durations=15 -p scripts.notebook_budget
 
 bench: install
 	$(BIN)/python -m course_lib bench --quick --json reports/bench.json --report reports/
+
+# Peak memory and wall time of every notebook, each in its own kernel: reports/notebook_budget.{json,md}
+budget: install
+	$(BIN)/python scripts/notebook_budget.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -39,6 +39,12 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float, what: str) -> str
     return r.stdout
 
 
+def _stream_text(cells: list[dict]) -> str:
+    """Everything the cells printed (nbformat stores multi-line text as a list of lines)."""
+    parts = [o.get("text", "") for c in cells for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+    return "".join("".join(p) if isinstance(p, list) else p for p in parts)
+
+
 def _repo_files() -> list[str]:
     """The files a clone would have (tracked ones, plus new ones not ignored, so work in progress is tested too)."""
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
@@ -106,11 +112,10 @@ def test_binder_environment_runs_a_chapter(tmp_path):
          probe.parent, env, 900, f"jupyter execute {NOTEBOOK}")
 
     executed = json.loads(probe.read_text())
-    text = "".join(o.get("text", "") for o in executed["cells"][-1]["outputs"] if o.get("output_type") == "stream")
+    text = _stream_text(executed["cells"][-1:])
     assert f"PREFIX {venv}" in text, f"the kernel did not run in the Binder environment:\n{text}"
     assert f"LIB {repo}" in text, f"course_lib was not the repository's editable install:\n{text}"
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"a cell raised: {errors[0].get('ename')}: {errors[0].get('evalue')}"
-    banner = "".join(o.get("text", "") for c in executed["cells"] for o in c.get("outputs", [])
-                     if o.get("output_type") == "stream")
-    assert re.search(r"quick_mode: True", banner), "binder/start should have put the notebook in quick mode"
+    assert re.search(r"quick_mode: True", _stream_text(executed["cells"])), \
+        "binder/start should have put the notebook in quick mode"

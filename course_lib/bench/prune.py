@@ -34,7 +34,7 @@ METHODS = {
 }
 
 
-def _speed(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict:
+def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, rounds: int = 3) -> dict:
     """Interleaved decode tok/s and prefill ms for each model (median over rounds)."""
     tok_s = {k: [] for k in models}
     prefill = {k: [] for k in models}
@@ -71,7 +71,7 @@ def run(quick: bool = False) -> dict:
     for name, pc in METHODS.items():
         models[name], rep = pruned(dense, pc)
         log.info("%s: %s", name, rep)
-    speed = _speed(models, prompt, new_tokens=16 if quick else 32, rounds=3 if quick else 5)
+    speed = decode_speed(models, prompt, new_tokens=16 if quick else 32, rounds=3 if quick else 5)
     label = SPEED_MODEL + (f" ({layers} layers)" if layers else "")
     for name, m in models.items():
         rows.append(_row(name, label, m, *speed[name], None, speed["dense"][0]))
@@ -96,7 +96,7 @@ def run(quick: bool = False) -> dict:
     curve = recover_(rec, train_ids, rcfg, teacher=teacher)
     log.info("recovery: %d steps in %.0f s", curve.steps_done, curve.seconds)
     qmodels["structured-30-recovered"] = rec
-    qspeed = _speed(qmodels, torch.randint(0, tok.vocab_size, (32,)), new_tokens=16, rounds=3)
+    qspeed = decode_speed(qmodels, torch.randint(0, tok.vocab_size, (32,)), new_tokens=16, rounds=3)
     for name, m in qmodels.items():
         row = _row(name, QUALITY_MODEL, m, *qspeed[name], ev(m), qspeed["dense"][0])
         if name == "structured-30-recovered":

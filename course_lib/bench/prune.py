@@ -90,7 +90,7 @@ def run(quick: bool = False) -> dict:
                                                        importance="magnitude" if pc.method == "unstructured"
                                                        else "taylor"), calibration=calib)
     rec, _ = pruned(teacher, PruneConfig(ratio=0.3, importance="taylor"), calibration=calib)
-    rcfg = RecoveryConfig(steps=60 if quick else 600, lr=1e-3, batch_size=8, seq_len=128,
+    rcfg = RecoveryConfig(steps=60 if quick else 600, lr=3e-4, batch_size=8, seq_len=128,
                           distill_alpha=0.5, max_seconds=120.0 if quick else 600.0)
     train_ids = encode_split(tok, "train", max_chars=2_000_000 if quick else None)
     curve = recover_(rec, train_ids, rcfg, teacher=teacher)

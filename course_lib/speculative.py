@@ -26,6 +26,7 @@ the caches with ``DynamicCache.crop``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -67,11 +68,16 @@ def check_pair(target, draft, k: int) -> None:
                          f"({target.config.vocab_size}); the draft must use the target's tokenizer")
 
 
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    # transformers 5.x renamed ``past_key_values`` to ``cache``; accept either spelling.
+    # Looked up once per class: inspect.signature on every decode step would cost more than the step's maths.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def _step(model, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """Logits of ``ids`` appended to ``cache`` (which grows by ``ids.shape[1]``)."""
-    # transformers 5.x renamed ``past_key_values`` to ``cache``; accept either spelling.
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=ids, use_cache=True, **{kw: cache}).logits
+    return model(input_ids=ids, use_cache=True, **{_cache_kwarg(type(model)): cache}).logits
 
 
 def _rollback(cache: DynamicCache, keep: int) -> None:

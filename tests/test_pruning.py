@@ -180,7 +180,7 @@ def test_recovery_lowers_loss_and_distills():
     small, _ = P.pruned(model, PruneConfig(ratio=0.5))
     cfg = RecoveryConfig(steps=30, lr=3e-3, batch_size=4, seq_len=32, eval_every=10)
     curve = P.recover_(small, ids, cfg, evaluate=lambda m: float(m(input_ids=ids[None, :33],
-                                                                   labels=ids[None, :33]).loss))
+                                                                   labels=ids[None, :33]).loss.detach()))
     assert curve.steps_done == 30 and len(curve.losses) == 30
     assert curve.losses[-1] < curve.losses[0] * 0.7
     assert [s for s, _ in curve.evals] == [0, 10, 20, 30] and curve.evals[-1][1] < curve.evals[0][1]

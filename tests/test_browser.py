@@ -99,7 +99,8 @@ def lab(tmp_path):
         "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
         "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
         # Otherwise JupyterLab 4 asks "Select Kernel" before starting the notebook's own kernel.
-        "@jupyterlab/notebook-extension/tracker": {"autoStartDefaultKernel": True},
+        # windowingMode none: render every cell, so a screenshot never catches an output that is not painted yet.
+        "@jupyterlab/notebook-extension/tracker": {"autoStartDefaultKernel": True, "windowingMode": "none"},
     }.items():
         path = settings / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,20 @@ _OUTPUT_FINGERPRINT_JS = """
   const imgs = Array.from(copy.querySelectorAll('img')).map(i => i.getAttribute('src') || '');
   return copy.innerText + '\\n' + imgs.join('\\n');
 }
+"""
+
+# The share of non-white pixels of each image in a cell's outputs: a plot that was drawn, or one that is blank.
+_INK_JS = """
+(cell) => Array.from(cell.querySelectorAll('.jp-OutputArea img')).filter(i => i.naturalWidth > 0).map(img => {
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  const d = ctx.getImageData(0, 0, c.width, c.height).data;
+  let ink = 0;
+  for (let k = 0; k < d.length; k += 4) if (d[k + 3] > 0 && (d[k] < 230 || d[k + 1] < 230 || d[k + 2] < 230)) ink++;
+  return ink / (c.width * c.height);
+})
 """
 
 # The notebook's own model, read through the app that --LabApp.expose_app_in_browser puts on window: which code
@@ -215,6 +230,7 @@ def test_notebook_runs_and_slider_redraws(lab):
             before_value = readout.inner_text()
             before = page.evaluate(_OUTPUT_FINGERPRINT_JS, cell_handle)
             assert before.strip(), "the slider's cell shows no output to redraw"
+            ink_before = page.evaluate(_INK_JS, cell_handle)
 
             # Drag the handle most of the way along the track: a real mouse event, not a value set from code.
             handle = slider.locator(".noUi-handle").first
@@ -234,8 +250,13 @@ def test_notebook_runs_and_slider_redraws(lab):
             page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').wait_for(
                 timeout=REDRAW_TIMEOUT_S * 1000)
             after = page.evaluate(_OUTPUT_FINGERPRINT_JS, cell_handle)
-            cell.scroll_into_view_if_needed()
+            # Screenshot the slider and the redrawn output, with every image decoded.
+            slider.evaluate("(el) => el.scrollIntoView({block: 'start'})")
+            page.wait_for_function("(cell) => Array.from(cell.querySelectorAll('img'))"
+                                   ".every(i => i.complete && i.naturalWidth > 0)", arg=cell_handle)
+            page.wait_for_timeout(500)
             page.screenshot(path=str(shot))
+            ink_after = page.evaluate(_INK_JS, cell_handle)
         except Exception:
             page.screenshot(path=str(ARTIFACTS / f"{NOTEBOOK.stem}-failure.png"))
             raise
@@ -245,3 +266,10 @@ def test_notebook_runs_and_slider_redraws(lab):
     assert after_value != before_value, "the slider did not move"
     assert after != before, "moving the slider did not change the output"
     assert shot.stat().st_size > 10_000, "the screenshot is suspiciously small"
+    # A redrawn plot must be a whole plot: a figure rendered half-built (seen with a plot made in a widget callback)
+    # still changes the output, but has far less ink than the first drawing of the same plot.
+    if ink_before:
+        assert ink_after, "the plot disappeared when the slider moved"
+        assert max(ink_after) >= 0.5 * max(ink_before), (
+            f"the redrawn plot is mostly blank: {max(ink_after):.3f} of its pixels are drawn, against "
+            f"{max(ink_before):.3f} before the slider moved (see {shot.relative_to(ROOT)})")

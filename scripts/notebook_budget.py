@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -136,6 +137,7 @@ def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800) -> Bud
         hwm = high_water_mb(pid)  # the idle kernel: each cell's rise is measured from here
         with PeakSampler(pid) as sampler:
             for index, cell in enumerate(nb.cells):
+                print(f"cell {index} started at {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 try:
                     client.execute_cell(cell, index)
                 except CellExecutionError as e:
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="full mode (COURSE_QUICK=0) instead of quick mode")
     p.add_argument("--limit-mb", type=float, default=_limit_from_env(), help="memory budget per notebook")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
+    p.add_argument("--notebook-timeout", type=float, default=1800, help="seconds per notebook, kernel start included")
     p.add_argument("--json", type=Path, default=ROOT / "reports" / "notebook_budget.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "reports" / "notebook_budget.md")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: measure one notebook, print JSON
@@ -233,11 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         # A process per notebook: each kernel starts from nothing, and one notebook's leftovers never count
         # against the next.
         cmd = [sys.executable, __file__, "--one", str(path), "--timeout", str(args.timeout)]
-        proc = subprocess.run(cmd + (["--full"] if args.full else []), capture_output=True, text=True)
-        if proc.returncode != 0 or not proc.stdout.strip():
-            rows.append(BudgetRow(_display(path), 0.0, 0.0, 0, False, error=proc.stderr.strip()[-300:]))
+        proc = subprocess.Popen(cmd + (["--full"] if args.full else []), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=args.notebook_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel: a hung notebook must not stay behind
+            out, err = proc.communicate()
+            last = [ln for ln in err.splitlines() if ln.startswith("cell ")][-1:] or ["no cell started"]
+            rows.append(BudgetRow(_display(path), 0.0, args.notebook_timeout, 0, False,
+                                  error=f"timed out after {args.notebook_timeout:.0f} s ({last[0]})"))
+            continue
+        if proc.returncode != 0 or not out.strip():
+            rows.append(BudgetRow(_display(path), 0.0, 0.0, 0, False, error=err.strip()[-300:]))
         else:
-            rows.append(BudgetRow(**json.loads(proc.stdout.strip().splitlines()[-1])))
+            rows.append(BudgetRow(**json.loads(out.strip().splitlines()[-1])))
     md = write_reports(rows, args.limit_mb, not args.full, args.json, args.markdown)
     print(md)
     bad = [r for r in rows if not r.within(args.limit_mb)]

@@ -52,3 +52,18 @@ def plot_token_timeline(token_times: Sequence[float], title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def show_in(out, fig) -> None:
+    """Show a finished figure inside an ipywidgets ``Output`` and close it.
+
+    Why not ``plt.show()`` in a widget callback: the inline backend then shows the figure *as pyplot draws it*,
+    so a browser can catch a half-drawn plot, and the figure stays open and is shown again at the end of the
+    cell. Build the figure under ``plt.ioff()``, then hand it over whole with this function.
+    """
+    from IPython.display import display
+
+    with out:
+        out.clear_output(wait=True)
+        display(fig)
+    plt.close(fig)

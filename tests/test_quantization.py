@@ -165,6 +165,19 @@ def test_int8_layer_matches_float_and_reference(bias):
     assert sqnr_db(ref(x), y) > 40
 
 
+def test_int8_unaligned_width_uses_reference_and_stays_correct(caplog):
+    # A pruned MLP can be 538 wide; the aten int8 kernel crashes on K % 8 != 0 with several rows.
+    torch.manual_seed(0)
+    lin = nn.Linear(538, 64)
+    with caplog.at_level("INFO", logger="course_lib.quantization"):
+        layer = Int8WeightOnlyLinear.from_linear(lin)
+    assert layer.kernel == "reference" and "% 8" in caplog.text
+    x = torch.randn(7, 538)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    assert sqnr_db(lin(x), y) > 35
+
+
 def test_int4_layer_kernel_and_reference_agree():
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)

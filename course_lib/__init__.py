@@ -12,8 +12,25 @@ from .metrics import model_size_bytes, next_token_accuracy, perplexity
 from .models import count_parameters, load_model, load_tokenizer, speed_lab_model
 from .timing import benchmark, time_generation
 
+# The one-call APIs of the compression chapters, imported on first use: `import course_lib` stays quick and
+# does not pull in Torch-Pruning until a learner asks for pruning.
+_LAZY = {
+    "QuantConfig": "quantization", "quantize_": "quantization",
+    "PruneConfig": "pruning", "prune_": "pruning", "pruned": "pruning",
+    "DistillConfig": "distillation", "distill": "distillation", "make_student": "distillation",
+    "speculative_generate": "speculative",
+}
+
 __all__ = [
     "__version__", "benchmark", "count_parameters", "generate", "load_model", "load_tokenizer",
     "model_size_bytes", "next_token_accuracy", "perplexity", "speed_lab_model", "stream_generate",
-    "time_generation",
+    "time_generation", *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'course_lib' has no attribute {name!r}")

@@ -17,6 +17,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .distillation import main_train_student  # the student is trained by its own chapter
 
         return main_train_student(args)
+    if args.teacher:
+        raise ValueError("--teacher only applies to --model course-tiny-student (course-tiny trains from scratch)")
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     cfg = TrainConfig(**overrides)
     out = Path(args.out) if args.out else EMBEDDED["course-tiny"]
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--teacher", help="course-tiny-student only: the teacher to distil (preset or folder; "
+                   "default course-tiny)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="held-out perplexity, accuracy, compile rate and samples of a model")

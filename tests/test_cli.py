@@ -33,6 +33,20 @@ def test_train_refuses_existing_folder(tmp_path):
     assert res.returncode == 2 and "overwrite" in res.stderr
 
 
+def test_train_teacher_only_for_the_student(tmp_path):
+    res = run("train", "--out", str(tmp_path / "m"), "--steps", "1", "--teacher", "course-tiny")
+    assert res.returncode == 2 and "course-tiny-student" in res.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_student_refuses_existing_folder_before_loading_teacher(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    res = run("train", "--model", "course-tiny-student", "--teacher", str(tmp_path / "nowhere"),
+              "--out", str(tmp_path), "--steps", "1")
+    assert res.returncode == 2 and "overwrite" in res.stderr
+    assert (tmp_path / "keep.txt").read_text() == "x"
+
+
 @pytest.mark.slow
 def test_non_editable_install_loads_embedded_model(tmp_path):
     """`pip install .` (not -e) must carry the weights inside the package."""

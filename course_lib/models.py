@@ -207,9 +207,16 @@ def speed_lab_model(
     num_layers: int | None = None,
     seed: int = 0,
 ) -> tuple[PreTrainedModel, object]:
-    """A real-size architecture with random weights: honest timings, no download."""
+    """A real-size architecture with random weights: honest timings, no download.
+
+    ``device="meta"`` builds the shapes only (no memory, no weights): enough to count parameters and FLOPs.
+    """
     cfg = speed_lab_config(name, num_layers)
     torch_dtype = resolve_dtype(dtype)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
+        return model.eval(), cfg
     dev = resolve_device(device)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)

@@ -89,3 +89,9 @@ def test_speed_lab_qwen_shape_with_fewer_layers():
 def test_speed_lab_unknown_name():
     with pytest.raises(ValueError, match="qwen2.5-0.5b"):
         speed_lab_config("gpt-5")
+
+
+def test_speed_lab_meta_has_real_shapes_and_no_storage():
+    model, cfg = speed_lab_model("qwen2.5-0.5b", device="meta")
+    assert count_parameters(model) == 494_032_768  # Qwen2.5-0.5B's published size, tied head counted once
+    assert all(p.device.type == "meta" for p in model.parameters())

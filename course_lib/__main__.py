@@ -46,7 +46,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    return run_bench(suites=args.suite, quick=args.quick, json_path=args.json, report_dir=args.report)
+    return run_bench(suites=args.suite, quick=args.quick, json_path=args.json, report_dir=args.report,
+                     readme=args.readme)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller models and fewer repeats")
     p.add_argument("--json", help="write results to this JSON file")
     p.add_argument("--report", help="write a Markdown table and plots into this folder")
+    p.add_argument("--readme", help="also put the tables between the <!-- bench:begin/end --> lines of this file")
     p.set_defaults(func=_cmd_bench)
 
     args = parser.parse_args(argv)

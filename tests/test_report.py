@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import json
 
-from course_lib.bench.report import markdown_table, pareto_front, plot_decode_roofline, plot_pareto, write_report
+import pytest
+
+from course_lib.bench.report import (
+    README_BEGIN,
+    README_END,
+    markdown_table,
+    pareto_front,
+    plot_decode_roofline,
+    plot_pareto,
+    update_readme,
+    write_report,
+)
 
 RESULT = {
     "machine": {"device": "cpu", "bandwidth_gbs": 10.0},
@@ -76,3 +87,27 @@ def test_bench_command_writes_json_and_report(tmp_path, monkeypatch):
     assert data["machine"]["bandwidth_gbs"] == 5.0
     assert (tmp_path / "rep" / "pareto.png").exists() and (tmp_path / "rep" / "roofline.png").exists()
     assert "### fake" in (tmp_path / "rep" / "results.md").read_text()
+
+
+def test_update_readme_replaces_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Course\nmy notes\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    write_report(RESULT, tmp_path / "docs" / "results")
+    update_readme(readme, RESULT, tmp_path / "docs" / "results")
+    text = readme.read_text()
+    assert text.startswith("# Course\nmy notes\n") and text.endswith(f"{README_END}\nafter\n")
+    assert "old table" not in text and "Measured on" in text
+    assert "](docs/results/pareto.png)" in text  # image paths relative to the README
+    update_readme(readme, RESULT)  # idempotent: one block, replaced again
+    assert readme.read_text().count(README_BEGIN) == 1
+
+
+def test_bench_readme_without_markers_fails_before_running(tmp_path, monkeypatch):
+    from course_lib import bench
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    monkeypatch.setattr(bench, "machine_info", lambda: pytest.fail("the suites ran before the README was checked"))
+    with pytest.raises(ValueError, match="bench:begin"):
+        bench.run_bench(suites=["decode"], readme=str(readme))
+    assert readme.read_text() == "# no markers\n"

@@ -37,7 +37,7 @@ def available_suites() -> list[str]:
 
 
 def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: str | None = None,
-              report_dir: str | None = None) -> int:
+              report_dir: str | None = None, readme: str | None = None) -> int:
     """Run the chosen suites (default: all that exist) and write JSON / a report."""
     chosen = suites or available_suites()
     unknown = [s for s in chosen if s not in SUITES]
@@ -46,6 +46,10 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
     missing = [s for s in chosen if s not in available_suites()]
     if missing:
         raise ValueError(f"suite(s) {missing} are not implemented yet; available: {available_suites()}")
+    if readme:
+        from .report import check_readme
+
+        check_readme(Path(readme))  # before the run, not after minutes of benchmarking
     result = {"machine": machine_info(), "quick": quick, "rows": []}
     for name in chosen:
         log.info("running suite %s (quick=%s)", name, quick)
@@ -60,5 +64,9 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
         from .report import write_report
 
         write_report(result, Path(report_dir))
+    if readme:
+        from .report import update_readme
+
+        update_readme(Path(readme), result, Path(report_dir) if report_dir else None)
     print(text)
     return 0

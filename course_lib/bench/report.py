@@ -14,6 +14,7 @@ the report says so.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -152,3 +153,37 @@ def write_report(result: dict, out_dir: Path) -> Path:
     path.write_text(results_markdown(result, plots))
     log.info("report written to %s", out_dir)
     return path
+
+
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def check_readme(readme: Path) -> str:
+    """The README's text, or a ValueError when its bench markers are missing (checked before a long run)."""
+    readme = Path(readme)
+    if not readme.is_file():
+        raise ValueError(f"--readme {readme}: no such file")
+    text = readme.read_text()
+    one_each = text.count(README_BEGIN) == 1 and text.count(README_END) == 1
+    if not one_each or text.index(README_BEGIN) > text.index(README_END):
+        raise ValueError(f"{readme} needs one {README_BEGIN!r} line followed by one {README_END!r} line; "
+                         "add them where the results should go")
+    return text
+
+
+def update_readme(readme: Path, result: dict, report_dir: Path | None = None) -> None:
+    """Replace what lies between the bench markers in ``readme`` with this run's tables (and its plots).
+
+    Only that block changes, so the rest of the file (a learner's own notes included) is left alone.
+    """
+    readme = Path(readme)
+    text = check_readme(readme)
+    plots: dict[str, str | None] = {}
+    if report_dir is not None:
+        for name in ("pareto", "roofline"):
+            png = Path(report_dir) / f"{name}.png"
+            # Relative to the README, so the images show on GitHub and in JupyterLab alike.
+            plots[name] = os.path.relpath(png, readme.parent) if png.exists() else None
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{results_markdown(result, plots)}{README_END}{tail}")

@@ -118,13 +118,24 @@ def run(quick: bool = False, device: str = "auto") -> dict:
     n_pred = 16 if quick else 64
     model, cfg = speed_lab_model(name, dtype=torch.bfloat16, device=dev, num_layers=pred_layers)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    for method in ("kv-cache", "hf-generate"):
-        overhead = _decode_overhead(method, cfg, torch.bfloat16, dev, prompt_len)
-        first, tok_s = _time_tokens(_generator(method, model), prompt, n_pred, dev, repeat)
-        cost = decode_cost(cfg, batch=1, context=prompt_len + n_pred // 2, weight_bits=16, kv_bits=16)
+    overheads = {}
+    for method in ("kv-cache", "hf-generate", "hf-generate int8-wo"):
+        weight_bits, label = 16, "bf16"
+        if method == "hf-generate int8-wo":
+            # The quantization chapter's packed int8 layers (head included), bf16 activations; the scratch loop
+            # reads float weights directly, so this check goes through Hugging Face's decode loop only.
+            from ..quantization import QuantConfig, quantize_
+
+            quantize_(model, QuantConfig(bits=8))
+            weight_bits, label = 8, "int8-wo (bf16 act.)"
+            overhead = overheads["hf-generate"]  # same loop and depth; the overhead model has no weights to speak of
+        else:
+            overhead = overheads[method] = _decode_overhead(method, cfg, torch.bfloat16, dev, prompt_len)
+        first, tok_s = _time_tokens(_generator(method.split()[0], model), prompt, n_pred, dev, repeat)
+        cost = decode_cost(cfg, batch=1, context=prompt_len + n_pred // 2, weight_bits=weight_bits, kv_bits=16)
         p = predict(cost, hw, "bf16", overhead_s=overhead)
         rows.append({"suite": "decode", "method": f"{method} (roofline check)",
-                     "model": name + (f" ({pred_layers} layers)" if pred_layers else ""), "dtype": "bf16",
+                     "model": name + (f" ({pred_layers} layers)" if pred_layers else ""), "dtype": label,
                      "new_tokens": n_pred, "decode_tok_s": tok_s, "prefill_ms": first * 1e3,
                      "predicted_decode_tok_s": p.tokens_per_s, "prediction_error": p.tokens_per_s / tok_s - 1,
                      "bound": p.bound, "overhead_ms": overhead * 1e3})

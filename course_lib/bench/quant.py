@@ -6,16 +6,18 @@ layers of the same shapes). Quality (held-out perplexity) is measured on
 ``course-tiny``, whose weights were trained and so mean something.
 Each row: decode tokens/s at batch 1, prefill time, bytes of weights,
 achieved bandwidth (bytes x tokens/s) and its fraction of the machine's
-measured copy bandwidth.
+measured copy bandwidth. Speed is timed interleaved (see ``_speed_all``).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import statistics
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
@@ -78,17 +80,41 @@ def _prepare(method: str, model: torch.nn.Module, calibration: torch.Tensor | No
     return model
 
 
-def _speed(method: str, make: Callable[[], torch.nn.Module], quick: bool, bandwidth: float) -> dict:
-    model = _prepare(method, make(), torch.randint(0, 1000, (2 if quick else 8, 64), generator=torch.Generator()
-                                                   .manual_seed(0)) if method == "gptq-int4" else None)
-    nbytes = weight_bytes(model)
-    new_tokens = 8 if quick else 32
+def _speed_all(methods: list[str], make: Callable[[], torch.nn.Module], quick: bool,
+               bandwidth: float) -> dict[str, dict]:
+    """Decode and prefill timings of every method, **interleaved**: round after round, each model in turn.
+
+    Timing one method after another lets a change in the machine's state (clock, a neighbour on the host) land
+    on whichever method runs then; two idle runs of the sequential version measured bf16 at 11.6 and 18.5
+    tokens/s. Interleaving spreads such drift over all methods alike, so the ratios within a run hold. The
+    price is memory: every format is resident at once (about 3.5 GB in quick mode, 6 GB in full).
+    """
+    calibration = torch.randint(0, 1000, (2 if quick else 8, 64), generator=torch.Generator().manual_seed(0))
+    models, out = {}, {}
+    for method in tqdm(methods, desc="quant: build", leave=False):
+        try:
+            models[method] = _prepare(method, make(), calibration if method == "gptq-int4" else None)
+            out[method] = {"bytes": weight_bytes(models[method])}
+        except Exception as e:  # a method that cannot run here gets a row that says why
+            log.warning("%s failed: %s", method, e)
+            out[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        gc.collect()
+    new_tokens, rounds = (16, 3) if quick else (32, 5)
     prompt = torch.randint(0, 1000, (128,), generator=torch.Generator().manual_seed(1))
-    t = time_generation(model, None, prompt, max_new_tokens=new_tokens, warmup=1, repeat=2 if quick else 3)
-    pre = benchmark(lambda: model(input_ids=prompt[None]), warmup=1, repeat=3 if quick else 5)
-    bw = nbytes * t.tokens_per_s / 1e9
-    return {"decode_tok_s": t.tokens_per_s, "prefill_ms": pre.median * 1e3, "bytes": nbytes,
-            "bandwidth_gbs": bw, "roofline_frac": bw / bandwidth}
+    tpot: dict[str, list[float]] = {m: [] for m in models}
+    prefill: dict[str, list[float]] = {m: [] for m in models}
+    for r in tqdm(range(rounds), desc="quant: timing rounds", leave=False):
+        for method, model in models.items():
+            t = time_generation(model, None, prompt, max_new_tokens=new_tokens, warmup=int(r == 0), repeat=1)
+            tpot[method].append(t.tpot_s)
+            prefill[method].append(benchmark(lambda m=model: m(input_ids=prompt[None]), warmup=int(r == 0),
+                                             repeat=1).median)
+    for method in models:
+        tok_s = 1.0 / statistics.median(tpot[method])
+        bw = out[method]["bytes"] * tok_s / 1e9
+        out[method].update(decode_tok_s=tok_s, prefill_ms=statistics.median(prefill[method]) * 1e3,
+                           bandwidth_gbs=bw, roofline_frac=bw / bandwidth, timing_rounds=rounds)
+    return out
 
 
 def _quality(method: str, quick: bool, calibration: torch.Tensor, ids: torch.Tensor) -> float:
@@ -107,28 +133,27 @@ def run(quick: bool = False) -> dict:
     bandwidth = measure_bandwidth(size_mb=128 if quick else 256)
     layers = 12 if quick else None  # 12 of 24 layers: same per-layer shapes, still > 0.3B parameters
     make = lambda: speed_lab_model(SPEED_MODEL, num_layers=layers)[0]  # noqa: E731
-    n_params = count_parameters(make())
+    n_params = count_parameters(speed_lab_model(SPEED_MODEL, num_layers=layers, device="meta")[0])
     tok = load_tokenizer("course-tiny")
     calibration = calibration_batches(tok, n=8 if quick else 32, seq_len=128)
     heldout = encode_split(tok, "heldout", max_chars=(8192 if quick else 65536) * 8)[: 8192 if quick else 65536]
     model_name = f"{SPEED_MODEL}" + (f" ({layers} layers)" if layers else "")
+    # GPTQ changes which integers are stored, not the format: same packed int4 layers and kernel as int4-wo. On
+    # random speed-lab weights its column loop costs minutes, so quick mode reuses the int4-wo timing and says so;
+    # the full run quantizes the speed model with GPTQ for real.
+    timed = [m for m in METHODS if not (quick and m == "gptq-int4")]
+    speed = _speed_all(timed, make, quick, bandwidth)
+    if quick:
+        speed["gptq-int4"] = {**speed["int4-wo"], "speed_from": "int4-wo (identical packed layers; quick mode)"}
     rows = []
     for method in METHODS:
-        row = {"suite": "quant", "method": method, "model": model_name, "params": n_params}
-        try:
-            if method == "gptq-int4" and quick and "decode_tok_s" in rows[3]:
-                # GPTQ changes which integers are stored, not the format: same packed int4 layers and kernel
-                # as int4-wo. On random speed-lab weights its column loop costs minutes, so quick mode reuses
-                # the int4-wo timing and says so; the full run quantizes the speed model with GPTQ for real.
-                row.update({k: rows[3][k] for k in ("decode_tok_s", "prefill_ms", "bytes", "bandwidth_gbs",
-                                                    "roofline_frac")})
-                row["speed_from"] = "int4-wo (identical packed layers; quick mode)"
-            else:
-                row.update(_speed(method, make, quick, bandwidth))
-            row["ppl"] = _quality(method, quick, calibration, heldout)
-        except Exception as e:  # a method that cannot run here gets a row that says why
-            log.warning("%s failed: %s", method, e)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        row = {"suite": "quant", "method": method, "model": model_name, "params": n_params, **speed[method]}
+        if "error" not in row:
+            try:
+                row["ppl"] = _quality(method, quick, calibration, heldout)
+            except Exception as e:
+                log.warning("%s quality failed: %s", method, e)
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         log.info("%s", row)
         rows.append(row)
         gc.collect()

@@ -23,6 +23,11 @@ functions. Grouped-query attention fixes the granularity: a KV head is shared
 by ``num_attention_heads // num_key_value_heads`` query heads, so a KV head
 goes together with all of its query heads (one *KV group*).
 
+The hidden size (the residual stream every layer reads and writes) can be cut
+too: it is the only cut that shrinks the embedding and the LM head, often a
+large share of a small model's bytes. Its coupling spans the whole model, so
+it is written by hand as well (``prune_hidden_``).
+
 Hugging Face configs describe every layer with one number, so every layer
 loses the same count of channels and groups (importance decides *which*),
 and ``save_pretrained`` / ``from_pretrained`` round-trip the pruned model.
@@ -211,6 +216,13 @@ class PruneConfig:
     (a KV head with its query heads) removed; ``None`` follows ``ratio``,
     rounded down to whole groups (possibly none). ``round_to`` keeps the MLP
     width a multiple of that many channels (kernels like multiples of 8).
+    ``hidden_ratio`` is the fraction of the model's hidden size (the residual
+    stream) removed: every matrix loses rows or columns, the embedding and the
+    LM head included, so it is the one cut that also shrinks the vocabulary
+    matrices. Channels are chosen by weight magnitude, whatever ``importance``
+    says (that ranks MLP channels and KV groups); the width is rounded so the
+    config still accepts it (a multiple of the query-head count, and of
+    ``round_to``).
     """
 
     ratio: float = 0.3
@@ -220,9 +232,10 @@ class PruneConfig:
     importance: str | ImportanceFn = "magnitude"
     scope: str = "global"  # unstructured only: one threshold for all layers, or one per matrix
     round_to: int = 1
+    hidden_ratio: float = 0.0
 
     def __post_init__(self):
-        for name in ("ratio", "head_ratio"):
+        for name in ("ratio", "head_ratio", "hidden_ratio"):
             v = getattr(self, name)
             if name == "head_ratio" and v is None:
                 continue
@@ -243,8 +256,9 @@ class PruneConfig:
             raise ValueError(f"importance must be a name in {sorted(IMPORTANCE)} or a callable")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to must be a positive int (1 = no rounding), got {self.round_to!r}")
-        if self.method == "unstructured" and (self.target != "both" or self.head_ratio is not None):
-            raise ValueError("target and head_ratio apply to method='structured' only; "
+        if self.method == "unstructured" and (self.target != "both" or self.head_ratio is not None
+                                              or self.hidden_ratio):
+            raise ValueError("target, head_ratio and hidden_ratio apply to method='structured' only; "
                              "unstructured pruning zeroes single weights everywhere")
 
     def importance_fn(self) -> ImportanceFn:
@@ -260,6 +274,8 @@ class PrunePlan:
     mlp_total: int
     groups_keep: int
     groups_total: int
+    hidden_keep: int | None = None  # None: the hidden size is left alone
+    hidden_total: int | None = None
 
 
 def plan(model: nn.Module, cfg: PruneConfig) -> PrunePlan:
@@ -294,7 +310,17 @@ def plan(model: nn.Module, cfg: PruneConfig) -> PrunePlan:
                 log.info("head ratio %.2f -> keeping %d of %d KV groups", hr, groups_keep, n_kv)
         else:
             groups_keep = want
-    return PrunePlan(mlp_keep, inter, groups_keep, n_kv)
+    hidden_keep = None
+    if cfg.hidden_ratio > 0:
+        hidden = c.hidden_size
+        heads_after = groups_keep * (c.num_attention_heads // n_kv)
+        step = math.lcm(heads_after, cfg.round_to)  # Llama/Qwen2 configs want hidden % heads == 0
+        hidden_keep = math.ceil((hidden - math.floor(cfg.hidden_ratio * hidden)) / step) * step
+        if hidden_keep >= hidden:
+            raise ValueError(f"hidden_ratio={cfg.hidden_ratio} of hidden size {hidden}, rounded to multiples of "
+                             f"{step} ({heads_after} query heads x round_to {cfg.round_to}), removes nothing; "
+                             "raise hidden_ratio")
+    return PrunePlan(mlp_keep, inter, groups_keep, n_kv, hidden_keep, c.hidden_size if hidden_keep else None)
 
 
 def _config_accepts(model: nn.Module, groups_keep: int) -> bool:
@@ -358,6 +384,67 @@ def prune_kv_groups_(layer: nn.Module, remove: Sequence[int], n_kv: int, head_di
     tp.prune_linear_in_channels(a.o_proj, q_idx)
 
 
+@torch.no_grad()
+def hidden_importance(model: nn.Module) -> torch.Tensor:
+    """Squared L2 norm of every weight that reads or writes each hidden channel (the residual stream).
+
+    The embedding's column, the LM head's column (when it is not tied), every q/k/v/gate/up column and every
+    o/down row of that channel: a channel whose weights are all small carries little.
+    """
+    score = model.get_input_embeddings().weight.float().pow(2).sum(0)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        score += head.weight.float().pow(2).sum(0)
+    for layer in decoder_layers(model):
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            score += lin.weight.float().pow(2).sum(0)
+        for lin in (a.o_proj, m.down_proj):
+            score += lin.weight.float().pow(2).sum(1)
+    return score
+
+
+def _keep_rows(t: torch.Tensor, keep: torch.Tensor, axis: int, scale: float = 1.0) -> nn.Parameter:
+    kept = t.detach().index_select(axis, keep.to(t.device)) * scale
+    return nn.Parameter(kept.contiguous(), requires_grad=t.requires_grad)
+
+
+@torch.no_grad()
+def prune_hidden_(model: nn.Module, keep: Sequence[int]) -> None:
+    """Keep only hidden channels ``keep`` everywhere: embedding, every norm, every projection, the LM head.
+
+    RMSNorm then averages over fewer channels: with the removed channels silent, the mean square grows by
+    ``total / kept``, so every norm's gain is scaled by ``sqrt(total / kept)`` to give the same outputs. With
+    channels that were small rather than zero this is the best single correction; recovery training does the rest.
+    """
+    keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
+    total = model.get_input_embeddings().weight.shape[1]
+    if not 0 < len(keep_t) < total or keep_t[0] < 0 or keep_t[-1] >= total:
+        raise ValueError(f"keep must list between 1 and {total - 1} distinct channels in [0, {total}), "
+                         f"got {len(keep_t)}")
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    emb.weight = _keep_rows(emb.weight, keep_t, 1)
+    emb.embedding_dim = len(keep_t)
+    if head is not None:
+        head.weight = emb.weight if tied else _keep_rows(head.weight, keep_t, 1)
+        head.in_features = len(keep_t)
+    norms = [model.model.norm]
+    for layer in decoder_layers(model):
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):  # read the residual stream
+            lin.weight = _keep_rows(lin.weight, keep_t, 1)
+            lin.in_features = len(keep_t)
+        for lin in (a.o_proj, m.down_proj):  # write into it
+            lin.weight = _keep_rows(lin.weight, keep_t, 0)
+            if lin.bias is not None:
+                lin.bias = _keep_rows(lin.bias, keep_t, 0)
+            lin.out_features = len(keep_t)
+    for norm in norms:
+        norm.weight = _keep_rows(norm.weight, keep_t, 0, scale=math.sqrt(total / len(keep_t)))
+
+
 def _lowest(scores: torch.Tensor, keep: int) -> list[int]:
     """Indices of the ``len(scores) - keep`` lowest scores, sorted."""
     n_remove = scores.numel() - keep
@@ -375,7 +462,8 @@ class PruneReport:
     params_after: int
     sparsity: float  # fraction of zeros in the decoder's Linear weights
     plan: PrunePlan | None = None
-    removed: dict = field(default_factory=dict, repr=False)  # layer -> {"mlp": [...], "groups": [...]}
+    # layer -> {"mlp": [...], "groups": [...]}; and "hidden" -> [...] when the hidden size was cut
+    removed: dict = field(default_factory=dict, repr=False)
     seconds: float = 0.0
 
 
@@ -414,6 +502,11 @@ def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None 
             prune_mlp_channels_(layer, mlp_rm)
             prune_kv_groups_(layer, grp_rm, p.groups_total, hd)
             removed[i] = {"mlp": mlp_rm, "groups": grp_rm}
+        if p.hidden_keep:
+            scores_h = hidden_importance(model)
+            gone = _lowest(scores_h, p.hidden_keep)
+            prune_hidden_(model, sorted(set(range(p.hidden_total)) - set(gone)))
+            removed["hidden"] = gone
     _update_config(model, p, hd)
     return PruneReport("structured", before, _count(model), sparsity(model), p, removed,
                        time.perf_counter() - t0)
@@ -427,6 +520,8 @@ def _update_config(model: nn.Module, p: PrunePlan, hd: int) -> None:
     c.intermediate_size = p.mlp_keep
     c.num_key_value_heads = p.groups_keep
     c.num_attention_heads = p.groups_keep * groups
+    if p.hidden_keep:
+        c.hidden_size = p.hidden_keep
 
 
 def pruned(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None = None

@@ -190,3 +190,58 @@ def test_recovery_lowers_loss_and_distills():
         P.recover_(small, ids, RecoveryConfig(distill_alpha=0.5))
     with pytest.raises(ValueError, match="lr"):
         RecoveryConfig(lr=0)
+
+
+# --- hidden size ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("llama", dict(num_heads=8, num_kv_heads=2)),
+    ("qwen2", dict(num_heads=4, num_kv_heads=2)),
+    ("llama", dict(num_heads=4, num_kv_heads=4, tie_word_embeddings=True)),
+])
+def test_hidden_pruning_equals_the_model_with_those_channels_silent(kind, kw):
+    """Channels whose every weight is zero carry nothing: cutting them (norm gains rescaled) changes no logit."""
+    tie = kw.pop("tie_word_embeddings", False)
+    model = make_tiny(kind, **kw)
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    silent = [3, 10, 17, 40, 41, 42, 50, 63]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, silent] = 0
+        model.lm_head.weight[:, silent] = 0
+        for layer in P.decoder_layers(model):
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                lin.weight[:, silent] = 0
+            for lin in (a.o_proj, m.down_proj):
+                lin.weight[silent, :] = 0
+    cfg = PruneConfig(ratio=0.0, target="mlp", hidden_ratio=len(silent) / 64, importance="magnitude")
+    small, rep = P.pruned(model, cfg)
+    assert rep.removed["hidden"] == silent and rep.plan.hidden_keep == 56
+    assert small.config.hidden_size == 56 and small.model.embed_tokens.weight.shape == (128, 56)
+    assert small.lm_head.in_features == 56 and small.model.layers[0].mlp.down_proj.out_features == 56
+    assert (small.lm_head.weight is small.model.embed_tokens.weight) == tie
+    assert all(p.requires_grad for p in small.parameters())  # recovery can train every weight
+    torch.testing.assert_close(logits(small), logits(model), atol=1e-4, rtol=1e-4)
+
+
+def test_hidden_pruning_round_trip_and_rounding(tmp_path):
+    model = make_tiny("qwen2", num_heads=4, num_kv_heads=2)
+    small, rep = P.pruned(model, PruneConfig(ratio=0.5, hidden_ratio=0.3, round_to=8))
+    # 64 - floor(0.3 * 64) = 45, rounded up to a multiple of lcm(2 query heads left, round_to 8) = 8 -> 48
+    assert rep.plan.hidden_keep == 48 and small.config.hidden_size == 48
+    assert small.config.head_dim == P.head_dim(model)  # pinned: hidden / heads no longer gives it
+    small.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(back), logits(small))
+
+
+def test_hidden_ratio_errors(tiny_llama):
+    with pytest.raises(ValueError, match="hidden_ratio"):
+        PruneConfig(hidden_ratio=1.0)
+    with pytest.raises(ValueError, match="structured"):
+        PruneConfig(method="unstructured", hidden_ratio=0.2)
+    with pytest.raises(ValueError, match="removes nothing"):
+        P.plan(tiny_llama, PruneConfig(ratio=0.5, hidden_ratio=0.01, round_to=32))

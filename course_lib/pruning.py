@@ -389,18 +389,26 @@ def hidden_importance(model: nn.Module) -> torch.Tensor:
     """Squared L2 norm of every weight that reads or writes each hidden channel (the residual stream).
 
     The embedding's column, the LM head's column (when it is not tied), every q/k/v/gate/up column and every
-    o/down row of that channel: a channel whose weights are all small carries little.
+    o/down row of that channel: a channel whose weights are all small carries little. Columns that read the
+    stream through an RMSNorm are weighted by that norm's gain, since the gain scales what they read.
     """
-    score = model.get_input_embeddings().weight.float().pow(2).sum(0)
+    def sq(w: torch.Tensor, dim: int) -> torch.Tensor:  # no float32 copy of a whole embedding matrix
+        return torch.linalg.vector_norm(w.detach(), dim=dim, dtype=torch.float32).pow(2)
+
+    emb = model.get_input_embeddings().weight
+    score = sq(emb, 0)
     head = model.get_output_embeddings()
-    if head is not None and head.weight is not model.get_input_embeddings().weight:
-        score += head.weight.float().pow(2).sum(0)
+    if head is not None and head.weight is not emb:
+        score += sq(head.weight, 0) * model.model.norm.weight.detach().float().pow(2)
     for layer in decoder_layers(model):
         a, m = layer.self_attn, layer.mlp
-        for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-            score += lin.weight.float().pow(2).sum(0)
+        g_attn = layer.input_layernorm.weight.detach().float().pow(2)
+        g_mlp = layer.post_attention_layernorm.weight.detach().float().pow(2)
+        for lin, g in ((a.q_proj, g_attn), (a.k_proj, g_attn), (a.v_proj, g_attn), (m.gate_proj, g_mlp),
+                       (m.up_proj, g_mlp)):
+            score += sq(lin.weight, 0) * g
         for lin in (a.o_proj, m.down_proj):
-            score += lin.weight.float().pow(2).sum(1)
+            score += sq(lin.weight, 1)
     return score
 
 
@@ -414,14 +422,24 @@ def prune_hidden_(model: nn.Module, keep: Sequence[int]) -> None:
     """Keep only hidden channels ``keep`` everywhere: embedding, every norm, every projection, the LM head.
 
     RMSNorm then averages over fewer channels: with the removed channels silent, the mean square grows by
-    ``total / kept``, so every norm's gain is scaled by ``sqrt(total / kept)`` to give the same outputs. With
-    channels that were small rather than zero this is the best single correction; recovery training does the rest.
+    ``total / kept``, so every norm's gain is scaled by ``sqrt(total / kept)`` and its epsilon by
+    ``total / kept``, which gives exactly the same outputs. With channels that were small rather than zero this is
+    the best single correction; recovery training does the rest. The config (hidden size, head size, norm
+    epsilon) is updated too, so the model saves and reloads.
     """
-    keep_t = torch.as_tensor(sorted(keep), dtype=torch.long)
+    check_supported(model)
     total = model.get_input_embeddings().weight.shape[1]
-    if not 0 < len(keep_t) < total or keep_t[0] < 0 or keep_t[-1] >= total:
+    keep_list = sorted(int(k) for k in keep)
+    if len(set(keep_list)) != len(keep_list) or not 0 < len(keep_list) < total or keep_list[0] < 0 \
+            or keep_list[-1] >= total:
         raise ValueError(f"keep must list between 1 and {total - 1} distinct channels in [0, {total}), "
-                         f"got {len(keep_t)}")
+                         f"got {len(keep_list)} entries ({len(set(keep_list))} distinct)")
+    keep_t = torch.as_tensor(keep_list, dtype=torch.long)
+    ratio = total / len(keep_list)
+    c = model.config
+    c.head_dim = head_dim(model)  # pin it before hidden_size changes: the default hidden // heads would be wrong
+    c.hidden_size = len(keep_list)
+    c.rms_norm_eps = c.rms_norm_eps * ratio
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
     emb.weight = _keep_rows(emb.weight, keep_t, 1)
@@ -442,7 +460,8 @@ def prune_hidden_(model: nn.Module, keep: Sequence[int]) -> None:
                 lin.bias = _keep_rows(lin.bias, keep_t, 0)
             lin.out_features = len(keep_t)
     for norm in norms:
-        norm.weight = _keep_rows(norm.weight, keep_t, 0, scale=math.sqrt(total / len(keep_t)))
+        norm.weight = _keep_rows(norm.weight, keep_t, 0, scale=math.sqrt(ratio))
+        norm.variance_epsilon = norm.variance_epsilon * ratio
 
 
 def _lowest(scores: torch.Tensor, keep: int) -> list[int]:

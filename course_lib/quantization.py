@@ -358,11 +358,27 @@ def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
             if portable.device.type != "cpu":
                 raise RuntimeError("only the CPU flavour of the aten int4 kernel is wired up here")
             layer._use_kernel_layout()  # refuses N not a multiple of 16, for example
-        probe = torch.zeros(1, layer.in_features, dtype=layer.compute_dtype, device=layer.bias.device
-                            if layer.bias is not None else portable.device if portable is not None
-                            else layer.weight_int8.device)
+        device = (layer.bias.device if layer.bias is not None else portable.device if portable is not None
+                  else layer.weight_int8.device)
+        # A random row, checked against the dequantized weights: a kernel can also return garbage silently.
+        probe = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
-            layer(probe)
+            y = layer(probe.to(layer.compute_dtype)).float()
+            n = min(layer.out_features, 64)  # enough rows to catch garbage, no float copy of a vocab-sized head
+            if portable is None:
+                w = layer.weight_int8[:n].float() * layer.scales[:n, None].float()
+            elif layer.out_features * layer.in_features <= 1 << 24:
+                w = layer.dequantized_weight()[:n].float()
+            else:
+                w = None  # a huge int4 layer: unpacking it whole to check costs more than it is worth
+            err = torch.zeros(())
+            if w is not None:
+                ref = probe @ w.T.to(device)
+                if layer.bias is not None:
+                    ref = ref + layer.bias[:n].float()
+                err = (y[:, :n] - ref).norm() / ref.norm().clamp_min(1e-12)
+        if not torch.isfinite(y).all() or err > 0.05:
+            raise RuntimeError(f"probe output differs from the dequantized weights (relative error {float(err):.3g})")
         return fast
     except (RuntimeError, NotImplementedError) as e:
         log.info("%d x %d layer: %s refused (%s); using the reference path", layer.out_features,

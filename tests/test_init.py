@@ -23,6 +23,10 @@ def test_one_call_apis_are_the_modules_own():
     assert course_lib.speculative_generate is speculative.speculative_generate
 
 
+def test_dir_lists_lazy_names():
+    assert {"quantize_", "PruneConfig", "distill", "speculative_generate"} <= set(dir(course_lib))
+
+
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'quantise_'"):
         course_lib.quantise_  # noqa: B018

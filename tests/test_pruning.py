@@ -195,19 +195,8 @@ def test_recovery_lowers_loss_and_distills():
 # --- hidden size ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind,kw", [
-    ("llama", dict(num_heads=8, num_kv_heads=2)),
-    ("qwen2", dict(num_heads=4, num_kv_heads=2)),
-    ("llama", dict(num_heads=4, num_kv_heads=4, tie_word_embeddings=True)),
-])
-def test_hidden_pruning_equals_the_model_with_those_channels_silent(kind, kw):
-    """Channels whose every weight is zero carry nothing: cutting them (norm gains rescaled) changes no logit."""
-    tie = kw.pop("tie_word_embeddings", False)
-    model = make_tiny(kind, **kw)
-    if tie:
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.model.embed_tokens.weight
-    silent = [3, 10, 17, 40, 41, 42, 50, 63]
+def _silence(model, silent):
+    """Zero every weight that reads or writes hidden channels ``silent``: they then carry nothing."""
     with torch.no_grad():
         model.model.embed_tokens.weight[:, silent] = 0
         model.lm_head.weight[:, silent] = 0
@@ -217,14 +206,59 @@ def test_hidden_pruning_equals_the_model_with_those_channels_silent(kind, kw):
                 lin.weight[:, silent] = 0
             for lin in (a.o_proj, m.down_proj):
                 lin.weight[silent, :] = 0
-    cfg = PruneConfig(ratio=0.0, target="mlp", hidden_ratio=len(silent) / 64, importance="magnitude")
+                if lin.bias is not None:
+                    lin.bias[silent] = 0
+    return model
+
+
+SILENT = [3, 10, 17, 40, 41, 42, 50, 63]
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("llama", dict(num_heads=8, num_kv_heads=2)),
+    ("qwen2", dict(num_heads=4, num_kv_heads=2)),
+    ("llama", dict(num_heads=4, num_kv_heads=4, tie_word_embeddings=True)),
+])
+def test_hidden_pruning_equals_the_model_with_those_channels_silent(kind, kw):
+    """Channels whose every weight is zero carry nothing: cutting them (norm gain and eps rescaled) changes no logit."""
+    tie = kw.pop("tie_word_embeddings", False)
+    model = make_tiny(kind, **kw)
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _silence(model, SILENT)
+    model.model.layers[0].input_layernorm.weight.requires_grad_(False)  # a frozen weight must stay frozen
+    cfg = PruneConfig(ratio=0.0, target="mlp", hidden_ratio=len(SILENT) / 64, importance="magnitude")
     small, rep = P.pruned(model, cfg)
-    assert rep.removed["hidden"] == silent and rep.plan.hidden_keep == 56
+    assert rep.removed["hidden"] == SILENT and rep.plan.hidden_keep == 56
     assert small.config.hidden_size == 56 and small.model.embed_tokens.weight.shape == (128, 56)
     assert small.lm_head.in_features == 56 and small.model.layers[0].mlp.down_proj.out_features == 56
     assert (small.lm_head.weight is small.model.embed_tokens.weight) == tie
-    assert all(p.requires_grad for p in small.parameters())  # recovery can train every weight
-    torch.testing.assert_close(logits(small), logits(model), atol=1e-4, rtol=1e-4)
+    assert not small.model.layers[0].input_layernorm.weight.requires_grad
+    assert small.model.layers[0].post_attention_layernorm.weight.requires_grad
+    torch.testing.assert_close(logits(small), logits(model), atol=2e-6, rtol=1e-5)
+
+
+def test_hidden_with_mlp_and_groups_equals_zeroing_all_of_it():
+    model = _silence(make_tiny("llama", num_heads=8, num_kv_heads=2, attention_bias=True, mlp_bias=True), SILENT)
+    small, rep = P.pruned(model, PruneConfig(ratio=0.5, hidden_ratio=len(SILENT) / 64))
+    assert rep.removed["hidden"] == SILENT and small.config.num_key_value_heads == 1
+    torch.testing.assert_close(logits(small), logits(zeroed_reference(model, rep)), atol=2e-6, rtol=1e-5)
+
+
+def test_prune_hidden_directly_updates_config_and_rejects_bad_keeps(tmp_path):
+    model = _silence(make_tiny("qwen2", num_heads=4, num_kv_heads=2), SILENT)
+    keep = [i for i in range(64) if i not in SILENT]
+    for bad in ([], list(range(64)), keep[:-1] + [keep[0]], keep[:-1] + [64]):
+        with pytest.raises(ValueError, match="distinct channels"):
+            P.prune_hidden_(make_tiny("qwen2", num_heads=4, num_kv_heads=2), bad)
+    ref = logits(model)
+    P.prune_hidden_(model, keep)
+    assert model.config.hidden_size == 56 and model.config.head_dim == 16
+    torch.testing.assert_close(logits(model), ref, atol=2e-6, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(back), logits(model))
 
 
 def test_hidden_pruning_round_trip_and_rounding(tmp_path):

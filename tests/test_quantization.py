@@ -178,6 +178,16 @@ def test_int8_unaligned_width_uses_reference_and_stays_correct(caplog):
     assert sqnr_db(lin(x), y) > 35
 
 
+def test_kernel_probe_rejects_a_kernel_that_returns_garbage(monkeypatch, caplog):
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) * float("nan"))
+    with caplog.at_level("INFO", logger="course_lib.quantization"):
+        layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    assert layer.kernel == "reference" and "probe output differs" in caplog.text
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) * 1.5)  # finite but wrong
+    assert Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32)).kernel == "reference"
+
+
 def test_int4_layer_kernel_and_reference_agree():
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)

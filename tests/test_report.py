@@ -61,9 +61,14 @@ def test_write_report(tmp_path):
 
 
 def test_write_report_without_plot_data(tmp_path):
+    (tmp_path / "pareto.png").write_bytes(b"an earlier run's plot")  # must not be linked as this run's
     md = write_report({"machine": {}, "rows": [{"suite": "decode", "method": "x", "decode_tok_s": 1.0}]},
                       tmp_path).read_text()
     assert "pareto plot skipped" in md and not (tmp_path / "pareto.png").exists()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN}\n{README_END}\n")
+    update_readme(readme, {"machine": {}, "rows": []}, tmp_path)
+    assert ".png" not in readme.read_text()
 
 
 def test_bench_command_writes_json_and_report(tmp_path, monkeypatch):

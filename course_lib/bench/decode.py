@@ -118,7 +118,7 @@ def run(quick: bool = False, device: str = "auto") -> dict:
     n_pred = 16 if quick else 64
     model, cfg = speed_lab_model(name, dtype=torch.bfloat16, device=dev, num_layers=pred_layers)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    overheads = {}
+    overheads, kernels = {}, ""
     for method in ("kv-cache", "hf-generate", "hf-generate int8-wo"):
         weight_bits, label = 16, "bf16"
         if method == "hf-generate int8-wo":
@@ -126,7 +126,7 @@ def run(quick: bool = False, device: str = "auto") -> dict:
             # reads float weights directly, so this check goes through Hugging Face's decode loop only.
             from ..quantization import QuantConfig, quantize_
 
-            quantize_(model, QuantConfig(bits=8))
+            kernels = quantize_(model, QuantConfig(bits=8)).summary()  # which kernel each layer got, for the row
             weight_bits, label = 8, "int8-wo (bf16 act.)"
             overhead = overheads["hf-generate"]  # same loop and depth; the overhead model has no weights to speak of
         else:
@@ -138,6 +138,7 @@ def run(quick: bool = False, device: str = "auto") -> dict:
                      "model": name + (f" ({pred_layers} layers)" if pred_layers else ""), "dtype": label,
                      "new_tokens": n_pred, "decode_tok_s": tok_s, "prefill_ms": first * 1e3,
                      "predicted_decode_tok_s": p.tokens_per_s, "prediction_error": p.tokens_per_s / tok_s - 1,
-                     "bound": p.bound, "overhead_ms": overhead * 1e3})
+                     "bound": p.bound, "overhead_ms": overhead * 1e3,
+                     **({"note": kernels} if weight_bits == 8 else {})})
     log.info("decode suite took %.0f s", time.perf_counter() - t0)
     return {"machine": machine, "rows": rows}

@@ -104,11 +104,17 @@ def _speed_all(methods: list[str], make: Callable[[], torch.nn.Module], quick: b
     tpot: dict[str, list[float]] = {m: [] for m in models}
     prefill: dict[str, list[float]] = {m: [] for m in models}
     for r in tqdm(range(rounds), desc="quant: timing rounds", leave=False):
-        for method, model in models.items():
-            t = time_generation(model, None, prompt, max_new_tokens=new_tokens, warmup=int(r == 0), repeat=1)
+        for method, model in list(models.items()):
+            try:
+                t = time_generation(model, None, prompt, max_new_tokens=new_tokens, warmup=int(r == 0), repeat=1)
+                pre = benchmark(lambda m=model: m(input_ids=prompt[None]), warmup=int(r == 0), repeat=1).median
+            except Exception as e:  # one format failing must not cost the others' rows
+                log.warning("%s failed while timing: %s", method, e)
+                out[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                del models[method]
+                continue
             tpot[method].append(t.tpot_s)
-            prefill[method].append(benchmark(lambda m=model: m(input_ids=prompt[None]), warmup=int(r == 0),
-                                             repeat=1).median)
+            prefill[method].append(pre)
     for method in models:
         tok_s = 1.0 / statistics.median(tpot[method])
         bw = out[method]["bytes"] * tok_s / 1e9
@@ -144,7 +150,10 @@ def run(quick: bool = False) -> dict:
     timed = [m for m in METHODS if not (quick and m == "gptq-int4")]
     speed = _speed_all(timed, make, quick, bandwidth)
     if quick:
-        speed["gptq-int4"] = {**speed["int4-wo"], "speed_from": "int4-wo (identical packed layers; quick mode)"}
+        if "error" in speed["int4-wo"]:
+            speed["gptq-int4"] = {"speed_from": "int4-wo, which failed (see its row); quick mode times it once"}
+        else:
+            speed["gptq-int4"] = {**speed["int4-wo"], "speed_from": "int4-wo (identical packed layers; quick mode)"}
     rows = []
     for method in METHODS:
         row = {"suite": "quant", "method": method, "model": model_name, "params": n_params, **speed[method]}

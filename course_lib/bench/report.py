@@ -146,6 +146,8 @@ def write_report(result: dict, out_dir: Path) -> Path:
                       ("roofline", plot_decode_roofline(rows, result.get("machine", {}).get("bandwidth_gbs")))):
         if fig is None:
             plots[name] = None
+            # A plot from an earlier run would otherwise sit next to a report that says it was skipped.
+            (out_dir / f"{name}.png").unlink(missing_ok=True)
             continue
         fig.savefig(out_dir / f"{name}.png", dpi=120)
         plots[name] = f"{name}.png"

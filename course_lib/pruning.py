@@ -538,9 +538,7 @@ def _update_config(model: nn.Module, p: PrunePlan, hd: int) -> None:
     c.head_dim = hd  # pin it: the default hidden_size // num_attention_heads would now be wrong
     c.intermediate_size = p.mlp_keep
     c.num_key_value_heads = p.groups_keep
-    c.num_attention_heads = p.groups_keep * groups
-    if p.hidden_keep:
-        c.hidden_size = p.hidden_keep
+    c.num_attention_heads = p.groups_keep * groups  # (prune_hidden_ sets hidden_size itself)
 
 
 def pruned(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None = None

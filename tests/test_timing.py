@@ -151,3 +151,34 @@ def test_cuda_events_measure_known_gpu_work():
     launch_only = time_once(lambda: torch.cuda._sleep(cycles), sync=False, device=dev)
     torch.cuda.synchronize()
     assert launch_only < res.median / 2
+
+
+def test_decode_speed_is_round_robin_and_can_keep_going_past_a_failure(monkeypatch):
+    from course_lib import timing
+
+    from .conftest import make_tiny
+
+    models = {name: make_tiny("llama", seed=i) for i, name in enumerate(("a", "b", "c"))}
+    for name, m in models.items():
+        m.tag = name
+    calls = []
+    real = timing.time_generation
+
+    def recording(model, *args, **kwargs):
+        calls.append(model.tag)
+        if model.tag == "b" and len(calls) > 3:  # b warms up fine, then fails in the first timed round
+            raise RuntimeError("kernel exploded")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(timing, "time_generation", recording)
+    prompt = torch.randint(0, 128, (8,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="exploded"):  # by default a failure is a failure
+        timing.decode_speed(models, prompt, new_tokens=3, rounds=2)
+    calls.clear()
+    errors = {}
+    out = timing.decode_speed(models, prompt, new_tokens=3, rounds=2, errors=errors)
+    # Warm-up each, then round after round each model in turn; b drops out after failing.
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "c"]
+    assert errors == {"b": "RuntimeError: kernel exploded"} and set(out) == {"a", "c"}
+    assert all(tok_s > 0 and prefill_ms > 0 for tok_s, prefill_ms in out.values())
+    assert set(models) == {"a", "b", "c"}  # the caller's dict is left alone

@@ -15,7 +15,6 @@ load changes during the run slows all of them alike; ratios are what to read.
 from __future__ import annotations
 
 import logging
-import statistics
 from dataclasses import replace
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
 from ..pruning import PruneConfig, RecoveryConfig, pruned, recover_
-from ..timing import benchmark, time_generation
+from ..timing import decode_speed
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +36,6 @@ METHODS = {
     # which the MLP/head cuts never touch (on SmolLM2-135M they are 28 M of the 135 M parameters).
     "structured-50-hidden": PruneConfig(ratio=0.5, hidden_ratio=0.25),
 }
-
-
-def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, rounds: int = 3) -> dict:
-    """Interleaved decode tok/s and prefill ms for each model (median over rounds)."""
-    tok_s = {k: [] for k in models}
-    prefill = {k: [] for k in models}
-    for m in models.values():  # one untimed warm-up each
-        time_generation(m, None, prompt, max_new_tokens=2, warmup=0, repeat=1)
-    for _ in range(rounds):
-        for name, m in models.items():
-            t = time_generation(m, None, prompt, max_new_tokens=new_tokens, warmup=0, repeat=1)
-            tok_s[name].append(t.tokens_per_s)
-            prefill[name].append(benchmark(lambda m=m: m(input_ids=prompt.view(1, -1)), warmup=0,
-                                           repeat=1).median)
-    return {k: (statistics.median(tok_s[k]), statistics.median(prefill[k]) * 1e3) for k in models}
 
 
 def _row(method: str, model_name: str, m, tok_s: float | None, prefill_ms: float | None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 from collections.abc import Callable
 
 import torch
@@ -23,7 +22,7 @@ from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
 from ..quantization import QuantConfig, quantize_
 from ..roofline import measure_bandwidth
-from ..timing import benchmark, time_generation
+from ..timing import decode_speed
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,10 @@ def _prepare(method: str, model: torch.nn.Module, calibration: torch.Tensor | No
 
 def _speed_all(methods: list[str], make: Callable[[], torch.nn.Module], quick: bool,
                bandwidth: float) -> dict[str, dict]:
-    """Decode and prefill timings of every method, **interleaved**: round after round, each model in turn.
+    """Every format built first, then timed interleaved with :func:`course_lib.timing.decode_speed`.
 
-    Timing one method after another lets a change in the machine's state (clock, a neighbour on the host) land
-    on whichever method runs then; two idle runs of the sequential version measured bf16 at 11.6 and 18.5
-    tokens/s. Interleaving spreads such drift over all methods alike, so the ratios within a run hold. The
-    price is memory: every format is resident at once (about 3.5 GB in quick mode, 6 GB in full).
+    Interleaving keeps the ratios between formats honest when the machine drifts during the run. The price is
+    memory: every format is resident at once (about 3.5 GB in quick mode, 6 GB in full).
     """
     calibration = torch.randint(0, 1000, (2 if quick else 8, 64), generator=torch.Generator().manual_seed(0))
     models, out = {}, {}
@@ -101,25 +98,15 @@ def _speed_all(methods: list[str], make: Callable[[], torch.nn.Module], quick: b
         gc.collect()
     new_tokens, rounds = (16, 3) if quick else (32, 5)
     prompt = torch.randint(0, 1000, (128,), generator=torch.Generator().manual_seed(1))
-    tpot: dict[str, list[float]] = {m: [] for m in models}
-    prefill: dict[str, list[float]] = {m: [] for m in models}
-    for r in tqdm(range(rounds), desc="quant: timing rounds", leave=False):
-        for method, model in list(models.items()):
-            try:
-                t = time_generation(model, None, prompt, max_new_tokens=new_tokens, warmup=int(r == 0), repeat=1)
-                pre = benchmark(lambda m=model: m(input_ids=prompt[None]), warmup=int(r == 0), repeat=1).median
-            except Exception as e:  # one format failing must not cost the others' rows
-                log.warning("%s failed while timing: %s", method, e)
-                out[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-                del models[method]
-                continue
-            tpot[method].append(t.tpot_s)
-            prefill[method].append(pre)
-    for method in models:
-        tok_s = 1.0 / statistics.median(tpot[method])
+    errors: dict[str, str] = {}
+    speed = decode_speed(models, prompt, new_tokens=new_tokens, rounds=rounds, errors=errors)
+    for method, message in errors.items():  # one format failing must not cost the others' rows
+        log.warning("%s failed while timing: %s", method, message)
+        out[method] = {"error": message}
+    for method, (tok_s, prefill_ms) in speed.items():
         bw = out[method]["bytes"] * tok_s / 1e9
-        out[method].update(decode_tok_s=tok_s, prefill_ms=statistics.median(prefill[method]) * 1e3,
-                           bandwidth_gbs=bw, roofline_frac=bw / bandwidth, timing_rounds=rounds)
+        out[method].update(decode_tok_s=tok_s, prefill_ms=prefill_ms, bandwidth_gbs=bw,
+                           roofline_frac=bw / bandwidth, timing_rounds=rounds)
     return out
 
 

@@ -596,6 +596,19 @@ def sparsity(model: nn.Module) -> float:
     return zeros / max(1, total)
 
 
+def speedup_ceiling(dense: nn.Module, small: nn.Module) -> float:
+    """The decode speed-up ``small`` would get over ``dense`` if a step cost only its weight bytes.
+
+    Decode reads every weight once per token (the embedding: one row), so the ratio of weights read per step is
+    what a memory-bound loop can gain at most. Counted from the two configs (blocks, norms, LM head): a model
+    full of zeros but the same shapes has ceiling 1, and the embedding/LM head that MLP and head cuts never touch
+    keep it well under 1 / (1 - ratio).
+    """
+    from .roofline import ModelDims
+
+    return ModelDims.from_config(dense.config).decode_params / ModelDims.from_config(small.config).decode_params
+
+
 # --- sensitivity -------------------------------------------------------------------------------
 
 def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float], ratio: float = 0.5,

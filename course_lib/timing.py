@@ -151,7 +151,7 @@ def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
 # --- the wrong ways, kept so notebooks can show them side by side -----------------
 
 def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, rounds: int = 3,
-                 errors: dict | None = None) -> dict[str, tuple[float, float]]:
+                 errors: dict | None = None, compiled: bool = False) -> dict[str, tuple[float, float]]:
     """Decode tokens/s and prefill ms of several models, timed **interleaved**; median over ``rounds``.
 
     Round after round, each model in turn: a change in the machine's state during the run (clock, a neighbour on
@@ -159,15 +159,42 @@ def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, round
     Timing one model after another does not: two idle sequential runs measured the same bf16 model at 11.6 and
     18.5 tokens/s. Each model gets one untimed warm-up first.
 
+    ``compiled=False`` times the course's streaming generator (Hugging Face forward, dynamic cache: what a
+    notebook runs). ``compiled=True`` times :class:`course_lib.generation.CompiledDecoder` instead (static cache,
+    ``torch.compile``; the warm-up compiles, tens of seconds per model on a CPU): with the per-step Python
+    overhead gone, speed follows the bytes each step reads.
+
     With ``errors`` (a dict), a model that raises is dropped from the remaining rounds and its message stored
     under its name, instead of ending the whole measurement.
     """
+    if not isinstance(new_tokens, int) or new_tokens < 2:
+        raise ValueError(f"new_tokens must be an int >= 2 to time the decode phase, got {new_tokens!r}")
     models = dict(models)
     samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in models}
+    runners: dict[str, Callable[[int], None]] = {}
+    max_len = prompt.numel() + new_tokens
+
+    def runner(name: str) -> Callable[[int], None]:
+        if name not in runners:
+            from .generation import CompiledDecoder
+
+            dec = CompiledDecoder(models[name])
+            runners[name] = lambda n: dec(prompt.view(1, -1), n, max_len=max_len)  # one cache size: one compile
+        return runners[name]
 
     def once(name: str, warm: bool) -> None:
         m = models[name]
         try:
+            if compiled:
+                run = runner(name)
+                if warm:
+                    run(2)
+                    return
+                first = benchmark(lambda: run(1), warmup=0, repeat=1).median  # prefill + first token
+                total = benchmark(lambda: run(new_tokens), warmup=0, repeat=1).median
+                samples[name][0].append((new_tokens - 1) / max(total - first, 1e-9))
+                samples[name][1].append(first)
+                return
             t = time_generation(m, None, prompt, max_new_tokens=2 if warm else new_tokens, warmup=0, repeat=1)
             if not warm:
                 pre = benchmark(lambda: m(input_ids=prompt.view(1, -1)), warmup=0, repeat=1).median

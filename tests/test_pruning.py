@@ -279,3 +279,22 @@ def test_hidden_ratio_errors(tiny_llama):
         PruneConfig(method="unstructured", hidden_ratio=0.2)
     with pytest.raises(ValueError, match="removes nothing"):
         P.plan(tiny_llama, PruneConfig(ratio=0.5, hidden_ratio=0.01, round_to=32))
+
+
+def _weight_bytes_per_step(m) -> int:
+    """Bytes of every parameter a decode step reads: all of them except the input embedding table."""
+    emb = m.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in m.parameters() if p is not emb)
+
+
+def test_ceiling_matches_the_bytes_the_models_hold():
+    dense = make_tiny("llama", hidden=64, intermediate=128, vocab=256, layers=2)
+    configs = [PruneConfig(ratio=0.5, method="unstructured"), PruneConfig(ratio=0.3), PruneConfig(ratio=0.5),
+               PruneConfig(ratio=0.5, hidden_ratio=0.25)]
+    ceilings = []
+    for cfg in configs:
+        small, _ = P.pruned(dense, cfg)
+        want = _weight_bytes_per_step(dense) / _weight_bytes_per_step(small)
+        ceilings.append(P.speedup_ceiling(dense, small))
+        assert ceilings[-1] == pytest.approx(want), cfg
+    assert ceilings[0] == 1.0 and 1.0 < ceilings[1] < ceilings[2] < ceilings[3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -182,3 +183,40 @@ def test_decode_speed_is_round_robin_and_can_keep_going_past_a_failure(monkeypat
     assert errors == {"b": "RuntimeError: kernel exploded"} and set(out) == {"a", "c"}
     assert all(tok_s > 0 and prefill_ms > 0 for tok_s, prefill_ms in out.values())
     assert set(models) == {"a", "b", "c"}  # the caller's dict is left alone
+
+
+def test_decode_speed_compiled_loop_times_the_compiled_decoder(monkeypatch):
+    """compiled=True: one decoder per model, warmed up (= compiled) once, then 1 and N tokens per round."""
+    from course_lib import generation, timing
+
+    calls = []
+
+    class FakeDecoder:
+        def __init__(self, model):
+            if model.tag == "broken":
+                raise RuntimeError("torch.compile on CPU needs a C++ compiler (gcc or clang) on PATH")
+            self.tag = model.tag
+
+        def __call__(self, prompt_ids, n, max_len=None):
+            calls.append((self.tag, n, max_len))
+            return prompt_ids[:, :n]
+
+    def fake_benchmark(fn, warmup=0, repeat=1, **kw):  # a clock that says 2 ms per token, prefill included
+        fn()
+        return SimpleNamespace(median=0.002 * calls[-1][1])
+
+    monkeypatch.setattr(generation, "CompiledDecoder", FakeDecoder)
+    monkeypatch.setattr(timing, "benchmark", fake_benchmark)
+    models = {k: torch.nn.Linear(1, 1) for k in ("a", "broken", "b")}
+    for k, m in models.items():
+        m.tag = k
+    prompt = torch.arange(6)
+    errors = {}
+    out = timing.decode_speed(models, prompt, new_tokens=5, rounds=2, errors=errors, compiled=True)
+    assert errors == {"broken": "RuntimeError: torch.compile on CPU needs a C++ compiler (gcc or clang) on PATH"}
+    # Warm-up (compile) each once, then per round each model: first token alone, then all five; one cache size.
+    assert calls == [("a", 2, 11), ("b", 2, 11)] + [("a", 1, 11), ("a", 5, 11), ("b", 1, 11), ("b", 5, 11)] * 2
+    # Decode rate from the difference: 4 more tokens in 10 - 2 ms; prefill is the first call.
+    assert out == {"a": pytest.approx((500.0, 2.0)), "b": pytest.approx((500.0, 2.0))}
+    with pytest.raises(ValueError, match=">= 2"):
+        timing.decode_speed(models, prompt, new_tokens=1)

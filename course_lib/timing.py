@@ -148,7 +148,17 @@ def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
     )
 
 
-# --- the wrong ways, kept so notebooks can show them side by side -----------------
+def time_tokens(gen: Callable[[torch.Tensor, int], object], prompt: torch.Tensor, n: int,
+                device: str | torch.device | None = None, repeat: int = 1, warmup: int = 0) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens/s) of a greedy generator ``gen(prompt, n)``.
+
+    Times 1 token (prefill and the first token), then ``n``: the difference is ``n - 1`` decode steps, for a
+    generator that cannot report each token as it comes (a compiled loop, ``model.generate``).
+    """
+    first = benchmark(lambda: gen(prompt, 1), warmup=warmup, repeat=repeat, device=device).median
+    total = benchmark(lambda: gen(prompt, n), warmup=0, repeat=repeat, device=device).median
+    return first, (n - 1) / max(total - first, 1e-9)
+
 
 def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, rounds: int = 3,
                  errors: dict | None = None, compiled: bool = False) -> dict[str, tuple[float, float]]:
@@ -171,28 +181,22 @@ def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, round
         raise ValueError(f"new_tokens must be an int >= 2 to time the decode phase, got {new_tokens!r}")
     models = dict(models)
     samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in models}
-    runners: dict[str, Callable[[int], None]] = {}
-    max_len = prompt.numel() + new_tokens
-
-    def runner(name: str) -> Callable[[int], None]:
-        if name not in runners:
-            from .generation import CompiledDecoder
-
-            dec = CompiledDecoder(models[name])
-            runners[name] = lambda n: dec(prompt.view(1, -1), n, max_len=max_len)  # one cache size: one compile
-        return runners[name]
+    decoders: dict[str, Callable[[torch.Tensor, int], object]] = {}
+    ids = prompt.view(1, -1)
 
     def once(name: str, warm: bool) -> None:
         m = models[name]
         try:
             if compiled:
-                run = runner(name)
-                if warm:
-                    run(2)
+                if warm:  # build and compile; one cache size for every call, so it compiles once
+                    from .generation import CompiledDecoder
+
+                    dec = CompiledDecoder(m)
+                    decoders[name] = lambda p, n: dec(p, n, max_len=ids.shape[1] + new_tokens)
+                    decoders[name](ids, 2)
                     return
-                first = benchmark(lambda: run(1), warmup=0, repeat=1).median  # prefill + first token
-                total = benchmark(lambda: run(new_tokens), warmup=0, repeat=1).median
-                samples[name][0].append((new_tokens - 1) / max(total - first, 1e-9))
+                first, tok_s = time_tokens(decoders[name], ids, new_tokens)
+                samples[name][0].append(tok_s)
                 samples[name][1].append(first)
                 return
             t = time_generation(m, None, prompt, max_new_tokens=2 if warm else new_tokens, warmup=0, repeat=1)
@@ -213,6 +217,8 @@ def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, round
             once(name, warm=False)
     return {k: (statistics.median(samples[k][0]), statistics.median(samples[k][1]) * 1e3) for k in models}
 
+
+# --- the wrong ways, kept so notebooks can show them side by side -----------------
 
 def time_once(fn: Callable[[], object], sync: bool = True, device: str | torch.device | None = None) -> float:
     """One ``perf_counter`` sample of ``fn()``: no warm-up, and no synchronize if ``sync=False``.

@@ -23,19 +23,11 @@ from ..generation import CompiledDecoder, compile_supported, generate_hf, genera
 from ..kv_cache import ScratchLlama
 from ..models import resolve_device, speed_lab_model
 from ..roofline import decode_cost, measure_machine, overhead_model, predict
-from ..timing import benchmark
+from ..timing import time_tokens
 
 log = logging.getLogger(__name__)
 
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _time_tokens(gen: Callable[[torch.Tensor, int], torch.Tensor], prompt: torch.Tensor, n: int,
-                 device: torch.device, repeat: int) -> tuple[float, float]:
-    """(seconds for the first token, decode tokens/s) of a greedy generator."""
-    first = benchmark(lambda: gen(prompt, 1), warmup=1, repeat=repeat, device=device).median
-    total = benchmark(lambda: gen(prompt, n), warmup=0, repeat=repeat, device=device).median
-    return first, (n - 1) / max(total - first, 1e-9)
 
 
 def _decode_overhead(method: str, cfg, dtype: torch.dtype, device: torch.device, prompt_len: int) -> float:
@@ -43,7 +35,7 @@ def _decode_overhead(method: str, cfg, dtype: torch.dtype, device: torch.device,
     thin = overhead_model(cfg, dtype, device)
     gen = _generator(method, thin)
     prompt = torch.randint(0, thin.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    _, tok_s = _time_tokens(gen, prompt.to(device), 32, device, repeat=3)
+    _, tok_s = time_tokens(gen, prompt.to(device), 32, device, repeat=3, warmup=1)
     return 1.0 / tok_s
 
 
@@ -99,12 +91,12 @@ def run(quick: bool = False, device: str = "auto") -> dict:
                 t = time.perf_counter()
                 decoder(prompt, 4, max_len=prompt_len + new_tokens)  # compile once for this cache size
                 compile_s = time.perf_counter() - t
-                first, tok_s = _time_tokens(lambda p, n, d=decoder: d(p, n, max_len=prompt_len + new_tokens),
-                                            prompt, new_tokens, dev, repeat)
+                first, tok_s = time_tokens(lambda p, n, d=decoder: d(p, n, max_len=prompt_len + new_tokens),
+                                           prompt, new_tokens, dev, repeat, warmup=1)
                 row.update(decode_tok_s=tok_s, prefill_ms=first * 1e3, note=f"compile took {compile_s:.0f} s")
             rows.append(row)
             continue
-        first, tok_s = _time_tokens(_generator(method, model), prompt, new_tokens, dev, repeat)
+        first, tok_s = time_tokens(_generator(method, model), prompt, new_tokens, dev, repeat, warmup=1)
         row.update(decode_tok_s=tok_s, prefill_ms=first * 1e3)
         rows.append(row)
     base = rows[0]["decode_tok_s"]
@@ -131,7 +123,7 @@ def run(quick: bool = False, device: str = "auto") -> dict:
             overhead = overheads["hf-generate"]  # same loop and depth; the overhead model has no weights to speak of
         else:
             overhead = overheads[method] = _decode_overhead(method, cfg, torch.bfloat16, dev, prompt_len)
-        first, tok_s = _time_tokens(_generator(method.split()[0], model), prompt, n_pred, dev, repeat)
+        first, tok_s = time_tokens(_generator(method.split()[0], model), prompt, n_pred, dev, repeat, warmup=1)
         cost = decode_cost(cfg, batch=1, context=prompt_len + n_pred // 2, weight_bits=weight_bits, kv_bits=16)
         p = predict(cost, hw, "bf16", overhead_s=overhead)
         rows.append({"suite": "decode", "method": f"{method} (roofline check)",

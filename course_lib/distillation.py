@@ -453,21 +453,26 @@ def main_train_student(args) -> int:
 
     from .metrics import perplexity
     from .models import EMBEDDED, load_model
+    from .train import check_checkpoint_dir, check_out_dir, claim_checkpoint_dir, release_checkpoint_dir
 
     recipe = StudentRecipe()
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     cfg = replace(recipe.distill, **overrides)
     out = Path(args.out) if args.out else EMBEDDED["course-tiny-student"]
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    ckpt = out.parent / (out.name + ".ckpt")  # beside the output, removed once the run has finished
+    check_out_dir(out, args.overwrite)  # the same rules as course-tiny's trainer, before any work
+    # Resumable checkpoints beside the output, in a folder the library marks as its own: a run resumes
+    # from it, and only its checkpoint files (and the folders they leave empty) are removed at the end.
+    ckpt = out.parent / (out.name + ".ckpt")
+    ckpt_files = [f"{sub}/{name}" for sub in ("kd", "scratch") for name in (CHECKPOINT, CHECKPOINT + ".tmp")]
+    check_checkpoint_dir(ckpt)
     teacher_name = getattr(args, "teacher", None) or "course-tiny"  # a learner may distil their own teacher
     teacher, tok = load_model(teacher_name)
     t0 = time.perf_counter()
     train_ids = data.encode_split(tok, "train")
     held_ids = data.encode_split(tok, "heldout")
     student = make_student(teacher, recipe.num_layers, recipe.intermediate_size, init=recipe.init, seed=cfg.seed)
-    kd = distill(student, teacher, train_ids, cfg, held_ids, checkpoint_dir=ckpt / "kd", overwrite=args.overwrite)
+    claim_checkpoint_dir(ckpt, ckpt_files, args.overwrite)
+    kd = distill(student, teacher, train_ids, cfg, held_ids, checkpoint_dir=ckpt / "kd")
 
     def ppl(m) -> float:
         return perplexity(m, held_ids, max_tokens=recipe.final_eval_tokens, seq_len=256)
@@ -491,18 +496,16 @@ def main_train_student(args) -> int:
     if recipe.scratch_baseline:
         scratch = make_student(teacher, recipe.num_layers, recipe.intermediate_size, init="random", seed=cfg.seed)
         sc = distill(scratch, None, train_ids, replace(cfg, alpha=0.0), held_ids,
-                     checkpoint_dir=ckpt / "scratch", overwrite=args.overwrite)
+                     checkpoint_dir=ckpt / "scratch")
         record["heldout_ppl"]["student_scratch"] = ppl(sc.student)
         record["history"]["student_scratch"] = sc.history
         record["seconds"]["student_scratch"] = round(sc.seconds, 1)
     record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
-    if out.exists() and args.overwrite:
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     kd.student.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "training.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(ckpt, ignore_errors=True)
+    release_checkpoint_dir(ckpt, ckpt_files)
     print(json.dumps({k: record[k] for k in ("parameters", "teacher_parameters", "heldout_ppl", "seconds")},
                      indent=2))
     return 0

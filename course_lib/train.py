@@ -124,11 +124,82 @@ def _eval_loss(model, ids: torch.Tensor, seq_len: int) -> float:
     return math.log(perplexity(model, ids, seq_len=seq_len))
 
 
+# --- output folders: a learner's files are never lost ----------------------------
+
+CHECKPOINT_MARKER = ".course_lib_checkpoint"  # in every checkpoint folder the library makes, and only there
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse (before any work) an ``out`` that is a file, or a non-empty folder unless ``overwrite``.
+
+    With ``overwrite`` the trainers write their files (weights, config, tokenizer, ``training.json``) into
+    the folder, replacing files of the same names; nothing else in it is deleted.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give the path of a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} exists and is not empty; choose another folder, or pass --overwrite "
+                         "(overwrite=True) to write the model into it (files of the same names are replaced, "
+                         "other files are left alone)")
+
+
+def check_checkpoint_dir(ckpt: Path) -> None:
+    """Refuse (before any work) a ``ckpt`` the library did not make: it must be absent or carry the marker."""
+    ckpt = Path(ckpt)
+    if ckpt.exists() and not (ckpt.is_dir() and (ckpt / CHECKPOINT_MARKER).is_file()):
+        what = "a file" if not ckpt.is_dir() else f"a folder course_lib did not make (no {CHECKPOINT_MARKER} in it)"
+        raise ValueError(f"{ckpt} is {what}, but this run keeps its resumable checkpoints there; move or rename "
+                         "it, or choose another --out. --overwrite does not help: course_lib never deletes or "
+                         "writes into a folder it did not make")
+
+
+def claim_checkpoint_dir(ckpt: Path, files: list[str], overwrite: bool) -> None:
+    """Make ``ckpt`` this run's checkpoint folder: create and mark it, or reuse the library's own.
+
+    A marked folder is resumed from; with ``overwrite`` its checkpoint ``files`` (paths relative to
+    ``ckpt``) are removed first so the run starts afresh. An unmarked folder is refused.
+    """
+    ckpt = Path(ckpt)
+    check_checkpoint_dir(ckpt)
+    if ckpt.is_dir():
+        if overwrite:
+            for f in files:
+                (ckpt / f).unlink(missing_ok=True)
+            log.info("--overwrite: starting afresh in %s", ckpt)
+        else:
+            log.info("resuming from the checkpoints in %s", ckpt)
+        return
+    ckpt.mkdir(parents=True)
+    (ckpt / CHECKPOINT_MARKER).write_text("checkpoints of a course_lib training run; removed when it finishes\n")
+
+
+def release_checkpoint_dir(ckpt: Path, files: list[str]) -> None:
+    """Remove the checkpoint ``files`` and the marker, then the folders they leave empty (never anything else)."""
+    ckpt = Path(ckpt)
+    if not (ckpt / CHECKPOINT_MARKER).is_file():
+        return
+    for f in files:
+        (ckpt / f).unlink(missing_ok=True)
+    (ckpt / CHECKPOINT_MARKER).unlink()
+    subdirs = sorted({(ckpt / f).parent for f in files} - {ckpt}, key=lambda d: -len(d.parts))
+    for d in [*subdirs, ckpt]:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:  # not empty: someone put a file there, and it stays
+            log.warning("left %s in place: it holds files this run did not write", d)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
-    """Train tokenizer and model, save both to ``out_dir``; return the training record."""
+    """Train tokenizer and model, save both to ``out_dir``; return the training record.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``; even then only the files the run writes are
+    replaced (see :func:`check_out_dir`).
+    """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_out_dir(out, overwrite)
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(cfg.vocab_size, cfg.corpus_chars)
     tok_time = time.perf_counter() - t0

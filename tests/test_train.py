@@ -41,3 +41,121 @@ def test_refuses_to_overwrite_a_non_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         train(TrainConfig(**MICRO), tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "learner's work"
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "model.txt"
+    f.write_text("a file, not a folder")
+    with pytest.raises(ValueError, match="is a file"):
+        train(TrainConfig(**MICRO), f)
+    assert f.read_text() == "a file, not a folder"
+
+
+# --- the student's trainer (python -m course_lib train --model course-tiny-student) ------------------------
+
+@pytest.fixture
+def micro_student(monkeypatch):
+    """``main_train_student`` on a tiny random teacher, a short random token stream and 4 steps: seconds."""
+    import argparse
+    import functools
+
+    import torch
+
+    import course_lib.data
+    import course_lib.distillation as dist
+    import course_lib.models
+    from course_lib import load_tokenizer
+    from tests.conftest import make_tiny
+
+    tok = load_tokenizer("course-tiny")
+    real_recipe = dist.StudentRecipe
+    teacher = make_tiny(vocab=len(tok), hidden=32, intermediate=64, layers=2)
+    ids = torch.randint(0, len(tok), (6000,), generator=torch.Generator().manual_seed(0))
+    cfg = dist.DistillConfig(temperature=2.0, alpha=0.5, steps=4, batch_size=2, seq_len=16, lr=5e-3,
+                             warmup_steps=1, seed=0, eval_every=2, eval_tokens=128, checkpoint_every=2)
+
+    def run(out, overwrite=False):
+        # Patched on call, so a test may run course-tiny's real trainer before.
+        monkeypatch.setattr(course_lib.models, "load_model", lambda name: (teacher, tok))
+        monkeypatch.setattr(course_lib.data, "encode_split", lambda tok, split, **kw: ids)
+        monkeypatch.setattr(dist, "StudentRecipe", functools.partial(
+            real_recipe, num_layers=1, intermediate_size=32, distill=cfg, final_eval_tokens=128))
+        args = argparse.Namespace(model="course-tiny-student", out=str(out), steps=None, seed=None,
+                                  overwrite=overwrite, teacher=None)
+        return dist.main_train_student(args)
+
+    return run
+
+
+def test_overwrite_keeps_other_files_for_both_models(tmp_path, micro_student):
+    """--overwrite replaces the model's own files and leaves the rest alone, for course-tiny and the student."""
+    for name in ("tiny", "student"):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "notes.txt").write_text("learner's notes")
+        (out / "training.json").write_text("{}")
+        if name == "tiny":
+            train(TrainConfig(**{**MICRO, "steps": 2, "eval_every": 2}), out, overwrite=True)
+        else:
+            assert micro_student(out, overwrite=True) == 0
+        assert (out / "notes.txt").read_text() == "learner's notes", name
+        assert json.loads((out / "training.json").read_text())["config"], name  # replaced by this run's record
+        load_model(str(out))
+    assert not (tmp_path / "student.ckpt").exists()  # the student's checkpoints are removed once it finished
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_student_never_touches_a_ckpt_folder_it_did_not_make(tmp_path, micro_student, overwrite):
+    ckpt = tmp_path / "student.ckpt"
+    ckpt.mkdir()
+    (ckpt / "sentinel.txt").write_text("the learner's")
+    with pytest.raises(ValueError, match="--overwrite") as err:
+        micro_student(tmp_path / "student", overwrite=overwrite)
+    assert "did not make" in str(err.value)
+    assert (ckpt / "sentinel.txt").read_text() == "the learner's" and sorted(ckpt.iterdir()) == [ckpt / "sentinel.txt"]
+    assert not (tmp_path / "student").exists()
+
+
+def test_student_resumes_its_own_checkpoint_and_removes_only_its_files(tmp_path, micro_student, monkeypatch, caplog):
+    import logging
+
+    import course_lib.distillation as dist
+
+    real_make_student = dist.make_student
+
+    def interrupted(*a, init="teacher", **kw):  # the scratch baseline is built after the KD stage: stop there
+        if init == "random":
+            raise KeyboardInterrupt
+        return real_make_student(*a, init=init, **kw)
+
+    monkeypatch.setattr(dist, "make_student", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        micro_student(tmp_path / "student")
+    ckpt = tmp_path / "student.ckpt"
+    assert (ckpt / "kd" / dist.CHECKPOINT).is_file()
+    (ckpt / "mine.txt").write_text("dropped here by the learner")
+    monkeypatch.setattr(dist, "make_student", real_make_student)
+    with caplog.at_level(logging.INFO, logger="course_lib"):
+        assert micro_student(tmp_path / "student") == 0
+    assert "resuming from step 4" in caplog.text  # the KD stage was not trained again
+    assert sorted(p.name for p in ckpt.iterdir()) == ["mine.txt"]  # its checkpoints gone, the learner's file kept
+    load_model(str(tmp_path / "student"))
+
+
+def test_checkpoint_folder_helpers(tmp_path):
+    from course_lib.train import CHECKPOINT_MARKER, claim_checkpoint_dir, release_checkpoint_dir
+
+    ckpt, files = tmp_path / "run.ckpt", ["kd/checkpoint.pt"]
+    claim_checkpoint_dir(ckpt, files, overwrite=False)
+    assert (ckpt / CHECKPOINT_MARKER).is_file()
+    (ckpt / "kd").mkdir()
+    (ckpt / "kd" / "checkpoint.pt").write_text("state")
+    claim_checkpoint_dir(ckpt, files, overwrite=False)  # its own folder: kept, to resume from
+    assert (ckpt / "kd" / "checkpoint.pt").is_file()
+    claim_checkpoint_dir(ckpt, files, overwrite=True)  # afresh: only its checkpoint files go
+    assert not (ckpt / "kd" / "checkpoint.pt").exists() and (ckpt / CHECKPOINT_MARKER).is_file()
+    release_checkpoint_dir(ckpt, files)
+    assert not ckpt.exists()
+    (tmp_path / "file.ckpt").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        claim_checkpoint_dir(tmp_path / "file.ckpt", files, overwrite=True)

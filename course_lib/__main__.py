@@ -34,8 +34,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .bench.report import check_new_file
     from .evaluate import evaluate_model
 
+    if args.json:
+        check_new_file(Path(args.json), "--json", args.overwrite)  # before the evaluation, not after it
     card = evaluate_model(args.model, n_functions=args.functions)
     print(json.dumps(card, indent=2))
     if args.json:
@@ -45,9 +48,30 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
+    from .bench.report import results_markdown
 
-    return run_bench(suites=args.suite, quick=args.quick, json_path=args.json, report_dir=args.report,
-                     readme=args.readme)
+    result = run_bench(suites=args.suite, quick=args.quick, json_path=args.json, report_dir=args.report,
+                       readme=args.readme, overwrite=args.overwrite)
+    # A reader wants the tables (rounded); the full-precision numbers go to --json. Without --json the JSON
+    # follows the tables, so a long run's numbers are never lost.
+    print(results_markdown(result))
+    if args.json:
+        print(f"full results: {args.json}")
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a wrong argument or a bad file raises: reported in one line, never as a traceback."""
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError)  # OSError: missing / unreadable files
+    try:
+        from safetensors import SafetensorError  # a truncated or corrupted weights file
+
+        errors += (SafetensorError,)
+    except ImportError:
+        pass
+    return errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: the package's embedded folder)")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder (the model's "
+                   "files are replaced, other files are left alone)")
     p.add_argument("--teacher", help="course-tiny-student only: the teacher to distil (preset or folder; "
                    "default course-tiny)")
     p.set_defaults(func=_cmd_train)
@@ -71,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="course-tiny")
     p.add_argument("--functions", type=int, default=64, help="held-out functions for the compile rate")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("bench", help="run benchmark suites and write JSON (and a report)")
@@ -79,15 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write results to this JSON file")
     p.add_argument("--report", help="write a Markdown table and plots into this folder")
     p.add_argument("--readme", help="also put the tables between the <!-- bench:begin/end --> lines of this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file and the report's "
+                   "own files (results.md, pareto.png, roofline.png)")
     p.set_defaults(func=_cmd_bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        hint = "a weights file is truncated or corrupted: " if type(e).__name__ == "SafetensorError" else ""
+        print(f"error: {hint}{e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

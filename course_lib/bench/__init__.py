@@ -37,8 +37,12 @@ def available_suites() -> list[str]:
 
 
 def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: str | None = None,
-              report_dir: str | None = None, readme: str | None = None) -> int:
-    """Run the chosen suites (default: all that exist) and write JSON / a report."""
+              report_dir: str | None = None, readme: str | None = None, overwrite: bool = False) -> dict:
+    """Run the chosen suites (default: all that exist), write JSON / a report / the README block; return the result.
+
+    Every output is checked before the first suite starts: colliding paths, and existing files unless
+    ``overwrite`` (the README's bench block is rewritten in place, as ``readme`` asks).
+    """
     chosen = suites or available_suites()
     unknown = [s for s in chosen if s not in SUITES]
     if unknown:
@@ -46,27 +50,24 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
     missing = [s for s in chosen if s not in available_suites()]
     if missing:
         raise ValueError(f"suite(s) {missing} are not implemented yet; available: {available_suites()}")
-    if readme:
-        from .report import check_readme
+    from .report import check_outputs
 
-        check_readme(Path(readme))  # before the run, not after minutes of benchmarking
+    check_outputs(json_path, report_dir, readme, overwrite)  # before the run, not after minutes of benchmarking
     result = {"machine": machine_info(), "quick": quick, "rows": []}
     for name in chosen:
         log.info("running suite %s (quick=%s)", name, quick)
         out = importlib.import_module(f"{__name__}.{name}").run(quick=quick)
         result["machine"].update(out.get("machine", {}))
         result["rows"].extend(out["rows"])
-    text = json.dumps(result, indent=2)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(text)
+        Path(json_path).write_text(json.dumps(result, indent=2))
     if report_dir:
         from .report import write_report
 
-        write_report(result, Path(report_dir))
+        write_report(result, Path(report_dir), overwrite=overwrite)
     if readme:
         from .report import update_readme
 
         update_readme(Path(readme), result, Path(report_dir) if report_dir else None)
-    print(text)
-    return 0
+    return result

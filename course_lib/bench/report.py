@@ -8,7 +8,8 @@
   the measured bandwidth: how close each method gets to what memory allows.
 
 A plot whose data is missing (no suite produced those columns) is skipped and
-the report says so.
+the report says so. Nothing a user already has is replaced unless asked
+(``overwrite``), and the report never deletes a file it did not write.
 """
 
 from __future__ import annotations
@@ -60,9 +61,17 @@ def _new_axes():
     return fig, fig.add_subplot()
 
 
+def _pareto_points(rows: list[dict], speed: str = "decode_tok_s", quality: str = "ppl") -> list[dict]:
+    return [r for r in rows if _num(r.get(speed)) and _num(r.get(quality))]
+
+
+def _roofline_points(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if _num(r.get("decode_tok_s")) and _num(r.get("bytes"))]
+
+
 def plot_pareto(rows: list[dict], speed: str = "decode_tok_s", quality: str = "ppl", ax=None):
     """Speed vs quality scatter of every row with both numbers, front highlighted. None if no such row."""
-    pts = [r for r in rows if _num(r.get(speed)) and _num(r.get(quality))]
+    pts = _pareto_points(rows, speed, quality)
     if not pts:
         return None
     fig, ax = (ax.figure, ax) if ax is not None else _new_axes()
@@ -88,7 +97,7 @@ def plot_decode_roofline(rows: list[dict], bandwidth_gbs: float | None, ax=None)
     """Decode tokens/s vs weight bytes per token, log-log, with the memory roof. None if no data."""
     import numpy as np
 
-    pts = [r for r in rows if _num(r.get("decode_tok_s")) and _num(r.get("bytes"))]
+    pts = _roofline_points(rows)
     if not pts:
         return None
     fig, ax = (ax.figure, ax) if ax is not None else _new_axes()
@@ -136,9 +145,67 @@ def results_markdown(result: dict, plots: dict[str, str | None] | None = None) -
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_report(result: dict, out_dir: Path) -> Path:
-    """Write ``results.md``, ``pareto.png`` and ``roofline.png`` into ``out_dir``; return the Markdown path."""
+REPORT_FILES = ("results.md", "pareto.png", "roofline.png")  # everything write_report may write
+
+
+def check_new_file(path: Path, flag: str, overwrite: bool) -> None:
+    """Refuse (before any work) to write ``path`` when it is a folder, or exists and ``overwrite`` is off."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give the path of a file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{flag} {path} already exists; choose another path, or pass --overwrite "
+                         "(overwrite=True) to replace it")
+
+
+def check_report_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a report folder that is a file, or that holds any of :data:`REPORT_FILES` unless ``overwrite``."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--report {out_dir} is a file; give the path of a folder")
+    there = [n for n in REPORT_FILES if (out_dir / n).exists()]
+    if there and not overwrite:
+        raise ValueError(f"--report {out_dir} already holds {', '.join(there)}; choose another folder, or pass "
+                         "--overwrite (overwrite=True) to replace them (other files there are left alone)")
+
+
+def check_outputs(json_path: str | Path | None, report_dir: str | Path | None, readme: str | Path | None,
+                  overwrite: bool = False) -> None:
+    """Everything ``bench`` will write, checked before minutes of benchmarking.
+
+    Outputs must not collide (one path given twice, the JSON written over the README or a report file);
+    existing files are refused unless ``overwrite``. The README is the exception by design: ``--readme``
+    asks for its bench block to be rewritten in place, so it must exist and carry the markers.
+    """
+    outputs: list[tuple[str, Path]] = []
+    if json_path:
+        outputs.append(("--json", Path(json_path)))
+    if report_dir:
+        outputs += [("--report", Path(report_dir))] + [("--report", Path(report_dir) / n) for n in REPORT_FILES]
+    if readme:
+        outputs.append(("--readme", Path(readme)))
+    seen: dict[Path, str] = {}
+    for flag, path in outputs:
+        key = path.resolve()
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {flag} would both write {path}; give each output its own path")
+        seen[key] = flag
+    if json_path:
+        check_new_file(Path(json_path), "--json", overwrite)
+    if report_dir:
+        check_report_dir(Path(report_dir), overwrite)
+    if readme:
+        check_readme(Path(readme))
+
+
+def write_report(result: dict, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write ``results.md``, ``pareto.png`` and ``roofline.png`` into ``out_dir``; return the Markdown path.
+
+    Refuses a folder that already holds any of them unless ``overwrite``. A plot without data is not
+    written, and an earlier one of that name is left alone (the report says this run skipped it).
+    """
+    out_dir = Path(out_dir)
+    check_report_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = result.get("rows", [])
     plots: dict[str, str | None] = {}
@@ -146,8 +213,8 @@ def write_report(result: dict, out_dir: Path) -> Path:
                       ("roofline", plot_decode_roofline(rows, result.get("machine", {}).get("bandwidth_gbs")))):
         if fig is None:
             plots[name] = None
-            # A plot from an earlier run would otherwise sit next to a report that says it was skipped.
-            (out_dir / f"{name}.png").unlink(missing_ok=True)
+            if (out_dir / f"{name}.png").exists():
+                log.info("%s.png in %s is not from this run (no rows with its columns); left alone", name, out_dir)
             continue
         fig.savefig(out_dir / f"{name}.png", dpi=120)
         plots[name] = f"{name}.png"
@@ -182,10 +249,12 @@ def update_readme(readme: Path, result: dict, report_dir: Path | None = None) ->
     text = check_readme(readme)
     plots: dict[str, str | None] = {}
     if report_dir is not None:
-        for name in ("pareto", "roofline"):
+        rows = result.get("rows", [])
+        for name, has_data in (("pareto", bool(_pareto_points(rows))), ("roofline", bool(_roofline_points(rows)))):
             png = Path(report_dir) / f"{name}.png"
-            # Relative to the README, so the images show on GitHub and in JupyterLab alike.
-            plots[name] = os.path.relpath(png, readme.parent) if png.exists() else None
+            # Only a plot of this run (a png from an earlier one may sit there); relative to the README,
+            # so the images show on GitHub and in JupyterLab alike.
+            plots[name] = os.path.relpath(png, readme.parent) if has_data and png.exists() else None
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     readme.write_text(f"{head}{README_BEGIN}\n{results_markdown(result, plots)}{README_END}{tail}")

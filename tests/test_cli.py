@@ -60,3 +60,66 @@ def test_non_editable_install_loads_embedded_model(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "llama"
+
+
+def cli(capsys, *args):
+    """The command line in this process (no interpreter start-up): exit code and stderr."""
+    from course_lib.__main__ import main
+
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def test_student_refuses_a_ckpt_folder_it_did_not_make(tmp_path, capsys):
+    """DIR.ckpt beside --out is where the student keeps checkpoints; a user's folder there is never touched."""
+    ckpt = tmp_path / "student.ckpt"
+    ckpt.mkdir()
+    (ckpt / "sentinel.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        rc, err = cli(capsys, "train", "--model", "course-tiny-student", "--out", str(tmp_path / "student"),
+                      "--steps", "1", *extra)
+        assert rc == 2 and "--overwrite" in err and "did not make" in err, err
+    assert (ckpt / "sentinel.txt").read_text() == "mine" and not (tmp_path / "student").exists()
+
+
+def test_train_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    f = tmp_path / "weights.bin"
+    f.write_text("not a folder")
+    for model in ("course-tiny", "course-tiny-student"):
+        rc, err = cli(capsys, "train", "--model", model, "--out", str(f), "--steps", "1")
+        assert rc == 2 and err.startswith("error: ") and "is a file" in err, err
+    assert f.read_text() == "not a folder"
+
+
+def test_truncated_weights_are_one_error_line_not_a_traceback(tmp_path):
+    import shutil
+
+    from course_lib.models import EMBEDDED
+
+    folder = tmp_path / "broken"
+    shutil.copytree(EMBEDDED["course-tiny"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])  # an interrupted download
+    res = run("evaluate", "--model", str(folder), "--functions", "1")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_evaluate_refuses_an_existing_json_before_evaluating(tmp_path, capsys):
+    out = tmp_path / "card.json"
+    out.write_text("my notes")
+    rc, err = cli(capsys, "evaluate", "--json", str(out), "--model", str(tmp_path / "no-such-model"))
+    # refused up front: the missing model would be the error if the evaluation had started
+    assert rc == 2 and "--overwrite" in err and "already exists" in err, err
+    assert out.read_text() == "my notes"
+
+
+def test_bench_json_over_the_readme_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    from course_lib import bench
+
+    monkeypatch.setattr(bench, "machine_info", lambda: pytest.fail("the suites ran before the outputs were checked"))
+    readme = tmp_path / "README.md"
+    readme.write_text("# mine\n<!-- bench:begin -->\n<!-- bench:end -->\n")
+    rc, err = cli(capsys, "bench", "--suite", "decode", "--json", str(readme), "--readme", str(readme))
+    assert rc == 2 and "both write" in err, err
+    assert readme.read_text() == "# mine\n<!-- bench:begin -->\n<!-- bench:end -->\n"

@@ -161,10 +161,11 @@ def test_bench_refuses_colliding_outputs_even_with_overwrite(tmp_path, fake_suit
     (tmp_path / "sub").mkdir()
     (tmp_path / "rep").mkdir()
     (tmp_path / "rep" / "results.md").write_text(readme_text)
-    assert main(["bench", "--overwrite", *outputs(tmp_path)]) == 2
-    assert "both write" in capsys.readouterr().err and fake_suite == []
-    assert (tmp_path / "README.md").read_text() == readme_text
-    assert (tmp_path / "rep" / "results.md").read_text() == readme_text
+    for extra in ([], ["--overwrite"]):
+        assert main(["bench", *extra, *outputs(tmp_path)]) == 2
+        assert "both write" in capsys.readouterr().err and fake_suite == []
+        assert (tmp_path / "README.md").read_text() == readme_text
+        assert (tmp_path / "rep" / "results.md").read_text() == readme_text
 
 
 def test_bench_readme_block_is_rewritten_without_overwrite(tmp_path, fake_suite):

@@ -32,8 +32,9 @@ test: install
 	$(BIN)/ruff check .
 	COURSE_QUICK=$(COURSE_QUICK) $(BIN)/python -m pytest tests notebooks --nbval-lax --durations=15 -p scripts.notebook_budget
 
+# --overwrite: a re-run refreshes its own reports/ files (bench refuses existing outputs otherwise)
 bench: install
-	$(BIN)/python -m course_lib bench --quick --json reports/bench.json --report reports/
+	$(BIN)/python -m course_lib bench --quick --json reports/bench.json --report reports/ --overwrite
 
 # Peak memory and wall time of every notebook, each in its own kernel: reports/notebook_budget.{json,md}
 budget: install

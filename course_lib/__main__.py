@@ -42,6 +42,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     card = evaluate_model(args.model, n_functions=args.functions)
     print(json.dumps(card, indent=2))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(card, indent=2))
     return 0
 

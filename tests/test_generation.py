@@ -255,12 +255,12 @@ def test_scratch_runs_whatever_replaced_a_linear():
     assert calls == [1]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_quantized_int8_model_runs_under_the_kv_cache_loop(family):
+@pytest.mark.parametrize("family,bits", [("llama", 8), ("qwen2", 8), ("llama", 4)])
+def test_quantized_model_runs_under_the_kv_cache_loop(family, bits):
     from course_lib.quantization import QuantConfig, quantize_
 
     model = make_tiny(family)
-    quantize_(model, QuantConfig(bits=8))
+    quantize_(model, QuantConfig(bits=8) if bits == 8 else QuantConfig(bits=4, group_size=32))
     ids = _prompt(7)
     with torch.inference_mode():
         ref = model(ids).logits  # transformers running the same int8 modules

@@ -405,3 +405,23 @@ def test_gptq_runs_each_decoder_block_a_bounded_number_of_times(family):
     assert calls[2][0] == calls[5][0] <= 3 * rows  # capture, Hessians, outputs
     assert all(c <= 3 * rows for c in calls[5])
     assert calls[5][-1] <= 2 * rows  # the last block's outputs feed nothing
+
+
+def test_gptq_cached_inputs_pass_through_blocks_left_in_float(monkeypatch):
+    """A skipped first block still runs (in float) to make the next block's inputs: same result as re-running."""
+    import copy
+
+    from course_lib import quantization as Q
+
+    model = make_tiny("qwen2", layers=3)
+    cal = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=8, method="gptq", skip=(r"layers\.0\.",))
+    new, old = copy.deepcopy(model), copy.deepcopy(model)
+    report = quantize_(new, cfg, calibration=cal)
+    assert not any(".layers.0." in n for n in report.quantized) and "model.layers.2.mlp.down_proj" in report.quantized
+    monkeypatch.setattr(Q, "_gptq_model", _gptq_rerun_from_embedding)
+    quantize_(old, cfg, calibration=cal)
+    ids = cal[:1]
+    torch.testing.assert_close(new(ids).logits, old(ids).logits, atol=1e-5, rtol=1e-5)
+    for k, v in new.state_dict().items():
+        torch.testing.assert_close(v, old.state_dict()[k], atol=1e-6, rtol=1e-5, msg=k)

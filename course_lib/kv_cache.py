@@ -152,6 +152,11 @@ class KVCache:
 
 # --- the model ------------------------------------------------------------------
 
+def _norm_eps(norm, default: float) -> float:
+    """An RMSNorm module's epsilon (``variance_epsilon`` in transformers' Llama/Qwen2, ``eps`` in torch's)."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", None) or default))
+
+
 class ScratchLlama:
     """The forward pass of a Hugging Face Llama-family model, by hand, calling the model's own layers.
 
@@ -180,6 +185,11 @@ class ScratchLlama:
         self.lm_head = hf_model.lm_head
         self.layers = list(inner.layers)
         self.shape = self._shape_from_modules(cfg)
+        # each norm's own epsilon (pruning the hidden size rescales it), read once: not per token
+        e = self.shape.eps
+        self.norm_eps = [(_norm_eps(layer.input_layernorm, e), _norm_eps(layer.post_attention_layernorm, e))
+                         for layer in self.layers]
+        self.final_eps = _norm_eps(inner.norm, e)
 
     def _shape_from_modules(self, cfg) -> LlamaShape:
         """Head counts as the modules have them now (pruning removes heads), checked to agree in every layer."""
@@ -212,7 +222,7 @@ class ScratchLlama:
         layer, s = self.layers[i], self.shape
         a, m = layer.self_attn, layer.mlp
         b, t, _ = x.shape
-        h = rms_norm(x, layer.input_layernorm.weight, s.eps)
+        h = rms_norm(x, layer.input_layernorm.weight, self.norm_eps[i][0])
         q = a.q_proj(h).view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
         k = a.k_proj(h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         v = a.v_proj(h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
@@ -227,7 +237,7 @@ class ScratchLlama:
         k, v = repeat_kv(k, rep), repeat_kv(v, rep)
         attn = naive_attention if self.attention == "naive" else sdpa_attention
         x = x + a.o_proj(attn(q, k, v, mask).transpose(1, 2).reshape(b, t, -1))
-        h = rms_norm(x, layer.post_attention_layernorm.weight, s.eps)
+        h = rms_norm(x, layer.post_attention_layernorm.weight, self.norm_eps[i][1])
         return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))  # SwiGLU
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None,
@@ -239,7 +249,7 @@ class ScratchLlama:
             x = self._block(i, x, cos, sin, cache, mask, slot)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(rms_norm(x, self.final_norm, self.shape.eps))
+        return self.lm_head(rms_norm(x, self.final_norm, self.final_eps))
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:

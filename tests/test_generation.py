@@ -280,3 +280,13 @@ def test_compiled_decoder_runs_a_quantized_int8_model():
     quantize_(model, QuantConfig(bits=8))
     ids = _prompt(6)
     assert torch.equal(CompiledDecoder(model)(ids, 8), generate_kv_cache(model, ids, 8))
+
+
+def test_scratch_uses_each_norms_own_epsilon():
+    model = make_tiny("llama")
+    for mod in model.modules():
+        if hasattr(mod, "variance_epsilon"):
+            mod.variance_epsilon = 0.3  # large enough to change the logits; the config still says 1e-6
+    ids = _prompt(6)
+    with torch.inference_mode():
+        torch.testing.assert_close(ScratchLlama(model)(ids), model(ids).logits, atol=1e-4, rtol=1e-4)

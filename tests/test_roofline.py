@@ -132,6 +132,11 @@ def test_decode_at_batch_1_is_memory_bound_left_of_the_ridge():
     assert predict(decode_cost(cfg, batch=512, context=64), hw, "bf16").bound == "compute"
     with pytest.raises(ValueError, match="> 0"):
         Hardware("bad", 10, {"bf16": 0.0}, "test")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = plot_roofline(hw, [], "bf16")  # the roof, plus a dashed line for what the GEMV achieved
+    assert any("GEMV" in line.get_label() for line in fig.axes[0].lines)
 
 
 def test_measure_machine_returns_the_roofs_and_the_gemv_rate():

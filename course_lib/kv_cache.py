@@ -7,9 +7,10 @@ and values of earlier tokens never change (causal attention: a token only
 looks back), so we can compute them once and keep them: the **KV cache**.
 Each decode step then runs the model on *one* token and reads the cache.
 
-This module reads the weights of a Hugging Face Llama-family model (Llama,
-SmolLM2, Qwen2 with its q/k/v biases, the course's own ``course-tiny``) and runs
-the same arithmetic with plain tensor operations:
+This module runs the forward pass of a Hugging Face Llama-family model (Llama,
+SmolLM2, Qwen2 with its q/k/v biases, the course's own ``course-tiny``) by hand:
+it calls the model's own projection modules and writes the arithmetic between
+them with plain tensor operations:
 
 * **RMSNorm** - scale each vector by 1 / its root-mean-square (no mean subtraction);
 * **RoPE** - rotate pairs of query/key channels by an angle proportional to the
@@ -151,8 +152,21 @@ class KVCache:
 
 # --- the model ------------------------------------------------------------------
 
+def _norm_eps(norm, default: float) -> float:
+    """An RMSNorm module's epsilon (``variance_epsilon`` in transformers' Llama/Qwen2, ``eps`` in torch's)."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", None) or default))
+
+
 class ScratchLlama:
-    """The forward pass of a Hugging Face Llama-family model, by hand, sharing its weights (no copy)."""
+    """The forward pass of a Hugging Face Llama-family model, by hand, calling the model's own layers.
+
+    Only the arithmetic *between* the projections is written here (RMSNorm, RoPE,
+    attention, SwiGLU, the residual adds). Every projection - q/k/v/o, gate/up/down,
+    the embedding lookup and the output head - is the model's own module, called
+    like a function. So whatever ``quantize_`` or ``prune_`` did to those modules
+    (packed int8/int4 layers, fewer heads, a narrower MLP, biases) runs here too,
+    under the eager loop, the static cache and ``torch.compile`` alike.
+    """
 
     def __init__(self, hf_model, attention: str = "sdpa"):
         if attention not in ATTENTION_KINDS:
@@ -161,54 +175,81 @@ class ScratchLlama:
         rope = getattr(cfg, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"only default RoPE is written here, this model uses {rope.get('rope_type')!r}")
-        self.shape = LlamaShape.from_config(cfg)
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"only the SwiGLU MLP (hidden_act='silu') is written here, got {cfg.hidden_act!r}")
         self.attention = attention
         self.hf_model = hf_model
         inner = hf_model.model
-        self.embed = inner.embed_tokens.weight
+        self.embed_tokens = inner.embed_tokens
         self.final_norm = inner.norm.weight
-        self.lm_head = hf_model.lm_head.weight
-        self.layers = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append(dict(
-                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
-                q=(a.q_proj.weight, a.q_proj.bias), k=(a.k_proj.weight, a.k_proj.bias),
-                v=(a.v_proj.weight, a.v_proj.bias), o=(a.o_proj.weight, a.o_proj.bias),
-                gate=m.gate_proj.weight, up=m.up_proj.weight, down=m.down_proj.weight,
-            ))
+        self.lm_head = hf_model.lm_head
+        self.layers = list(inner.layers)
+        self.shape = self._shape_from_modules(cfg)
+        # each norm's own epsilon (pruning the hidden size rescales it), read once: not per token
+        e = self.shape.eps
+        self.norm_eps = [(_norm_eps(layer.input_layernorm, e), _norm_eps(layer.post_attention_layernorm, e))
+                         for layer in self.layers]
+        self.final_eps = _norm_eps(inner.norm, e)
+
+    def _shape_from_modules(self, cfg) -> LlamaShape:
+        """Head counts as the modules have them now (pruning removes heads), checked to agree in every layer."""
+        from_cfg = LlamaShape.from_config(cfg)
+        hd = from_cfg.head_dim
+        counts = {(layer.self_attn.q_proj.out_features // hd, layer.self_attn.k_proj.out_features // hd)
+                  for layer in self.layers}
+        if len(counts) != 1:
+            raise ValueError(f"every layer must have the same (query heads, KV heads); got {sorted(counts)}")
+        n_heads, n_kv = counts.pop()
+        return LlamaShape(self.final_norm.shape[0], len(self.layers), n_heads, n_kv, hd,
+                          self.lm_head.out_features, from_cfg.eps, from_cfg.rope_theta)
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.final_norm.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The activations' dtype (the norms stay in the model's float dtype even when layers are quantized)."""
+        return self.final_norm.dtype
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache sized for ``max_len`` tokens (prompt plus new tokens)."""
         return KVCache(self.shape, batch, max_len, self.dtype, self.device)
 
-    def _attend(self, x: torch.Tensor, w: dict, cos, sin, layer: int, cache: KVCache | None,
-                mask: torch.Tensor | None, slot: torch.Tensor | None = None) -> torch.Tensor:
-        s = self.shape
+    def _block(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache | None,
+               mask: torch.Tensor | None, slot: torch.Tensor | None) -> torch.Tensor:
+        """Decoder layer ``i``: x + attention(norm(x)), then + SwiGLU(norm(x))."""
+        layer, s = self.layers[i], self.shape
+        a, m = layer.self_attn, layer.mlp
         b, t, _ = x.shape
-        q = F.linear(x, *w["q"]).view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
-        k = F.linear(x, *w["k"]).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        v = F.linear(x, *w["v"]).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        h = rms_norm(x, layer.input_layernorm.weight, self.norm_eps[i][0])
+        q = a.q_proj(h).view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slot is not None:  # static path: write in place at a tensor index, attend over all slots
-            cache.k[layer].index_copy_(2, slot.view(1), k)
-            cache.v[layer].index_copy_(2, slot.view(1), v)
-            k, v = cache.k[layer], cache.v[layer]
+            cache.k[i].index_copy_(2, slot.view(1), k)
+            cache.v[i].index_copy_(2, slot.view(1), v)
+            k, v = cache.k[i], cache.v[i]
         elif cache is not None:  # keep this step's K/V, then attend over everything so far
-            k, v = cache.write(layer, k, v)
+            k, v = cache.write(i, k, v)
         rep = s.n_heads // s.n_kv_heads
         k, v = repeat_kv(k, rep), repeat_kv(v, rep)
         attn = naive_attention if self.attention == "naive" else sdpa_attention
-        out = attn(q, k, v, mask)
-        return F.linear(out.transpose(1, 2).reshape(b, t, -1), *w["o"])
+        x = x + a.o_proj(attn(q, k, v, mask).transpose(1, 2).reshape(b, t, -1))
+        h = rms_norm(x, layer.post_attention_layernorm.weight, self.norm_eps[i][1])
+        return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))  # SwiGLU
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None,
+             slot: torch.Tensor | None, last_only: bool) -> torch.Tensor:
+        """The one layer loop both entry points share: embed, every block, final norm, head."""
+        cos, sin = rope_tables(positions, self.shape.head_dim, self.shape.rope_theta, self.dtype)
+        x = self.embed_tokens(ids).to(self.dtype)
+        for i in range(len(self.layers)):
+            x = self._block(i, x, cos, sin, cache, mask, slot)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(rms_norm(x, self.final_norm, self.final_eps))
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
@@ -223,18 +264,10 @@ class ScratchLlama:
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + t, device=ids.device).expand(b, t)
-        cos, sin = rope_tables(positions, self.shape.head_dim, self.shape.rope_theta, self.dtype)
-        mask = self._mask(b, t, past, key_mask, ids.device)
-        x = F.embedding(ids, self.embed)
-        for i, w in enumerate(self.layers):
-            x = x + self._attend(rms_norm(x, w["ln1"], self.shape.eps), w, cos, sin, i, cache, mask)
-            h = rms_norm(x, w["ln2"], self.shape.eps)
-            x = x + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])  # SwiGLU
+        out = self._run(ids, positions, cache, self._mask(b, t, past, key_mask, ids.device), None, last_only)
         if cache is not None:
             cache.length += t
-        if last_only:
-            x = x[:, -1:]
-        return F.linear(rms_norm(x, self.final_norm, self.shape.eps), self.lm_head)
+        return out
 
     __call__ = forward
 
@@ -246,16 +279,9 @@ class ScratchLlama:
         a mask hiding the empty ones, so step 5 and step 500 are the same graph.
         The caller advances ``slot``; ``cache.length`` is not touched.
         """
-        b = tok.shape[0]
-        positions = slot.view(1, 1).expand(b, 1)
-        cos, sin = rope_tables(positions, self.shape.head_dim, self.shape.rope_theta, self.dtype)
+        positions = slot.view(1, 1).expand(tok.shape[0], 1)
         mask = (torch.arange(cache.max_len, device=tok.device) <= slot).view(1, 1, 1, -1)
-        x = F.embedding(tok, self.embed)
-        for i, w in enumerate(self.layers):
-            x = x + self._attend(rms_norm(x, w["ln1"], self.shape.eps), w, cos, sin, i, cache, mask, slot)
-            h = rms_norm(x, w["ln2"], self.shape.eps)
-            x = x + F.linear(F.silu(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
-        return F.linear(rms_norm(x, self.final_norm, self.shape.eps), self.lm_head)[:, -1]
+        return self._run(tok, positions, cache, mask, slot, last_only=True)[:, -1]
 
     @staticmethod
     def _mask(b: int, t: int, past: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:

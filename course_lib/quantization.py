@@ -644,34 +644,105 @@ class _StopForward(Exception):
     pass
 
 
-def _stop_forward(module, inputs, output):
-    raise _StopForward
+def _decoder_stack(model: nn.Module, blocks: list[list[str]]) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder blocks that ``blocks`` name (``model.layers`` in a Llama)."""
+    parents = {re.search(r"(.*?layers)\.\d+\.", b[0]).group(1) for b in blocks}
+    if len(parents) != 1:
+        raise ValueError(f"GPTQ expects one stack of decoder blocks (...layers.<i>), found {sorted(parents)}")
+    name = parents.pop()
+    stack = model.get_submodule(name)
+    if not isinstance(stack, nn.ModuleList):
+        raise ValueError(f"GPTQ expects {name!r} to be an nn.ModuleList of decoder blocks, got {type(stack).__name__}")
+    return name, stack
+
+
+def _block_inputs(model: nn.Module, first: nn.Module, calibration: torch.Tensor, device) -> list[tuple]:
+    """What the first decoder block receives for each calibration row: (hidden, other args, kwargs).
+
+    A forward pre-hook with kwargs sees everything the model hands a block - the
+    hidden states and, in transformers, the RoPE tables, the attention mask and the
+    position ids - then stops the pass: the blocks after it run on these, one by one.
+    """
+    seen: list[tuple] = []
+
+    def grab(module, args, kwargs):
+        kwargs = dict(kwargs)
+        x = args[0] if args else kwargs.pop("hidden_states")
+        for key in ("cache", "past_key_values", "past_key_value"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = None  # a KV cache would grow each time a block is re-run on the same row
+        seen.append((x, tuple(args[1:]), kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for row in calibration:  # one sequence at a time keeps memory flat
+            try:
+                model(input_ids=row[None].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def _run_block(block: nn.Module, inputs: list[tuple]) -> list[torch.Tensor]:
+    outs = []
+    for x, args, kwargs in inputs:
+        y = block(x, *args, **kwargs)
+        outs.append(y[0] if isinstance(y, tuple) else y)  # transformers 4.x returns a tuple, 5.x the tensor
+    return outs
+
+
+def _gptq_quantize_group(model: nn.Module, names: list[str], todo: dict[str, nn.Linear], hess: dict,
+                         cfg: QuantConfig, report: QuantReport) -> None:
+    for n in names:
+        new = _quantize_linear(todo[n], cfg, hess[n].H)
+        _set_module(model, n, new)
+        report.quantized[n] = new.kernel
 
 
 @torch.no_grad()
 def _gptq_model(model: nn.Module, todo: dict[str, nn.Linear], cfg: QuantConfig,
                 calibration: torch.Tensor, report: QuantReport) -> None:
-    """Sequential GPTQ: block i is calibrated on the outputs of the already-quantized blocks before it."""
+    """Sequential GPTQ: block i is calibrated on the outputs of the already-quantized blocks before it.
+
+    The model runs once up to the first block; after that each block's inputs are
+    cached and passed on (float block -> Hessians -> quantize -> quantized block
+    -> next block's inputs), so the cost is O(layers), not O(layers^2).
+    """
     if calibration.dim() != 2 or calibration.dtype != torch.long:
         raise ValueError(f"calibration must be (batch, seq) token ids (torch.long), got {tuple(calibration.shape)} "
                          f"{calibration.dtype}")
     device = next(model.parameters()).device
-    for block in tqdm(_blocks(model, list(todo)), desc="GPTQ blocks", leave=False):
-        hess = {n: _Hessian(todo[n].in_features) for n in block}
-        handles = [todo[n].register_forward_hook(hess[n]) for n in block]
-        m = re.match(r"(.*layers\.\d+)\.", block[0])
-        if m:  # the blocks after this one do not matter yet: stop the forward pass here
-            handles.append(model.get_submodule(m.group(1)).register_forward_hook(_stop_forward))
+    groups = _blocks(model, list(todo))
+    outside = [g for g in groups if not re.search(r"layers\.\d+\.", g[0])]
+    for names in outside:  # Linear layers outside the decoder stack: calibrated by whole forward passes
+        hess = {n: _Hessian(todo[n].in_features) for n in names}
+        handles = [todo[n].register_forward_hook(hess[n]) for n in names]
         try:
-            for row in calibration:  # one sequence at a time keeps memory flat
-                try:
-                    model(input_ids=row[None].to(device))
-                except _StopForward:
-                    pass
+            for row in calibration:
+                model(input_ids=row[None].to(device))
         finally:
             for h in handles:
                 h.remove()
-        for n in block:
-            new = _quantize_linear(todo[n], cfg, hess[n].H)
-            _set_module(model, n, new)
-            report.quantized[n] = new.kernel
+        _gptq_quantize_group(model, names, todo, hess, cfg, report)
+    per_block = {int(re.search(r"layers\.(\d+)\.", g[0]).group(1)): g for g in groups if g not in outside}
+    if not per_block:
+        return
+    _, stack = _decoder_stack(model, list(per_block.values()))
+    inputs = _block_inputs(model, stack[0], calibration, device)
+    last = max(per_block)
+    for i in tqdm(range(last + 1), desc="GPTQ blocks", leave=False):
+        names = per_block.get(i, [])
+        if names:
+            hess = {n: _Hessian(todo[n].in_features) for n in names}
+            handles = [todo[n].register_forward_hook(hess[n]) for n in names]
+            try:
+                _run_block(stack[i], inputs)  # the float block, on what the quantized blocks before it produced
+            finally:
+                for h in handles:
+                    h.remove()
+            _gptq_quantize_group(model, names, todo, hess, cfg, report)
+        if i < last:  # the quantized block's outputs are the next block's inputs
+            inputs = [(y, args, kwargs) for y, (_, args, kwargs) in zip(_run_block(stack[i], inputs), inputs)]

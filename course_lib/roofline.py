@@ -14,8 +14,10 @@ allows, so a step takes at least
 * **prefill** (the whole prompt at once) does T times more arithmetic for the
   same weight read: compute-bound for prompts of more than a few hundred tokens.
 
-This module measures the two machine figures, counts bytes and FLOPs from a
-model config, and predicts step latency. The *per-step overhead* (Python, the
+This module measures the two machine figures - the compute peak with a
+compute-bound square matmul, the bandwidth with a streaming read - and, apart
+from them, what a matrix-vector product (the decode step's own kernel) achieves.
+It counts bytes and FLOPs from a model config and predicts step latency. The *per-step overhead* (Python, the
 framework, kernel launches) is measured, not guessed: it is the decode time of
 a model with the same depth but almost no width.
 """
@@ -30,6 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 DTYPE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}
+BANDWIDTH_KINDS = ("read", "copy", "triad")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- measuring the machine -------------------------------------------------------
@@ -38,19 +42,24 @@ def measure_bandwidth(size_mb: int = 256, repeat: int = 5, device: str | torch.d
                       kind: str = "copy") -> float:
     """Achieved memory bandwidth in GB/s, STREAM-style, over ``size_mb`` MB per array.
 
+    ``read`` (sum(a)) only reads: size bytes moved, the pattern of a decode step,
+    which streams every weight once and writes almost nothing.
     ``copy`` (b = a) reads and writes each byte: 2 x size bytes moved.
     ``triad`` (a = b + s*c) reads two arrays and writes one: 3 x size bytes.
     The arrays are far larger than any CPU cache, so this measures DRAM, not cache.
     """
     if size_mb < 1 or repeat < 1:
         raise ValueError("size_mb and repeat must be >= 1")
-    if kind not in ("copy", "triad"):
-        raise ValueError(f"kind must be 'copy' or 'triad', got {kind!r}")
+    if kind not in BANDWIDTH_KINDS:
+        raise ValueError(f"kind must be one of {BANDWIDTH_KINDS}, got {kind!r}")
     from .timing import benchmark
 
     dev = torch.device(device)
     n = size_mb * 1024 * 1024 // 4
     src = torch.ones(n, dtype=torch.float32, device=dev)
+    if kind == "read":
+        res = benchmark(lambda: src.sum(), warmup=2, repeat=repeat, device=dev)
+        return n * 4 / res.median / 1e9
     dst = torch.empty_like(src)
     if kind == "copy":
         res = benchmark(lambda: dst.copy_(src), warmup=2, repeat=repeat, device=dev)
@@ -72,12 +81,34 @@ def measure_matmul_flops(n: int = 1024, dtype: torch.dtype = torch.float32, repe
     return 2 * n**3 / res.median / 1e9
 
 
+def measure_peak_flops(dtype: torch.dtype = torch.float32, max_n: int = 2048, repeat: int = 3,
+                       device: str | torch.device = "cpu", min_seconds: float = 0.05) -> tuple[float, int]:
+    """The compute peak: best GFLOP/s of square matmuls grown from 256 until compute-bound. Returns (GFLOP/s, n).
+
+    An n x n product does 2 n^3 FLOPs on 3 n^2 numbers, so its FLOPs per byte grow
+    with n; small ones are limited by memory and call overhead. The size doubles
+    until one product takes ``min_seconds`` (or ``max_n`` is reached), so a slow
+    dtype is not run at sizes that would take minutes.
+    """
+    if max_n < 1 or repeat < 1:
+        raise ValueError(f"max_n and repeat must be >= 1, got max_n={max_n}, repeat={repeat}")
+    best, best_n, n = 0.0, 0, min(256, max_n)
+    while True:
+        rate = measure_matmul_flops(n, dtype, repeat=repeat, device=device)
+        if rate > best:
+            best, best_n = rate, n
+        if n >= max_n or 2 * n**3 / (rate * 1e9) >= min_seconds:
+            return best, best_n
+        n = min(2 * n, max_n)
+
+
 def measure_gemv_bandwidth(rows: int = 8192, cols: int = 8192, dtype: torch.dtype = torch.float32,
                            repeat: int = 5, device: str | torch.device = "cpu") -> float:
     """GB/s of weight bytes streamed by a matrix x vector product: the decode step's own pattern.
 
-    A copy says what the memory *can* deliver; this says what a linear layer
-    *gets* at batch 1. On a CPU without native bf16 arithmetic the two differ.
+    A streaming read says what the memory *can* deliver; this says what a linear
+    layer *gets* at batch 1 with this dtype's kernel. It is an achieved rate, not a
+    ceiling: a kernel that converts or computes slowly falls short of the read.
     """
     from .timing import benchmark
 
@@ -90,22 +121,42 @@ def measure_gemv_bandwidth(rows: int = 8192, cols: int = 8192, dtype: torch.dtyp
 
 @dataclass(frozen=True)
 class Hardware:
-    """The two roofline figures of a machine, and where they come from."""
+    """The two roofline figures of a machine, and where they come from.
+
+    ``bandwidth_gbs`` and ``gflops`` are the roofs: a streaming read and a
+    compute-bound matmul (or a vendor's spec sheet). ``gemv_gbs`` is not a roof
+    but what a batch-1 linear layer achieved here, kept apart so it can be
+    compared with them.
+    """
 
     name: str
     bandwidth_gbs: float
-    gflops: dict  # dtype name ("fp32", "bf16", "fp16") -> peak GFLOP/s
+    gflops: dict  # dtype name ("fp32", "bf16", "fp16") -> peak GFLOP/s of a compute-bound matmul
     source: str  # "measured on this machine" or a vendor spec sheet
     # dtype -> GB/s of weights a batch-1 linear layer streams (measured; empty for vendor figures).
     gemv_gbs: dict = field(default_factory=dict)
-    matmul_gflops: dict = field(default_factory=dict)  # raw square-matmul figures (measured only)
+    matmul_gflops: dict = field(default_factory=dict)  # the square-matmul figures behind gflops (measured only)
+    matmul_n: dict = field(default_factory=dict)  # dtype -> the matmul size that reached the peak (measured only)
 
     def __post_init__(self):
         if self.bandwidth_gbs <= 0:
             raise ValueError(f"bandwidth_gbs must be > 0, got {self.bandwidth_gbs}")
-        unknown = set(self.gflops) - set(DTYPE_BITS)
-        if unknown:
-            raise ValueError(f"unknown dtype keys {sorted(unknown)}; use {sorted(DTYPE_BITS)}")
+        for name, figures in (("gflops", self.gflops), ("gemv_gbs", self.gemv_gbs)):
+            unknown = set(figures) - set(DTYPE_BITS)
+            if unknown:
+                raise ValueError(f"unknown dtype keys {sorted(unknown)} in {name}; use {sorted(DTYPE_BITS)}")
+            bad = {k: v for k, v in figures.items() if not v > 0}
+            if bad:
+                raise ValueError(f"{name} figures must be > 0, got {bad}")
+
+    def ridge(self, dtype: str) -> float:
+        """FLOPs per byte where the roofs meet: a step left of it is memory-bound, right of it compute-bound."""
+        return self.peak(dtype) / self.bandwidth_gbs
+
+    def gemv_gflops(self, dtype: str) -> float | None:
+        """GFLOP/s a batch-1 linear layer achieved (2 FLOPs per weight streamed); None if not measured."""
+        gbs = self.gemv_gbs.get(dtype)
+        return None if gbs is None else 2 * gbs / (DTYPE_BITS[dtype] / 8)
 
     def peak(self, dtype: str) -> float:
         """Peak GFLOP/s for ``dtype``; int8/int4 weight-only layers compute in bf16."""
@@ -133,36 +184,37 @@ VENDOR_PRESETS: dict[str, Hardware] = {
 }
 
 
-def measure_machine(device: str | torch.device = "cpu", quick: bool = False) -> Hardware:
-    """This machine's ceilings, measured now, per supported dtype.
+def measure_machine(device: str | torch.device = "cpu", quick: bool = False, *, matmul_n: int | None = None,
+                    stream_mb: int | None = None, gemv_shape: tuple[int, int] | None = None,
+                    repeat: int | None = None) -> Hardware:
+    """This machine's roofs, measured now, per supported dtype, and what a GEMV achieves.
 
-    * bandwidth: STREAM copy;
-    * ``gemv_gbs``: weight bytes per second a batch-1 linear layer streams;
-    * ``gflops``: the best FLOP rate measured, from a square matmul or from the
-      matrix-vector product (on CPUs without native bf16 the matmul is *slower*
-      per FLOP than the matrix-vector kernel, and the ceiling is the best kernel).
-    The raw square-matmul figures are kept in ``matmul_gflops``.
+    * ``bandwidth_gbs``: a streaming read (``measure_bandwidth(kind="read")``);
+    * ``gflops``: the compute peak of each dtype, from square matmuls grown until
+      they are compute-bound (:func:`measure_peak_flops`, up to ``matmul_n``);
+    * ``gemv_gbs``: weight bytes per second a batch-1 linear layer streams - an
+      achieved figure, never used as a peak (a GEMV does ~1 FLOP per byte: it is
+      limited by memory or by its kernel, so its FLOP rate says nothing about the
+      compute roof).
+    The keyword sizes override the defaults (tests use tiny ones).
     """
     from .timing import supported_dtypes
 
     dev = torch.device(device)
     big = dev.type == "cuda"
-    size = 1024 if big else (128 if quick else 512)
-    n = 8192 if big else (512 if quick else 1024)
-    rep = 3 if quick else 5
-    bw = measure_bandwidth(size_mb=size, repeat=rep, device=dev)
-    flops, gemv = {}, {}
-    matmul = {}
+    stream_mb = stream_mb or (1024 if big else (128 if quick else 512))
+    matmul_n = matmul_n or (8192 if big else (2048 if quick else 4096))
+    rows, cols = gemv_shape or ((16384 if big else (2048 if quick else 4096)), 8192)
+    rep = repeat or (3 if quick else 5)
+    bw = measure_bandwidth(size_mb=stream_mb, repeat=rep, device=dev, kind="read")
+    flops, gemv, sizes = {}, {}, {}
     for name, ok in supported_dtypes(dev).items():
-        if ok:
-            dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-            matmul[name] = measure_matmul_flops(n, dt, repeat=rep, device=dev)
-            rows = 16384 if big else (2048 if quick else 4096)
-            gemv[name] = measure_gemv_bandwidth(rows, 8192, dt, repeat=rep, device=dev)
-            gemv_flops = 2 * gemv[name] / torch.finfo(dt).bits * 8  # 2 FLOPs per weight streamed
-            flops[name] = max(matmul[name], gemv_flops)
+        if ok and name in TORCH_DTYPES:
+            dt = TORCH_DTYPES[name]
+            flops[name], sizes[name] = measure_peak_flops(dt, matmul_n, repeat=rep, device=dev)
+            gemv[name] = measure_gemv_bandwidth(rows, cols, dt, repeat=rep, device=dev)
     label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU"
-    return Hardware(f"{label} (measured)", bw, flops, "measured on this machine", gemv, matmul)
+    return Hardware(f"{label} (measured)", bw, flops, "measured on this machine", gemv, dict(flops), sizes)
 
 
 # --- counting bytes and FLOPs ----------------------------------------------------
@@ -271,31 +323,35 @@ class Prediction:
     """Predicted time of one step, and which limit sets it."""
 
     seconds: float
-    memory_s: float
-    compute_s: float
+    memory_s: float  # every byte at the streaming-read bandwidth (the memory roof)
+    compute_s: float  # every FLOP at the matmul peak (the compute roof)
     overhead_s: float
-    bound: str  # "memory", "compute" or "overhead"
+    bound: str  # "memory", "compute" (which roof is higher) or "overhead"
     tokens_per_s: float  # tokens produced (decode) or consumed (prefill) per second, whole batch
+    kernel_s: float = 0.0  # the memory side with weights at the rate a GEMV achieved here (= memory_s if unknown)
 
 
 def predict(cost: StepCost, hw: Hardware, compute_dtype: str = "bf16", overhead_s: float = 0.0,
             bandwidth_gbs: float | None = None) -> Prediction:
     """max(bytes / bandwidth, FLOPs / peak) + overhead, for one step on ``hw``.
 
-    Weights stream at the measured matrix-vector rate for ``compute_dtype``
-    when the machine has one (what a linear layer really gets), everything
-    else at the copy bandwidth. ``bandwidth_gbs`` overrides both.
+    ``bound`` compares the two roofs (equivalently: the step's FLOPs per byte
+    against the ridge). The predicted time streams the weights at the rate a
+    matrix-vector product achieved for ``compute_dtype`` when the machine has
+    that figure (what a linear layer really gets; ``kernel_s``), everything else
+    at the read bandwidth. ``bandwidth_gbs`` overrides both rates.
     """
     if overhead_s < 0:
         raise ValueError(f"overhead_s must be >= 0, got {overhead_s}")
     bw = bandwidth_gbs or hw.bandwidth_gbs
     weight_bw = bandwidth_gbs or hw.gemv_gbs.get(compute_dtype, bw)
-    memory_s = cost.weight_bytes / (weight_bw * 1e9) + (cost.kv_bytes + cost.act_bytes) / (bw * 1e9)
+    memory_s = cost.bytes / (bw * 1e9)
+    kernel_s = cost.weight_bytes / (weight_bw * 1e9) + (cost.kv_bytes + cost.act_bytes) / (bw * 1e9)
     compute_s = cost.flops / (hw.peak(compute_dtype) * 1e9)
-    roof = max(memory_s, compute_s)
+    roof = max(kernel_s, compute_s)
     bound = "overhead" if overhead_s > roof else ("memory" if memory_s >= compute_s else "compute")
     seconds = roof + overhead_s
-    return Prediction(seconds, memory_s, compute_s, overhead_s, bound, cost.batch * cost.tokens / seconds)
+    return Prediction(seconds, memory_s, compute_s, overhead_s, bound, cost.batch * cost.tokens / seconds, kernel_s)
 
 
 def overhead_model(config, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -381,6 +437,9 @@ def plot_roofline(hw: Hardware, points: list[dict] | None = None, dtype: str = "
     xs = np.logspace(-2, 4, 200)
     ax.loglog(xs, np.minimum(xs * hw.bandwidth_gbs, peak), "k-", lw=2,
               label=f"{hw.name}: {hw.bandwidth_gbs:.0f} GB/s, {peak:.0f} GFLOP/s {dtype}")
+    gemv = hw.gemv_gbs.get(dtype)
+    if gemv:  # not a roof: what a batch-1 linear layer streamed here
+        ax.loglog(xs, np.minimum(xs * gemv, peak), "k--", lw=1, label=f"achieved by a {dtype} GEMV: {gemv:.1f} GB/s")
     ax.axvline(ridge, color="grey", ls=":", lw=1)
     ax.text(ridge, peak * 0.5, f" ridge {ridge:.1f} FLOP/B", color="grey", fontsize=8)
     for p in points or []:

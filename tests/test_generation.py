@@ -198,3 +198,95 @@ def test_compiled_decoder_matches_eager():
     model = make_tiny("llama")
     ids = _prompt(6)
     assert torch.equal(CompiledDecoder(model)(ids, 8), generate_kv_cache(model, ids, 8))
+
+
+# --- one forward pass that calls the model's own modules ---------------------------------
+
+def _with_random_biases(model):
+    """HF initialises biases to zero, which would hide a forward that drops them: make them count."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.5)
+    return model
+
+
+def _scratch_model(name, request):
+    if name == "course-tiny":
+        import copy
+
+        return copy.deepcopy(request.getfixturevalue("course_tiny")[0])  # pruning changes it in place
+    if name == "gqa-llama":
+        return make_tiny("llama", num_heads=8, num_kv_heads=2)
+    return _with_random_biases(make_tiny("qwen2", num_heads=8, num_kv_heads=4))  # q/k/v biases
+
+
+@pytest.mark.parametrize("pruned", ["dense", "structured", "structured-hidden"])
+@pytest.mark.parametrize("name", ["course-tiny", "gqa-llama", "qwen2-bias"])
+def test_scratch_logits_match_transformers_dense_and_pruned(name, pruned, request):
+    from course_lib.pruning import PruneConfig, prune_
+
+    model = _scratch_model(name, request)
+    if pruned != "dense":  # fewer MLP channels and KV groups (and a narrower residual stream)
+        prune_(model, PruneConfig(ratio=0.5, hidden_ratio=0.25 if pruned == "structured-hidden" else 0.0))
+    scratch = ScratchLlama(model)
+    assert scratch.shape.n_heads == model.model.layers[0].self_attn.q_proj.out_features // scratch.shape.head_dim
+    ids = _prompt(11, vocab=model.config.vocab_size, batch=2)
+    with torch.inference_mode():
+        ref = model(ids).logits
+        torch.testing.assert_close(scratch(ids), ref, atol=1e-4, rtol=1e-4)
+        cache = scratch.new_cache(2, 16)
+        parts = [scratch(ids[:, :7], cache)] + [scratch(ids[:, i:i + 1], cache) for i in range(7, 11)]
+        torch.testing.assert_close(torch.cat(parts, 1), ref, atol=1e-4, rtol=1e-4)
+        static = scratch.new_cache(2, 16)
+        scratch(ids[:, :10], static)
+        torch.testing.assert_close(scratch.decode_static(ids[:, 10:], torch.tensor(10), static), ref[:, -1],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_scratch_runs_whatever_replaced_a_linear():
+    """A module that is not an nn.Linear (here: one that counts its calls) is called, not bypassed."""
+    model = make_tiny("llama")
+    calls = []
+    layer = model.model.layers[1].mlp
+    layer.up_proj.register_forward_hook(lambda *_: calls.append(1))
+    ScratchLlama(model)(_prompt(5))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("family,bits", [("llama", 8), ("qwen2", 8), ("llama", 4)])
+def test_quantized_model_runs_under_the_kv_cache_loop(family, bits):
+    from course_lib.quantization import QuantConfig, quantize_
+
+    model = make_tiny(family)
+    quantize_(model, QuantConfig(bits=8) if bits == 8 else QuantConfig(bits=4, group_size=32))
+    ids = _prompt(7)
+    with torch.inference_mode():
+        ref = model(ids).logits  # transformers running the same int8 modules
+        torch.testing.assert_close(ScratchLlama(model)(ids), ref, atol=1e-3, rtol=1e-3)
+    assert torch.equal(generate_kv_cache(model, ids, 12), generate_hf(model, ids, 12))
+
+
+@pytest.mark.slow
+def test_compiled_decoder_runs_a_quantized_int8_model():
+    ok, why = compile_supported("cpu")
+    if not ok:
+        pytest.skip(why)
+    from course_lib.generation import CompiledDecoder
+    from course_lib.quantization import QuantConfig, quantize_
+
+    model = make_tiny("llama")
+    quantize_(model, QuantConfig(bits=8))
+    ids = _prompt(6)
+    assert torch.equal(CompiledDecoder(model)(ids, 8), generate_kv_cache(model, ids, 8))
+
+
+def test_scratch_uses_each_norms_own_epsilon():
+    model = make_tiny("llama")
+    for mod in model.modules():
+        if hasattr(mod, "variance_epsilon"):
+            mod.variance_epsilon = 0.3  # large enough to change the logits; the config still says 1e-6
+    ids = _prompt(6)
+    with torch.inference_mode():
+        torch.testing.assert_close(ScratchLlama(model)(ids), model(ids).logits, atol=1e-4, rtol=1e-4)

@@ -331,3 +331,97 @@ def test_gptq_beats_rtn_perplexity_on_course_tiny():
     quantize_(rtn, QuantConfig(bits=4, group_size=128))
     quantize_(model, QuantConfig(bits=4, group_size=128, method="gptq"), calibration=cal)
     assert perplexity(model, ids, max_tokens=None) < perplexity(rtn, ids, max_tokens=None)
+
+
+# --- GPTQ in O(layers): each block's inputs are cached and passed on -------------------
+
+
+@torch.no_grad()
+def _gptq_rerun_from_embedding(model, todo, cfg, calibration, report):
+    """The previous _gptq_model, kept as the reference: the whole model re-runs up to block i, for every i."""
+    import re
+
+    from course_lib import quantization as Q
+
+    def stop(module, inputs, output):
+        raise Q._StopForward
+
+    for block in Q._blocks(model, list(todo)):
+        hess = {n: Q._Hessian(todo[n].in_features) for n in block}
+        handles = [todo[n].register_forward_hook(hess[n]) for n in block]
+        m = re.match(r"(.*layers\.\d+)\.", block[0])
+        if m:
+            handles.append(model.get_submodule(m.group(1)).register_forward_hook(stop))
+        try:
+            for row in calibration:
+                try:
+                    model(input_ids=row[None])
+                except Q._StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        for n in block:
+            new = Q._quantize_linear(todo[n], cfg, hess[n].H)
+            Q._set_module(model, n, new)
+            report.quantized[n] = new.kernel
+
+
+def test_gptq_with_cached_block_inputs_equals_rerunning_the_model(course_tiny, monkeypatch):
+    import copy
+
+    from course_lib import quantization as Q
+    from course_lib.data import calibration_batches
+
+    model, tok = course_tiny
+    cal = calibration_batches(tok, n=2, seq_len=48)
+    # one attention and one MLP matrix per block keep it quick; every block still passes its outputs on
+    cfg = QuantConfig(bits=4, group_size=128, method="gptq", skip=(r"(k|v|o)_proj", r"(gate|up)_proj"))
+    new, old = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_(new, cfg, calibration=cal)
+    monkeypatch.setattr(Q, "_gptq_model", _gptq_rerun_from_embedding)
+    quantize_(old, cfg, calibration=cal)
+    a, b = new.state_dict(), old.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    ids = cal[:1, :32]
+    torch.testing.assert_close(new(ids).logits, old(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gptq_runs_each_decoder_block_a_bounded_number_of_times(family):
+    """Block 0 runs the same number of times whatever the depth: O(layers) in total, not O(layers^2)."""
+    rows = 2
+    cal = torch.randint(0, 128, (rows, 16), generator=torch.Generator().manual_seed(1))
+    calls = {}
+    for depth in (2, 5):
+        model = make_tiny(family, layers=depth)
+        count = [0] * depth
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(lambda *_, i=i, c=count: c.__setitem__(i, c[i] + 1))
+        quantize_(model, QuantConfig(bits=8, method="gptq"), calibration=cal)
+        calls[depth] = count
+    assert calls[2][0] == calls[5][0] <= 3 * rows  # capture, Hessians, outputs
+    assert all(c <= 3 * rows for c in calls[5])
+    assert calls[5][-1] <= 2 * rows  # the last block's outputs feed nothing
+
+
+def test_gptq_cached_inputs_pass_through_blocks_left_in_float(monkeypatch):
+    """A skipped first block still runs (in float) to make the next block's inputs: same result as re-running."""
+    import copy
+
+    from course_lib import quantization as Q
+
+    model = make_tiny("qwen2", layers=3)
+    cal = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(bits=8, method="gptq", skip=(r"layers\.0\.",))
+    new, old = copy.deepcopy(model), copy.deepcopy(model)
+    report = quantize_(new, cfg, calibration=cal)
+    assert not any(".layers.0." in n for n in report.quantized) and "model.layers.2.mlp.down_proj" in report.quantized
+    monkeypatch.setattr(Q, "_gptq_model", _gptq_rerun_from_embedding)
+    quantize_(old, cfg, calibration=cal)
+    ids = cal[:1]
+    torch.testing.assert_close(new(ids).logits, old(ids).logits, atol=1e-5, rtol=1e-5)
+    for k, v in new.state_dict().items():
+        torch.testing.assert_close(v, old.state_dict()[k], atol=1e-6, rtol=1e-5, msg=k)

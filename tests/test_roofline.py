@@ -110,3 +110,79 @@ def test_plot_roofline_returns_a_figure():
     hw = VENDOR_PRESETS["NVIDIA H100 SXM (vendor spec)"]
     fig = plot_roofline(hw, [{"label": "decode", "intensity": 1.0, "gflops": 2000.0}])
     assert len(fig.axes[0].lines) >= 2
+
+
+# --- the roofs: a compute-bound matmul and a streaming read; a GEMV is an achieved rate, not a peak ---------
+
+
+def test_decode_at_batch_1_is_memory_bound_left_of_the_ridge():
+    # fake peaks: 20 GB/s read, 200 GFLOP/s bf16 matmul -> ridge at 10 FLOP/byte; a slow GEMV (5 GB/s)
+    hw = Hardware("fake", bandwidth_gbs=20, gflops={"bf16": 200}, source="test", gemv_gbs={"bf16": 5})
+    assert hw.ridge("bf16") == 10 and hw.gemv_gflops("bf16") == 5
+    cfg = speed_lab_config("smollm2-135m")
+    for batch in (1, 4, 64, 512):
+        cost = decode_cost(cfg, batch=batch, context=64)
+        p = predict(cost, hw, "bf16")
+        assert p.bound == ("memory" if cost.intensity < hw.ridge("bf16") else "compute"), batch
+        assert p.memory_s == pytest.approx(cost.bytes / 20e9)
+        assert p.kernel_s > p.memory_s  # the GEMV streams weights slower than the read: the time says so
+        assert p.seconds == pytest.approx(max(p.kernel_s, p.compute_s))
+    one = decode_cost(cfg, batch=1, context=64)
+    assert one.intensity < hw.ridge("bf16") and predict(one, hw, "bf16").bound == "memory"
+    assert predict(decode_cost(cfg, batch=512, context=64), hw, "bf16").bound == "compute"
+    with pytest.raises(ValueError, match="> 0"):
+        Hardware("bad", 10, {"bf16": 0.0}, "test")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = plot_roofline(hw, [], "bf16")  # the roof, plus a dashed line for what the GEMV achieved
+    assert any("GEMV" in line.get_label() for line in fig.axes[0].lines)
+
+
+def test_measure_machine_returns_the_roofs_and_the_gemv_rate():
+    from course_lib.roofline import measure_machine
+
+    hw = measure_machine("cpu", matmul_n=128, stream_mb=4, gemv_shape=(256, 256), repeat=1)
+    assert hw.bandwidth_gbs > 0 and "fp32" in hw.gflops
+    for k in hw.gflops:
+        assert hw.gflops[k] > 0 and hw.gemv_gbs[k] > 0 and hw.matmul_gflops[k] == hw.gflops[k]
+        assert hw.matmul_n[k] <= 128 and hw.ridge(k) > 0 and hw.gemv_gflops(k) > 0
+    assert measure_bandwidth(size_mb=4, repeat=1, kind="read") > 0
+
+
+def test_peak_is_a_compute_bound_matmul_never_a_gemv(monkeypatch):
+    """A square matmul only reaches the peak when it is large; a GEMV's FLOP rate must never stand in for it.
+
+    Fake machine: the matmul rate grows with n up to 300 GFLOP/s; a bf16 GEMV streams 40 GB/s (= 40 GFLOP/s).
+    The old measure_machine took max(matmul at one small n, GEMV FLOP rate) as the peak, which made bf16 decode
+    of SmolLM2 look compute-bound.
+    """
+    from course_lib import roofline as rl
+    from course_lib import timing
+
+    monkeypatch.setattr(timing, "supported_dtypes", lambda device="cpu": {"fp32": True, "bf16": True, "fp16": False})
+    monkeypatch.setattr(rl, "measure_matmul_flops", lambda n, dtype=None, repeat=5, device="cpu": min(300.0, 0.05 * n))
+    monkeypatch.setattr(rl, "measure_gemv_bandwidth", lambda *a, **k: 40.0)
+    monkeypatch.setattr(rl, "measure_bandwidth", lambda *a, **k: 20.0)
+    hw = rl.measure_machine("cpu", quick=True)
+    p = rl.predict(decode_cost(speed_lab_config("smollm2-135m"), batch=1, context=512), hw, "bf16")
+    assert p.bound == "memory" and p.memory_s > p.compute_s
+    gemv_flops = 2 * hw.gemv_gbs["bf16"] / 2  # 2 FLOPs per 2-byte weight streamed
+    assert hw.gflops["bf16"] > gemv_flops == 40.0
+    assert hw.gflops["bf16"] == 0.05 * hw.matmul_n["bf16"] and hw.matmul_n["bf16"] >= 2048  # grown until compute-bound
+    assert hw.gemv_gflops("bf16") == gemv_flops
+
+
+def test_measure_peak_flops_stops_growing_once_compute_bound(monkeypatch):
+    from course_lib import roofline as rl
+
+    seen = []
+
+    def fake(n, dtype=None, repeat=5, device="cpu"):
+        seen.append(n)
+        return 1.0  # 1 GFLOP/s: a 512^3 product already takes 0.27 s
+    monkeypatch.setattr(rl, "measure_matmul_flops", fake)
+    assert rl.measure_peak_flops(torch.float32, max_n=8192) == (1.0, 256)
+    assert seen == [256, 512]
+    with pytest.raises(ValueError, match="max_n"):
+        rl.measure_peak_flops(max_n=0)

@@ -130,3 +130,19 @@ def test_serve_bench_suite_rows(monkeypatch):
     assert methods == ["batch-1", "batch-2", "batch-4", "batch-8", "static-b8", "continuous-b8"]
     assert all(r["suite"] == "serve" and r["throughput_tok_s"] > 0 for r in out["rows"])
     assert all("decode_tok_s" not in r for r in out["rows"])  # batch throughput is not batch-1 speed
+
+
+@pytest.mark.parametrize("change", ["int8", "pruned"])
+def test_quantized_and_pruned_models_serve_the_same_tokens(requests_, change):
+    """The server runs the model's own modules: packed int8 layers and pruned shapes serve like any model."""
+    from course_lib.pruning import PruneConfig, prune_
+    from course_lib.quantization import QuantConfig, quantize_
+
+    m = make_tiny("llama", vocab=128)
+    if change == "int8":
+        quantize_(m, QuantConfig(bits=8))
+    else:
+        prune_(m, PruneConfig(ratio=0.5))
+    report = serve(m, requests_, ServeConfig("continuous", max_batch=3))
+    for f, r in zip(report.finished, requests_):
+        assert list(f.tokens) == generate_kv_cache(m, torch.tensor(r.prompt_ids), r.max_new_tokens)[0].tolist()

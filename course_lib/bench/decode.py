@@ -114,8 +114,8 @@ def run(quick: bool = False, device: str = "auto") -> dict:
     for method in ("kv-cache", "hf-generate", "hf-generate int8-wo"):
         weight_bits, label = 16, "bf16"
         if method == "hf-generate int8-wo":
-            # The quantization chapter's packed int8 layers (head included), bf16 activations; the scratch loop
-            # reads float weights directly, so this check goes through Hugging Face's decode loop only.
+            # The quantization chapter's packed int8 layers (head included), bf16 activations, timed through
+            # Hugging Face's decode loop (the scratch loops run them too; this row checks the roofline).
             from ..quantization import QuantConfig, quantize_
 
             kernels = quantize_(model, QuantConfig(bits=8)).summary()  # which kernel each layer got, for the row

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import re
 import shutil
 import time
@@ -107,10 +108,25 @@ def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
 
 
 def _check_temperature_alpha(temperature: float, alpha: float) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isinf(temperature):
-        raise ValueError(f"temperature must be a finite number > 0 (typical: 1-4), got {temperature!r}")
-    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1] (0 = train from scratch, 1 = pure distillation), got {alpha!r}")
+    _check_number("temperature", temperature, "> 0 (typical: 1-4)", lambda v: 0 < v < math.inf)
+    _check_number("alpha", alpha, "in [0, 1] (0 = train from scratch, 1 = pure distillation)", lambda v: 0 <= v <= 1)
+
+
+def _check_number(name: str, value, allowed: str, ok) -> None:
+    """ValueError naming the field, its allowed range and the bad value, unless ``value`` is a number with ``ok``.
+
+    NaN is refused (it passes no range check silently: every comparison is False), and so is ``bool``, which
+    Python counts as an int: ``temperature=True`` is a slip, not a 1.
+    """
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+            or not ok(value)):
+        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value, low: int, hint: str = "") -> None:
+    """ValueError unless ``value`` is an int (not a bool, not a float like 2.0 or 2.5) and >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{hint}, got {value!r}")
 
 
 # --- compatibility -------------------------------------------------------------
@@ -248,16 +264,24 @@ class DistillConfig:
     checkpoint_every: int = 100  # with a checkpoint folder: save every this many steps (and at the end)
 
     def __post_init__(self) -> None:
+        # Every numeric field is checked: a wrong sign does not crash, it trains backwards (grad_clip=-1 took
+        # the held-out loss from 11 to 23), and a NaN weight silently poisons every step.
         _check_temperature_alpha(self.temperature, self.alpha)
         if self.kind not in KL_KINDS:
             raise ValueError(f"kind must be one of {KL_KINDS}, got {self.kind!r}")
-        if self.hidden_weight < 0:
-            raise ValueError(f"hidden_weight must be >= 0 (0 = off), got {self.hidden_weight}")
+        _check_number("hidden_weight", self.hidden_weight, ">= 0 (0 = off, typical 0.1-1)",
+                      lambda v: 0 <= v < math.inf)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.warmup_steps < 0 or not 0 < self.lr < 1 or not 0 <= self.min_lr_frac <= 1:
-            raise ValueError("need warmup_steps >= 0, lr in (0, 1) and min_lr_frac in [0, 1]")
+            _check_int(name, getattr(self, name), 1)
+        _check_int("warmup_steps", self.warmup_steps, 0, " (0 = no warm-up)")
+        _check_int("seed", self.seed, 0)
+        _check_number("lr", self.lr, "in (0, 1) (typical 1e-4 to 5e-3)", lambda v: 0 < v < 1)
+        _check_number("min_lr_frac", self.min_lr_frac, "in [0, 1] (the final lr as a fraction of lr)",
+                      lambda v: 0 <= v <= 1)
+        _check_number("weight_decay", self.weight_decay, "in [0, 1] (0 = off, typical 0.01-0.1)",
+                      lambda v: 0 <= v <= 1)
+        _check_number("grad_clip", self.grad_clip, "> 0 (the largest gradient norm kept; inf = no clipping)",
+                      lambda v: v > 0)
 
     @property
     def needs_teacher(self) -> bool:
@@ -445,6 +469,15 @@ class StudentRecipe:
                                            eval_tokens=8192, checkpoint_every=40)
     scratch_baseline: bool = True  # also train the same shape from random init, same tokens, for comparison
     final_eval_tokens: int = 32768
+
+    def __post_init__(self) -> None:
+        _check_int("num_layers", self.num_layers, 1)
+        _check_int("intermediate_size", self.intermediate_size, 1)
+        _check_int("final_eval_tokens", self.final_eval_tokens, 2)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.distill, DistillConfig):
+            raise ValueError(f"distill must be a DistillConfig, got {type(self.distill).__name__}")
 
 
 def main_train_student(args) -> int:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import data
-from .models import count_parameters
+from .models import check_token_ids, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def make_student(teacher: PreTrainedModel, num_layers: int, intermediate_size: i
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    _check_llama_family(teacher, init)
     n_t = teacher.config.num_hidden_layers
     if layers is not None:
         if len(layers) != num_layers or any(not 0 <= i < n_t for i in layers):
@@ -214,6 +215,29 @@ def make_student(teacher: PreTrainedModel, num_layers: int, intermediate_size: i
     if init == "teacher":
         _copy_from_teacher(student, teacher, src)
     return student.to(next(teacher.parameters()).device).eval()
+
+
+STUDENT_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads")
+
+
+def _check_llama_family(teacher, init: str) -> None:
+    """make_student edits a Llama-style config and copies Llama-style layers; say so instead of a KeyError."""
+    cfg = teacher.config.to_dict()
+    missing = [k for k in STUDENT_CONFIG_KEYS if k not in cfg]
+    layers = getattr(getattr(teacher, "model", None), "layers", None)
+    swiglu = layers is not None and len(layers) > 0 and all(
+        hasattr(getattr(layers[0], "mlp", None), p) for p in ("gate_proj", "up_proj", "down_proj"))
+    if missing or (init == "teacher" and not swiglu):
+        kind = getattr(teacher.config, "model_type", type(teacher).__name__)
+        raise ValueError(
+            "make_student builds students of Llama-family models (Llama, Qwen2, Mistral, SmolLM2: config "
+            f"fields {', '.join(STUDENT_CONFIG_KEYS)} and gate/up/down MLPs under model.layers); "
+            f"this teacher is {kind!r} ({type(teacher).__name__}"
+            + (f", its config has no {missing}" if missing else "") + "). For it, make a smaller copy of "
+            "teacher.config yourself (for GPT-2: fewer n_layer), build it with "
+            "AutoModelForCausalLM.from_config(cfg) and train it with distill()"
+        )
 
 
 @torch.no_grad()
@@ -326,7 +350,10 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids:
                              "pass one, or use alpha=0 to train from scratch")
         check_compatible(student, teacher)
         teacher.eval()
+    check_token_ids(student, data_ids, "data_ids")  # ids of another tokenizer: a clear error, not an IndexError
     data_ids = data_ids.flatten()
+    if heldout_ids is not None:
+        check_token_ids(student, heldout_ids, "heldout_ids")
     torch.manual_seed(cfg.seed)
     projections = _make_projections(student, teacher, cfg)
     params = list(student.parameters()) + (list(projections.parameters()) if projections is not None else [])

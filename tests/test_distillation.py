@@ -276,3 +276,27 @@ def test_student_recipe_validates_its_fields():
                 dict(final_eval_tokens=1), dict(distill={"steps": 3})):
         with pytest.raises(ValueError, match=next(iter(bad))):
             StudentRecipe(**bad)
+
+
+def test_make_student_on_gpt2_names_the_fix():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0))
+    for init in ("teacher", "random"):
+        with pytest.raises(ValueError, match="Llama-family.*gpt2.*from_config"):  # was KeyError: 'hidden_size'
+            make_student(gpt2, 1, init=init)
+
+
+def test_distill_refuses_ids_outside_the_vocabulary():
+    teacher = make_tiny(vocab=128)
+    student = make_student(teacher, 1)
+    bad = _data().clone()
+    bad[7] = 128
+    with pytest.raises(ValueError, match="data_ids.*vocabulary of 128"):  # was IndexError deep in the embedding
+        distill(student, teacher, bad, MICRO, progress=False)
+    with pytest.raises(ValueError, match="heldout_ids.*vocabulary"):
+        distill(student, teacher, _data(), MICRO, heldout_ids=bad, progress=False)
+    with pytest.raises(ValueError, match="integer"):
+        distill(student, teacher, _data().float(), MICRO, progress=False)

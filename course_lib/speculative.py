@@ -18,7 +18,9 @@ In float32 it is, token for token (the tests check it against ``generate``). In
 bf16/fp16 it need not be: the target scores k+1 positions in one pass instead
 of one at a time, a matmul of another shape rounds differently, and where the
 top two logits nearly tie the argmax can flip; from there the two texts part
-ways (both still plausible greedy continuations). Like ``generate``, it stops
+ways (both still plausible greedy continuations). Measured with course-tiny and
+its student (15 held-out function prompts, 32 tokens, k=4, on a CPU): 0 of 15
+differed in float32, 2 of 15 in bf16. Like ``generate``, it stops
 after the tokenizer's end-of-sequence token (which is kept). Only the speed
 changes, and it pays when (accepted tokens per round) outweigh
 (k draft steps + one slightly longer target pass). On a model so small that a

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -210,6 +211,12 @@ def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_toke
     """Acceptance rate and tokens/s for several k, next to the target alone (median of ``repeat`` runs)."""
     import statistics
 
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    if not isinstance(ks, (list, tuple)) or not ks:
+        raise ValueError(f"ks must be a non-empty list of draft lengths (e.g. [1, 2, 4]), got {ks!r}")
+    for k in ks:
+        check_pair(target, draft, k)
     rows = []
     ref_times = []
     for _ in range(repeat + 1):  # the first run warms up
@@ -267,5 +274,12 @@ def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_ratio
     (each ``draft_cost`` times a target decode step) plus one verification
     (``verify_ratio`` times a target decode step).
     """
+    if isinstance(acceptance, bool) or not isinstance(acceptance, numbers.Real) or not 0 <= acceptance <= 1:
+        raise ValueError(f"acceptance must be a probability in [0, 1], got {acceptance!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (draft tokens per round) must be an int >= 1, got {k!r}")
+    for name, v in (("draft_cost", draft_cost), ("verify_ratio", verify_ratio)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+            raise ValueError(f"{name} must be a finite number > 0 (a cost relative to one target step), got {v!r}")
     tokens = k + 1 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
     return tokens / (k * draft_cost + verify_ratio)

@@ -144,7 +144,9 @@ def test_folder_without_tokenizer_is_refused_before_the_model_loads(saved_tiny, 
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_damaged_safetensors_is_a_clear_error_naming_the_file(saved_tiny, damage):
+def test_damaged_safetensors_is_a_clear_error_naming_the_file(saved_tiny, damage, capsys):
+    from course_lib.__main__ import main
+
     folder, _ = saved_tiny
     f = folder / "model.safetensors"
     data = f.read_bytes()
@@ -152,6 +154,10 @@ def test_damaged_safetensors_is_a_clear_error_naming_the_file(saved_tiny, damage
     with pytest.raises(ValueError, match="damaged") as e:
         load_model(str(folder))
     assert str(f) in str(e.value)
+    # the command line prints the message, not a traceback
+    assert main(["evaluate", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and str(f) in err and "Traceback" not in err
 
 
 def test_sharded_folder_with_a_missing_shard_names_it(saved_tiny):

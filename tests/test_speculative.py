@@ -124,3 +124,21 @@ def test_course_models_speculate_exactly():
     p = "class Stack:\n    def push(self, item):"
     assert p + tok.decode(speculative_generate(teacher, student, p, 24, k=2, tokenizer=tok).tokens) == generate(
         teacher, tok, p, 24)
+
+
+def test_sweep_and_prediction_refuse_bad_input(pair):
+    from course_lib.speculative import predicted_speedup
+
+    target, drafts = pair
+    p = torch.tensor([[1, 2, 3]])
+    for bad in (dict(repeat=0), dict(repeat=True), dict(ks=[]), dict(ks=[0])):
+        args = dict(ks=[1], repeat=1) | bad
+        with pytest.raises(ValueError, match="repeat|ks|k "):  # repeat=0 was a StatisticsError after all the work
+            sweep_k(target, drafts["random"], p, args["ks"], max_new_tokens=4, repeat=args["repeat"])
+    assert predicted_speedup(1.0, 4, 0.0 + 1e-9, 1.0) == pytest.approx(5.0)
+    assert predicted_speedup(0.5, 2, 0.1, 1.0) == pytest.approx(1.75 / 1.2)
+    for bad in (dict(acceptance=1.5), dict(acceptance=float("nan")), dict(k=0), dict(k=True), dict(draft_cost=0),
+                dict(verify_ratio=-1.0), dict(draft_cost=float("inf"))):
+        kw = dict(acceptance=0.5, k=2, draft_cost=0.1, verify_ratio=1.0) | bad
+        with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+            predicted_speedup(**kw)

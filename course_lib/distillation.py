@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import re
 import shutil
 import time
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import data
-from .models import count_parameters
+from .models import check_token_ids, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,25 @@ def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
 
 
 def _check_temperature_alpha(temperature: float, alpha: float) -> None:
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isinf(temperature):
-        raise ValueError(f"temperature must be a finite number > 0 (typical: 1-4), got {temperature!r}")
-    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1] (0 = train from scratch, 1 = pure distillation), got {alpha!r}")
+    _check_number("temperature", temperature, "> 0 (typical: 1-4)", lambda v: 0 < v < math.inf)
+    _check_number("alpha", alpha, "in [0, 1] (0 = train from scratch, 1 = pure distillation)", lambda v: 0 <= v <= 1)
+
+
+def _check_number(name: str, value, allowed: str, ok) -> None:
+    """ValueError naming the field, its allowed range and the bad value, unless ``value`` is a number with ``ok``.
+
+    NaN is refused (it passes no range check silently: every comparison is False), and so is ``bool``, which
+    Python counts as an int: ``temperature=True`` is a slip, not a 1.
+    """
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+            or not ok(value)):
+        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+
+
+def _check_int(name: str, value, low: int, hint: str = "") -> None:
+    """ValueError unless ``value`` is an int (not a bool, not a float like 2.0 or 2.5) and >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{hint}, got {value!r}")
 
 
 # --- compatibility -------------------------------------------------------------
@@ -181,6 +197,7 @@ def make_student(teacher: PreTrainedModel, num_layers: int, intermediate_size: i
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    _check_llama_family(teacher, init)
     n_t = teacher.config.num_hidden_layers
     if layers is not None:
         if len(layers) != num_layers or any(not 0 <= i < n_t for i in layers):
@@ -198,6 +215,29 @@ def make_student(teacher: PreTrainedModel, num_layers: int, intermediate_size: i
     if init == "teacher":
         _copy_from_teacher(student, teacher, src)
     return student.to(next(teacher.parameters()).device).eval()
+
+
+STUDENT_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads")
+
+
+def _check_llama_family(teacher, init: str) -> None:
+    """make_student edits a Llama-style config and copies Llama-style layers; say so instead of a KeyError."""
+    cfg = teacher.config.to_dict()
+    missing = [k for k in STUDENT_CONFIG_KEYS if k not in cfg]
+    layers = getattr(getattr(teacher, "model", None), "layers", None)
+    swiglu = layers is not None and len(layers) > 0 and all(
+        hasattr(getattr(layers[0], "mlp", None), p) for p in ("gate_proj", "up_proj", "down_proj"))
+    if missing or (init == "teacher" and not swiglu):
+        kind = getattr(teacher.config, "model_type", type(teacher).__name__)
+        raise ValueError(
+            "make_student builds students of Llama-family models (Llama, Qwen2, Mistral, SmolLM2: config "
+            f"fields {', '.join(STUDENT_CONFIG_KEYS)} and gate/up/down MLPs under model.layers); "
+            f"this teacher is {kind!r} ({type(teacher).__name__}"
+            + (f", its config has no {missing}" if missing else "") + "). For it, make a smaller copy of "
+            "teacher.config yourself (for GPT-2: fewer n_layer), build it with "
+            "AutoModelForCausalLM.from_config(cfg) and train it with distill()"
+        )
 
 
 @torch.no_grad()
@@ -248,16 +288,24 @@ class DistillConfig:
     checkpoint_every: int = 100  # with a checkpoint folder: save every this many steps (and at the end)
 
     def __post_init__(self) -> None:
+        # Every numeric field is checked: a wrong sign does not crash, it trains backwards (grad_clip=-1 took
+        # the held-out loss from 11 to 23), and a NaN weight silently poisons every step.
         _check_temperature_alpha(self.temperature, self.alpha)
         if self.kind not in KL_KINDS:
             raise ValueError(f"kind must be one of {KL_KINDS}, got {self.kind!r}")
-        if self.hidden_weight < 0:
-            raise ValueError(f"hidden_weight must be >= 0 (0 = off), got {self.hidden_weight}")
+        _check_number("hidden_weight", self.hidden_weight, ">= 0 (0 = off, typical 0.1-1)",
+                      lambda v: 0 <= v < math.inf)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.warmup_steps < 0 or not 0 < self.lr < 1 or not 0 <= self.min_lr_frac <= 1:
-            raise ValueError("need warmup_steps >= 0, lr in (0, 1) and min_lr_frac in [0, 1]")
+            _check_int(name, getattr(self, name), 1)
+        _check_int("warmup_steps", self.warmup_steps, 0, " (0 = no warm-up)")
+        _check_int("seed", self.seed, 0)
+        _check_number("lr", self.lr, "in (0, 1) (typical 1e-4 to 5e-3)", lambda v: 0 < v < 1)
+        _check_number("min_lr_frac", self.min_lr_frac, "in [0, 1] (the final lr as a fraction of lr)",
+                      lambda v: 0 <= v <= 1)
+        _check_number("weight_decay", self.weight_decay, "in [0, 1] (0 = off, typical 0.01-0.1)",
+                      lambda v: 0 <= v <= 1)
+        _check_number("grad_clip", self.grad_clip, "> 0 (the largest gradient norm kept; inf = no clipping)",
+                      lambda v: v > 0)
 
     @property
     def needs_teacher(self) -> bool:
@@ -302,7 +350,10 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids:
                              "pass one, or use alpha=0 to train from scratch")
         check_compatible(student, teacher)
         teacher.eval()
+    check_token_ids(student, data_ids, "data_ids")  # ids of another tokenizer: a clear error, not an IndexError
     data_ids = data_ids.flatten()
+    if heldout_ids is not None:
+        check_token_ids(student, heldout_ids, "heldout_ids")
     torch.manual_seed(cfg.seed)
     projections = _make_projections(student, teacher, cfg)
     params = list(student.parameters()) + (list(projections.parameters()) if projections is not None else [])
@@ -445,6 +496,15 @@ class StudentRecipe:
                                            eval_tokens=8192, checkpoint_every=40)
     scratch_baseline: bool = True  # also train the same shape from random init, same tokens, for comparison
     final_eval_tokens: int = 32768
+
+    def __post_init__(self) -> None:
+        _check_int("num_layers", self.num_layers, 1)
+        _check_int("intermediate_size", self.intermediate_size, 1)
+        _check_int("final_eval_tokens", self.final_eval_tokens, 2)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.distill, DistillConfig):
+            raise ValueError(f"distill must be a DistillConfig, got {type(self.distill).__name__}")
 
 
 def main_train_student(args) -> int:

@@ -7,10 +7,17 @@ import math
 import torch
 
 from .data import encode_split
+from .models import check_token_ids
 
 
-def _as_ids(model, tokenizer_or_ids, split: str, max_tokens: int | None) -> torch.Tensor:
+def _as_ids(model, tokenizer_or_ids, split: str, max_tokens: int | None, seq_len: int,
+            batch_size: int) -> torch.Tensor:
+    for name, v, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("max_tokens", max_tokens, 2)):
+        if (v is not None or name != "max_tokens") and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ValueError(f"{name} must be an int >= {low}{' or None' if name == 'max_tokens' else ''}, "
+                             f"got {v!r}")
     if isinstance(tokenizer_or_ids, torch.Tensor):
+        check_token_ids(model, tokenizer_or_ids, "token ids")
         ids = tokenizer_or_ids.flatten()
     else:
         # ~4 characters per token is plenty to fill max_tokens without encoding the whole split.
@@ -18,6 +25,8 @@ def _as_ids(model, tokenizer_or_ids, split: str, max_tokens: int | None) -> torc
         ids = encode_split(tokenizer_or_ids, split, max_chars=max_chars)
     if max_tokens is not None:
         ids = ids[:max_tokens]
+    if not isinstance(tokenizer_or_ids, torch.Tensor):
+        check_token_ids(model, ids, "the tokenizer's ids")  # a tokenizer of another model
     if ids.numel() < 2:
         raise ValueError("need at least 2 tokens to measure perplexity")
     return ids
@@ -52,9 +61,7 @@ def perplexity(model, tokenizer_or_ids, split: str = "heldout", max_tokens: int 
     ``tokenizer_or_ids`` is either a tokenizer (the held-out split is encoded
     with it) or a 1-D tensor of token ids.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    ids = _as_ids(model, tokenizer_or_ids, split, max_tokens)
+    ids = _as_ids(model, tokenizer_or_ids, split, max_tokens, seq_len, batch_size)
     nll, _, count = _nll_and_correct(model, ids, seq_len, batch_size)
     return math.exp(nll / count)
 
@@ -62,7 +69,7 @@ def perplexity(model, tokenizer_or_ids, split: str = "heldout", max_tokens: int 
 def next_token_accuracy(model, tokenizer_or_ids, split: str = "heldout", max_tokens: int | None = 32768,
                         seq_len: int = 256, batch_size: int = 8) -> float:
     """Fraction of positions where the top-1 prediction is the actual next token."""
-    ids = _as_ids(model, tokenizer_or_ids, split, max_tokens)
+    ids = _as_ids(model, tokenizer_or_ids, split, max_tokens, seq_len, batch_size)
     _, correct, count = _nll_and_correct(model, ids, seq_len, batch_size)
     return correct / count
 

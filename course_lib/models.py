@@ -100,12 +100,17 @@ def resolve_model_path(name_or_path: str) -> str:
                 f"embedded model {name!r} is not in this install ({folder}); "
                 f"train it with `python -m course_lib train` or use {DEFAULT_MODEL!r}"
             )
-        return str(folder)
+        return _checked_folder(folder)
     if Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
         if not (folder / "config.json").is_file():
             raise ValueError(f"folder {folder} has no config.json: not a saved Hugging Face model")
-        return str(folder)
+        return _checked_folder(folder)
+    if _looks_like_path(name_or_path):  # else "./no/such/dir" would be looked up on the hub and called "offline"
+        where = Path(name).expanduser().absolute()
+        what = "is a file, not a model folder" if where.exists() else "does not exist"
+        raise ValueError(f"no such model folder: {name!r} ({where}) {what}; check the path, or use a preset "
+                         f"such as {DEFAULT_MODEL!r} or a hub id like 'org/name'")
     hub_id = HUB_ALIASES.get(name.lower(), name)
     if "/" not in hub_id:
         raise ValueError(
@@ -113,6 +118,56 @@ def resolve_model_path(name_or_path: str) -> str:
             "or pass a local folder or a hub id like 'org/name'"
         )
     return hub_id
+
+
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone does not: it only points at them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def _looks_like_path(name) -> bool:
+    """A name no hub id could be: a path object, a leading / . ~, a backslash, or more than one '/'."""
+    text = str(name)
+    return (isinstance(name, os.PathLike) or text.startswith(("/", ".", "~")) or "\\" in text
+            or text.count("/") > 1 or Path(text).expanduser().exists())
+
+
+def _checked_folder(folder: Path) -> str:
+    """A saved model folder, checked before any slow load: it has a tokenizer and readable safetensors files.
+
+    Without these checks a folder with no tokenizer fails only after the model has loaded, and a
+    truncated weights file fails deep inside safetensors with a message that names no file.
+    """
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"folder {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the "
+            f"model with tokenizer.save_pretrained({str(folder)!r}), or copy the tokenizer files of the model "
+            "it was made from"
+        )
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index} is damaged ({e}); save the model again with save_pretrained") from e
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ValueError(f"{index} lists weight files that are missing from {folder}: {missing}; copy the "
+                             "whole folder again, or save the model again with save_pretrained")
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):  # reads and checks the header against the file size
+                pass
+        except Exception as e:  # safetensors raises its own error type (SafetensorError), or OSError
+            raise ValueError(
+                f"weights file {f} is damaged and cannot be read ({e}); it was probably cut short by an "
+                "interrupted save, copy or download: save the model again (model.save_pretrained) or copy "
+                "the folder again"
+            ) from e
+    return str(folder)
 
 
 def _from_pretrained_offline_aware(loader, path: str, **kw):
@@ -226,3 +281,26 @@ def speed_lab_model(
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def check_token_ids(model, ids: torch.Tensor, what: str = "ids") -> None:
+    """ValueError unless ``ids`` are integer token ids the model can embed (0 <= id < its vocabulary size).
+
+    Ids from another tokenizer would otherwise fail as an IndexError deep in the embedding or the loss.
+    """
+    if (not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex
+            or ids.dtype == torch.bool):
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{what} must be a tensor of integer token ids (torch.long), got {got}")
+    sizes = [model.config.vocab_size]
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(getattr(emb, "num_embeddings", None), int):
+        sizes.append(emb.num_embeddings)
+    vocab = min(sizes)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+        raise ValueError(
+            f"{what} hold token id {bad}, outside this model's vocabulary of {vocab} ids (0..{vocab - 1}): they "
+            "were made by another tokenizer; encode the text with this model's own tokenizer (load_model "
+            "returns it)"
+        )

@@ -12,9 +12,17 @@ memory traffic). Speculative decoding exploits that:
    target's own token at the first disagreement (or a bonus token when all k
    were right). Every round therefore yields between 1 and k+1 tokens.
 
-With greedy decoding the output is exactly the target's own greedy output:
-every kept token is the target's argmax given the tokens before it. Only the
-speed changes, and it pays when (accepted tokens per round) outweigh
+With greedy decoding every kept token is the target's argmax given the tokens
+before it, so in exact arithmetic the output is the target's own greedy output.
+In float32 it is, token for token (the tests check it against ``generate``). In
+bf16/fp16 it need not be: the target scores k+1 positions in one pass instead
+of one at a time, a matmul of another shape rounds differently, and where the
+top two logits nearly tie the argmax can flip; from there the two texts part
+ways (both still plausible greedy continuations). Measured with course-tiny and
+its student (15 held-out function prompts, 32 tokens, k=4, on a CPU): 0 of 15
+differed in float32, 2 of 15 in bf16. Like ``generate``, it stops
+after the tokenizer's end-of-sequence token (which is kept). Only the speed
+changes, and it pays when (accepted tokens per round) outweigh
 (k draft steps + one slightly longer target pass). On a model so small that a
 forward pass is dominated by fixed Python/dispatch overhead rather than by
 reading weights, the draft step costs nearly as much as the target step, and
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -87,20 +96,39 @@ def _rollback(cache: DynamicCache, keep: int) -> None:
         cache.crop(-extra)  # a negative argument means "remove this many" in transformers 4.x and 5.x alike
 
 
+def _prompt_ids(tokenizer, prompt, device) -> torch.Tensor:
+    if isinstance(prompt, str) and tokenizer is None:
+        raise ValueError("a text prompt needs its tokenizer: pass tokenizer= (load_model returns it), "
+                         "or pass the prompt as a tensor of token ids")
+    return encode_prompt(tokenizer, prompt, device)
+
+
+def _eos_id(tokenizer, stop_at_eos: bool) -> int | None:
+    """The token that ends generation: the tokenizer's EOS, as in :func:`course_lib.generation.stream_generate`."""
+    return getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None
+
+
 @torch.inference_mode()
 def speculative_generate(target, draft, prompt, max_new_tokens: int = 32, k: int = 4,
-                         tokenizer=None) -> SpeculativeResult:
+                         tokenizer=None, stop_at_eos: bool = True) -> SpeculativeResult:
     """Greedy speculative decoding (batch size 1): the target's greedy tokens, found k at a time.
 
-    ``prompt`` is text (then pass ``tokenizer``) or a tensor of token ids.
+    ``prompt`` is text (then pass ``tokenizer``) or a tensor of token ids. As in
+    :func:`course_lib.generation.generate`, generation stops after the
+    tokenizer's EOS token, which is included (``stop_at_eos=False``: always
+    ``max_new_tokens``; without a tokenizer there is no EOS to stop at). In
+    float32 the tokens are those of greedy ``generate``; in bf16/fp16 rounding
+    can flip a near-tie, and the two can differ from there on (see the module
+    docstring).
     """
     check_pair(target, draft, k)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     device = next(target.parameters()).device
-    ids = encode_prompt(tokenizer, prompt, device)
+    ids = _prompt_ids(tokenizer, prompt, device)
     if ids.shape[0] != 1:
         raise ValueError("speculative_generate handles one prompt at a time (batch size 1)")
+    eos = _eos_id(tokenizer, stop_at_eos)
     t0 = time.perf_counter()
     t_cache, d_cache = DynamicCache(), DynamicCache()
     # Prefill both models on the prompt minus its last token; that token is the first "pending" one.
@@ -133,6 +161,12 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 32, k: int
         kept = guess[0, :n].tolist() + [int(best[n])]
         rounds += 1
         proposed += k_now
+        if eos is not None and eos in kept:
+            # Plain greedy decoding would have stopped here: drop what follows EOS (even accepted guesses).
+            cut = kept.index(eos) + 1
+            accepted += min(n, cut)
+            new.extend(kept[:cut])
+            break
         accepted += n
         new.extend(kept)
         # Roll the caches back to the kept tokens (the last kept token becomes pending).
@@ -147,14 +181,17 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 32, k: int
 
 
 @torch.inference_mode()
-def greedy_reference(model, prompt, max_new_tokens: int = 32, tokenizer=None) -> tuple[list[int], float]:
+def greedy_reference(model, prompt, max_new_tokens: int = 32, tokenizer=None,
+                     stop_at_eos: bool = True) -> tuple[list[int], float]:
     """The target alone, greedy with its KV cache, one token per pass: (tokens, seconds).
 
     The same loop shape as :func:`speculative_generate` (prefill, then one
-    position per step), so the two are timed on equal terms.
+    position per step), so the two are timed on equal terms; it stops at EOS
+    the same way (only when a tokenizer is given).
     """
     device = next(model.parameters()).device
-    ids = encode_prompt(tokenizer, prompt, device)
+    ids = _prompt_ids(tokenizer, prompt, device)
+    eos = _eos_id(tokenizer, stop_at_eos)
     t0 = time.perf_counter()
     cache = DynamicCache()
     logits = _step(model, ids, cache)[:, -1]
@@ -162,6 +199,8 @@ def greedy_reference(model, prompt, max_new_tokens: int = 32, tokenizer=None) ->
     for i in range(max_new_tokens):
         nxt = logits.argmax(-1, keepdim=True)
         new.append(int(nxt))
+        if int(nxt) == eos:
+            break
         if i + 1 < max_new_tokens:
             logits = _step(model, nxt, cache)[:, -1]
     return new, time.perf_counter() - t0
@@ -172,6 +211,12 @@ def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_toke
     """Acceptance rate and tokens/s for several k, next to the target alone (median of ``repeat`` runs)."""
     import statistics
 
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    if not isinstance(ks, (list, tuple)) or not ks:
+        raise ValueError(f"ks must be a non-empty list of draft lengths (e.g. [1, 2, 4]), got {ks!r}")
+    for k in ks:
+        check_pair(target, draft, k)
     rows = []
     ref_times = []
     for _ in range(repeat + 1):  # the first run warms up
@@ -229,5 +274,12 @@ def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_ratio
     (each ``draft_cost`` times a target decode step) plus one verification
     (``verify_ratio`` times a target decode step).
     """
+    if isinstance(acceptance, bool) or not isinstance(acceptance, numbers.Real) or not 0 <= acceptance <= 1:
+        raise ValueError(f"acceptance must be a probability in [0, 1], got {acceptance!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (draft tokens per round) must be an int >= 1, got {k!r}")
+    for name, v in (("draft_cost", draft_cost), ("verify_ratio", verify_ratio)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+            raise ValueError(f"{name} must be a finite number > 0 (a cost relative to one target step), got {v!r}")
     tokens = k + 1 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
     return tokens / (k * draft_cost + verify_ratio)

@@ -67,6 +67,34 @@ def synchronize(device: str | torch.device | None = None) -> None:
         torch.mps.synchronize()
 
 
+def _check_count(name: str, value, low: int) -> None:
+    """ValueError unless ``value`` is an int >= ``low``; a bool is refused (``repeat=True`` is a slip, not a 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _timing_device(device: str | torch.device | None) -> torch.device:
+    """The device to time on (None = CPU), refused with a ValueError when this machine does not have it.
+
+    Checked here rather than with models.resolve_device: timing imports nothing from the course above it.
+    Without the check, ``device="cuda"`` on a machine without a GPU fails deep in torch ("Tried to
+    instantiate dummy base class Event").
+    """
+    try:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N', 'mps' or None (CPU)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; "
+                         "time on the CPU instead (device='cpu' or None)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} "
+                         f"CUDA GPU(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but MPS is not available here; use 'cpu' or None")
+    return dev
+
+
 def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10,
               device: str | torch.device | None = None) -> BenchResult:
     """Time ``fn()`` ``repeat`` times after ``warmup`` untimed calls, under inference mode.
@@ -74,9 +102,11 @@ def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10,
     On a CUDA ``device`` each call is timed with CUDA events; otherwise with
     ``time.perf_counter`` (after synchronizing, so queued work is counted).
     """
-    if warmup < 0 or repeat < 1:
-        raise ValueError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if not callable(fn):
+        raise ValueError(f"fn must be a callable taking no arguments (e.g. lambda: model(x)), got {fn!r}")
+    _check_count("warmup", warmup, 0)
+    _check_count("repeat", repeat, 1)
+    dev = _timing_device(device)
     times: list[float] = []
     with torch.inference_mode():
         for _ in range(warmup):
@@ -121,8 +151,10 @@ def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
     """
     from .generation import stream_generate
 
-    if max_new_tokens < 2:
-        raise ValueError(f"max_new_tokens must be >= 2 to time the decode phase, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be an int >= 2 to time the decode phase, got {max_new_tokens!r}")
+    _check_count("warmup", warmup, 0)
+    _check_count("repeat", repeat, 1)
     gen = generate_fn or stream_generate
     device = next(model.parameters()).device
     runs = []
@@ -177,8 +209,9 @@ def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, round
     With ``errors`` (a dict), a model that raises is dropped from the remaining rounds and its message stored
     under its name, instead of ending the whole measurement.
     """
-    if not isinstance(new_tokens, int) or new_tokens < 2:
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an int >= 2 to time the decode phase, got {new_tokens!r}")
+    _check_count("rounds", rounds, 1)
     models = dict(models)
     samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in models}
     decoders: dict[str, Callable[[torch.Tensor, int], object]] = {}
@@ -226,7 +259,7 @@ def time_once(fn: Callable[[], object], sync: bool = True, device: str | torch.d
     This is how timing usually goes wrong. On a GPU with ``sync=False`` it
     measures how long the launch took, not the work.
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = _timing_device(device)
     with torch.inference_mode():
         if sync:
             synchronize(dev)
@@ -252,7 +285,8 @@ def first_call_cost(make_fn: Callable[[], Callable[[], object]], repeat: int = 5
 
 def thread_scaling(fn: Callable[[], object], threads: list[int], warmup: int = 2, repeat: int = 5) -> list[dict]:
     """Median time of ``fn`` for each CPU thread count (the old thread count is restored)."""
-    if not threads or any(t < 1 for t in threads):
+    if (not isinstance(threads, (list, tuple)) or not threads
+            or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in threads)):
         raise ValueError(f"threads must be a non-empty list of positive ints, got {threads!r}")
     old = torch.get_num_threads()
     rows = []

@@ -73,6 +73,32 @@ def test_config_rejects_bad_values(bad):
         replace(MICRO, **bad)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("grad_clip", -1.0), ("grad_clip", 0.0), ("grad_clip", NAN), ("weight_decay", -0.1), ("weight_decay", NAN),
+    ("weight_decay", 2.0), ("hidden_weight", NAN), ("hidden_weight", INF), ("temperature", True),
+    ("temperature", NAN), ("temperature", INF), ("alpha", True), ("alpha", NAN), ("warmup_steps", 2.5),
+    ("warmup_steps", -1), ("warmup_steps", True), ("steps", 10.0), ("steps", True), ("batch_size", False),
+    ("eval_tokens", 100.5), ("lr", NAN), ("lr", INF), ("lr", -1e-3), ("min_lr_frac", NAN), ("min_lr_frac", -0.5),
+    ("seed", -1), ("seed", 1.5), ("seed", True), ("temperature", "2"), ("grad_clip", None),
+])
+def test_config_validates_every_numeric_field(field, value):
+    # grad_clip < 0 used to be accepted and trained backwards (held-out loss 11 -> 23); NaN and bools slipped by.
+    with pytest.raises(ValueError, match=field) as e:
+        replace(MICRO, **{field: value})
+    assert repr(value) in str(e.value) and ("in [" in str(e.value) or "in (" in str(e.value) or ">" in str(e.value))
+
+
+def test_config_accepts_the_edges_of_every_range():
+    import numpy as np
+
+    cfg = replace(MICRO, grad_clip=INF, warmup_steps=0, weight_decay=0.0, hidden_weight=0.0, alpha=1, seed=0,
+                  min_lr_frac=0.0, temperature=np.float32(1.5), steps=np.int64(12))
+    assert cfg.grad_clip == INF and cfg.lr_at(0) == pytest.approx(MICRO.lr)
+
+
 def test_kd_loss_rejects_bad_input():
     s = torch.randn(2, 4, 10)
     with pytest.raises(ValueError, match="temperature"):
@@ -241,3 +267,36 @@ def test_shipped_student_record_if_present():
     assert rec["seed"] == rec["config"]["seed"]
     ppl = rec["heldout_ppl"]
     assert ppl["student_kd"] < ppl["student_scratch"]
+
+
+def test_student_recipe_validates_its_fields():
+    from course_lib.distillation import StudentRecipe
+
+    for bad in (dict(num_layers=0), dict(num_layers=2.0), dict(intermediate_size=True), dict(init="copy"),
+                dict(final_eval_tokens=1), dict(distill={"steps": 3})):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            StudentRecipe(**bad)
+
+
+def test_make_student_on_gpt2_names_the_fix():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0))
+    for init in ("teacher", "random"):
+        with pytest.raises(ValueError, match="Llama-family.*gpt2.*from_config"):  # was KeyError: 'hidden_size'
+            make_student(gpt2, 1, init=init)
+
+
+def test_distill_refuses_ids_outside_the_vocabulary():
+    teacher = make_tiny(vocab=128)
+    student = make_student(teacher, 1)
+    bad = _data().clone()
+    bad[7] = 128
+    with pytest.raises(ValueError, match="data_ids.*vocabulary of 128"):  # was IndexError deep in the embedding
+        distill(student, teacher, bad, MICRO, progress=False)
+    with pytest.raises(ValueError, match="heldout_ids.*vocabulary"):
+        distill(student, teacher, _data(), MICRO, heldout_ids=bad, progress=False)
+    with pytest.raises(ValueError, match="integer"):
+        distill(student, teacher, _data().float(), MICRO, progress=False)

@@ -85,3 +85,20 @@ def test_compile_rate_counts_real_compiles(monkeypatch):
 def test_course_tiny_completions_often_compile(course_tiny):
     model, tok = course_tiny
     assert course_lib_metrics.compile_rate(model, tok, n=6, max_new_tokens=48) > 0
+
+
+def test_ids_outside_the_vocabulary_are_a_clear_error(course_tiny):
+    model = make_tiny(vocab=128)
+    for fn in (perplexity, next_token_accuracy):
+        with pytest.raises(ValueError, match="vocabulary of 128"):  # not "IndexError: Target 500 is out of bounds"
+            fn(model, torch.tensor([1, 2, 3, 500]), seq_len=4)
+    _, tok = course_tiny  # a tokenizer with a bigger vocabulary than the model: its ids do not fit
+    with pytest.raises(ValueError, match="another tokenizer"):
+        perplexity(model, tok, max_tokens=512)
+
+
+@pytest.mark.parametrize("bad", [dict(seq_len=0), dict(seq_len=True), dict(seq_len=8.0), dict(batch_size=0),
+                                 dict(max_tokens=1), dict(max_tokens=2.5)])
+def test_perplexity_checks_its_sizes(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        perplexity(make_tiny(), torch.arange(20), **bad)

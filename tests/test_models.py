@@ -95,3 +95,95 @@ def test_speed_lab_meta_has_real_shapes_and_no_storage():
     model, cfg = speed_lab_model("qwen2.5-0.5b", device="meta")
     assert count_parameters(model) == 494_032_768  # Qwen2.5-0.5B's published size, tied head counted once
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+# --- clear errors for broken folders and paths (issue 12) -------------------------------------------------------
+
+@pytest.fixture
+def saved_tiny(tmp_path, course_tiny):
+    """A tiny random Llama saved with course-tiny's tokenizer: a complete model folder."""
+    from tests.conftest import make_tiny
+
+    _, tok = course_tiny
+    model = make_tiny(vocab=len(tok))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+@pytest.mark.parametrize("path", ["./no/such/dir", "no/such/dir", "/nonexistent/model", "~/no-such-model-dir"])
+def test_missing_folder_says_no_such_folder_not_offline(path):
+    with pytest.raises(ValueError, match="no such model folder") as e:
+        load_model(path)
+    assert "offline" not in str(e.value)
+
+
+def test_a_file_is_not_a_model_folder(tmp_path):
+    f = tmp_path / "model.txt"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        load_model(str(f))
+
+
+def test_folder_without_tokenizer_is_refused_before_the_model_loads(saved_tiny, monkeypatch):
+    import transformers
+
+    from course_lib.models import load_tokenizer
+
+    folder, _ = saved_tiny
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).unlink()
+
+    def no_model_load(*a, **k):
+        raise AssertionError("the model was loaded before the missing tokenizer was noticed")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model_load)
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(ValueError, match="no tokenizer.*save_pretrained"):
+            load(str(folder))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_safetensors_is_a_clear_error_naming_the_file(saved_tiny, damage, capsys):
+    from course_lib.__main__ import main
+
+    folder, _ = saved_tiny
+    f = folder / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a safetensors file" * 4)
+    with pytest.raises(ValueError, match="damaged") as e:
+        load_model(str(folder))
+    assert str(f) in str(e.value)
+    # the command line prints the message, not a traceback
+    assert main(["evaluate", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and str(f) in err and "Traceback" not in err
+
+
+def test_sharded_folder_with_a_missing_shard_names_it(saved_tiny):
+    import json
+
+    folder, _ = saved_tiny
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
+        load_model(str(folder))
+
+
+def test_saved_folder_still_loads(saved_tiny):
+    folder, model = saved_tiny
+    again, _ = load_model(folder)  # a Path works as well as a str
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_check_token_ids(tiny_llama):
+    from course_lib.models import check_token_ids
+
+    check_token_ids(tiny_llama, torch.tensor([0, 5, 127]))
+    for bad, msg in ((torch.tensor([1, 128]), "128.*vocabulary of 128"), (torch.tensor([-1, 2]), "-1"),
+                     (torch.tensor([1.0, 2.0]), "integer"), ([1, 2], "integer")):
+        with pytest.raises(ValueError, match=msg):
+            check_token_ids(tiny_llama, bad)

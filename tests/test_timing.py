@@ -220,3 +220,48 @@ def test_decode_speed_compiled_loop_times_the_compiled_decoder(monkeypatch):
     assert out == {"a": pytest.approx((500.0, 2.0)), "b": pytest.approx((500.0, 2.0))}
     with pytest.raises(ValueError, match=">= 2"):
         timing.decode_speed(models, prompt, new_tokens=1)
+
+
+@pytest.mark.parametrize("bad", [dict(repeat=True), dict(repeat=0), dict(repeat=2.5), dict(repeat="3"),
+                                 dict(warmup=-1), dict(warmup=False), dict(warmup=1.0), dict(warmup=None)])
+def test_benchmark_refuses_bad_counts(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):  # repeat=True used to run once, silently
+        benchmark(lambda: None, **bad)
+
+
+def test_benchmark_refuses_what_is_not_a_function():
+    with pytest.raises(ValueError, match="callable"):
+        benchmark(3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+@pytest.mark.parametrize("timer", [lambda d: benchmark(lambda: None, device=d),
+                                   lambda d: time_once(lambda: None, device=d),
+                                   lambda d: first_call_cost(lambda: (lambda: None), device=d)])
+def test_cuda_without_gpu_is_a_clear_error(timer):
+    for device in ("cuda", torch.device("cuda:0")):  # was "RuntimeError: Tried to instantiate dummy base class Event"
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            timer(device)
+
+
+@requires_cuda
+def test_cuda_index_past_the_last_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        benchmark(lambda: None, device=f"cuda:{torch.cuda.device_count()}")
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="cpu"):
+        benchmark(lambda: None, device="gpu")
+
+
+def test_other_timers_check_their_counts():
+    model = make_tiny()
+    with pytest.raises(ValueError, match="repeat"):
+        time_generation(model, None, torch.tensor([[1, 2]]), max_new_tokens=4, repeat=0)
+    with pytest.raises(ValueError, match="threads"):
+        thread_scaling(lambda: None, [True])
+    from course_lib.timing import decode_speed
+
+    with pytest.raises(ValueError, match="rounds"):
+        decode_speed({"m": model}, torch.tensor([1, 2]), rounds=0)

@@ -468,7 +468,8 @@ def make_tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)).eval()
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
 
 
 @pytest.mark.parametrize("cfg,layer_type,min_sqnr", [(QuantConfig(bits=8), Int8WeightOnlyLinear, 30),

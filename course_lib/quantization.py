@@ -234,10 +234,10 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.kernel == "reference" or self.weight_int8.data_ptr() % INT8_KERNEL_ALIGN[0]:
+        if self.kernel == "reference" or _misaligned(self.weight_int8, INT8_KERNEL_ALIGN[0]):
             y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scales
         else:
-            if x2.data_ptr() % INT8_KERNEL_ALIGN[1]:
+            if _misaligned(x2, INT8_KERNEL_ALIGN[1]):
                 x2 = x2.clone()  # a view at an odd offset; a fresh tensor is 64-byte aligned
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
         if self.bias is not None:
@@ -397,6 +397,11 @@ def _follow_dtype_cast(layer: nn.Module, apply, fn, recurse: bool, fast: str) ->
 # A crash can't be caught, so only widths in the passing family are ever probed; the rest take the reference path.
 INT8_KERNEL_K_MULTIPLE = 16
 INT8_KERNEL_ALIGN = (16, 32)  # bytes: weight rows, activation rows
+
+
+def _misaligned(t: torch.Tensor, boundary: int) -> bool:
+    # torch.compile traces without real pointers (and its own buffers are aligned): check in eager mode only
+    return not torch.compiler.is_compiling() and t.data_ptr() % boundary != 0
 PROBE_ROWS = (1, 2, 7, 16, 33)  # the kernel tiles rows: one row passing proves nothing about a batch
 
 

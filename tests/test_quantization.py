@@ -414,6 +414,13 @@ def test_int8_kernel_gets_aligned_rows_whatever_the_input_view():
     assert kernel == "aten._weight_int8pack_mm" and finite == "True" and float(err) < 0.02
 
 
+def test_int8_layer_traces_whole_under_torch_compile():
+    # The alignment checks read pointers, which torch.compile cannot; CompiledDecoder uses fullgraph=True.
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(256, 64))
+    x = torch.randn(3, 256)
+    assert torch.allclose(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
+
+
 def test_kernel_probe_uses_several_rows(monkeypatch, caplog):
     real = torch._weight_int8pack_mm
 

@@ -397,12 +397,12 @@ def _follow_dtype_cast(layer: nn.Module, apply, fn, recurse: bool, fast: str) ->
 # A crash can't be caught, so only widths in the passing family are ever probed; the rest take the reference path.
 INT8_KERNEL_K_MULTIPLE = 16
 INT8_KERNEL_ALIGN = (16, 32)  # bytes: weight rows, activation rows
+PROBE_ROWS = (1, 2, 7, 16, 33)  # the kernel tiles rows: one row passing proves nothing about a batch
 
 
 def _misaligned(t: torch.Tensor, boundary: int) -> bool:
     # torch.compile traces without real pointers (and its own buffers are aligned): check in eager mode only
     return not torch.compiler.is_compiling() and t.data_ptr() % boundary != 0
-PROBE_ROWS = (1, 2, 7, 16, 33)  # the kernel tiles rows: one row passing proves nothing about a batch
 
 
 def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:

@@ -205,7 +205,12 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     path = resolve_model_path(name_or_path)
-    model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
+    if (Path(path) / "course_quant.json").is_file():  # saved by a quantized model's save_pretrained
+        from .quantization import load_quantized  # imported here: quantization stays a lazy import
+
+        model = load_quantized(path, torch_dtype)
+    else:
+        model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
     tokenizer = _from_pretrained_offline_aware(AutoTokenizer, path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

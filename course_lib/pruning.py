@@ -47,6 +47,8 @@ import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
 
+from .quantization import is_quantized
+
 log = logging.getLogger(__name__)
 
 # Decoder layouts we know: model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}.
@@ -498,6 +500,9 @@ def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None 
     """
     if not isinstance(cfg, PruneConfig):
         raise ValueError(f"cfg must be a PruneConfig, got {type(cfg).__name__}")
+    if is_quantized(model):
+        raise ValueError("prune_ needs a float model, and this one is quantized (packed int8/int4 layers): "
+                         "prune the float model first, then quantize it (prune_(model, cfg); quantize_(model, qcfg))")
     check_supported(model)
     t0 = time.perf_counter()
     before = _count(model)

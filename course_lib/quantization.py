@@ -23,20 +23,28 @@ three layers of the same idea.
    neighbouring layers, which depends on each architecture) and it works at
    4 bits, where RTN hurts most.
 
-``quantize_(model, QuantConfig(...))`` replaces ``nn.Linear`` layers in place.
+``quantize_(model, QuantConfig(...))`` replaces ``nn.Linear`` layers (and GPT-2's ``Conv1D``, a Linear with its
+weight stored transposed) in place. ``model.save_pretrained(folder)`` then stores the packed tensors and
+``course_lib.load_model(folder)`` rebuilds them (see "saving and loading" below).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +185,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+# Cached per layer shape: the probe and saving read every int4 layer's layout, and computing it takes 12 s for
+# 8192 x 2048 on 2 cores. A model has a handful of shapes (SmolLM2-135M: 4, 18 MB of cache).
+@functools.lru_cache(maxsize=16)
 def _cpu_int4_layout(n: int, k: int) -> torch.Tensor:
     """Where each of the N*K nibbles lands in the aten CPU int4 layout (it depends on the CPU's ISA).
 
@@ -202,9 +213,13 @@ class Int8WeightOnlyLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight_int8", q.to(torch.int8).contiguous())
+        q = q.to(torch.int8).contiguous()
+        if q.data_ptr() % 64:  # e.g. a tensor read from a safetensors file: the kernel needs aligned rows
+            q = q.clone()
+        self.register_buffer("weight_int8", q)
         self.register_buffer("scales", scale.reshape(-1).to(compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.kernel_request = kernel
         self.kernel = _choose_kernel(self, kernel, "aten._weight_int8pack_mm")
 
     @classmethod
@@ -219,13 +234,18 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.kernel == "reference":
+        if self.kernel == "reference" or _misaligned(self.weight_int8, INT8_KERNEL_ALIGN[0]):
             y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scales
         else:
+            if _misaligned(x2, INT8_KERNEL_ALIGN[1]):
+                x2 = x2.clone()  # a view at an odd offset; a fresh tensor is 64-byte aligned
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        return _follow_dtype_cast(self, super()._apply, fn, recurse, "aten._weight_int8pack_mm")
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}, compute={self.compute_dtype}"
@@ -249,6 +269,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("weight_packed", pack_int4(q))
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.kernel_request = kernel
         self.kernel = _choose_kernel(self, kernel, "aten._weight_int4pack_mm_for_cpu")
 
     @classmethod
@@ -315,6 +336,9 @@ class Int4WeightOnlyLinear(nn.Module):
             state_dict[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _apply(self, fn, recurse=True):
+        return _follow_dtype_cast(self, super()._apply, fn, recurse, "aten._weight_int4pack_mm_for_cpu")
+
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
                 f"kernel={self.kernel}, compute={self.compute_dtype}")
@@ -335,9 +359,54 @@ class Int8Embedding(nn.Module):
         rows = F.embedding(ids, self.weight_int8).to(self.out_dtype)
         return rows * self.scales[ids].to(self.out_dtype).unsqueeze(-1)
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / .float() / .to(dtype): the looked-up rows take the dtype a float tensor of ours would get
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype, device=self.scales.device)).dtype
+        return super()._apply(fn, recurse)
+
+
+def _follow_dtype_cast(layer: nn.Module, apply, fn, recurse: bool, fast: str) -> nn.Module:
+    """``model.half()`` / ``.float()`` / ``.to(dtype)`` reach a packed layer as a cast of its float buffers.
+
+    The integers stay; the scales (and bias) take the new dtype and so does the compute dtype, then the kernel is
+    chosen again, since a kernel that is safe in one dtype need not be in another. Without this the scales and
+    the activations would disagree and the kernel would fail (or worse) at the next forward.
+    """
+    scales = layer.scales if isinstance(layer, Int8WeightOnlyLinear) else layer.scales_and_zeros
+    before = scales.dtype
+    portable = None
+    if isinstance(layer, Int4WeightOnlyLinear) and fn(scales[:0]).dtype != before:
+        portable = layer.int_weight()  # read the kernel's layout while it still matches the chosen kernel
+    apply(fn, recurse)
+    scales = layer.scales if isinstance(layer, Int8WeightOnlyLinear) else layer.scales_and_zeros
+    if scales.dtype != before:
+        log.info("%d x %d layer: compute dtype %s -> %s", layer.out_features, layer.in_features, before, scales.dtype)
+        layer.compute_dtype = scales.dtype
+        if portable is not None:
+            layer.weight_packed = pack_int4(portable).to(layer.weight_packed.device)
+        layer.kernel = _choose_kernel(layer, layer.kernel_request, fast)
+    return layer
+
+
+# Measured on torch 2.13 CPU (AVX-512 with bf16), each case in its own process, K = 8..1192 step 8 (and some
+# larger widths), N in {16, 48}, 1..33 rows: with bf16 activations _weight_int8pack_mm segfaults or returns inf /
+# garbage whenever in_features % 16 == 8 and passes every case with in_features % 16 == 0; K % 8 != 0 is worse.
+# The cause is alignment: the kernel's vector loads want every int8 weight row on a 16-byte boundary and every
+# activation row on a 32-byte one (a weight at an 8-byte offset, or bf16 activations at a 16-byte offset, crash
+# even with K = 256). K % 16 == 0 gives aligned rows; the forward pass checks the two base pointers.
+# A crash can't be caught, so only widths in the passing family are ever probed; the rest take the reference path.
+INT8_KERNEL_K_MULTIPLE = 16
+INT8_KERNEL_ALIGN = (16, 32)  # bytes: weight rows, activation rows
+PROBE_ROWS = (1, 2, 7, 16, 33)  # the kernel tiles rows: one row passing proves nothing about a batch
+
+
+def _misaligned(t: torch.Tensor, boundary: int) -> bool:
+    # torch.compile traces without real pointers (and its own buffers are aligned): check in eager mode only
+    return not torch.compiler.is_compiling() and t.data_ptr() % boundary != 0
+
 
 def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
-    """Try the fast kernel on a one-row input; fall back to the reference path (and say why).
+    """Try the fast kernel on inputs of several row counts; fall back to the reference path (and say why).
 
     Shapes a kernel is known to crash on are refused before the probe.
     """
@@ -346,11 +415,10 @@ def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
     if kernel == "reference":
         return "reference"
     portable = layer.weight_packed if isinstance(layer, Int4WeightOnlyLinear) else None
-    if portable is None and layer.in_features % 8:
-        # Measured on torch 2.13 CPU: _weight_int8pack_mm with K not a multiple of 8 returns NaN for one row and
-        # segfaults for several rows, so it can't be probed safely. Pruned layers (e.g. 538 wide) hit this.
-        log.info("%d x %d layer: %s needs in_features %% 8 == 0; using the reference path", layer.out_features,
-                 layer.in_features, fast)
+    if portable is None and layer.in_features % INT8_KERNEL_K_MULTIPLE:
+        log.info("%d x %d layer: %s is only proven safe for in_features %% %d == 0 (it crashes the process on "
+                 "some other widths); using the reference path", layer.out_features, layer.in_features, fast,
+                 INT8_KERNEL_K_MULTIPLE)
         return "reference"
     layer.kernel = fast
     try:
@@ -360,25 +428,28 @@ def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
             layer._use_kernel_layout()  # refuses N not a multiple of 16, for example
         device = (layer.bias.device if layer.bias is not None else portable.device if portable is not None
                   else layer.weight_int8.device)
-        # A random row, checked against the dequantized weights: a kernel can also return garbage silently.
-        probe = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(device)
-        with torch.no_grad():
-            y = layer(probe.to(layer.compute_dtype)).float()
-            n = min(layer.out_features, 64)  # enough rows to catch garbage, no float copy of a vocab-sized head
-            if portable is None:
-                w = layer.weight_int8[:n].float() * layer.scales[:n, None].float()
-            elif layer.out_features * layer.in_features <= 1 << 24:
-                w = layer.dequantized_weight()[:n].float()
-            else:
-                w = None  # a huge int4 layer: unpacking it whole to check costs more than it is worth
-            err = torch.zeros(())
-            if w is not None:
-                ref = probe @ w.T.to(device)
-                if layer.bias is not None:
-                    ref = ref + layer.bias[:n].float()
-                err = (y[:, :n] - ref).norm() / ref.norm().clamp_min(1e-12)
-        if not torch.isfinite(y).all() or err > 0.05:
-            raise RuntimeError(f"probe output differs from the dequantized weights (relative error {float(err):.3g})")
+        n = min(layer.out_features, 64)  # enough rows to catch garbage, no float copy of a vocab-sized head
+        if portable is None:
+            w = layer.weight_int8[:n].float() * layer.scales[:n, None].float()
+        elif layer.out_features * layer.in_features <= 1 << 24:
+            w = layer.dequantized_weight()[:n].float()
+        else:
+            w = None  # a huge int4 layer: unpacking it whole to check costs more than it is worth
+        gen = torch.Generator().manual_seed(0)
+        for rows in PROBE_ROWS:
+            # Random rows, checked against the dequantized weights: a kernel can also return garbage silently.
+            probe = torch.randn(rows, layer.in_features, generator=gen).to(device).to(layer.compute_dtype)
+            with torch.no_grad():
+                y = layer(probe).float()
+                err = torch.zeros(())
+                if w is not None:
+                    ref = probe.float() @ w.T.to(device)
+                    if layer.bias is not None:
+                        ref = ref + layer.bias[:n].float()
+                    err = (y[:, :n] - ref).norm() / ref.norm().clamp_min(1e-12)
+            if not torch.isfinite(y).all() or err > 0.05:
+                raise RuntimeError(f"probe output differs from the dequantized weights with {rows} rows "
+                                   f"(relative error {float(err):.3g})")
         return fast
     except (RuntimeError, NotImplementedError) as e:
         log.info("%d x %d layer: %s refused (%s); using the reference path", layer.out_features,
@@ -401,7 +472,8 @@ class QuantConfig:
     embeddings: "int8" quantizes the output head (and the input embedding, sharing its int8
         storage when the two are tied) to int8 per row; "float" leaves both as they are.
     compute_dtype: activations are cast to this for the kernel; on CPU bf16 is the fast path.
-    skip: regular expressions of module names left in float.
+    skip: regular expressions of module names left in float (``re.search``), the output head and the
+        input embedding included (``skip=("lm_head",)``); checked when the config is created.
     """
 
     bits: int = 8
@@ -415,14 +487,15 @@ class QuantConfig:
     gptq_block: int = 128
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
+        if isinstance(self.bits, bool) or self.bits not in (4, 8) or not isinstance(self.bits, int):
             raise ValueError(f"bits must be 8 or 4 for packed layers, got {self.bits!r} "
                              "(use fake_quantize to simulate 2-8 bits)")
         if self.bits == 8 and self.group_size is not None:
             raise ValueError("int8 uses one scale per output channel; leave group_size=None")
-        if self.bits == 4 and self.group_size not in INT4_GROUP_SIZES:
-            raise ValueError(f"int4 needs group_size in {INT4_GROUP_SIZES}, got {self.group_size!r}; "
-                             "try QuantConfig(bits=4, group_size=128)")
+        if self.bits == 4 and (type(self.group_size) is not int or self.group_size not in INT4_GROUP_SIZES):
+            # type() check: 128.0 == 128 would pass the `in` test and break the kernel later
+            raise ValueError(f"int4 needs an int group_size in {INT4_GROUP_SIZES}, got {self.group_size!r}; "
+                             "try QuantConfig(bits=4, group_size=64) (it must also divide the layers' in_features)")
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"method must be 'rtn' or 'gptq', got {self.method!r}")
         if self.embeddings not in ("int8", "float"):
@@ -433,6 +506,14 @@ class QuantConfig:
             raise ValueError(f"kernel must be 'auto' or 'reference', got {self.kernel!r}")
         if not isinstance(self.skip, tuple):
             raise ValueError("skip must be a tuple of regular expressions, e.g. skip=('mlp.down_proj',)")
+        for pattern in self.skip:
+            if not isinstance(pattern, str):
+                raise ValueError(f"skip patterns must be strings (regular expressions), got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"skip pattern {pattern!r} is not a valid regular expression ({e}); "
+                                 "escape special characters, e.g. skip=(r'layers\\.0\\.mlp',)") from e
         if not 0 < self.gptq_damp < 1:
             raise ValueError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
         if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
@@ -450,12 +531,14 @@ class QuantReport:
 
     quantized: dict[str, str]  # name -> kernel
     skipped: dict[str, str]  # name -> reason
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         kernels: dict[str, int] = {}
         for k in self.quantized.values():
             kernels[k] = kernels.get(k, 0) + 1
-        return f"{len(self.quantized)} layers quantized {kernels}, {len(self.skipped)} left in float"
+        text = f"{len(self.quantized)} layers quantized {kernels}, {len(self.skipped)} left in float"
+        return text + "".join(f"\nWARNING: {w}" for w in self.warnings)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -463,8 +546,22 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def _is_quantized(model: nn.Module) -> bool:
+def is_quantized(model: nn.Module) -> bool:
+    """True when ``model`` holds packed int8/int4 layers from :func:`quantize_`."""
     return any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8Embedding)) for m in model.modules())
+
+
+_is_quantized = is_quantized  # the older private name
+
+
+def _conv1d_as_linear(conv: Conv1D) -> nn.Linear:
+    """GPT-2's Conv1D is a Linear that stores its weight transposed (in, out): the same layer as ``nn.Linear``."""
+    lin = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        if conv.bias is not None:
+            lin.bias.copy_(conv.bias)
+    return lin
 
 
 def _quantize_linear(lin: nn.Linear, cfg: QuantConfig, hessian: torch.Tensor | None = None) -> nn.Module:
@@ -480,22 +577,24 @@ def _quantize_linear(lin: nn.Linear, cfg: QuantConfig, hessian: torch.Tensor | N
 
 
 def quantize_(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> QuantReport:
-    """Replace the model's ``nn.Linear`` layers with packed int8/int4 layers, in place.
+    """Replace the model's ``nn.Linear`` (and GPT-2 ``Conv1D``) layers with packed int8/int4 layers, in place.
 
-    The output head (``lm_head``) and input embedding follow ``cfg.embeddings``.
+    The output head (``lm_head``) and input embedding follow ``cfg.embeddings`` and ``cfg.skip``.
     ``calibration``: (batch, seq) token ids, needed by ``method="gptq"``
-    (``course_lib.data.calibration_batches(tokenizer)``).
+    (``course_lib.data.calibration_batches(tokenizer)``). Afterwards ``model.save_pretrained(folder)``
+    stores the packed layers and ``course_lib.load_model(folder)`` rebuilds them.
     """
     if not isinstance(cfg, QuantConfig):
         raise ValueError(f"cfg must be a QuantConfig, got {type(cfg).__name__}")
-    if _is_quantized(model):
+    if is_quantized(model):
         raise ValueError("this model is already quantized; quantize a fresh float copy instead "
                          "(quantizing twice would round already-rounded weights)")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head}
     if not linears and head is None:
-        raise ValueError("the model has no nn.Linear layers to quantize (quantize_ handles nn.Linear only)")
+        raise ValueError("the model has no nn.Linear layers to quantize (quantize_ handles nn.Linear and "
+                         "transformers' Conv1D only)")
     if cfg.method == "gptq" and calibration is None:
         raise ValueError("method='gptq' needs calibration token ids: "
                          "quantize_(model, cfg, calibration=course_lib.data.calibration_batches(tokenizer))")
@@ -509,7 +608,14 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | No
         else:
             todo[name] = lin
     if not todo and linears:
-        raise ValueError(f"no Linear layer can take {cfg}: {next(iter(report.skipped.values()))}")
+        reasons = sorted(set(report.skipped.values()))
+        raise ValueError(f"no Linear layer can take {cfg.name}: all {len(linears)} projections would stay in float "
+                         f"({'; '.join(reasons[:3])}){_fitting_group_hint(linears.values(), cfg)}")
+    _warn_if_mostly_float(linears, report, cfg)
+    for name, lin in todo.items():
+        if isinstance(lin, Conv1D):  # same numbers, Linear layout: RTN and GPTQ then treat it like any Linear
+            todo[name] = _conv1d_as_linear(lin)
+            _set_module(model, name, todo[name])
     if cfg.method == "gptq":
         _gptq_model(model, todo, cfg, calibration, report)
     else:
@@ -518,45 +624,211 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | No
             _set_module(model, name, new)
             report.quantized[name] = new.kernel
     _quantize_embeddings(model, head, emb, cfg, report)
+    _install_save(model, cfg)
     log.info("quantize_ %s: %s", cfg.name, report.summary())
     return report
 
 
-def _cannot_take(name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None:
+def _in_features(m: nn.Module) -> int:
+    return m.nx if isinstance(m, Conv1D) else m.in_features
+
+
+def _skip_pattern(name: str, cfg: QuantConfig) -> str | None:
+    return next((p for p in cfg.skip if re.search(p, name)), None)
+
+
+def _cannot_take(name: str, lin: nn.Module, cfg: QuantConfig) -> str | None:
     """Why this layer stays in float, or None."""
-    for pattern in cfg.skip:
-        if re.search(pattern, name):
-            return f"matches skip pattern {pattern!r}"
-    if cfg.bits == 4 and lin.in_features % cfg.group_size:
-        return f"in_features={lin.in_features} is not a multiple of group_size={cfg.group_size}"
+    pattern = _skip_pattern(name, cfg)
+    if pattern is not None:
+        return f"matches skip pattern {pattern!r}"
+    if cfg.bits == 4 and _in_features(lin) % cfg.group_size:
+        return f"in_features={_in_features(lin)} is not a multiple of group_size={cfg.group_size}"
     return None
+
+
+def _fitting_group_hint(layers, cfg: QuantConfig) -> str:
+    """For int4: the group sizes that divide every layer's in_features (SmolLM2's 576 takes 32 and 64, not 128)."""
+    if cfg.bits != 4:
+        return ""
+    widths = sorted({_in_features(m) for m in layers})
+    fits = [g for g in INT4_GROUP_SIZES if all(w % g == 0 for w in widths)]
+    if fits:
+        return f"; in_features {widths} all take group_size in {fits}, e.g. QuantConfig(bits=4, group_size={fits[-1]})"
+    return f"; no int4 group size in {INT4_GROUP_SIZES} divides every in_features {widths}"
+
+
+def _warn_if_mostly_float(linears: dict[str, nn.Module], report: QuantReport, cfg: QuantConfig) -> None:
+    """Say so loudly when the group size, not the user's skip list, leaves most projections in float."""
+    by_group = [n for n, r in report.skipped.items() if "group_size" in r]
+    if 2 * len(by_group) > len(linears):
+        msg = (f"{cfg.name} leaves {len(by_group)} of {len(linears)} projections in float because group_size="
+               f"{cfg.group_size} does not divide their in_features{_fitting_group_hint(linears.values(), cfg)}; "
+               "quality and size numbers from this run are mostly the float model's")
+        report.warnings.append(msg)
+        log.warning(msg)
 
 
 def _quantize_embeddings(model: nn.Module, head: nn.Module | None, emb: nn.Module | None,
                          cfg: QuantConfig, report: QuantReport) -> None:
-    """lm_head (and the tied input embedding) to int8 rows, or left alone, per ``cfg.embeddings``."""
+    """lm_head (and the input embedding) to int8 rows, or left alone, per ``cfg.embeddings`` and ``cfg.skip``."""
     if head is None or not isinstance(head, nn.Linear):
         return
-    head_name = next(n for n, m in model.named_modules() if m is head)
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name = names[id(head)]
     if cfg.embeddings == "float":
         report.skipped[head_name] = "embeddings='float' keeps the output head (and embedding) in float"
         return
-    # int8 even in an int4 config: the head is the widest layer and the most sensitive to error.
-    new_head = Int8WeightOnlyLinear.from_linear(head, COMPUTE_DTYPES[cfg.compute_dtype], cfg.kernel)
     tied = emb is not None and getattr(emb, "weight", None) is head.weight
-    _set_module(model, head_name, new_head)
-    report.quantized[head_name] = new_head.kernel
+    head_skip = _skip_pattern(head_name, cfg)
+    new_head = None
+    if head_skip is not None:
+        report.skipped[head_name] = f"matches skip pattern {head_skip!r}"
+    else:
+        # int8 even in an int4 config: the head is the widest layer and the most sensitive to error.
+        new_head = Int8WeightOnlyLinear.from_linear(head, COMPUTE_DTYPES[cfg.compute_dtype], cfg.kernel)
+        _set_module(model, head_name, new_head)
+        report.quantized[head_name] = new_head.kernel
     if isinstance(emb, nn.Embedding):
-        emb_name = next(n for n, m in model.named_modules() if m is emb)
-        if tied:  # share the head's int8 rows: one copy, like the float model had
-            new_emb = Int8Embedding(new_head.weight_int8, new_head.scales, emb.weight.dtype)
+        emb_name = names[id(emb)]
+        emb_skip = _skip_pattern(emb_name, cfg)
+        if emb_skip is not None or (tied and new_head is None):
+            report.skipped[emb_name] = (f"matches skip pattern {emb_skip!r}" if emb_skip is not None
+                                        else f"tied to {head_name}, which matches skip pattern {head_skip!r}")
         else:
-            qt = quantize(emb.weight, 8, symmetric=True, granularity="per_channel")
-            new_emb = Int8Embedding(qt.q, qt.scale.reshape(-1).to(emb.weight.dtype), emb.weight.dtype)
-        _set_module(model, emb_name, new_emb)
-        report.quantized[emb_name] = "int8 lookup" + (" (tied to lm_head)" if tied else "")
-    if hasattr(model, "config"):
+            if tied:  # share the head's int8 rows: one copy, like the float model had
+                new_emb = Int8Embedding(new_head.weight_int8, new_head.scales, emb.weight.dtype)
+            else:
+                qt = quantize(emb.weight, 8, symmetric=True, granularity="per_channel")
+                new_emb = Int8Embedding(qt.q, qt.scale.reshape(-1).to(emb.weight.dtype), emb.weight.dtype)
+            _set_module(model, emb_name, new_emb)
+            report.quantized[emb_name] = "int8 lookup" + (" (tied to lm_head)" if tied else "")
+    if new_head is not None and hasattr(model, "config"):
         model.config.tie_word_embeddings = False  # HF must not try to re-tie float weights onto our buffers
+
+
+# --- saving and loading a quantized model -----------------------------------------------
+# transformers' from_pretrained knows nothing of packed layers: given their state dict it would build float layers,
+# find no `weight` for them and initialise them at random (a warning only). So a quantized model is saved under
+# file names from_pretrained does not read - it then refuses the folder ("no model.safetensors") instead of
+# loading noise - and course_lib.load_model(folder) rebuilds the packed layers from QUANT_FILE.
+
+QUANT_FILE = "course_quant.json"
+QUANT_WEIGHTS = "course_quant.safetensors"
+_FLOAT_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json")
+
+
+def _install_save(model: nn.Module, cfg: QuantConfig) -> None:
+    """Make ``model.save_pretrained(folder)`` save the packed layers (instead of HF's float-only save)."""
+    model.course_quant_config = cfg
+    if hasattr(model, "save_pretrained"):
+        # a partial, not a bound method: it survives copy.deepcopy (rebinds to the copy) and pickling
+        model.save_pretrained = functools.partial(save_quantized, model)
+
+
+def save_quantized(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
+    """Save a quantized model: config.json, the packed tensors (QUANT_WEIGHTS) and how to rebuild them (QUANT_FILE).
+
+    ``model.save_pretrained(folder)`` lands here after :func:`quantize_`. Load with ``course_lib.load_model(folder)``.
+    """
+    unsupported = sorted(k for k, v in kwargs.items() if k not in ("safe_serialization", "max_shard_size") and v)
+    if unsupported:
+        raise ValueError(f"save_pretrained of a quantized model takes only a folder; {unsupported} are not "
+                         "supported (save it, then share the folder)")
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; save_pretrained needs a folder")
+    stale = [f for f in _FLOAT_WEIGHT_FILES if (folder / f).exists()] + sorted(
+        p.name for p in folder.glob("model-*-of-*.safetensors"))
+    if stale:
+        raise ValueError(f"{folder} already holds float weights ({', '.join(stale)}); transformers would load those "
+                         "beside the quantized ones. Save the quantized model to an empty folder")
+    cfg = getattr(model, "course_quant_config", None)
+    layers: dict[str, dict] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int8WeightOnlyLinear):
+            layers[name] = {"type": "int8", "kernel": m.kernel_request, "compute_dtype": str(m.compute_dtype)[6:]}
+        elif isinstance(m, Int4WeightOnlyLinear):
+            layers[name] = {"type": "int4", "group_size": m.group_size, "kernel": m.kernel_request,
+                            "compute_dtype": str(m.compute_dtype)[6:]}
+        elif isinstance(m, Int8Embedding):
+            layers[name] = {"type": "int8_embedding", "out_dtype": str(m.out_dtype)[6:]}
+    if not layers:
+        raise ValueError("this model has no packed layers; save it with the ordinary save_pretrained")
+    # A tied head and embedding share one int8 tensor: store it once, note the second name (an alias).
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = t.detach().cpu().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_file(tensors, str(folder / QUANT_WEIGHTS), metadata={"format": "pt"})
+    meta = {"format": 1, "quant_config": None if cfg is None else {**asdict(cfg), "skip": list(cfg.skip)},
+            "layers": layers, "aliases": aliases}
+    (folder / QUANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    log.info("saved %d packed layers to %s (load with course_lib.load_model)", len(layers), folder)
+
+
+def is_quantized_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by :func:`save_quantized`."""
+    return (Path(path) / QUANT_FILE).is_file()
+
+
+def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild a model saved by :func:`save_quantized`: float layers from its config, packed layers from the file.
+
+    ``dtype`` is for the layers that stayed in float; each packed layer keeps the compute dtype it was saved with.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    meta = json.loads((folder / QUANT_FILE).read_text())
+    if meta.get("format") != 1:
+        raise ValueError(f"{folder / QUANT_FILE} has format {meta.get('format')!r}; this course_lib reads format 1")
+    # clone: safetensors hands back tensors at 8-byte offsets, and the int8 kernel needs aligned rows
+    tensors = {k: t.clone() for k, t in load_file(str(folder / QUANT_WEIGHTS)).items()}
+    for key, source in meta["aliases"].items():
+        tensors[key] = tensors[source]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    built: dict[int, torch.Tensor] = {}  # storage of a file tensor -> the buffer built from it (re-ties aliases)
+    for name, spec in meta["layers"].items():
+        def get(key: str, name: str = name) -> torch.Tensor | None:
+            t = tensors.get(f"{name}.{key}")
+            return None if t is None else built.get(id(t), t)
+        if spec["type"] == "int8":
+            new = Int8WeightOnlyLinear(get("weight_int8"), get("scales"), get("bias"),
+                                       COMPUTE_DTYPES[spec["compute_dtype"]], spec["kernel"])
+        elif spec["type"] == "int4":
+            new = Int4WeightOnlyLinear(unpack_int4(get("weight_packed")), get("scales_and_zeros"), spec["group_size"],
+                                       get("bias"), COMPUTE_DTYPES[spec["compute_dtype"]], spec["kernel"])
+        elif spec["type"] == "int8_embedding":
+            new = Int8Embedding(get("weight_int8"), get("scales"), dtype)
+        else:
+            raise ValueError(f"{folder / QUANT_FILE}: unknown layer type {spec['type']!r} for {name}")
+        for key, buf in new.named_buffers(recurse=False):
+            if f"{name}.{key}" in tensors and buf is not None:
+                built.setdefault(id(tensors[f"{name}.{key}"]), buf)
+        _set_module(model, name, new)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{folder / QUANT_WEIGHTS} does not match its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if meta.get("quant_config"):
+        qc = meta["quant_config"]
+        _install_save(model, QuantConfig(**{**qc, "skip": tuple(qc["skip"])}))
+    else:
+        model.save_pretrained = functools.partial(save_quantized, model)
+    return model.eval()
 
 
 # --- GPTQ -----------------------------------------------------------------------------

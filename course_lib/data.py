@@ -143,3 +143,45 @@ def calibration_batches(tokenizer, n: int = 8, seq_len: int = 128, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     x, _ = next(batches(ids, seq_len, n, g))
     return x
+
+
+# --- English prose: CPython's own reference documentation ----------------------------------------
+# pydoc_data/topics.py ships with every CPython: the language reference's topics (the text of
+# `help("assert")` and friends) as one dict of English prose. Topics are split by name, like the stdlib
+# modules above: every PROSE_HELDOUT_EVERY-th topic (in the file's alphabetical order) is held out.
+# The evaluation slice is the first PROSE_EVAL_TOKENS tokens of the held-out topics, joined by blank lines.
+PROSE_HELDOUT_EVERY = 4
+PROSE_EVAL_TOKENS = 8192
+
+
+def prose_documents(split: str = "heldout") -> list[Document]:
+    """The topics of one split ("train" or "heldout") of this Python's ``pydoc_data.topics``."""
+    import importlib
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    topics = importlib.import_module("pydoc_data.topics").topics
+    keep = (lambda i: i % PROSE_HELDOUT_EVERY == 0) if split == "heldout" else (
+        lambda i: i % PROSE_HELDOUT_EVERY != 0)
+    return [Document("pydoc_data.topics", f"topics[{key!r}]", topics[key])
+            for i, key in enumerate(sorted(topics)) if keep(i)]
+
+
+def encode_prose(tokenizer, split: str = "heldout", max_tokens: int | None = PROSE_EVAL_TOKENS) -> torch.Tensor:
+    """Token ids of a prose split as one 1-D tensor; by default the fixed evaluation slice (first 8,192 tokens)."""
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
+        raise ValueError(f"max_tokens must be an int >= 2 or None (the whole split), got {max_tokens!r}")
+    ids: list[int] = []
+    for d in prose_documents(split):
+        ids.extend(tokenizer(d.text + "\n\n", add_special_tokens=False, verbose=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def prose_calibration_batches(tokenizer, n: int = 8, seq_len: int = 128, seed: int = 0) -> torch.Tensor:
+    """`n` windows of `seq_len` tokens of *train* prose (calibration for a model judged on prose)."""
+    ids = encode_prose(tokenizer, "train", max_tokens=max(4 * n * seq_len, 16384))
+    g = torch.Generator().manual_seed(seed)
+    x, _ = next(batches(ids, seq_len, n, g))
+    return x

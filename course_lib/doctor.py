@@ -53,5 +53,15 @@ def run_doctor() -> int:
     except Exception as e:  # doctor reports, it does not crash
         ok = False
         print(f"{'embedded model':>16}: FAILED - {e}")
+    try:  # the real chat model: the first load converts its GGUF into the cache (once, ~20 s)
+        from . import real_model
+
+        t0 = time.perf_counter()
+        model, tok = load_model(real_model.NAME)
+        print(f"{'real model':>16}: {real_model.NAME} loads, {count_parameters(model) / 1e6:.1f}M parameters "
+              f"({time.perf_counter() - t0:.1f} s); {real_model.model_source()}")
+    except Exception as e:
+        ok = False
+        print(f"{'real model':>16}: FAILED - {e}")
     print("all good" if ok else "problems found (see above)")
     return 0 if ok else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -152,3 +153,110 @@ def compile_rate(model, tokenizer, n: int = 32, max_new_tokens: int = 96, prompt
         except (SyntaxError, ValueError):
             pass
     return ok / len(prompts)
+
+
+# --- the real model's quality: prose and code perplexity, answer agreement ------------------------
+
+
+def prose_perplexity(model, tokenizer, split: str = "heldout", max_tokens: int | None = None,
+                     seq_len: int = 512, batch_size: int = 4) -> float:
+    """Perplexity on English prose: the fixed slice of CPython's ``pydoc_data.topics`` (first 8,192 tokens).
+
+    ``max_tokens`` below 8,192 measures a shorter prefix of the same slice (quick mode).
+    """
+    from .data import PROSE_EVAL_TOKENS, encode_prose
+
+    ids = encode_prose(tokenizer, split, max_tokens=max_tokens or PROSE_EVAL_TOKENS)
+    return perplexity(model, ids, max_tokens=None, seq_len=seq_len, batch_size=batch_size)
+
+
+def code_perplexity(model, tokenizer, max_tokens: int = 8192, seq_len: int = 512, batch_size: int = 4) -> float:
+    """Perplexity on held-out Python code: the first ``max_tokens`` of the stdlib held-out modules."""
+    return perplexity(model, tokenizer, "heldout", max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
+
+
+def _chat_rows(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt as the model reads it: through the chat template when it has one, else as plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        from .chat import chat_prompt
+
+        prompts = [chat_prompt(tokenizer, p) for p in prompts]
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+@torch.inference_mode()
+def greedy_answers(model, tokenizer, prompts: list[tuple[str, str]] | list[str] | None = None,
+                   n_tokens: int = 16, batch_size: int = 16) -> torch.Tensor:
+    """The first ``n_tokens`` greedy answer tokens to each prompt, (P, n_tokens); after EOS, EOS repeats.
+
+    Prompts are left-padded into batches and run through the model's own ``generate``, so a quantized or
+    pruned model (whose layers were swapped) answers through the same code. Default prompts:
+    :func:`course_lib.prompts.prompts` (50, fixed).
+    """
+    from .prompts import prompts as default_prompts
+
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+    texts = [p if isinstance(p, str) else p[1] for p in (prompts if prompts is not None else default_prompts())]
+    if not texts or any(not t for t in texts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings (or (kind, prompt) pairs)")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    rows = _chat_rows(tokenizer, texts)
+    out = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b : b + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=eos)[:, width:].cpu()
+        # Rows that ended early are padded (and all rows stop when every one has): make the tail EOS.
+        gen = torch.cat([gen, torch.full((gen.shape[0], n_tokens - gen.shape[1]), eos)], 1)
+        ended = (gen == eos).long().cumsum(1) > 0
+        out.append(gen.masked_fill(ended, eos))
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often a model's greedy answers start like a reference model's."""
+
+    first_token: float  # fraction of prompts whose first answer token matches
+    exact: float  # fraction of prompts whose first n_tokens all match
+    prefix: float  # mean fraction of the n_tokens matched before the first difference
+    n_tokens: int
+    rows: tuple[dict, ...]  # per prompt: kind, prompt, both answers, matched prefix
+
+    def summary(self) -> str:
+        return (f"{len(self.rows)} prompts: first token agrees {self.first_token:.0%}, first {self.n_tokens} "
+                f"tokens identical {self.exact:.0%}, mean matched prefix {self.prefix:.0%}")
+
+
+def answer_agreement(model, tokenizer, reference, prompts: list[tuple[str, str]] | list[str] | None = None,
+                     n_tokens: int = 16, batch_size: int = 16) -> Agreement:
+    """Compare ``model``'s greedy answers with ``reference``'s (a model, or its :func:`greedy_answers`).
+
+    Pass the reference's answers once and compare many compressed copies against them; perplexity can
+    barely move while answers already change, which is what a user notices.
+    """
+    from .prompts import prompts as default_prompts
+
+    pairs = prompts if prompts is not None else default_prompts()
+    pairs = [("", p) if isinstance(p, str) else tuple(p) for p in pairs]
+    ref = reference if isinstance(reference, torch.Tensor) else greedy_answers(
+        reference, tokenizer, pairs, n_tokens, batch_size)
+    if ref.dim() != 2 or ref.shape[0] != len(pairs) or ref.shape[1] < n_tokens:
+        raise ValueError(f"reference answers have shape {tuple(ref.shape)}; expected ({len(pairs)}, >= {n_tokens}): "
+                         "compute them with greedy_answers(reference_model, tokenizer, same prompts, n_tokens)")
+    ref = ref[:, :n_tokens]
+    got = greedy_answers(model, tokenizer, pairs, n_tokens, batch_size)
+    same = got == ref
+    matched = (same.long().cumprod(1)).sum(1)  # leading tokens equal
+    rows = tuple(dict(kind=k, prompt=p, matched_tokens=int(m), first_token=bool(s[0]), exact=bool(s.all()),
+                      reference=tokenizer.decode(r, skip_special_tokens=True),
+                      answer=tokenizer.decode(g, skip_special_tokens=True))
+                 for (k, p), m, s, r, g in zip(pairs, matched.tolist(), same, ref.tolist(), got.tolist()))
+    return Agreement(first_token=same[:, 0].float().mean().item(), exact=same.all(1).float().mean().item(),
+                     prefix=(matched.float() / n_tokens).mean().item(), n_tokens=n_tokens, rows=rows)

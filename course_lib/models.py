@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from . import real_model
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -93,6 +95,8 @@ def resolve_model_path(name_or_path: str) -> str:
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise ValueError(f"model name must be a non-empty string; try {DEFAULT_MODEL!r}")
     name = str(name_or_path)
+    if real_model.is_real_model(name):  # SmolLM2-135M-Instruct, converted once from its wheel's GGUF
+        return real_model.resolve()
     if name in EMBEDDED:
         folder = EMBEDDED[name]
         if not (folder / "config.json").is_file():
@@ -114,7 +118,7 @@ def resolve_model_path(name_or_path: str) -> str:
     hub_id = HUB_ALIASES.get(name.lower(), name)
     if "/" not in hub_id:
         raise ValueError(
-            f"unknown model {name!r}; presets are {sorted(EMBEDDED) + sorted(HUB_ALIASES)}, "
+            f"unknown model {name!r}; presets are {sorted(EMBEDDED) + [real_model.NAME] + sorted(HUB_ALIASES)}, "
             "or pass a local folder or a hub id like 'org/name'"
         )
     return hub_id

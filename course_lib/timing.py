@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -322,3 +322,19 @@ def supported_dtypes(device: str | torch.device = "cpu") -> dict[str, bool]:
         except (RuntimeError, TypeError):
             out[name] = False
     return out
+
+
+def stream_timing(token_times: Sequence[float], prompt_tokens: int) -> GenerationTiming:
+    """TTFT and TPOT of *one* streamed answer, from each token's seconds since the call started.
+
+    For a real answer as a user saw it (no warm-up, no repeats; :func:`time_generation` measures those).
+    With a single token there is no decode gap: TPOT and tokens/s are NaN.
+    """
+    if not token_times:
+        raise ValueError("no tokens were generated: nothing to time")
+    times = tuple(float(t) for t in token_times)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    tpot = statistics.median(gaps) if gaps else float("nan")
+    rate = 1.0 / tpot if gaps and tpot > 0 else float("nan")
+    return GenerationTiming(ttft_s=times[0], tpot_s=tpot, tokens_per_s=rate, new_tokens=len(times),
+                            total_s=times[-1], prompt_tokens=prompt_tokens, token_times=times)

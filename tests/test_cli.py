@@ -10,16 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run(*args, env_extra: dict | None = None, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "course_lib", *args], capture_output=True, text=True,
                           env=env, timeout=300, **kw)
 
 
-def test_doctor_reports_and_succeeds():
-    res = run("doctor")
+def test_doctor_reports_and_succeeds(smollm2):
+    res = run("doctor", env_extra={"COURSE_CACHE": str(smollm2[2])})  # the session's converted copy: no 2nd GGUF
     assert res.returncode == 0, res.stdout + res.stderr
     assert "bandwidth" in res.stdout and "course-tiny loads" in res.stdout
+    assert "smollm2-135m-instruct loads" in res.stdout
 
 
 def test_bench_unknown_suite_is_a_clear_error():
@@ -48,18 +49,20 @@ def test_student_refuses_existing_folder_before_loading_teacher(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_editable_install_loads_embedded_model(tmp_path):
-    """`pip install .` (not -e) must carry the weights inside the package."""
+def test_non_editable_install_loads_embedded_model(tmp_path, smollm2):
+    """`pip install .` (not -e) must carry the weights inside the package, and find the real model offline."""
     target = tmp_path / "site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
                           "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr
     code = ("import course_lib, sys; m, t = course_lib.load_model(); "
-            "assert 'site' in course_lib.__file__, course_lib.__file__; print(m.config.model_type)")
+            "assert 'site' in course_lib.__file__, course_lib.__file__; print(m.config.model_type); "
+            "r, _ = course_lib.load_model('smollm2-135m-instruct'); print(type(r).__name__)")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1",
+                              "COURSE_CACHE": str(smollm2[2])})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "llama"
+    assert res.stdout.split() == ["llama", "LlamaForCausalLM"]
 
 
 def cli(capsys, *args):

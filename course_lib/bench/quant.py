@@ -3,7 +3,9 @@
 Speed rows run on a speed-lab model big enough that reading the weights
 dominates a decode step (the Qwen2.5-0.5B shapes; ``--quick`` keeps fewer
 layers of the same shapes). Quality (held-out perplexity) is measured on
-``course-tiny``, whose weights were trained and so mean something.
+``course-tiny``, whose weights were trained and so mean something, and on the
+real chat model SmolLM2-135M-Instruct (its rows come from :mod:`.quant_real`:
+prose and code perplexity, answer agreement, int4 with group 32).
 Each row: decode tokens/s at batch 1, prefill time, bytes of weights,
 achieved bandwidth (bytes x tokens/s) and its fraction of the machine's
 measured copy bandwidth. Speed is timed interleaved (see ``_speed_all``).
@@ -160,5 +162,9 @@ def run(quick: bool = False) -> dict:
                 r[f"speedup_vs_{ref}"] = r["decode_tok_s"] / base[ref]["decode_tok_s"]
         if "ppl" in r and "ppl" in base.get("fp32", {}):
             r["ppl_vs_fp32"] = r["ppl"] / base["fp32"]["ppl"] - 1
-    return {"machine": {"bandwidth_gbs": bandwidth, "speed_model": model_name, "quality_model": "course-tiny",
-                        "heldout_tokens": int(heldout.numel())}, "rows": rows}
+    machine = {"bandwidth_gbs": bandwidth, "speed_model": model_name, "quality_model": "course-tiny",
+               "heldout_tokens": int(heldout.numel())}
+    from . import quant_real  # the same formats judged on the real model (quality and answers, no speed)
+
+    real = quant_real.run(quick)
+    return {"machine": {**machine, **real["machine"]}, "rows": rows + real["rows"]}

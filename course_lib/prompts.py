@@ -1,0 +1,82 @@
+"""A fixed set of chat prompts, written for this course, to see whether a compressed model still answers the same.
+
+Three kinds, as in the course's applications chapter: customer-service
+replies, short facts, and short code tasks. The list is fixed (do not reorder
+or edit: recorded agreement numbers refer to it by index); quick runs take
+the first few of each kind through :func:`prompts`.
+"""
+
+from __future__ import annotations
+
+KINDS = ("customer-service", "facts", "code")
+
+CUSTOMER_SERVICE: tuple[str, ...] = (
+    "My order arrived damaged. What should I do?",
+    "I was charged twice for the same purchase. Can you help?",
+    "How do I reset my password?",
+    "Can I change the delivery address of an order I placed yesterday?",
+    "My package says delivered but I never received it.",
+    "How long does a refund usually take?",
+    "I want to cancel my subscription. How do I do that?",
+    "The product I bought stopped working after one week. What are my options?",
+    "Do you ship internationally?",
+    "I received the wrong size. How can I exchange it?",
+    "Write a short, polite reply to a customer whose flight was delayed by three hours.",
+    "A customer says the app crashes when they open it. Reply with two troubleshooting steps.",
+    "How can I contact a human agent?",
+    "Is there a discount for students?",
+    "Apologize to a customer whose table reservation was lost, in two sentences.",
+    "What information do you need to track my order?",
+    "My coupon code is not working at checkout. Why?",
+)
+
+FACTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "How many days are there in a leap year?",
+    "What is the boiling point of water at sea level in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in our solar system?",
+    "What gas do plants absorb from the air?",
+    "How many continents are there?",
+    "What is the chemical symbol for gold?",
+    "What is the square root of 81?",
+    "Which ocean is the largest?",
+    "What language is spoken in Brazil?",
+    "How many legs does a spider have?",
+    "What is the freezing point of water in Fahrenheit?",
+    "What is the longest river in Africa?",
+    "In which year did the first person walk on the Moon?",
+    "What is 12 times 12?",
+)
+
+CODE: tuple[str, ...] = (
+    "Write a Python function that returns the sum of a list of numbers.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Write a Python function that returns the factorial of n.",
+    "Write a Python function that reverses a list.",
+    "Write a Python function that counts the vowels in a string.",
+    "Write a Python function that returns the largest number in a list.",
+    "Write a Python function that checks whether a number is prime.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Write a Python one-liner that squares every number in a list.",
+    "Write a Python function that removes duplicates from a list, keeping the order.",
+    "How do I read a text file line by line in Python?",
+    "Write a Python function that converts Celsius to Fahrenheit.",
+    "Write a SQL query that selects all rows from a table named users.",
+    "Write a Python function that merges two dictionaries.",
+    "What does the len function do in Python?",
+    "Write a Python function that returns the average of a list of numbers.",
+)
+
+ALL: dict[str, tuple[str, ...]] = {"customer-service": CUSTOMER_SERVICE, "facts": FACTS, "code": CODE}
+
+
+def prompts(per_kind: int | None = None, kinds: tuple[str, ...] = KINDS) -> list[tuple[str, str]]:
+    """(kind, prompt) pairs in a fixed order: the first ``per_kind`` of each kind (all when None)."""
+    if per_kind is not None and (not isinstance(per_kind, int) or per_kind < 1):
+        raise ValueError(f"per_kind must be a positive int or None (all), got {per_kind!r}")
+    unknown = [k for k in kinds if k not in ALL]
+    if unknown:
+        raise ValueError(f"unknown prompt kinds {unknown}; choose from {KINDS}")
+    return [(k, p) for k in kinds for p in ALL[k][:per_kind]]

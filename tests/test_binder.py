@@ -99,6 +99,10 @@ def test_binder_environment_runs_a_chapter(tmp_path):
     _run([*pip, "install", "-q", "-r", reqs], repo, env, 900, f"pip install -r {reqs}")
     _run([str(repo / "binder" / "postBuild")], repo, env, 600, "binder/postBuild")
     _run([*pip, "check"], repo, env, 120, "pip check")
+    # JupyterLab reads <prefix>/share/jupyter/lab/settings/overrides.json: no Jupyter-news popup on Binder.
+    overrides = venv / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    assert overrides.is_file(), "binder/postBuild did not install binder/overrides.json into the lab settings"
+    assert json.loads(overrides.read_text())["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
 
     # Execute the chapter as Binder would serve it (binder/start sets quick mode), plus one cell that proves the
     # kernel is the new environment's Python and not some other kernel registered on this machine.

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .nb import quiet_weight_bars
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -150,7 +152,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     path = resolve_model_path(name_or_path)
-    model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
+    with quiet_weight_bars():  # no "Loading weights" bar in every notebook that loads a model
+        model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
     tokenizer = _from_pretrained_offline_aware(AutoTokenizer, path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

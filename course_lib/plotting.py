@@ -54,6 +54,23 @@ def plot_token_timeline(token_times: Sequence[float], title: str = ""):
     return fig
 
 
+def show(fig) -> None:
+    """Show a Figure in a notebook as a PNG, whatever the backend.
+
+    A Figure built without pyplot (``matplotlib.figure.Figure``, as the report's plots are, so they need no GUI)
+    has no notebook formatter until the inline backend happens to be loaded: ``display(fig)`` then prints
+    ``<Figure size 700x450 with 1 Axes>`` instead of the plot. A PNG always shows.
+    """
+    import io
+
+    from IPython.display import Image, display
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    display(Image(data=buf.getvalue(), format="png"))
+    plt.close(fig)  # a pyplot figure would otherwise show a second time at the end of the cell (no-op otherwise)
+
+
 def show_in(out, fig) -> None:
     """Show a finished figure inside an ipywidgets ``Output`` and close it.
 

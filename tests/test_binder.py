@@ -65,6 +65,9 @@ def test_binder_files_are_complete():
         "requirements.txt needs the CPU wheel index for torch's +cpu build"
     for name in ("transformers", "jupyterlab", "ipywidgets", "jupyterlab-widgets", "ipykernel", "matplotlib"):
         assert name in {k.replace("_", "-") for k in pins}, f"{name} is missing from binder/requirements.txt"
+    apt = [ln.strip() for ln in (BINDER / "apt.txt").read_text().splitlines() if ln.strip() and ln[0] != "#"]
+    assert "fonts-noto-cjk" in apt, "binder/apt.txt should install a CJK font for the figures' Chinese labels"
+    assert json.loads((BINDER / "overrides.json").read_text()), "binder/overrides.json: JupyterLab settings"
     for script in ("postBuild", "start"):
         assert os.access(BINDER / script, os.X_OK), f"binder/{script} must be executable (chmod +x)"
 

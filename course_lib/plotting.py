@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -15,9 +16,37 @@ TAXONOMY = {
 }
 
 
+# Fonts with Chinese characters, in order of preference (Binder installs fonts-noto-cjk from binder/apt.txt).
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Serif CJK SC", "Source Han Sans SC",
+             "Source Han Sans CN", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "AR PL UMing CN",
+             "SimHei", "Microsoft YaHei", "PingFang SC", "Hiragino Sans GB", "Heiti SC", "Arial Unicode MS")
+_CJK_TEXT = re.compile(r"[\u2e80-\u9fff\uf900-\ufaff\uff00-\uffef]+")
+
+
+def cjk_font() -> str | None:
+    """The name of an installed font that draws Chinese characters, or None where there is none."""
+    from matplotlib import font_manager
+
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FONTS if name in names), None)
+
+
+def _without_cjk(text: str) -> str:
+    """The English part of a bilingual label: 'pruning 剪枝' -> 'pruning'."""
+    return "\n".join(" ".join(_CJK_TEXT.sub(" ", line).split()) for line in text.split("\n")).strip()
+
+
 def plot_taxonomy(chapters: dict[str, str] | None = None):
-    """The three families of speed-ups as a diagram; ``chapters`` maps a method to its notebook."""
+    """The three families of speed-ups as a diagram; ``chapters`` maps a method to its notebook.
+
+    The labels carry the article's Chinese terms where a CJK font is installed; elsewhere they are drawn in
+    English alone, rather than as empty boxes under a wall of "Glyph ... missing from font" warnings.
+    """
     chapters = chapters or {}
+    cjk = cjk_font()
+    # A font list falls back glyph by glyph: Latin from the default font, Chinese from the CJK one.
+    font = {"fontfamily": [*plt.rcParams["font.family"], cjk]} if cjk else {}
+    label = (lambda t: t) if cjk else _without_cjk
     fig, ax = plt.subplots(figsize=(11, 4.2))
     ax.axis("off")
     colors = ["#4c72b0", "#dd8452", "#55a868"]
@@ -26,12 +55,12 @@ def plot_taxonomy(chapters: dict[str, str] | None = None):
     for i, (family, methods) in enumerate(TAXONOMY.items()):
         x = (i + 0.5) / len(TAXONOMY)
         ax.annotate("", xy=(x, 0.78), xytext=(0.5, 0.88), arrowprops=dict(arrowstyle="->", color="gray"))
-        ax.text(x, 0.74, family, ha="center", va="top", fontsize=11, color="white", weight="bold",
-                bbox=dict(boxstyle="round", fc=colors[i]))
+        ax.text(x, 0.74, label(family), ha="center", va="top", fontsize=11, color="white", weight="bold",
+                bbox=dict(boxstyle="round", fc=colors[i]), **font)
         for j, m in enumerate(methods):
-            label = m + (f"  → {chapters[m]}" if m in chapters else "")
-            ax.text(x, 0.52 - j * 0.1, label, ha="center", va="top", fontsize=9.5,
-                    bbox=dict(boxstyle="round", fc="white", ec=colors[i]))
+            text = label(m) + (f"  → {chapters[m]}" if m in chapters else "")
+            ax.text(x, 0.52 - j * 0.1, text, ha="center", va="top", fontsize=9.5,
+                    bbox=dict(boxstyle="round", fc="white", ec=colors[i]), **font)
     return fig
 
 
@@ -51,6 +80,21 @@ def plot_token_timeline(token_times: Sequence[float], title: str = ""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_rounding_error(w, w_hat, title: str = ""):
+    """Two histograms side by side: the weights, and what rounding them to ``w_hat`` changed (notebook 05's panel).
+
+    The figure title sits above the two subplot titles (constrained layout), never on top of them.
+    """
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.1), layout="constrained")
+    a1.hist(w.detach().flatten().float().numpy(), bins=120, color="tab:blue")
+    a1.set_title("weights")
+    a2.hist((w - w_hat).detach().flatten().float().numpy(), bins=120, color="tab:red")
+    a2.set_title("rounding error")
+    if title:
+        fig.suptitle(title)
     return fig
 
 

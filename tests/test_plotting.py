@@ -54,3 +54,24 @@ def test_taxonomy_keeps_the_chinese_terms_where_a_font_has_them():
     texts = _texts(fig)
     assert not _draw(fig)
     assert "quantization 量化  → 05" in texts
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_rounding_error_panel_title_clears_the_subplot_titles():
+    """Notebook 05's panel: the figure title (bits, SQNR, MSE) sat on top of 'weights' and 'rounding error'."""
+    import torch
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    w_hat = (w * 7).round() / 7
+    fig = plotting.plot_rounding_error(w, w_hat, "4 bits, asym per_group: SQNR 20.3 dB, MSE 1.23e-03")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    subtitles = [ax.title.get_window_extent(renderer) for ax in fig.axes]
+    assert [ax.get_title() for ax in fig.axes] == ["weights", "rounding error"]
+    assert not [s for s in subtitles if _overlaps(title, s)], "the figure title overlaps a subplot title"
+    assert all(s.y1 <= title.y0 for s in subtitles), "the figure title should sit above the subplot titles"
+    plt.close(fig)

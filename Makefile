@@ -46,6 +46,10 @@ test: install
 bench: install
 	$(BIN)/python -m course_lib bench --quick --json reports/bench.json --report reports/
 
+# The figures under assets/ (taxonomy, roofline sketch, the recorded results plots), redrawn from course_lib
+assets: install
+	$(BIN)/python -m course_lib.plotting assets --out assets
+
 # Peak memory and wall time of every notebook, each in its own kernel: reports/notebook_budget.{json,md}
 budget: install
 	$(BIN)/python scripts/notebook_budget.py

@@ -198,14 +198,16 @@ _SHOWS_ALL_JS = """
   e.innerText.trim().length > 0 || e.querySelector('img') !== null)
 """
 
-# Wait until the panel changed, and count the polls (every 100 ms) at which an Output was blank: one blank poll
-# can be the instant between clear_output and the new output; a run of them is a panel that blanks.
+# Wait until the panel shows new output in every Output widget, and count the polls (every 100 ms) at which an
+# Output was blank on the way: one blank poll can be the instant between clear_output and the new output; a run
+# of them is a panel that blanks while it recomputes. (JupyterLab's busy indicator does not follow widget
+# callbacks, so "new output, nothing blank" is the only sign that a callback has finished.)
 _CHANGED_JS = f"""
 ([cell, before]) => {{
   const shows = ({_SHOWS_ALL_JS})(cell);
   window.__blankRun = shows ? 0 : (window.__blankRun || 0) + 1;
   window.__longestBlank = Math.max(window.__longestBlank || 0, window.__blankRun);
-  return ({_PANEL_JS})(cell) !== before;
+  return shows && ({_PANEL_JS})(cell) !== before;
 }}
 """
 
@@ -227,10 +229,11 @@ _INK_JS = """
 # cells have run (an execution count) and which outputs are errors. More reliable than the rendered page, where an
 # error and a warning are both red text on stderr.
 _NOTEBOOK_STATE_JS = """
-() => {
+(name) => {
   const app = window.jupyterapp;
   if (!app) return null;
-  const panel = Array.from(app.shell.widgets('main')).find(w => w.content && w.content.model && w.content.model.cells);
+  const panel = Array.from(app.shell.widgets('main')).find(w => w.content && w.content.model && w.content.model.cells
+                                                           && w.context && w.context.path.endsWith(name));
   if (!panel) return null;
   const cells = panel.content.model.cells;
   let code = 0, ran = 0;
@@ -248,7 +251,7 @@ _NOTEBOOK_STATE_JS = """
 }
 """
 # Run All stops at the first error, so "done" is every code cell counted or any error shown.
-_RUN_ALL_DONE_JS = (f"() => {{ const s = ({_NOTEBOOK_STATE_JS})(); "
+_RUN_ALL_DONE_JS = (f"(name) => {{ const s = ({_NOTEBOOK_STATE_JS})(name); "
                     "return s && (s.ran === s.code || s.errors.length > 0); }")
 _IDLE = '.jp-Notebook-ExecutionIndicator[data-status="idle"]'
 
@@ -328,7 +331,7 @@ def _drive_panel(page, notebook: str, index: int, actions: list[tuple[str, str]]
         raise AssertionError(f"{notebook}: moving {what} did not change the panel's output within "
                              f"{REDRAW_TIMEOUT_S} s (is its callback alive after Run All?)") from e
     # Let the redraw settle (clear_output(wait=True) swaps content in steps) before reading the result.
-    page.locator(_IDLE).wait_for(timeout=REDRAW_TIMEOUT_S * 1000)
+    page.wait_for_timeout(500)
     page.wait_for_function("(cell) => Array.from(cell.querySelectorAll('img'))"
                            ".every(i => i.complete && i.naturalWidth > 0)", arg=cell_handle)
     after = page.evaluate(_PANEL_JS, cell_handle)
@@ -361,7 +364,8 @@ def test_panels_respond_after_run_all(lab, browser, notebook):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)
     try:
-        page.goto(f"{lab['base']}/lab/tree/notebooks/{path.name}?token={lab['token']}")
+        # reset: a fresh workspace, so the notebooks of earlier tests are not reopened (each with a new kernel).
+        page.goto(f"{lab['base']}/lab/tree/notebooks/{path.name}?reset&token={lab['token']}")
         page.locator(".jp-Notebook .jp-Cell").first.wait_for()
         # The kernel must be up before Run All, or the first cells queue behind its start-up.
         _accept_kernel_dialog(page)
@@ -370,8 +374,8 @@ def test_panels_respond_after_run_all(lab, browser, notebook):
         # Run > Run All Cells, through the menu bar, as a learner would.
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-        page.wait_for_function(_RUN_ALL_DONE_JS, timeout=RUN_ALL_TIMEOUT_S * 1000, polling=1000)
-        state = page.evaluate(_NOTEBOOK_STATE_JS)
+        page.wait_for_function(_RUN_ALL_DONE_JS, arg=path.name, timeout=RUN_ALL_TIMEOUT_S * 1000, polling=1000)
+        state = page.evaluate(_NOTEBOOK_STATE_JS, path.name)
         assert not state["errors"], f"a cell raised in the browser: {state['errors']}"
         assert state["code"] > 0 and state["ran"] == state["code"], f"not every cell ran: {state}"
         page.locator(_IDLE).wait_for(timeout=REDRAW_TIMEOUT_S * 1000)

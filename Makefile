@@ -9,8 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 # Quick mode keeps each notebook to about a minute on 2 cores; COURSE_QUICK=0 runs the full version.
 COURSE_QUICK ?= 1
+# Extra arguments for `make lab`, e.g. JUPYTER_ARGS="--no-browser --port=8899 --ip=0.0.0.0"
+JUPYTER_ARGS ?=
+# JupyterLab's settings for every user of this environment (no "get notified about Jupyter news?" popup);
+# Binder's postBuild installs the same file.
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: install lab test lint bench budget clean-venv
+.PHONY: install lab test lint bench budget assets clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +30,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (course)" >/dev/null
 	touch $@
 
-install: $(VENV)/.installed
+$(LAB_OVERRIDES): binder/overrides.json
+	mkdir -p $(dir $@)
+	cp binder/overrides.json $@
 
+install: $(VENV)/.installed $(LAB_OVERRIDES)
+
+# JupyterLab refuses to run as root without --allow-root, and containers and many JupyterHub images run as root.
+# Quick mode in the lab: COURSE_QUICK=1 make lab
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(JUPYTER_ARGS) notebooks/
 
 # -p scripts.notebook_budget: each notebook nbval runs also gets a memory-budget item (Binder's 2 GB per user)
 test: install
@@ -38,6 +49,10 @@ test: install
 # --overwrite: a re-run refreshes its own reports/ files (bench refuses existing outputs otherwise)
 bench: install
 	$(BIN)/python -m course_lib bench --quick --json reports/bench.json --report reports/ --overwrite
+
+# The figures under assets/ (taxonomy, roofline sketch, the recorded results plots), redrawn from course_lib
+assets: install
+	$(BIN)/python -m course_lib.plotting assets --out assets
 
 # Peak memory and wall time of every notebook, each in its own kernel: reports/notebook_budget.{json,md}
 budget: install

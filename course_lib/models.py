@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import real_model
+from .nb import quiet_weight_bars
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,11 @@ def load_model(
     if (Path(path) / "course_quant.json").is_file():  # saved by a quantized model's save_pretrained
         from .quantization import load_quantized  # imported here: quantization stays a lazy import
 
-        model = load_quantized(path, torch_dtype)
+        with quiet_weight_bars():
+            model = load_quantized(path, torch_dtype)
     else:
-        model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
+        with quiet_weight_bars():  # no "Loading weights" bar in every notebook that loads a model
+            model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
     tokenizer = _from_pretrained_offline_aware(AutoTokenizer, path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,10 +1,67 @@
-"""Small helpers every notebook calls first: quick mode and the version banner."""
+"""Small helpers every notebook calls first: quick mode, the version banner, and outputs without noise."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 QUICK_ENV = "COURSE_QUICK"
+
+# transformers' per-call bars: they flash by in milliseconds for the course's models and fill a notebook's
+# output with "Loading weights: 100%|...". Hub downloads (huggingface_hub's own bars) stay visible.
+SILENT_BARS = frozenset({"Loading weights", "Writing model shards"})
+
+# The profiler's C++ side (kineto) prints "USDT: ... profiler_start / profiler_stop" lines to stderr at every
+# profile() call. With a CPU-only torch it has nothing else to say (CPU events come from torch itself), so its
+# log is off unless the learner set KINETO_LOG_LEVEL. It is read once, when the profiler first starts; a CUDA
+# build keeps kineto's log, where its errors (e.g. no permission to read GPU counters) matter.
+try:
+    import torch as _torch
+
+    if _torch.version.cuda is None and getattr(_torch.version, "hip", None) is None:
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above kineto's highest level (5, USDT): nothing
+except ImportError:  # pragma: no cover - torch is a dependency
+    pass
+
+
+def _silence_weight_bars():
+    """Install the hook that drops the SILENT_BARS; return the hook it replaced (``None`` on old transformers)."""
+    from transformers.utils import logging as hf_logging
+
+    if not hasattr(hf_logging, "set_tqdm_hook"):  # older transformers: nothing to hook, its bars stay
+        return None
+    previous = hf_logging.set_tqdm_hook(None)
+    if getattr(previous, "course_lib_silent", False):  # already silenced (nested, or after banner())
+        hf_logging.set_tqdm_hook(previous)
+        return previous
+
+    def hook(factory, args, kwargs):
+        if kwargs.get("desc") in SILENT_BARS:
+            return hf_logging.EmptyTqdm(*args, **kwargs)
+        return previous(factory, args, kwargs) if previous else factory(*args, **kwargs)
+
+    hook.course_lib_silent = True
+    hf_logging.set_tqdm_hook(hook)
+    return previous
+
+
+@contextlib.contextmanager
+def quiet_weight_bars() -> Iterator[None]:
+    """Within the block, transformers shows no "Loading weights" / "Writing model shards" bars."""
+    previous = _silence_weight_bars()
+    try:
+        yield
+    finally:
+        from transformers.utils import logging as hf_logging
+
+        if hasattr(hf_logging, "set_tqdm_hook"):
+            hf_logging.set_tqdm_hook(previous)
+
+
+def hide_weight_bars() -> None:
+    """For the rest of the session, no "Loading weights" / "Writing model shards" bars (``banner()`` calls this)."""
+    _silence_weight_bars()
 
 
 def quick_mode() -> bool:
@@ -18,8 +75,14 @@ def pick(quick, full):
 
 
 def banner() -> dict:
-    """Print versions, device and threads (and return them): every notebook opens with this."""
+    """Print versions, device and threads (and return them): every notebook opens with this.
+
+    It also hides transformers' weight-loading and -saving bars for the session (``hide_weight_bars``), so a
+    notebook's own ``save_pretrained`` / ``from_pretrained`` cells print what they measured and nothing else.
+    """
     from .doctor import environment_report
+
+    hide_weight_bars()
 
     info = environment_report()
     info["quick_mode"] = quick_mode()

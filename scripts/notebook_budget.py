@@ -14,7 +14,9 @@ larger of the two is reported. The JupyterLab server itself (about 100-150 MB) c
 
 The same measurement runs inside the test suite as a pytest plugin (``-p scripts.notebook_budget``, see the
 Makefile): every notebook nbval executes gets one more test item, ``<notebook>::memory-budget``, that fails when
-the kernel went over the limit. CI runs each notebook once, and the budget is checked on that same run.
+the kernel went over the limit. CI runs each notebook once, and the budget is checked on that same run. The
+plugin also fails a cell whose output is a figure's text (``<Figure size 700x450 with 1 Axes>``) in place of the
+figure: the plot a learner never sees.
 """
 
 from __future__ import annotations
@@ -154,6 +156,24 @@ def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800) -> Bud
     wall = time.perf_counter() - t0
     return BudgetRow(notebook=_display(path), peak_mb=round(max(hwm, sampler.peak_mb), 1), wall_s=round(wall, 1),
                      cells=len(nb.cells), ok=not error, error=error, peak_cell=peak_cell)
+
+
+# What IPython shows for a matplotlib Figure when no formatter turns it into a picture (a Figure built without
+# pyplot, before the inline backend was loaded): the learner sees this line instead of the plot.
+BARE_FIGURE = re.compile(r"<(?:matplotlib\.figure\.)?Figure size \d+(?:\.\d+)?x\d+(?:\.\d+)? with \d+ Axes>")
+
+
+def bare_figures(outputs: list[dict]) -> list[str]:
+    """The outputs of one cell that are a Figure's text in place of its picture (display_data / execute_result)."""
+    bad = []
+    for out in outputs:
+        data = out.get("data") or {}
+        text = data.get("text/plain", "")
+        text = "".join(text) if isinstance(text, list) else text
+        has_picture = any(k.startswith("image/") or k in ("text/html", "application/pdf") for k in data)
+        if BARE_FIGURE.fullmatch(text.strip()) and not has_picture:
+            bad.append(text.strip())
+    return bad
 
 
 def _display(path: Path) -> str:
@@ -319,6 +339,18 @@ if pytest is not None:
         if last_parent is not None and _is_nbval_file(last_parent):
             out.append(NotebookBudgetItem.from_parent(last_parent, name="memory-budget"))
         items[:] = out
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(item):
+        """Every executed notebook cell: a Figure must show as a picture, never as ``<Figure size ...>`` text."""
+        result = yield
+        if type(item).__name__ == "IPyNbCell":
+            bad = bare_figures(getattr(item, "test_outputs", None) or [])
+            if bad:
+                raise AssertionError(
+                    f"{item.name}: a figure printed as text instead of a picture ({bad[0]}): a Figure built without "
+                    "pyplot has no notebook formatter; show it with course_lib.plotting.show(fig)")
+        return result
 
     def pytest_runtest_setup(item):
         if _is_nbval_file(item.parent):

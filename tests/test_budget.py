@@ -108,3 +108,33 @@ def test_plugin_adds_a_budget_item_that_fails_over_the_limit(notebooks, tmp_path
     assert r.returncode == 1
     record = json.loads((tmp_path / "reports" / "notebook_budget.json").read_text())
     assert [Path(row["notebook"]).name for row in record["rows"]] == ["big.ipynb", "small.ipynb"]
+
+
+def test_bare_figure_text_is_caught():
+    bare = {"output_type": "display_data", "data": {"text/plain": "<Figure size 700x450 with 1 Axes>"}}
+    drawn = {"output_type": "display_data",
+             "data": {"text/plain": "<Figure size 700x450 with 1 Axes>", "image/png": "iVBORw0KGgo="}}
+    printed = {"output_type": "stream", "name": "stdout", "text": "a figure: <Figure size 640x480 with 2 Axes>\n"}
+    result = {"output_type": "execute_result", "data": {"text/plain": ["<Figure size 1100x420 with 0 Axes>"]}}
+    assert nbb.bare_figures([bare]) == ["<Figure size 700x450 with 1 Axes>"]
+    assert nbb.bare_figures([drawn, printed]) == []
+    assert nbb.bare_figures([result]) == ["<Figure size 1100x420 with 0 Axes>"]
+
+
+@pytest.mark.slow
+def test_plugin_fails_a_cell_that_shows_a_figure_as_text(tmp_path):
+    """The notebook-09 bug: a Figure built without pyplot, displayed before the inline backend is loaded."""
+    bare = _notebook(tmp_path / "bare.ipynb", "import matplotlib.pyplot as plt\nfrom matplotlib.figure import Figure",
+                     "fig = Figure(figsize=(7, 4.5)); fig.add_subplot().plot([1, 2])\ndisplay(fig)")
+    shown = _notebook(tmp_path / "shown.ipynb", "from matplotlib.figure import Figure\n"
+                      "from course_lib.plotting import show", "fig = Figure(figsize=(7, 4.5))\n"
+                      "fig.add_subplot().plot([1, 2])\nshow(fig)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{nbb.REPORT_DIR_ENV: str(tmp_path / "reports")})
+    r = subprocess.run([sys.executable, "-m", "pytest", "-c", os.devnull, "--rootdir", str(tmp_path), "-p",
+                        "no:cacheprovider", "-p", "scripts.notebook_budget", "--nbval-lax", "-v", str(bare),
+                        str(shown)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert re.search(r"bare\W+ipynb::Cell 1 FAILED", out), out[-3000:]
+    assert "figure printed as text instead of a picture" in out, out[-3000:]
+    assert re.search(r"shown\W+ipynb::Cell 1 PASSED", out), out[-3000:]
+    assert r.returncode == 1

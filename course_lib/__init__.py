@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from . import real_model
 from .chat import chat
+from .device import course_device
 from .generation import generate, stream_generate
 from .metrics import answer_agreement, model_size_bytes, next_token_accuracy, perplexity, prose_perplexity
 from .models import count_parameters, load_model, load_tokenizer, speed_lab_model
@@ -24,9 +25,9 @@ _LAZY = {
 }
 
 __all__ = [
-    "__version__", "answer_agreement", "benchmark", "chat", "count_parameters", "generate", "load_model",
-    "load_tokenizer", "model_size_bytes", "next_token_accuracy", "perplexity", "prose_perplexity", "real_model",
-    "speed_lab_model", "stream_generate", "time_generation", *_LAZY,
+    "__version__", "answer_agreement", "benchmark", "chat", "count_parameters", "course_device", "generate",
+    "load_model", "load_tokenizer", "model_size_bytes", "next_token_accuracy", "perplexity", "prose_perplexity",
+    "real_model", "speed_lab_model", "stream_generate", "time_generation", *_LAZY,
 ]
 
 

@@ -1,0 +1,64 @@
+"""The course's one device, chosen once per process.
+
+Every notebook and bench puts its models and inputs on ``course_device()``:
+the ``COURSE_DEVICE`` environment variable (``auto``, ``cpu``, ``cuda``,
+``cuda:N`` or ``mps``), where ``auto`` (the default) picks CUDA, then Apple's
+MPS, then the CPU. It is read once, so a notebook that is half on the GPU and
+half on the CPU cannot happen by changing the variable mid-session.
+
+This module depends on torch only: timing, models and everything above may
+import it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ALLOWED = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+
+def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """Validate a device name; ``auto`` (or None) is CUDA > MPS > CPU. Raises ValueError for one that is not here."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec.strip().lower() if isinstance(spec, str) else spec)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {spec!r}; use {ALLOWED}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but this machine has no CUDA GPU; use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' asked for, but MPS is not available here; use 'cpu' or 'auto'")
+    elif dev.type != "cpu":
+        raise ValueError(f"device type {dev.type!r} not supported; use {ALLOWED}")
+    return dev
+
+
+@functools.cache
+def course_device() -> torch.device:
+    """The device of the whole course: ``COURSE_DEVICE`` (default ``auto``: CUDA > MPS > CPU), read once."""
+    spec = os.environ.get("COURSE_DEVICE", "auto")
+    try:
+        return pick_device(spec)
+    except ValueError as e:
+        raise ValueError(f"COURSE_DEVICE={spec!r}: {e}") from None
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model's first parameter (or buffer) lives; CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

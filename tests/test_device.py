@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from course_lib.device import course_device, device_of, pick_device
+
+
+def test_auto_picks_what_is_here():
+    want = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert pick_device("auto").type == want and pick_device(None).type == want
+    assert pick_device(" CPU ") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("bad", ["gpu", "tpu", "cuda:x", 3.5])
+def test_unknown_device_names_the_allowed_ones(bad):
+    with pytest.raises(ValueError, match="cuda:N"):
+        pick_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        pick_device("cuda")
+
+
+def _device_in_child(value: str) -> subprocess.CompletedProcess:
+    code = "import course_lib; print(course_lib.course_device())"
+    env = {"COURSE_DEVICE": value, "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, **env})
+
+
+def test_course_device_reads_the_environment_once():
+    res = _device_in_child("cpu")
+    assert res.returncode == 0 and res.stdout.strip() == "cpu", res.stderr
+    bad = _device_in_child("gpu")
+    assert bad.returncode != 0 and "COURSE_DEVICE='gpu'" in bad.stderr
+    assert course_device() is course_device()  # cached: one device per process
+
+
+def test_device_of():
+    assert device_of(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert device_of(torch.nn.ReLU()) == torch.device("cpu")

@@ -37,7 +37,8 @@ GOAL_GPTQ_CLOSES = 0.25
 # How much each row measures: tokens of prose (the 8,192-token slice, or its first part in quick mode) and of
 # held-out code, agreement prompts per kind (None: all 50) and answer tokens compared, GPTQ calibration windows.
 SIZES = {
-    True: dict(prose_tokens=1024, code_tokens=1024, per_kind=2, n_tokens=8, calib_n=4, calib_len=128),
+    # GPTQ needs more calibration tokens than the 576 inputs of a projection: with 512 it did worse than RTN.
+    True: dict(prose_tokens=1024, code_tokens=1024, per_kind=2, n_tokens=8, calib_n=8, calib_len=256),
     False: dict(prose_tokens=8192, code_tokens=8192, per_kind=None, n_tokens=16, calib_n=16, calib_len=256),
 }
 
@@ -116,6 +117,13 @@ def run(quick: bool = False) -> dict:
             r["ppl_vs_fp32"] = r["prose_ppl"] / fp - 1
             r["code_ppl_vs_fp32"] = r["code_ppl"] / by["fp32"]["code_ppl"] - 1
     goals: dict = {**size, "source": str(source), "load_s": load_s}
+    if source.kind == "gguf-q4_1":
+        # Measured: these weights sit exactly on a Q4_1 grid (blocks of 32, float scale and min), so a group-32
+        # quantizer with a float minimum would reproduce them with zero error; our RTN's integer zero point shifts
+        # each block off that grid. Its cost here is that misalignment, of which GPTQ wins back only part
+        # (measured, 2,048 calibration tokens: 10% of RTN's prose gap, 40% of its code gap).
+        goals["baseline_note"] = ("fp32 baseline dequantized from Q4_1: its weights lie on a 4-bit grid of blocks "
+                                  "of 32; int4 g32 costs measure the integer zero point's misalignment with it")
     rtn, gptq = by["int4-wo-g32"], by["gptq-int4-g32"]
     if fp and "prose_ppl" in rtn:
         goals["int4_rtn_cost"] = rtn["ppl_vs_fp32"]

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import check_int as _check_count  # a bool is refused: repeat=True is a slip, not a 1
+
 
 @dataclass(frozen=True)
 class BenchResult:
@@ -65,12 +67,6 @@ def synchronize(device: str | torch.device | None = None) -> None:
         torch.cuda.synchronize(dev)
     elif dev is not None and dev.type == "mps":
         torch.mps.synchronize()
-
-
-def _check_count(name: str, value, low: int) -> None:
-    """ValueError unless ``value`` is an int >= ``low``; a bool is refused (``repeat=True`` is a slip, not a 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _timing_device(device: str | torch.device | None) -> torch.device:

@@ -26,3 +26,9 @@ def check_int(name: str, value, low: int, hint: str = "") -> None:
     """ValueError unless ``value`` is an int (not a bool, not a float like 2.0 or 2.5) and >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}{hint}, got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    """ValueError unless ``value`` is a bool (or the int 0 or 1): ``quick="no"`` is truthy and would run quick."""
+    if not (isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+        raise ValueError(f"{name} must be True or False, got {value!r}")

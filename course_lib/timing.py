@@ -183,6 +183,7 @@ def time_tokens(gen: Callable[[torch.Tensor, int], object], prompt: torch.Tensor
     Times 1 token (prefill and the first token), then ``n``: the difference is ``n - 1`` decode steps, for a
     generator that cannot report each token as it comes (a compiled loop, ``model.generate``).
     """
+    _check_count("n", n, 2)  # n = 1 has no decode step to time: it reported 0 tokens/s
     first = benchmark(lambda: gen(prompt, 1), warmup=warmup, repeat=repeat, device=device).median
     total = benchmark(lambda: gen(prompt, n), warmup=0, repeat=repeat, device=device).median
     return first, (n - 1) / max(total - first, 1e-9)

@@ -105,6 +105,9 @@ def test_cache_refuses_overflow_and_bad_sizes():
         cache.write(0, torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16))
     with pytest.raises(ValueError, match="max_len"):
         KVCache(shape, 1, 0, torch.float32)
+    for batch, max_len, match in ((True, 4, "batch"), (2.5, 4, "batch"), (1, 4.0, "max_len"), (1, True, "max_len")):
+        with pytest.raises(ValueError, match=match):  # True was a batch (or a cache) of one
+            KVCache(shape, batch, max_len, torch.float32)
     with pytest.raises(ValueError, match="multiple"):
         LlamaShape(64, 2, 4, 3, 16, 128, 1e-6, 10000.0)
     with pytest.raises(ValueError, match="attention"):

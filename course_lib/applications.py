@@ -15,7 +15,10 @@ written down with its reason so a learner can argue with it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from ._checks import check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -30,11 +33,9 @@ class LatencyBudget:
     why: str = ""
 
     def __post_init__(self):
-        for name in ("ttft_s", "tpot_s", "e2e_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        if self.answer_tokens < 1:
-            raise ValueError(f"answer_tokens must be >= 1, got {self.answer_tokens}")
+        for name in ("ttft_s", "tpot_s", "e2e_s"):  # NaN passed "<= 0" and then met no target and failed none
+            check_number(name, getattr(self, name), "> 0 and finite (seconds)", lambda v: 0 < v < math.inf)
+        check_int("answer_tokens", self.answer_tokens, 1, " (a typical answer length)")
 
     @property
     def min_tokens_per_s(self) -> float:
@@ -63,9 +64,19 @@ BUDGETS: dict[str, LatencyBudget] = {
 
 def e2e_seconds(ttft_s: float, tpot_s: float, answer_tokens: int) -> float:
     """End-to-end time of a streamed answer: first token, then ``answer_tokens - 1`` gaps."""
-    if answer_tokens < 1:
-        raise ValueError(f"answer_tokens must be >= 1, got {answer_tokens}")
+    _check_measured(ttft_s, tpot_s)
+    check_int("answer_tokens", answer_tokens, 1)
     return ttft_s + (answer_tokens - 1) * tpot_s
+
+
+def _check_measured(ttft_s: float, tpot_s: float) -> None:
+    for name, v in (("ttft_s", ttft_s), ("tpot_s", tpot_s)):
+        check_number(name, v, ">= 0 and finite (measured seconds)", lambda x: 0 <= x < math.inf)
+
+
+def _ratio(target: float, got: float) -> float:
+    # a measured 0 (a one-token answer has no gap between tokens) is infinitely fast, not a ZeroDivisionError
+    return target / got if got else math.inf
 
 
 def check_budget(budget: LatencyBudget | str, ttft_s: float, tpot_s: float) -> dict:
@@ -79,7 +90,7 @@ def check_budget(budget: LatencyBudget | str, ttft_s: float, tpot_s: float) -> d
                 tpot_target_s=b.tpot_s, e2e_s=e2e, e2e_target_s=b.e2e_s,
                 meets_ttft=ok["ttft"], meets_tpot=ok["tpot"], meets_e2e=ok["e2e"], meets_all=all(ok.values()),
                 # > 1 means faster than needed; the tightest target sets the headroom
-                headroom=min(b.ttft_s / ttft_s, b.tpot_s / tpot_s, b.e2e_s / e2e))
+                headroom=min(_ratio(b.ttft_s, ttft_s), _ratio(b.tpot_s, tpot_s), _ratio(b.e2e_s, e2e)))
 
 
 def budget_table(ttft_s: float, tpot_s: float, budgets: dict[str, LatencyBudget] | None = None) -> list[dict]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ._checks import check_int
+
 log = logging.getLogger(__name__)
 
 # Top-level stdlib modules that exist on CPython 3.9-3.13. Sorted, fixed: do not
@@ -114,6 +116,8 @@ def corpus_spec(split: str = "train") -> dict:
 
 def encode_split(tokenizer, split: str = "heldout", max_chars: int | None = None) -> torch.Tensor:
     """Token ids of a whole split as one 1-D tensor (documents joined by EOS)."""
+    if max_chars is not None:  # a negative cap gave an empty tensor, True one character
+        check_int("max_chars", max_chars, 1, " or None (None = the whole split)")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     used = 0
@@ -129,6 +133,8 @@ def encode_split(tokenizer, split: str = "heldout", max_chars: int | None = None
 
 def batches(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator):
     """Endless random windows of `seq_len + 1` tokens, as (inputs, targets)."""
+    check_int("seq_len", seq_len, 1)  # seq_len=0 gave empty inputs; True a window of one token
+    check_int("batch_size", batch_size, 1)
     if ids.numel() <= seq_len + 1:
         raise ValueError(f"need more than {seq_len + 1} tokens, got {ids.numel()}")
     while True:
@@ -139,6 +145,8 @@ def batches(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.G
 
 def calibration_batches(tokenizer, n: int = 8, seq_len: int = 128, seed: int = 0) -> torch.Tensor:
     """`n` windows of `seq_len` tokens from the *train* split (for quantization / pruning calibration)."""
+    check_int("n", n, 1, " (the number of calibration windows)")
+    check_int("seq_len", seq_len, 1)
     ids = encode_split(tokenizer, "train", max_chars=400_000)
     g = torch.Generator().manual_seed(seed)
     x, _ = next(batches(ids, seq_len, n, g))

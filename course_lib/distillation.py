@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import re
 import shutil
 import time
@@ -43,6 +42,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import data
+from ._checks import check_int as _check_int
+from ._checks import check_number as _check_number
 from .models import check_token_ids, count_parameters
 
 log = logging.getLogger(__name__)
@@ -110,23 +111,6 @@ def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
 def _check_temperature_alpha(temperature: float, alpha: float) -> None:
     _check_number("temperature", temperature, "> 0 (typical: 1-4)", lambda v: 0 < v < math.inf)
     _check_number("alpha", alpha, "in [0, 1] (0 = train from scratch, 1 = pure distillation)", lambda v: 0 <= v <= 1)
-
-
-def _check_number(name: str, value, allowed: str, ok) -> None:
-    """ValueError naming the field, its allowed range and the bad value, unless ``value`` is a number with ``ok``.
-
-    NaN is refused (it passes no range check silently: every comparison is False), and so is ``bool``, which
-    Python counts as an int: ``temperature=True`` is a slip, not a 1.
-    """
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
-            or not ok(value)):
-        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
-
-
-def _check_int(name: str, value, low: int, hint: str = "") -> None:
-    """ValueError unless ``value`` is an int (not a bool, not a float like 2.0 or 2.5) and >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}{hint}, got {value!r}")
 
 
 # --- compatibility -------------------------------------------------------------

@@ -20,12 +20,14 @@ All return the new token ids, so their outputs can be compared exactly.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_int, check_number
 from .kv_cache import ScratchLlama
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ def encode_prompt(tokenizer, prompt: str | torch.Tensor, device: torch.device) -
     elif isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty; give at least one character (for example 'def ')")
+        if tokenizer is None:  # else: "'NoneType' object is not callable"
+            raise ValueError("a text prompt needs its tokenizer: pass the tokenizer (tokenizer=...; load_model "
+                             "returns it), or pass the prompt as a tensor of token ids")
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     else:
         raise ValueError(f"prompt must be a str or a tensor of token ids, got {type(prompt).__name__}")
@@ -74,15 +79,23 @@ def hf_forward(model, ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, obje
 
 
 def _check_new_tokens(max_new_tokens: int) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)  # True is not one token: a bool is refused
+
+
+def _check_sampling(temperature: float, top_k: int | None) -> None:
+    # NaN passes "< 0" and turns every probability into NaN; True would sample at temperature 1
+    check_number("temperature", temperature, ">= 0 and finite (0 = greedy, typical 0.7-1)",
+                 lambda v: 0 <= v < math.inf)
+    if top_k is not None:
+        check_int("top_k", top_k, 1, " or None (None = the whole vocabulary)")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token from (B, V) logits: greedy at temperature 0, else softmax sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    _check_sampling(temperature, top_k)
+    if top_k is not None and top_k > logits.size(-1):
+        raise ValueError(f"top_k ({top_k}) must be <= the vocabulary size ({logits.size(-1)}), or None")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -99,6 +112,7 @@ def stream_generate(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
                     stop_at_eos: bool = True) -> Iterator[Step]:
     """Yield new tokens one at a time, using the model's KV cache (batch size 1)."""
     _check_new_tokens(max_new_tokens)
+    _check_sampling(temperature, top_k)
     device = next(model.parameters()).device
     ids = encode_prompt(tokenizer, prompt, device)
     gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -120,6 +134,9 @@ def stream_generate(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 0) -> str:
     """Prompt -> prompt plus its continuation, as text."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"generate takes a text prompt (and returns text), got {type(prompt).__name__}; "
+                         "for token ids use stream_generate or generate_kv_cache")
     new = [s.token_id for s in stream_generate(model, tokenizer, prompt, max_new_tokens,
                                                temperature, top_k, seed)]
     return prompt + tokenizer.decode(new)
@@ -244,6 +261,8 @@ def batched_generate(model, tokenizer, prompts: list[str], max_new_tokens: int =
     _check_new_tokens(max_new_tokens)
     if not prompts or any(not isinstance(p, str) or not p for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if tokenizer is None:
+        raise ValueError("batched_generate needs the prompts' tokenizer (load_model returns it)")
     scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
     rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     width = max(len(r) for r in rows)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_int
+
 ATTENTION_KINDS = ("sdpa", "naive")
 
 
@@ -128,8 +130,8 @@ class KVCache:
 
     def __init__(self, shape: LlamaShape, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        if batch < 1 or max_len < 1:
-            raise ValueError(f"batch and max_len must be >= 1, got batch={batch}, max_len={max_len}")
+        check_int("batch", batch, 1)  # True is a slip, not a batch of 1
+        check_int("max_len", max_len, 1, " (the most tokens the cache holds)")
         size = (batch, shape.n_kv_heads, max_len, shape.head_dim)
         self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
         self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]

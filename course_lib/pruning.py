@@ -47,6 +47,7 @@ import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_int, check_number
 from .quantization import is_quantized
 
 log = logging.getLogger(__name__)
@@ -664,20 +665,19 @@ class RecoveryConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # Every numeric field is checked: a bool counts as an int in Python (distill_alpha=True is pure KD,
+        # not a slip caught), and NaN/inf pass a plain "> 0" or slip through the loss and ruin every weight.
         for name in ("steps", "batch_size", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0 (try 1e-3), got {self.lr!r}")
-        if not 0 <= self.distill_alpha <= 1:
-            raise ValueError(f"distill_alpha must be in [0, 1] (0 = plain fine-tune), got {self.distill_alpha!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ValueError(f"max_seconds must be > 0 or None, got {self.max_seconds!r}")
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("eval_every", self.eval_every, 0, " (0 = no evaluation during training)")
+        check_int("seed", self.seed, 0)
+        check_number("lr", self.lr, "in (0, 1) (try 1e-3)", lambda v: 0 < v < 1)
+        check_number("distill_alpha", self.distill_alpha, "in [0, 1] (0 = plain fine-tune, 1 = pure distillation)",
+                     lambda v: 0 <= v <= 1)
+        check_number("temperature", self.temperature, "> 0 and finite (typical: 1-4)", lambda v: 0 < v < math.inf)
+        if self.max_seconds is not None:
+            check_number("max_seconds", self.max_seconds, "> 0 or None (None or inf = no time limit)",
+                         lambda v: v > 0)
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,13 @@ a model with the same depth but almost no width.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from ._checks import check_int, check_number
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,8 @@ def measure_bandwidth(size_mb: int = 256, repeat: int = 5, device: str | torch.d
     ``triad`` (a = b + s*c) reads two arrays and writes one: 3 x size bytes.
     The arrays are far larger than any CPU cache, so this measures DRAM, not cache.
     """
-    if size_mb < 1 or repeat < 1:
-        raise ValueError("size_mb and repeat must be >= 1")
+    check_int("size_mb", size_mb, 1)
+    check_int("repeat", repeat, 1)
     if kind not in BANDWIDTH_KINDS:
         raise ValueError(f"kind must be one of {BANDWIDTH_KINDS}, got {kind!r}")
     from .timing import benchmark
@@ -74,6 +78,8 @@ def measure_matmul_flops(n: int = 1024, dtype: torch.dtype = torch.float32, repe
     """Achieved matmul throughput in GFLOP/s for an n x n x n product (2 n^3 FLOPs)."""
     from .timing import benchmark
 
+    check_int("n", n, 1, " (the matrix size)")
+
     dev = torch.device(device)
     a = torch.randn(n, n, device=dev).to(dtype)
     b = torch.randn(n, n, device=dev).to(dtype)
@@ -90,8 +96,9 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, max_n: int = 2048, re
     until one product takes ``min_seconds`` (or ``max_n`` is reached), so a slow
     dtype is not run at sizes that would take minutes.
     """
-    if max_n < 1 or repeat < 1:
-        raise ValueError(f"max_n and repeat must be >= 1, got max_n={max_n}, repeat={repeat}")
+    check_int("max_n", max_n, 1, " (the largest matrix size tried)")
+    check_int("repeat", repeat, 1)
+    check_number("min_seconds", min_seconds, ">= 0 (how long one product must take)", lambda v: v >= 0)
     best, best_n, n = 0.0, 0, min(256, max_n)
     while True:
         rate = measure_matmul_flops(n, dtype, repeat=repeat, device=device)
@@ -111,6 +118,9 @@ def measure_gemv_bandwidth(rows: int = 8192, cols: int = 8192, dtype: torch.dtyp
     ceiling: a kernel that converts or computes slowly falls short of the read.
     """
     from .timing import benchmark
+
+    check_int("rows", rows, 1)
+    check_int("cols", cols, 1)
 
     dev = torch.device(device)
     w = torch.randn(rows, cols, device=dev).to(dtype)
@@ -139,13 +149,13 @@ class Hardware:
     matmul_n: dict = field(default_factory=dict)  # dtype -> the matmul size that reached the peak (measured only)
 
     def __post_init__(self):
-        if self.bandwidth_gbs <= 0:
-            raise ValueError(f"bandwidth_gbs must be > 0, got {self.bandwidth_gbs}")
+        check_number("bandwidth_gbs", self.bandwidth_gbs, "> 0 and finite (GB/s)", lambda v: 0 < v < math.inf)
         for name, figures in (("gflops", self.gflops), ("gemv_gbs", self.gemv_gbs)):
             unknown = set(figures) - set(DTYPE_BITS)
             if unknown:
                 raise ValueError(f"unknown dtype keys {sorted(unknown)} in {name}; use {sorted(DTYPE_BITS)}")
-            bad = {k: v for k, v in figures.items() if not v > 0}
+            bad = {k: v for k, v in figures.items()
+                   if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < math.inf}
             if bad:
                 raise ValueError(f"{name} figures must be > 0, got {bad}")
 
@@ -281,18 +291,20 @@ def _dims(config) -> ModelDims:
     return config if isinstance(config, ModelDims) else ModelDims.from_config(config)
 
 
-def _check(batch: int, tokens: int, weight_bits: float, kv_bits: float) -> None:
-    if batch < 1 or tokens < 1:
-        raise ValueError(f"batch and token counts must be >= 1, got batch={batch}, tokens={tokens}")
-    if weight_bits <= 0 or kv_bits <= 0:
-        raise ValueError(f"bits must be > 0 (e.g. 32, 16, 8, 4), got weight_bits={weight_bits}, kv_bits={kv_bits}")
+def _check(batch: int, weight_bits: float, kv_bits: float, act_bits: float) -> None:
+    # bool is refused (batch=True is a slip, not 1), and so are fractional counts and NaN/inf bits: each would
+    # give a byte count that looks like a prediction
+    check_int("batch", batch, 1)
+    for name, bits in (("weight_bits", weight_bits), ("kv_bits", kv_bits), ("act_bits", act_bits)):
+        check_number(name, bits, "> 0 and finite (e.g. 32, 16, 8, 4)", lambda v: 0 < v < math.inf)
 
 
 def decode_cost(config, batch: int = 1, context: int = 128, weight_bits: float = 16, kv_bits: float = 16,
                 act_bits: float = 16) -> StepCost:
     """One decode step: each of ``batch`` sequences adds one token after ``context`` cached ones."""
     m = _dims(config)
-    _check(batch, 1, weight_bits, kv_bits)
+    _check(batch, weight_bits, kv_bits, act_bits)
+    check_int("context", context, 0, " (tokens already cached)")
     weight_bytes = m.decode_params * weight_bits / 8  # read once, shared by the whole batch
     kv_bytes = batch * m.kv_bytes_per_token(kv_bits) * (context + 1)  # read the cache, write one slot
     # Activations: a handful of hidden-size and intermediate-size vectors per layer, plus the logits.
@@ -306,7 +318,8 @@ def prefill_cost(config, batch: int = 1, prompt_len: int = 128, weight_bits: flo
                  act_bits: float = 16) -> StepCost:
     """Prefill of ``prompt_len`` tokens per sequence (logits for the last position only)."""
     m = _dims(config)
-    _check(batch, prompt_len, weight_bits, kv_bits)
+    _check(batch, weight_bits, kv_bits, act_bits)
+    check_int("prompt_len", prompt_len, 1)
     t = prompt_len
     weight_bytes = m.decode_params * weight_bits / 8
     kv_bytes = batch * m.kv_bytes_per_token(kv_bits) * t  # written once
@@ -341,8 +354,10 @@ def predict(cost: StepCost, hw: Hardware, compute_dtype: str = "bf16", overhead_
     that figure (what a linear layer really gets; ``kernel_s``), everything else
     at the read bandwidth. ``bandwidth_gbs`` overrides both rates.
     """
-    if overhead_s < 0:
-        raise ValueError(f"overhead_s must be >= 0, got {overhead_s}")
+    check_number("overhead_s", overhead_s, ">= 0 and finite (seconds per step)", lambda v: 0 <= v < math.inf)
+    if bandwidth_gbs is not None:  # 0 would silently fall back to the machine's figure
+        check_number("bandwidth_gbs", bandwidth_gbs, "> 0 and finite (GB/s), or None (the machine's figure)",
+                     lambda v: 0 < v < math.inf)
     bw = bandwidth_gbs or hw.bandwidth_gbs
     weight_bw = bandwidth_gbs or hw.gemv_gbs.get(compute_dtype, bw)
     memory_s = cost.bytes / (bw * 1e9)
@@ -375,6 +390,8 @@ def measure_decode_step(model, context: int = 128, batch: int = 1, warmup: int =
     """
     from .timing import benchmark
 
+    check_int("context", context, 1, " (tokens in the cache before the timed step)")
+    check_int("batch", batch, 1)
     dev = next(model.parameters()).device
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

@@ -31,6 +31,8 @@ so a request sees exactly the positions it would see alone.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import random
 import statistics
 import time
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import check_int, check_number
 from .kv_cache import KVCache, ScratchLlama
 
 log = logging.getLogger(__name__)
@@ -58,10 +61,10 @@ class Request:
     def __post_init__(self):
         if not self.prompt_ids:
             raise ValueError(f"request {self.rid}: prompt_ids is empty; give at least one token")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"request {self.rid}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.arrival_s < 0:
-            raise ValueError(f"request {self.rid}: arrival_s must be >= 0, got {self.arrival_s}")
+        check_int(f"request {self.rid}: max_new_tokens", self.max_new_tokens, 1)
+        # NaN would pass "< 0" and then sort anywhere in the arrival queue
+        check_number(f"request {self.rid}: arrival_s", self.arrival_s, ">= 0 and finite (seconds)",
+                     lambda v: 0 <= v < math.inf)
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,7 @@ class ServeConfig:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if not isinstance(self.max_batch, int) or self.max_batch < 1:
-            raise ValueError(f"max_batch must be a positive int, got {self.max_batch!r}")
+        check_int("max_batch", self.max_batch, 1, " (the most rows decoded at once)")  # True is not a batch of 1
 
 
 @dataclass(frozen=True)
@@ -161,11 +163,14 @@ def poisson_requests(n: int, rate_per_s: float, vocab: int, prompt_len: tuple[in
     makes static batching waste slots. Lengths are uniform in the given
     inclusive ranges; prompt tokens are random ids below ``vocab``.
     """
-    if n < 1 or rate_per_s <= 0:
-        raise ValueError(f"need n >= 1 and rate_per_s > 0, got n={n}, rate_per_s={rate_per_s}")
-    for name, (lo, hi) in (("prompt_len", prompt_len), ("new_tokens", new_tokens)):
-        if lo < 1 or hi < lo:
-            raise ValueError(f"{name} must be (lo, hi) with 1 <= lo <= hi, got {(lo, hi)}")
+    check_int("n", n, 1, " (the number of requests)")
+    check_number("rate_per_s", rate_per_s, "> 0 and finite (requests per second)", lambda v: 0 < v < math.inf)
+    check_int("vocab", vocab, 1, " (prompt ids are drawn below it: the model's vocab_size)")
+    for name, rng_ in (("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if (not isinstance(rng_, (tuple, list)) or len(rng_) != 2
+                or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in rng_)
+                or rng_[0] < 1 or rng_[1] < rng_[0]):
+            raise ValueError(f"{name} must be (lo, hi) ints with 1 <= lo <= hi, got {rng_!r}")
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(n):
@@ -377,7 +382,8 @@ def batch_sweep(model, batch_sizes: list[int], context: int = 64, warmup: int = 
     """
     from .roofline import measure_decode_step
 
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1
+                              for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes!r}")
     rows = []
     for b in tqdm(batch_sizes, desc="batch sweep", leave=False):

@@ -97,10 +97,7 @@ def _rollback(cache: DynamicCache, keep: int) -> None:
 
 
 def _prompt_ids(tokenizer, prompt, device) -> torch.Tensor:
-    if isinstance(prompt, str) and tokenizer is None:
-        raise ValueError("a text prompt needs its tokenizer: pass tokenizer= (load_model returns it), "
-                         "or pass the prompt as a tensor of token ids")
-    return encode_prompt(tokenizer, prompt, device)
+    return encode_prompt(tokenizer, prompt, device)  # a text prompt without its tokenizer is refused there
 
 
 def _eos_id(tokenizer, stop_at_eos: bool) -> int | None:

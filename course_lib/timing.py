@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import check_int as _check_count  # a bool is refused: repeat=True is a slip, not a 1
+
 
 @dataclass(frozen=True)
 class BenchResult:
@@ -65,12 +67,6 @@ def synchronize(device: str | torch.device | None = None) -> None:
         torch.cuda.synchronize(dev)
     elif dev is not None and dev.type == "mps":
         torch.mps.synchronize()
-
-
-def _check_count(name: str, value, low: int) -> None:
-    """ValueError unless ``value`` is an int >= ``low``; a bool is refused (``repeat=True`` is a slip, not a 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _timing_device(device: str | torch.device | None) -> torch.device:
@@ -187,6 +183,7 @@ def time_tokens(gen: Callable[[torch.Tensor, int], object], prompt: torch.Tensor
     Times 1 token (prefill and the first token), then ``n``: the difference is ``n - 1`` decode steps, for a
     generator that cannot report each token as it comes (a compiled loop, ``model.generate``).
     """
+    _check_count("n", n, 2)  # n = 1 has no decode step to time: it reported 0 tokens/s
     first = benchmark(lambda: gen(prompt, 1), warmup=warmup, repeat=repeat, device=device).median
     total = benchmark(lambda: gen(prompt, n), warmup=0, repeat=repeat, device=device).median
     return first, (n - 1) / max(total - first, 1e-9)

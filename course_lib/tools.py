@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import numbers
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,8 @@ def side_by_side(model, seq_lens: tuple[int, ...] = (1, 128), warmup: int = 2, r
     fp32, and the largest logit difference from it (a wrong answer fast is no
     answer). Rows for tools that cannot run here carry ``status`` with the reason.
     """
-    if not seq_lens or any(t < 1 for t in seq_lens):
+    if (not isinstance(seq_lens, (list, tuple)) or not seq_lens
+            or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1 for t in seq_lens)):
         raise ValueError(f"seq_lens must be positive token counts, got {seq_lens!r}")
     model = model.eval()
     tmp = tempfile.TemporaryDirectory() if workdir is None else None

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import data
+from ._checks import check_int, check_number
 from .models import count_parameters
 
 log = logging.getLogger(__name__)
@@ -55,20 +56,28 @@ class TrainConfig:
     corpus_chars: int | None = None  # cap on characters per split (None = all); for quick tests
 
     def __post_init__(self) -> None:
+        # Every numeric field is checked: steps=True would train one step, warmup_steps=1.5 bends the schedule,
+        # a negative weight_decay pushes weights away from zero, and a NaN min_lr_frac makes every lr NaN.
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "seq_len", "batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                     "num_kv_heads", "max_position_embeddings", "seq_len", "batch_size", "steps",
+                     "eval_every", "eval_tokens"):
+            check_int(name, getattr(self, name), 1)
+        check_int("warmup_steps", self.warmup_steps, 0, " (0 = no warm-up)")
+        check_int("seed", self.seed, 0)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.seq_len > self.max_position_embeddings:
-            raise ValueError("seq_len must be <= max_position_embeddings")
-        if self.corpus_chars is not None and self.corpus_chars < 20_000:
-            raise ValueError(f"corpus_chars must be None or >= 20000, got {self.corpus_chars}")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+            raise ValueError(f"seq_len ({self.seq_len}) must be <= max_position_embeddings "
+                             f"({self.max_position_embeddings})")
+        if self.corpus_chars is not None:
+            check_int("corpus_chars", self.corpus_chars, 20_000, " or None (None = the whole corpus)")
+        check_number("lr", self.lr, "in (0, 1) (typical 1e-4 to 5e-3)", lambda v: 0 < v < 1)
+        check_number("min_lr_frac", self.min_lr_frac, "in [0, 1] (the final lr as a fraction of lr)",
+                     lambda v: 0 <= v <= 1)
+        check_number("weight_decay", self.weight_decay, "in [0, 1] (0 = off, typical 0.01-0.1)",
+                     lambda v: 0 <= v <= 1)
 
 
 def train_tokenizer(vocab_size: int, max_chars: int | None = None) -> PreTrainedTokenizerFast:

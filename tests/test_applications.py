@@ -47,6 +47,9 @@ def test_roofline_timing_faster_on_bigger_hardware_and_fewer_bits():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(ttft_s=0), "ttft_s"), (dict(tpot_s=-1), "tpot_s"), (dict(answer_tokens=0), "answer_tokens"),
+    (dict(ttft_s=float("nan")), "ttft_s"), (dict(e2e_s=float("nan")), "e2e_s"), (dict(tpot_s=float("inf")), "tpot_s"),
+    (dict(answer_tokens=True), "answer_tokens"), (dict(answer_tokens=10.5), "answer_tokens"),
+    (dict(ttft_s="1"), "ttft_s"),
 ])
 def test_bad_budget(kwargs, match):
     base = dict(name="x", ttft_s=1.0, tpot_s=0.1, answer_tokens=10, e2e_s=5.0)
@@ -57,3 +60,22 @@ def test_bad_budget(kwargs, match):
 def test_unknown_budget_name():
     with pytest.raises(ValueError, match="customer service"):
         check_budget("chatbot", 0.1, 0.1)
+
+
+@pytest.mark.parametrize("ttft, tpot, match", [
+    (float("nan"), 0.1, "ttft_s"), (0.5, float("nan"), "tpot_s"), (-0.5, 0.1, "ttft_s"), (0.5, float("inf"), "tpot_s"),
+])
+def test_a_bad_measurement_is_refused_not_judged(ttft, tpot, match):
+    # NaN compares False with every target: it was reported as missing all of them (or, as headroom, NaN)
+    with pytest.raises(ValueError, match=match):
+        check_budget("voice assistant", ttft, tpot)
+    with pytest.raises(ValueError, match=match):
+        e2e_seconds(ttft, tpot, 10)
+
+
+def test_a_one_token_answer_has_no_gap_and_infinite_tpot_headroom():
+    # Finished.tpot_s is 0.0 for a one-token answer; that was a ZeroDivisionError
+    row = check_budget("voice assistant", 0.2, 0.0)
+    assert row["meets_all"] and row["headroom"] == pytest.approx(0.5 / 0.2)
+    with pytest.raises(ValueError, match="answer_tokens"):
+        e2e_seconds(0.5, 0.1, 2.5)

@@ -105,6 +105,9 @@ def test_cache_refuses_overflow_and_bad_sizes():
         cache.write(0, torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16))
     with pytest.raises(ValueError, match="max_len"):
         KVCache(shape, 1, 0, torch.float32)
+    for batch, max_len, match in ((True, 4, "batch"), (2.5, 4, "batch"), (1, 4.0, "max_len"), (1, True, "max_len")):
+        with pytest.raises(ValueError, match=match):  # True was a batch (or a cache) of one
+            KVCache(shape, batch, max_len, torch.float32)
     with pytest.raises(ValueError, match="multiple"):
         LlamaShape(64, 2, 4, 3, 16, 128, 1e-6, 10000.0)
     with pytest.raises(ValueError, match="attention"):
@@ -149,7 +152,7 @@ def test_sampling_is_seeded():
     assert sample_next(logits, temperature=1.0, top_k=1).item() == 1
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, None])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, None, True])
 def test_bad_token_counts_raise(bad):
     model, tok = make_tiny("llama"), _ByteTokenizer()
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -168,6 +171,34 @@ def test_empty_prompts_raise():
         sample_next(torch.zeros(1, 3), temperature=-1)
     with pytest.raises(ValueError, match="prompts"):
         batched_generate(model, tok, ["ok", ""], 4)
+
+
+def test_a_text_prompt_without_its_tokenizer_names_the_fix():
+    model = make_tiny("llama")
+    for call in (lambda: list(stream_generate(model, None, "def ", 4)), lambda: generate(model, None, "def ", 4),
+                 lambda: encode_prompt(None, "def ", torch.device("cpu")),
+                 lambda: batched_generate(model, None, ["def "], 4)):
+        with pytest.raises(ValueError, match="tokenizer"):  # not "'NoneType' object is not callable"
+            call()
+    ids = _prompt()  # token ids need no tokenizer
+    assert [s.token_id for s in stream_generate(model, None, ids, 3, stop_at_eos=False)] == \
+        generate_kv_cache(model, ids, 3)[0].tolist()
+    with pytest.raises(ValueError, match="text prompt"):
+        generate(model, _ByteTokenizer(), ids, 3)  # generate is text -> text; ids go to stream_generate
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=True), "temperature"), (dict(temperature=-1), "temperature"),
+    (dict(temperature=1.0, top_k=0), "top_k"), (dict(temperature=1.0, top_k=2.5), "top_k"),
+    (dict(temperature=1.0, top_k=True), "top_k"), (dict(temperature=1.0, top_k=4), "vocabulary size"),
+])
+def test_bad_sampling_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_next(torch.zeros(1, 3), **kwargs)
+    if match != "vocabulary size":
+        with pytest.raises(ValueError, match=match):
+            list(stream_generate(make_tiny("llama"), _ByteTokenizer(), "hi", 2, **kwargs))
 
 
 def test_batched_left_padding_matches_one_by_one():

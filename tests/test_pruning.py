@@ -192,6 +192,31 @@ def test_recovery_lowers_loss_and_distills():
         RecoveryConfig(lr=0)
 
 
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("steps", True), ("steps", 2.5), ("batch_size", 8.0), ("seq_len", 0),
+    ("lr", INF), ("lr", NAN), ("lr", True), ("lr", 1.5),
+    ("temperature", True), ("temperature", INF), ("temperature", NAN), ("temperature", 0),
+    ("distill_alpha", True), ("distill_alpha", NAN), ("distill_alpha", 1.5),
+    ("seed", 1.5), ("seed", -1), ("seed", True),
+    ("eval_every", 2.5), ("eval_every", -1), ("eval_every", True),
+    ("max_seconds", NAN), ("max_seconds", 0), ("max_seconds", True), ("max_seconds", "60"),
+])
+def test_recovery_config_checks_every_numeric_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        RecoveryConfig(**{field: value})
+
+
+def test_recovery_config_accepts_the_edges_of_every_range():
+    import numpy as np
+
+    cfg = RecoveryConfig(steps=np.int64(3), distill_alpha=1, temperature=np.float32(1.5), max_seconds=INF,
+                         eval_every=0, seed=0)
+    assert cfg.steps == 3 and RecoveryConfig(max_seconds=None, distill_alpha=0.0).max_seconds is None
+
+
 # --- hidden size ---------------------------------------------------------------------------
 
 

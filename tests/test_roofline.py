@@ -59,6 +59,54 @@ def test_prefill_is_far_more_intense_than_decode():
         prefill_cost(cfg, weight_bits=0)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("fn, kwargs, match", [
+    ("decode", dict(batch=True), "batch"), ("decode", dict(batch=2.5), "batch"),
+    ("decode", dict(context=-5), "context"), ("decode", dict(context=64.5), "context"),
+    ("decode", dict(weight_bits=NAN), "weight_bits"),
+    ("decode", dict(kv_bits=INF), "kv_bits"), ("decode", dict(act_bits=0), "act_bits"),
+    ("prefill", dict(prompt_len=True), "prompt_len"), ("prefill", dict(prompt_len=0), "prompt_len"),
+    ("prefill", dict(batch=0), "batch"), ("prefill", dict(weight_bits=True), "weight_bits"),
+])
+def test_cost_arguments_are_checked(fn, kwargs, match):
+    cfg = speed_lab_config("smollm2-135m")
+    with pytest.raises(ValueError, match=match):
+        (decode_cost if fn == "decode" else prefill_cost)(cfg, **kwargs)
+
+
+def test_hardware_and_predict_refuse_nan_and_zero():
+    cfg = speed_lab_config("smollm2-135m")
+    hw = Hardware("toy", bandwidth_gbs=100, gflops={"bf16": 1000}, source="test")
+    for bad in (NAN, INF, True):
+        with pytest.raises(ValueError, match="bandwidth_gbs"):
+            Hardware("bad", bad, {"bf16": 1000}, "test")
+    with pytest.raises(ValueError, match="gflops"):
+        Hardware("bad", 10, {"bf16": NAN}, "test")
+    for kwargs, match in ((dict(overhead_s=NAN), "overhead_s"), (dict(overhead_s=INF), "overhead_s"),
+                          (dict(bandwidth_gbs=0), "bandwidth_gbs"), (dict(bandwidth_gbs=-5.0), "bandwidth_gbs")):
+        with pytest.raises(ValueError, match=match):
+            predict(decode_cost(cfg), hw, "bf16", **kwargs)
+    assert decode_cost(cfg, context=0).context == 0  # an empty cache is a real case
+
+
+def test_measurements_refuse_bad_sizes_before_any_work():
+    from course_lib import roofline as rl
+
+    for call, match in ((lambda: rl.measure_bandwidth(size_mb=True), "size_mb"),
+                        (lambda: rl.measure_bandwidth(size_mb=2.5), "size_mb"),
+                        (lambda: rl.measure_bandwidth(size_mb=4, repeat=0), "repeat"),
+                        (lambda: rl.measure_matmul_flops(n=0), "n must"),
+                        (lambda: rl.measure_peak_flops(max_n=256.0), "max_n"),
+                        (lambda: rl.measure_peak_flops(min_seconds=NAN), "min_seconds"),
+                        (lambda: rl.measure_gemv_bandwidth(rows=True), "rows"),
+                        (lambda: rl.measure_decode_step(None, context=0), "context"),
+                        (lambda: rl.measure_decode_step(None, batch=1.5), "batch")):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_predict_picks_the_binding_limit():
     hw = Hardware("toy", bandwidth_gbs=100, gflops={"bf16": 1000}, source="test")
     cfg = speed_lab_config("smollm2-135m")

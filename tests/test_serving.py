@@ -98,6 +98,9 @@ def test_poisson_requests_are_seeded_and_ordered():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(policy="dynamic"), "policy must be one of"),
     (dict(max_batch=0), "max_batch"),
+    (dict(max_batch=True), "max_batch"),  # bool is an int to Python: this was a batch of 1
+    (dict(max_batch=2.5), "max_batch"),
+    (dict(max_batch=8.0), "max_batch"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -117,6 +120,37 @@ def test_bad_requests(model):
         poisson_requests(3, 0.0, vocab=10)
     with pytest.raises(ValueError, match="batch_sizes"):
         batch_sweep(model, [0])
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0, 0.0, (1,), True), "max_new_tokens"), ((0, 0.0, (1,), 2.5), "max_new_tokens"),
+    ((0, NAN, (1,), 3), "arrival_s"), ((0, INF, (1,), 3), "arrival_s"), ((0, -1.0, (1,), 3), "arrival_s"),
+])
+def test_bad_request_fields(args, match):
+    with pytest.raises(ValueError, match=match):
+        Request(*args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n=True), "n must"), (dict(n=2.5), "n must"), (dict(n=0), "n must"),
+    (dict(rate_per_s=NAN), "rate_per_s"), (dict(rate_per_s=INF), "rate_per_s"), (dict(rate_per_s=True), "rate_per_s"),
+    (dict(vocab=0), "vocab"), (dict(vocab=True), "vocab"), (dict(vocab=128.0), "vocab"),
+    (dict(prompt_len=(2.5, 8)), "prompt_len"), (dict(prompt_len=(True, 8)), "prompt_len"),
+    (dict(prompt_len=8), "prompt_len"), (dict(new_tokens=(4, 2)), "new_tokens"),
+    (dict(new_tokens=(0, 2)), "new_tokens"),
+])
+def test_poisson_requests_checks_its_arguments(kwargs, match):
+    args = {**dict(n=3, rate_per_s=10.0, vocab=128), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        poisson_requests(**args)
+
+
+def test_batch_sweep_refuses_a_bool_batch(model):
+    with pytest.raises(ValueError, match="batch_sizes"):
+        batch_sweep(model, [1, True])
 
 
 def test_serve_bench_suite_rows(monkeypatch):

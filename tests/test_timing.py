@@ -265,3 +265,8 @@ def test_other_timers_check_their_counts():
 
     with pytest.raises(ValueError, match="rounds"):
         decode_speed({"m": model}, torch.tensor([1, 2]), rounds=0)
+    from course_lib.timing import time_tokens
+
+    for n in (1, True, 2.5):  # n = 1 has no decode step: it reported 0 tokens/s
+        with pytest.raises(ValueError, match="n must"):
+            time_tokens(lambda p, k: None, torch.tensor([[1, 2]]), n)

@@ -56,6 +56,7 @@ def test_export_onnx_refuses_to_overwrite(tmp_path):
         export_onnx(m, path)
 
 
-def test_bad_seq_lens():
+@pytest.mark.parametrize("seq_lens", [(0,), (True,), (2.5,), 128, (), None])
+def test_bad_seq_lens(seq_lens):
     with pytest.raises(ValueError, match="seq_lens"):
-        side_by_side(make_tiny("llama"), seq_lens=(0,))
+        side_by_side(make_tiny("llama"), seq_lens=seq_lens)

@@ -19,6 +19,29 @@ def test_config_is_validated(bad):
         TrainConfig(**{**MICRO, **bad})
 
 
+@pytest.mark.parametrize("field, value", [
+    ("steps", True), ("steps", 2.5), ("steps", 30.0), ("batch_size", False), ("eval_every", 0),
+    ("eval_tokens", 1.5), ("hidden_size", 32.0), ("max_position_embeddings", True),
+    ("warmup_steps", -3), ("warmup_steps", 1.5), ("warmup_steps", True), ("seed", -1), ("seed", 1.5),
+    ("corpus_chars", 60_000.5), ("corpus_chars", True),
+    ("lr", float("nan")), ("lr", True), ("lr", "1e-3"),
+    ("min_lr_frac", float("nan")), ("min_lr_frac", -0.1), ("min_lr_frac", 1.5),
+    ("weight_decay", -1), ("weight_decay", float("nan")), ("weight_decay", float("inf")), ("weight_decay", True),
+])
+def test_every_numeric_field_is_checked(field, value):
+    # bool counts as an int in Python and NaN fails no comparison: both would train silently with a wrong value
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{**MICRO, field: value})
+
+
+def test_config_accepts_the_edges_of_every_range():
+    import numpy as np
+
+    cfg = TrainConfig(**{**MICRO, "warmup_steps": 0, "weight_decay": 0.0, "min_lr_frac": 1, "seed": 0,
+                         "corpus_chars": None, "steps": np.int64(30), "lr": np.float32(1e-2)})
+    assert lr_at(0, cfg) == pytest.approx(1e-2) == pytest.approx(lr_at(29, cfg))
+
+
 def test_schedule_warms_up_then_decays():
     cfg = TrainConfig(**MICRO)
     assert lr_at(0, cfg) < lr_at(4, cfg) == pytest.approx(cfg.lr)

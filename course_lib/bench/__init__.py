@@ -43,6 +43,11 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
     Every output is checked before the first suite starts: colliding paths, and existing files unless
     ``overwrite`` (the README's bench block is rewritten in place, as ``readme`` asks).
     """
+    from .._checks import check_flag
+
+    check_flag("quick", quick)
+    if isinstance(suites, str):  # run_bench("decode") means that one suite, not the letters d, e, c, ...
+        suites = [suites]
     chosen = suites or available_suites()
     unknown = [s for s in chosen if s not in SUITES]
     if unknown:

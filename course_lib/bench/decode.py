@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import check_flag
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache, generate_no_cache
 from ..kv_cache import ScratchLlama
 from ..models import resolve_device, speed_lab_model
@@ -53,6 +54,7 @@ def _generator(method: str, model) -> Callable[[torch.Tensor, int], torch.Tensor
 
 def run(quick: bool = False, device: str = "auto") -> dict:
     """Run the suite; quick mode uses a 4-layer cut of the model and fewer repeats (< 5 min on 2 cores)."""
+    check_flag("quick", quick)  # before minutes of loading and timing
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     name = "smollm2-135m"

@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from .._checks import check_flag
 from ..distillation import make_student
 from ..metrics import perplexity
 from ..models import EMBEDDED, count_parameters, load_model
@@ -36,6 +37,7 @@ def _decode_tok_s(fn, n_tokens: int, repeat: int) -> float:
 
 def run(quick: bool = False) -> dict:
     """Measure the four rows (more k in full mode); see the module docstring."""
+    check_flag("quick", quick)  # before minutes of loading and timing
     teacher, tok = load_model("course-tiny")
     try:
         student, _ = load_model("course-tiny-student")

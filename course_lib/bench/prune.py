@@ -31,6 +31,7 @@ from dataclasses import replace
 
 import torch
 
+from .._checks import check_flag
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
 from ..pruning import PruneConfig, RecoveryConfig, pruned, recover_, speedup_ceiling
@@ -92,6 +93,7 @@ def speed_rows(model_name: str, layers: int | None, methods: list[str], quick: b
 
 def run(quick: bool = False) -> dict:
     """Measure every method; see the module docstring."""
+    check_flag("quick", quick)  # before minutes of loading and timing
     torch.manual_seed(0)
     rows: list[dict] = []
 

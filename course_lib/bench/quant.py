@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import check_flag
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
 from ..quantization import QuantConfig, quantize_
@@ -121,6 +122,7 @@ def _quality(method: str, quick: bool, calibration: torch.Tensor, ids: torch.Ten
 
 def run(quick: bool = False) -> dict:
     """All methods: speed on the Qwen2.5-0.5B shapes, perplexity on course-tiny."""
+    check_flag("quick", quick)  # before minutes of loading and timing
     from ..data import calibration_batches, encode_split
     from ..models import load_tokenizer
 

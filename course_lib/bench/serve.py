@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from .._checks import check_flag
 from ..models import speed_lab_model
 from ..serving import ServeConfig, batch_sweep, poisson_requests, serve
 
@@ -27,6 +28,7 @@ MODEL = "smollm2-135m"
 
 def run(quick: bool = False) -> dict:
     """The batch sweep and both scheduling policies; ``quick`` cuts depth, batches and requests."""
+    check_flag("quick", quick)  # before minutes of loading and timing
     layers = 4 if quick else None
     model, cfg = speed_lab_model(MODEL, num_layers=layers)
     label = f"{MODEL}" + (f" ({layers} layers)" if layers else "")

@@ -1,0 +1,34 @@
+"""Small argument checks shared by the config dataclasses (a leaf module: it imports nothing from course_lib).
+
+Each raises a ValueError that names the field, what is allowed and the value it got. Two slips are refused that a
+plain ``v < 1`` or ``0 < v`` comparison lets through: ``bool`` (Python counts ``True`` as the int 1, so
+``steps=True`` would train one step) and NaN (every comparison with NaN is False, so no range check fires).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def check_number(name: str, value, allowed: str, ok) -> None:
+    """ValueError naming the field, its allowed range and the bad value, unless ``value`` is a number with ``ok``.
+
+    NaN is refused (it passes no range check silently: every comparison is False), and so is ``bool``, which
+    Python counts as an int: ``temperature=True`` is a slip, not a 1.
+    """
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+            or not ok(value)):
+        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+
+
+def check_int(name: str, value, low: int, hint: str = "") -> None:
+    """ValueError unless ``value`` is an int (not a bool, not a float like 2.0 or 2.5) and >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{hint}, got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    """ValueError unless ``value`` is a bool (or the int 0 or 1): ``quick="no"`` is truthy and would run quick."""
+    if not (isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+        raise ValueError(f"{name} must be True or False, got {value!r}")

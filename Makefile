@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # Quick mode keeps each notebook to about a minute on 2 cores; COURSE_QUICK=0 runs the full version.
 COURSE_QUICK ?= 1
 
-.PHONY: install lab test lint bench budget clean-venv
+.PHONY: install lab test lint bench engines budget clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: install
 # --overwrite: a re-run refreshes its own reports/ files (bench refuses existing outputs otherwise)
 bench: install
 	$(BIN)/python -m course_lib bench --quick --json reports/bench.json --report reports/ --overwrite
+
+# llama.cpp for `bench --suite engines`: llama-cpp-python builds llama.cpp from source (~15 min on 2 cores).
+# GGML_NATIVE=ON compiles for this CPU's instruction set; pip's cache keeps the built wheel for the next venv.
+engines: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -e ".[engines]"
 
 # Peak memory and wall time of every notebook, each in its own kernel: reports/notebook_budget.{json,md}
 budget: install

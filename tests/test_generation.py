@@ -318,3 +318,27 @@ def test_compiled_decoder_with_cuda_graphs_matches_the_eager_loop():
     assert torch.equal(dec(other, 8, max_len=24), generate_kv_cache(model, other, 8))  # stale slots are masked
     plain = CompiledDecoder(model, mode="default")
     assert not plain.cuda_graphs and torch.equal(plain(ids, 8), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 0.15)])
+def test_scratch_cache_on_cuda_matches_transformers(dtype, tol):
+    model = make_tiny().to("cuda", dtype)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.inference_mode():
+        ref = model(ids).logits.float()
+        s = ScratchLlama(model)
+        cache = s.new_cache(2, 16)
+        mine = torch.cat([s(ids[:, :9], cache)] + [s(ids[:, i:i + 1], cache) for i in range(9, 12)], 1).float()
+    assert (mine - ref).abs().max().item() < tol * ref.abs().max().item()
+    assert torch.equal(generate_kv_cache(model, ids[:1], 8), generate_hf(model, ids[:1], 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_attention_cost_measures_gpu_memory():
+    from course_lib.generation import attention_cost
+
+    rows = attention_cost([256, 1024], heads=4, head_dim=32, dtype=torch.bfloat16, device="cuda", repeat=2)
+    assert rows and all(r["ms"] > 0 and r["alloc_mb"] >= 0 for r in rows), rows

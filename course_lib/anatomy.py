@@ -10,6 +10,9 @@ from collections import defaultdict
 
 import torch
 
+from .device import device_of
+from .timing import synchronize
+
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
@@ -88,24 +91,32 @@ def profile_decode_step(model, context: int = 64, steps: int = 5) -> tuple[dict[
 
     if context < 1 or steps < 1:
         raise ValueError("context and steps must be >= 1")
-    device = next(model.parameters()).device
+    device = device_of(model)
+    on_cuda = device.type == "cuda"
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
     logits, past = hf_forward(model, ids)
     nxt = logits.argmax(-1, keepdim=True)
     hf_forward(model, nxt, past)  # warm-up step
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    # On CUDA an operator's CPU time is only its launch: the work is the kernel's time on the GPU, which the
+    # profiler records with the CUDA activity (and the loop is synchronized so the wall time counts it too).
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             logits, past = hf_forward(model, nxt, past)
             nxt = logits.argmax(-1, keepdim=True)
+        synchronize(device)
         wall = time.perf_counter() - t0
     by_kind: dict[str, float] = defaultdict(float)
     ops = []
     for ev in prof.key_averages():
         if not ev.key.startswith("aten::"):
             continue
-        ms = ev.self_cpu_time_total / 1e3 / steps
+        us = (getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)) if on_cuda \
+            else ev.self_cpu_time_total
+        ms = us / 1e3 / steps
         by_kind[_kind_of(ev.key)] += ms
         ops.append((ev.key, ms))
     # The profiler itself slows Python down, so this "overhead" is an upper bound.

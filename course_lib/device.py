@@ -36,7 +36,9 @@ def pick_device(spec: str | torch.device | None = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but this machine has no CUDA GPU; use 'cpu' or 'auto'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+            n = torch.cuda.device_count()
+            raise ValueError(f"device {spec!r} asked for, but this machine has {n} CUDA GPU(s): "
+                             f"use cuda:0 to cuda:{n - 1}")
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError("device 'mps' asked for, but MPS is not available here; use 'cpu' or 'auto'")

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import real_model
+from .device import course_device, pick_device
 from .nb import quiet_weight_bars
 
 log = logging.getLogger(__name__)
@@ -62,22 +63,10 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto" (or None) picks CUDA when present, else CPU; anything else is validated."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(
-            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
-        ) from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but this machine has no CUDA GPU; use 'cpu' or 'auto'")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but MPS is not available here; use 'cpu' or 'auto'")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device type {dev.type!r} not supported; use 'auto', 'cpu', 'cuda' or 'mps'")
-    return dev
+    """None or "auto" is the course's device (``COURSE_DEVICE``, default CUDA > MPS > CPU); others are validated."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return course_device()
+    return pick_device(device)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -200,12 +189,13 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = "float32",
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer, in eval mode.
 
     ``name_or_path`` is a preset (``course-tiny``, ``smollm2-135m``, ...), a
-    local folder saved with ``save_pretrained``, or a hub id.
+    local folder saved with ``save_pretrained``, or a hub id. ``device=None`` is the course's device
+    (:func:`course_lib.course_device`).
     """
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
@@ -270,13 +260,14 @@ def speed_lab_config(name: str, num_layers: int | None = None):
 def speed_lab_model(
     name: str = "smollm2-135m",
     dtype: str | torch.dtype | None = "float32",
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = None,
     num_layers: int | None = None,
     seed: int = 0,
 ) -> tuple[PreTrainedModel, object]:
     """A real-size architecture with random weights: honest timings, no download.
 
-    ``device="meta"`` builds the shapes only (no memory, no weights): enough to count parameters and FLOPs.
+    ``device=None`` is the course's device; ``device="meta"`` builds the shapes only (no memory, no weights):
+    enough to count parameters and FLOPs.
     """
     cfg = speed_lab_config(name, num_layers)
     torch_dtype = resolve_dtype(dtype)

@@ -205,6 +205,45 @@ def _cpu_int4_layout(n: int, k: int) -> torch.Tensor:
     return where  # nibble position p holds element where[p] of the row-major (N, K) matrix
 
 
+INT4_CPU = "aten._weight_int4pack_mm_for_cpu"
+INT4_CUDA = "aten._weight_int4pack_mm"  # the tensor-core kernel (tinygemm); bf16 activations, sm80 or newer
+
+
+def _inner_k_tiles(k: int) -> int:
+    """The CUDA int4 layout tiles K by ``inner_k_tiles * 16``: the largest of 8, 4, 2 that divides ``in_features``."""
+    for tiles in (8, 4, 2):
+        if k % (tiles * 16) == 0:
+            return tiles
+    raise RuntimeError(f"the CUDA int4 kernel needs in_features % 32 == 0, got {k}")
+
+
+def _cuda_int4pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int4 values on a GPU -> the CUDA kernel's int32 tiled layout.
+
+    Its input is uint8 with column 2j in the *high* nibble and 2j+1 in the low one (the opposite of
+    :func:`pack_int4`, which follows the CPU kernel).
+    """
+    q = q.to(torch.int32)
+    u8 = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    return torch.ops.aten._convert_weight_to_int4pack(u8, _inner_k_tiles(q.shape[1]))
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Every 4-bit value of a packed tensor, low nibble first, in memory order (int32 words read as bytes)."""
+    b = packed.contiguous().view(torch.uint8).reshape(-1)
+    return torch.stack([b & 0xF, b >> 4], -1).reshape(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _cuda_int4_layout(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """Where each of the N*K nibbles lands in the CUDA int4 layout, found like :func:`_cpu_int4_layout`."""
+    idx = torch.arange(n * k, dtype=torch.int64, device=device).reshape(n, k)
+    where = torch.zeros(n * k, dtype=torch.int64, device=device)
+    for d in range(max(1, math.ceil(math.log(n * k, 16)))):
+        where |= _nibbles(_cuda_int4pack((idx >> (4 * d)) & 0xF)).to(torch.int64) << (4 * d)
+    return where
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """y = x @ (q * scale)^T + b with int8 ``q`` (one byte per weight) and a scale per output channel."""
 
@@ -270,7 +309,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.kernel_request = kernel
-        self.kernel = _choose_kernel(self, kernel, "aten._weight_int4pack_mm_for_cpu")
+        self.kernel = _choose_kernel(self, kernel, INT4_CPU)
 
     @classmethod
     def from_quantized(cls, qt: Quantized, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
@@ -291,14 +330,24 @@ class Int4WeightOnlyLinear(nn.Module):
         qt = quantize(linear.weight, 4, symmetric=False, granularity="per_group", group_size=group_size)
         return cls.from_quantized(qt, linear.bias, compute_dtype, kernel)
 
+    def _kernel_layout(self, q: torch.Tensor) -> torch.Tensor:
+        """(N, K) integers -> the bytes the chosen kernel (``self.kernel``) reads."""
+        if self.kernel == INT4_CUDA:
+            return _cuda_int4pack(q)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
     def _use_kernel_layout(self) -> None:
-        q = unpack_int4(self.weight_packed).to(torch.int32)
-        self.weight_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.weight_packed = self._kernel_layout(unpack_int4(self.weight_packed).to(torch.int32))
 
     def int_weight(self) -> torch.Tensor:
         """The (N, K) integers in [0, 15], whatever layout the bytes are in."""
         if self.kernel == "reference":
             return unpack_int4(self.weight_packed)
+        if self.kernel == INT4_CUDA:
+            where = _cuda_int4_layout(self.out_features, self.in_features, self.weight_packed.device)
+            q = torch.empty(self.out_features * self.in_features, dtype=torch.uint8, device=where.device)
+            q[where] = _nibbles(self.weight_packed)
+            return q.reshape(self.out_features, self.in_features)
         where = _cpu_int4_layout(self.out_features, self.in_features)
         nib = torch.stack([self.weight_packed & 0xF, self.weight_packed >> 4], -1).reshape(-1)
         q = torch.empty(self.out_features * self.in_features, dtype=torch.uint8)
@@ -314,6 +363,8 @@ class Int4WeightOnlyLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.kernel == "reference":
             y = F.linear(x2, self.dequantized_weight().to(self.compute_dtype))
+        elif self.kernel == INT4_CUDA:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
                                                            self.scales_and_zeros)
@@ -331,13 +382,13 @@ class Int4WeightOnlyLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight_packed"
         if key in state_dict and self.kernel != "reference":
-            q = unpack_int4(state_dict[key]).to(torch.int32)
+            q = unpack_int4(state_dict[key]).to(torch.int32).to(self.weight_packed.device)
             state_dict = dict(state_dict)
-            state_dict[key] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            state_dict[key] = self._kernel_layout(q)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        return _follow_dtype_cast(self, super()._apply, fn, recurse, "aten._weight_int4pack_mm_for_cpu")
+        return _follow_dtype_cast(self, super()._apply, fn, recurse, INT4_CPU)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
@@ -366,24 +417,30 @@ class Int8Embedding(nn.Module):
 
 
 def _follow_dtype_cast(layer: nn.Module, apply, fn, recurse: bool, fast: str) -> nn.Module:
-    """``model.half()`` / ``.float()`` / ``.to(dtype)`` reach a packed layer as a cast of its float buffers.
+    """``model.half()`` / ``.float()`` / ``.to(dtype)`` / ``.to(device)`` reach a packed layer through its buffers.
 
     The integers stay; the scales (and bias) take the new dtype and so does the compute dtype, then the kernel is
     chosen again, since a kernel that is safe in one dtype need not be in another. Without this the scales and
-    the activations would disagree and the kernel would fail (or worse) at the next forward.
+    the activations would disagree and the kernel would fail (or worse) at the next forward. A move to another
+    device (``.to("cuda")``, ``.cuda()``, ``.cpu()``) also chooses again: each device's int4 kernel has its own
+    byte layout, so the integers go over in the portable layout and are repacked for the kernel found there.
     """
     scales = layer.scales if isinstance(layer, Int8WeightOnlyLinear) else layer.scales_and_zeros
-    before = scales.dtype
+    before, before_dev = scales.dtype, scales.device
+    after = fn(scales[:0])
+    changed = after.dtype != before or after.device != before_dev
     portable = None
-    if isinstance(layer, Int4WeightOnlyLinear) and fn(scales[:0]).dtype != before:
+    if isinstance(layer, Int4WeightOnlyLinear) and changed:
         portable = layer.int_weight()  # read the kernel's layout while it still matches the chosen kernel
     apply(fn, recurse)
     scales = layer.scales if isinstance(layer, Int8WeightOnlyLinear) else layer.scales_and_zeros
-    if scales.dtype != before:
-        log.info("%d x %d layer: compute dtype %s -> %s", layer.out_features, layer.in_features, before, scales.dtype)
+    if scales.dtype != before or scales.device != before_dev:
+        log.info("%d x %d layer: %s %s -> %s %s", layer.out_features, layer.in_features, before, before_dev,
+                 scales.dtype, scales.device)
         layer.compute_dtype = scales.dtype
         if portable is not None:
-            layer.weight_packed = pack_int4(portable).to(layer.weight_packed.device)
+            layer.weight_packed = pack_int4(portable).to(scales.device)
+            layer.kernel = "reference"  # the bytes are portable now, whatever the new choice will be
         layer.kernel = _choose_kernel(layer, layer.kernel_request, fast)
     return layer
 
@@ -415,6 +472,14 @@ def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
     if kernel == "reference":
         return "reference"
     portable = layer.weight_packed if isinstance(layer, Int4WeightOnlyLinear) else None
+    if portable is not None and portable.device.type == "cuda":
+        fast = INT4_CUDA
+    if portable is None and layer.weight_int8.device.type == "cuda":
+        # No int8 weight-only kernel to call on CUDA: dequantize + F.linear in the compute dtype (what gpt-fast
+        # does; under torch.compile the int8 -> bf16 conversion fuses into the matmul's loads).
+        log.info("%d x %d layer: on CUDA int8 runs as dequantize + F.linear in %s", layer.out_features,
+                 layer.in_features, layer.compute_dtype)
+        return "reference"
     if portable is None and layer.in_features % INT8_KERNEL_K_MULTIPLE:
         log.info("%d x %d layer: %s is only proven safe for in_features %% %d == 0 (it crashes the process on "
                  "some other widths); using the reference path", layer.out_features, layer.in_features, fast,
@@ -423,8 +488,8 @@ def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
     layer.kernel = fast
     try:
         if portable is not None:
-            if portable.device.type != "cpu":
-                raise RuntimeError("only the CPU flavour of the aten int4 kernel is wired up here")
+            if portable.device.type not in ("cpu", "cuda"):
+                raise RuntimeError(f"no int4 kernel is wired up for {portable.device.type}")
             layer._use_kernel_layout()  # refuses N not a multiple of 16, for example
         device = (layer.bias.device if layer.bias is not None else portable.device if portable is not None
                   else layer.weight_int8.device)
@@ -433,6 +498,10 @@ def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
             w = layer.weight_int8[:n].float() * layer.scales[:n, None].float()
         elif layer.out_features * layer.in_features <= 1 << 24:
             w = layer.dequantized_weight()[:n].float()
+        elif fast == INT4_CUDA:  # a huge layer: its first rows, from the portable bytes, check the kernel
+            q = unpack_int4(portable[:n]).float().reshape(n, -1, layer.group_size)
+            sz = layer.scales_and_zeros[:, :n].float().transpose(0, 1)
+            w = ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, layer.in_features)
         else:
             w = None  # a huge int4 layer: unpacking it whole to check costs more than it is worth
         gen = torch.Generator().manual_seed(0)
@@ -844,19 +913,20 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, cfg: Quant
     """
     W = weight.detach().float().clone()
     N, K = W.shape
-    H = hessian.float().clone()
+    dev = W.device  # everything stays on the weight's device (a GPU does the Cholesky and the updates)
+    H = hessian.float().to(dev).clone()
     dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += cfg.gptq_damp * torch.mean(torch.diag(H)) * torch.eye(K)  # dampening keeps H invertible
+    H += cfg.gptq_damp * torch.mean(torch.diag(H)) * torch.eye(K, device=dev)  # dampening keeps H invertible
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     bits, sym = cfg.bits, cfg.bits == 8
     gs = cfg.group_size or K
     qmin, qmax = qrange(bits, sym)
-    Q = torch.zeros(N, K)
-    scales = torch.zeros(N, K // gs)
-    zeros = torch.zeros(N, K // gs)
+    Q = torch.zeros(N, K, device=dev)
+    scales = torch.zeros(N, K // gs, device=dev)
+    zeros = torch.zeros(N, K // gs, device=dev)
 
     def params(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         qt = quantize(cols, bits, sym, "per_channel")
@@ -905,7 +975,8 @@ class _Hessian:
         self.n = 0
 
     def __call__(self, module, inputs, output) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+        self.H = self.H.to(x.device)  # kept where the layer runs: no copy of every activation to the CPU
         total = self.n + x.shape[0]
         self.H *= self.n / total
         self.H += (2 / total) * x.t() @ x

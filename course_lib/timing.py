@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_int as _check_count  # a bool is refused: repeat=True is a slip, not a 1
+from .device import device_of, pick_device
 
 
 @dataclass(frozen=True)
@@ -72,23 +73,10 @@ def synchronize(device: str | torch.device | None = None) -> None:
 def _timing_device(device: str | torch.device | None) -> torch.device:
     """The device to time on (None = CPU), refused with a ValueError when this machine does not have it.
 
-    Checked here rather than with models.resolve_device: timing imports nothing from the course above it.
     Without the check, ``device="cuda"`` on a machine without a GPU fails deep in torch ("Tried to
-    instantiate dummy base class Event").
+    instantiate dummy base class Event"). :mod:`course_lib.device` depends on torch only, so timing stays a leaf.
     """
-    try:
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N', 'mps' or None (CPU)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU; "
-                         "time on the CPU instead (device='cpu' or None)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} "
-                         f"CUDA GPU(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' asked for, but MPS is not available here; use 'cpu' or None")
-    return dev
+    return torch.device("cpu") if device is None else pick_device(device)
 
 
 def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10,
@@ -152,7 +140,7 @@ def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
     _check_count("warmup", warmup, 0)
     _check_count("repeat", repeat, 1)
     gen = generate_fn or stream_generate
-    device = next(model.parameters()).device
+    device = device_of(model)
     runs = []
     for i in range(warmup + repeat):
         stamps: list[float] = []
@@ -217,21 +205,24 @@ def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, round
     def once(name: str, warm: bool) -> None:
         m = models[name]
         try:
+            dev = device_of(m)
+            ids_m = ids.to(dev)  # the prompt goes where the model is; each timing synchronizes that device
             if compiled:
                 if warm:  # build and compile; one cache size for every call, so it compiles once
                     from .generation import CompiledDecoder
 
                     dec = CompiledDecoder(m)
                     decoders[name] = lambda p, n: dec(p, n, max_len=ids.shape[1] + new_tokens)
-                    decoders[name](ids, 2)
+                    decoders[name](ids_m, 2)
+                    synchronize(dev)
                     return
-                first, tok_s = time_tokens(decoders[name], ids, new_tokens)
+                first, tok_s = time_tokens(decoders[name], ids_m, new_tokens, device=dev)
                 samples[name][0].append(tok_s)
                 samples[name][1].append(first)
                 return
-            t = time_generation(m, None, prompt, max_new_tokens=2 if warm else new_tokens, warmup=0, repeat=1)
+            t = time_generation(m, None, ids_m, max_new_tokens=2 if warm else new_tokens, warmup=0, repeat=1)
             if not warm:
-                pre = benchmark(lambda: m(input_ids=prompt.view(1, -1)), warmup=0, repeat=1).median
+                pre = benchmark(lambda: m(input_ids=ids_m), warmup=0, repeat=1, device=dev).median
                 samples[name][0].append(t.tokens_per_s)
                 samples[name][1].append(pre)
         except Exception as e:
@@ -290,7 +281,7 @@ def thread_scaling(fn: Callable[[], object], threads: list[int], warmup: int = 2
     try:
         for n in threads:
             torch.set_num_threads(n)
-            res = benchmark(fn, warmup=warmup, repeat=repeat)
+            res = benchmark(fn, warmup=warmup, repeat=repeat, device="cpu")  # CPU threads: CPU work
             rows.append({"threads": n, "median_s": res.median, "p10_s": res.p10, "p90_s": res.p90})
     finally:
         torch.set_num_threads(old)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .device import device_of
 from .timing import benchmark
 
 log = logging.getLogger(__name__)
@@ -173,9 +174,10 @@ def side_by_side(model, seq_lens: tuple[int, ...] = (1, 128), warmup: int = 2, r
         variants = _variants(model, work)
         vocab = model.config.vocab_size
         g = torch.Generator().manual_seed(seed)
+        dev = device_of(model)
         rows = []
         for t in seq_lens:
-            ids = torch.randint(0, vocab, (1, t), generator=g)
+            ids = torch.randint(0, vocab, (1, t), generator=g).to(dev)
             ref = variants["pytorch eager fp32"](ids).float()
             base_ms = None
             for name, fn in variants.items():
@@ -183,10 +185,10 @@ def side_by_side(model, seq_lens: tuple[int, ...] = (1, 128), warmup: int = 2, r
                     rows.append(dict(tool=name, seq_len=t, ms=None, tokens_per_s=None, speedup=None,
                                      max_abs_diff=None, status=fn))
                     continue
-                res = benchmark(lambda fn=fn, ids=ids: fn(ids), warmup=warmup, repeat=repeat)
+                res = benchmark(lambda fn=fn, ids=ids: fn(ids), warmup=warmup, repeat=repeat, device=dev)
                 ms = res.median * 1e3
                 base_ms = base_ms or ms  # the first variant is the fp32 baseline
-                diff = (fn(ids).float() - ref).abs().max().item()
+                diff = (fn(ids).float().cpu() - ref.cpu()).abs().max().item()  # ONNX Runtime answers on the CPU
                 rows.append(dict(tool=name, seq_len=t, ms=ms, tokens_per_s=t / res.median, speedup=base_ms / ms,
                                  max_abs_diff=diff, status="measured here"))
         return rows

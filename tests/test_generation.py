@@ -321,3 +321,55 @@ def test_scratch_uses_each_norms_own_epsilon():
     ids = _prompt(6)
     with torch.inference_mode():
         torch.testing.assert_close(ScratchLlama(model)(ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decoder_uses_cuda_graphs_only_on_cuda():
+    from course_lib.generation import CompiledDecoder, compile_supported
+
+    model = make_tiny()
+    if not compile_supported(torch.device("cpu"))[0]:
+        pytest.skip("torch.compile cannot build kernels here")
+    dec = CompiledDecoder(model)  # torch.compile is lazy: nothing is compiled until the first call
+    assert dec.mode == "default" and not dec.cuda_graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_decoder_with_cuda_graphs_matches_the_eager_loop():
+    from course_lib.generation import CompiledDecoder
+
+    model = make_tiny().cuda()
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0)).cuda()
+    want = generate_kv_cache(model, ids, 8)
+    dec = CompiledDecoder(model)
+    assert dec.mode == "reduce-overhead" and dec.cuda_graphs
+    assert torch.equal(dec(ids, 8, max_len=24), want)
+    assert torch.equal(dec(ids, 8, max_len=24), want)  # the reused, static cache: the replay is still right
+    other = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    assert torch.equal(dec(other, 8, max_len=24), generate_kv_cache(model, other, 8))  # stale slots are masked
+    plain = CompiledDecoder(model, mode="default")
+    assert not plain.cuda_graphs and torch.equal(plain(ids, 8), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 0.15)])
+def test_scratch_cache_on_cuda_matches_transformers(dtype, tol):
+    model = make_tiny().to("cuda", dtype)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.inference_mode():
+        ref = model(ids).logits.float()
+        s = ScratchLlama(model)
+        cache = s.new_cache(2, 16)
+        mine = torch.cat([s(ids[:, :9], cache)] + [s(ids[:, i:i + 1], cache) for i in range(9, 12)], 1).float()
+    assert (mine - ref).abs().max().item() < tol * ref.abs().max().item()
+    assert torch.equal(generate_kv_cache(model, ids[:1], 8), generate_hf(model, ids[:1], 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_attention_cost_measures_gpu_memory():
+    from course_lib.generation import attention_cost
+
+    rows = attention_cost([256, 1024], heads=4, head_dim=32, dtype=torch.bfloat16, device="cuda", repeat=2)
+    assert rows and all(r["ms"] > 0 and r["alloc_mb"] >= 0 for r in rows), rows

@@ -187,3 +187,9 @@ def test_check_token_ids(tiny_llama):
                      (torch.tensor([1.0, 2.0]), "integer"), ([1, 2], "integer")):
         with pytest.raises(ValueError, match=msg):
             check_token_ids(tiny_llama, bad)
+
+
+def test_auto_and_none_are_the_course_device():
+    from course_lib.device import course_device
+
+    assert resolve_device(None) == course_device() == resolve_device("auto") == resolve_device(" Auto ")

@@ -700,3 +700,74 @@ def test_untied_quantized_model_round_trips_and_float_weights_are_not_mixed_in(t
     make_tiny("qwen2").save_pretrained(tmp_path / "f")  # a float model's folder
     with pytest.raises(ValueError, match="already holds float weights"):
         model.save_pretrained(tmp_path / "f")
+
+
+# --- the CUDA paths (issue 16): run by tests/gpu_check.py where a GPU is lent, skipped without one ---------------
+
+_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@_cuda
+@pytest.mark.parametrize("n,k,g", [(64, 256, 32), (96, 576, 64), (256, 1024, 128)])
+def test_int4_cuda_kernel_matches_the_dequantized_reference(n, k, g):
+    from course_lib.quantization import INT4_CUDA
+
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n).cuda()
+    layer = Int4WeightOnlyLinear.from_linear(lin, group_size=g)
+    ref = Int4WeightOnlyLinear.from_linear(lin, group_size=g, kernel="reference")
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("torch's int4 CUDA kernel needs compute capability 8.0 or newer")
+    assert layer.kernel == INT4_CUDA, layer.kernel
+    assert torch.equal(layer.int_weight(), ref.int_weight())  # the layout is read back exactly
+    x = torch.randn(7, k, device="cuda", dtype=torch.bfloat16)
+    y, y_ref = layer(x).float(), ref(x).float()
+    assert ((y - y_ref).norm() / y_ref.norm()).item() < 0.02
+    sd = layer.state_dict()  # saved in the portable layout, whatever the kernel
+    assert torch.equal(sd["weight_packed"], ref.state_dict()["weight_packed"])
+
+
+@pytest.mark.gpu
+@_cuda
+def test_packed_layers_move_between_cpu_and_cuda():
+    from course_lib.quantization import INT4_CPU, INT4_CUDA
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    x = torch.randn(3, 256)
+    for make in (lambda: Int4WeightOnlyLinear.from_linear(lin, 32), lambda: Int8WeightOnlyLinear.from_linear(lin)):
+        layer = make()
+        q = layer.int_weight().clone() if isinstance(layer, Int4WeightOnlyLinear) else layer.weight_int8.clone()
+        y_cpu = layer(x).float()
+        layer.cuda()  # in place, like model.to("cuda")
+        assert layer.kernel in (INT4_CUDA, "reference")
+        y_gpu = layer(x.cuda()).float().cpu()
+        assert ((y_gpu - y_cpu).norm() / y_cpu.norm()).item() < 0.02
+        layer.to("cpu")
+        assert layer.kernel in (INT4_CPU, "aten._weight_int8pack_mm", "reference")
+        back = layer.int_weight() if isinstance(layer, Int4WeightOnlyLinear) else layer.weight_int8
+        assert torch.equal(back, q)
+
+
+@pytest.mark.gpu
+@_cuda
+def test_int8_on_cuda_is_dequantize_and_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(576, 96).cuda()
+    layer = Int8WeightOnlyLinear.from_linear(lin)
+    assert layer.kernel == "reference" and layer.weight_int8.device.type == "cuda"
+    x = torch.randn(5, 576, device="cuda")
+    ref = x @ layer.dequantized_weight().T + lin.bias
+    assert ((layer(x).float() - ref).norm() / ref.norm()).item() < 0.02
+
+
+@pytest.mark.gpu
+@_cuda
+def test_gptq_on_cuda_keeps_every_tensor_on_the_gpu():
+    model = make_tiny("llama").cuda()
+    calibration = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    quantize_(model, QuantConfig(bits=4, group_size=32, method="gptq"), calibration=calibration)
+    assert all(b.device.type == "cuda" for b in model.buffers())
+    with torch.no_grad():
+        assert torch.isfinite(model(calibration.cuda()).logits).all()

@@ -141,6 +141,7 @@ def test_time_generation_fields_are_sane():
         time_generation(model, _Tok(), "hello", max_new_tokens=1)
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_cuda_events_measure_known_gpu_work():
     """torch.cuda._sleep spins the GPU for a number of cycles; events must see it, perf_counter without sync not."""
@@ -270,3 +271,17 @@ def test_other_timers_check_their_counts():
     for n in (1, True, 2.5):  # n = 1 has no decode step: it reported 0 tokens/s
         with pytest.raises(ValueError, match="n must"):
             time_tokens(lambda p, k: None, torch.tensor([[1, 2]]), n)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decode_speed_times_a_gpu_model_from_a_cpu_prompt(compiled):
+    """The prompt goes to the model's device, and every timing there synchronizes (issue 16)."""
+    from course_lib.timing import decode_speed
+
+    model = make_tiny().cuda()
+    prompt = torch.randint(0, 128, (8,), generator=torch.Generator().manual_seed(0))  # on the CPU
+    speed = decode_speed({"tiny": model}, prompt, new_tokens=4, rounds=1, compiled=compiled)
+    tok_s, prefill_ms = speed["tiny"]
+    assert tok_s > 0 and prefill_ms > 0

@@ -22,11 +22,14 @@ def machine_info() -> dict:
     """What the numbers were measured on."""
     import torch
 
+    from ..device import course_device
+
+    dev = course_device()  # the device every suite puts its models on
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
         "torch": torch.__version__,
     }
 

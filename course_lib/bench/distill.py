@@ -20,6 +20,7 @@ import logging
 import torch
 
 from .._checks import check_flag
+from ..device import device_of
 from ..distillation import make_student
 from ..metrics import perplexity
 from ..models import EMBEDDED, count_parameters, load_model
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 PROMPT = "def read_config(path):\n    "
 
 
-def _decode_tok_s(fn, n_tokens: int, repeat: int) -> float:
-    return n_tokens / benchmark(fn, warmup=1, repeat=repeat).median
+def _decode_tok_s(fn, n_tokens: int, repeat: int, device: torch.device) -> float:
+    return n_tokens / benchmark(fn, warmup=1, repeat=repeat, device=device).median
 
 
 def run(quick: bool = False) -> dict:
@@ -49,7 +50,8 @@ def run(quick: bool = False) -> dict:
     n_new = 32 if quick else 64
     repeat = 3 if quick else 7
     eval_tokens = record.get("heldout_eval_tokens", 32768)  # the set the scratch figure was measured on
-    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    dev = device_of(teacher)  # load_model put it on the course device
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"].to(dev)
     ppl = {name: perplexity(m, tok, max_tokens=eval_tokens, seq_len=256) for name, m in
            (("teacher", teacher), ("student-kd", student))}
     rows = []
@@ -57,7 +59,7 @@ def run(quick: bool = False) -> dict:
                                   ("student-kd", student, ppl["student-kd"], "measured"),
                                   ("student-scratch", scratch, record["heldout_ppl"].get("student_scratch"),
                                    "training.json")):
-        tps = _decode_tok_s(lambda m=model: greedy_reference(m, ids, n_new), n_new, repeat)
+        tps = _decode_tok_s(lambda m=model: greedy_reference(m, ids, n_new), n_new, repeat, dev)
         rows.append({"suite": "distill", "method": method, "model": "course-tiny" if method == "teacher"
                      else "course-tiny-student", "decode_tok_s": tps, "params": count_parameters(model),
                      "ppl": p, "ppl_source": src, "acceptance_rate": None})
@@ -66,7 +68,7 @@ def run(quick: bool = False) -> dict:
     ref, _ = greedy_reference(teacher, ids, n_new)
     for k in ((4,) if quick else (1, 2, 4, 8)):
         res = speculative_generate(teacher, student, ids, n_new, k)
-        tps = _decode_tok_s(lambda k=k: speculative_generate(teacher, student, ids, n_new, k), n_new, repeat)
+        tps = _decode_tok_s(lambda k=k: speculative_generate(teacher, student, ids, n_new, k), n_new, repeat, dev)
         rows.append({"suite": "distill", "method": f"speculative-k{k}", "model": "course-tiny+student-draft",
                      "decode_tok_s": tps, "params": count_parameters(teacher) + count_parameters(student),
                      "ppl": ppl["teacher"], "ppl_source": "teacher (output identical)" if res.tokens == ref

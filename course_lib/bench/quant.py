@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_flag
+from ..device import course_device
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
 from ..quantization import QuantConfig, quantize_
@@ -127,7 +128,7 @@ def run(quick: bool = False) -> dict:
     from ..models import load_tokenizer
 
     torch.manual_seed(0)
-    bandwidth = measure_bandwidth(size_mb=128 if quick else 256)
+    bandwidth = measure_bandwidth(size_mb=128 if quick else 256, device=course_device())  # where the models run
     layers = 12 if quick else None  # 12 of 24 layers: same per-layer shapes, still > 0.3B parameters
     make = lambda: speed_lab_model(SPEED_MODEL, num_layers=layers)[0]  # noqa: E731
     n_params = count_parameters(speed_lab_model(SPEED_MODEL, num_layers=layers, device="meta")[0])

@@ -619,20 +619,24 @@ def speedup_ceiling(dense: nn.Module, small: nn.Module) -> float:
 
 def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float], ratio: float = 0.5,
                      target: str = "mlp", importance: str | ImportanceFn = "magnitude",
-                     calibration: torch.Tensor | None = None) -> list[float]:
+                     calibration: torch.Tensor | None = None, layers: Sequence[int] | None = None) -> list[float]:
     """Prune one layer at a time (on a copy) and return ``evaluate(copy)`` for each layer.
 
     ``evaluate`` is typically held-out perplexity. A layer whose score jumps is
     sensitive and should be pruned less. The copies have layers of different
     widths, which a HF config cannot describe: they are for measuring only.
+    ``layers``: scan only these decoder layers (default: all), one value each, in that order.
     """
     cfg = PruneConfig(ratio=ratio, target=target, importance=importance)
+    n = len(decoder_layers(model))
+    which = list(range(n)) if layers is None else list(layers)
+    if not which or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n for i in which):
+        raise ValueError(f"layers must be a non-empty list of decoder layer indices in 0..{n - 1}, got {layers!r}")
     p = plan(model, cfg)
     scores = cfg.importance_fn()(model, calibration)
     hd = head_dim(model)
     out = []
-    n = len(decoder_layers(model))
-    for i in tqdm(range(n), desc="sensitivity", leave=False):
+    for i in tqdm(which, desc="sensitivity", leave=False):
         clone = copy.deepcopy(model)
         layer = decoder_layers(clone)[i]
         with torch.no_grad():

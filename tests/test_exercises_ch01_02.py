@@ -31,3 +31,23 @@ def test_ch02_linear_flops():
     assert ch02.check_linear_flops(lambda i, o, t: 2 * i * o * t)
     assert "2 FLOPs" in ch02.check_linear_flops(lambda i, o, t: i * o * t).message
     assert "tokens" in ch02.check_linear_flops(lambda i, o, t: 2 * i * o).message
+
+
+def test_attempt_turns_a_stub_into_not_done_and_a_crash_into_feedback():
+    from course_lib.exercises import attempt, checked, ok, require
+
+    @checked
+    def check(fn):
+        return ok(f"got {attempt(fn, 2)}")
+
+    def stub(x):
+        raise NotImplementedError
+
+    fb = check(stub)
+    assert not fb.passed and not fb.done and "Not done yet" in fb.message and "`stub`" in fb.message
+    fb = check(lambda x: 1 / 0)
+    assert not fb.passed and fb.done and "ZeroDivisionError" in fb.message
+    assert check(lambda x: x * 2).passed and require(check(lambda x: x)).passed
+    import pytest
+    with pytest.raises(AssertionError, match="reference solution failed"):
+        require(check(stub))

@@ -113,6 +113,46 @@ def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10,
     return BenchResult.from_times(times, "perf_counter")
 
 
+def compare(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
+            device: str | torch.device | None = None) -> dict[str, BenchResult]:
+    """Time several functions **interleaved** (a, b, c, a, b, c, ...): one :class:`BenchResult` each.
+
+    Interleaving puts a change in the machine's state (another job, a clock change) on every
+    function alike, so their ratio means something even on a shared machine.
+    """
+    if not isinstance(fns, dict) or not fns or not all(callable(f) for f in fns.values()):
+        raise ValueError("fns must be a non-empty dict {name: callable taking no arguments}")
+    _check_count("rounds", rounds, 1)
+    _check_count("warmup", warmup, 0)
+    dev = _timing_device(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(time_once(fn, device=dev))
+    # time_once synchronizes around each call, so perf_counter counts the queued GPU work too
+    return {name: BenchResult.from_times(t, "perf_counter") for name, t in times.items()}
+
+
+def speed_verdict(fast: tuple[str, BenchResult], slow: tuple[str, BenchResult]) -> str:
+    """One sentence a notebook can print: the measured speed-up, or "no measurable difference here".
+
+    A difference counts only when the p10-p90 ranges of the two timings do not overlap; otherwise
+    the ratio of medians is noise on this machine and the sentence says so, with both spreads.
+    """
+    (na, a), (nb, b) = fast, slow
+    spread = (f"{na}: median {a.median * 1e3:.2f} ms (p10-p90 {a.p10 * 1e3:.2f}-{a.p90 * 1e3:.2f}), "
+              f"{nb}: {b.median * 1e3:.2f} ms ({b.p10 * 1e3:.2f}-{b.p90 * 1e3:.2f}), {min(a.count, b.count)} samples")
+    if a.p90 < b.p10:
+        return f"{na} is {b.median / a.median:.2f}x faster than {nb} here ({spread})"
+    if b.p90 < a.p10:
+        return f"{na} is {a.median / b.median:.2f}x slower than {nb} here ({spread})"
+    return f"no measurable difference here between {na} and {nb} (the spreads overlap; {spread})"
+
+
 @dataclass(frozen=True)
 class GenerationTiming:
     """What a user of a streaming chat model feels."""

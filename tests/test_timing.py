@@ -285,3 +285,23 @@ def test_decode_speed_times_a_gpu_model_from_a_cpu_prompt(compiled):
     speed = decode_speed({"tiny": model}, prompt, new_tokens=4, rounds=1, compiled=compiled)
     tok_s, prefill_ms = speed["tiny"]
     assert tok_s > 0 and prefill_ms > 0
+
+
+def test_compare_times_interleaved_and_verdict_reads_the_spread():
+    from course_lib.timing import BenchResult, compare, speed_verdict
+
+    order = []
+    res = compare({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=3, warmup=1)
+    assert order == ["a", "b"] * 4  # warm-up round, then interleaved rounds
+    assert set(res) == {"a", "b"} and all(r.count == 3 for r in res.values())
+    fast = BenchResult.from_times([1.0, 1.1, 1.2], "perf_counter")
+    slow = BenchResult.from_times([2.0, 2.1, 2.2], "perf_counter")
+    assert speed_verdict(("x", fast), ("y", slow)).startswith("x is 1.91x faster than y")
+    assert "slower" in speed_verdict(("y", slow), ("x", fast))
+    close = BenchResult.from_times([1.05, 1.5, 2.1], "perf_counter")
+    assert speed_verdict(("x", fast), ("z", close)).startswith("no measurable difference here")
+    import pytest
+    with pytest.raises(ValueError, match="non-empty dict"):
+        compare({})
+    with pytest.raises(ValueError):
+        compare({"a": lambda: None}, rounds=0)

@@ -168,3 +168,27 @@ def test_answer_agreement_is_one_against_itself_and_drops_when_broken(smollm2):
             layer.mlp.down_proj.weight.zero_()
     worse = answer_agreement(broken, tok, ref, few, n_tokens=4)
     assert worse.exact < 1.0 and worse.prefix < 1.0
+
+
+@needs_wheel
+def test_llama_cpp_reads_the_same_weights_the_course_converts(smollm2):
+    """The engines bench compares course_lib with llama.cpp on the very file the course converts: same logits.
+
+    CI installs the ``engines`` extra (``make engines``); without llama-cpp-python this skips. Not a "Paris"
+    check: llama.cpp rounds activations to 8 bits, which flips this prompt's near-tie ("The" vs "L'") first token.
+    """
+    llama_cpp = pytest.importorskip("llama_cpp")
+    np = pytest.importorskip("numpy")
+    model, tok, _ = smollm2
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    llm = llama_cpp.Llama(model_path=str(real_model.gguf_path()), n_ctx=256, n_threads=2, verbose=False,
+                          logits_all=True)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids  # one tokenizer, two readers
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[len(ids) - 1], dtype=np.float64)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids], device=model.device)).logits[0, -1].double().cpu().numpy()
+    assert np.corrcoef(theirs, ours)[0, 1] > 0.99
+    assert set(np.argsort(-theirs)[:3]) == set(np.argsort(-ours)[:3])

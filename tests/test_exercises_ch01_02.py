@@ -153,3 +153,78 @@ def test_attempt_turns_a_stub_into_not_done_and_a_crash_into_feedback():
     assert check(lambda x: x * 2).passed and require(check(lambda x: x)).passed
     with pytest.raises(AssertionError, match="reference solution failed"):
         require(check(stub))
+
+
+# --- the pattern in the notebooks of chapters 01-04 and 08 -------------------------------------------------
+
+def exercise_pattern_problems(path) -> list[str]:
+    """What breaks the stub -> check -> hidden reference pattern in a notebook (an empty list when none does).
+
+    Each ``def my_x`` stub raises NotImplementedError (an answer stub is ``my_x = None`` or ``"?"``); a later
+    cell checks ``my_x``; after that check a hidden cell defines ``solution_x`` under its own name and runs
+    ``require(...)``; no other cell rebinds ``my_x``, so Run All checks the learner's code, never the solution.
+    """
+    import ast
+    import json
+    import re
+
+    cells = json.loads(path.read_text())["cells"]
+    code = [(i, "".join(c["source"]), bool(c["metadata"].get("jupyter", {}).get("source_hidden")))
+            for i, c in enumerate(cells) if c["cell_type"] == "code"]
+    problems, stubs = [], {}
+    for i, src, _ in code:
+        for node in ast.parse(src).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("my_"):
+                if node.name in stubs:
+                    problems.append(f"cell {i} redefines {node.name} (first defined in cell {stubs[node.name]})")
+                    continue
+                stubs[node.name] = i
+                if "raise NotImplementedError" not in ast.get_source_segment(src, node):
+                    problems.append(f"the stub {node.name} in cell {i} does not raise NotImplementedError")
+            elif isinstance(node, ast.Assign):
+                for t in node.targets:
+                    if not (isinstance(t, ast.Name) and t.id.startswith("my_")):
+                        continue
+                    blank = isinstance(node.value, ast.Constant) and node.value.value in (None, "?")
+                    if t.id in stubs or not blank:
+                        problems.append(f"cell {i} binds {t.id}: only its stub (None or \"?\") may")
+                    else:
+                        stubs[t.id] = i
+    for name, at in stubs.items():
+        checks = [i for i, src, _ in code if i > at and re.search(rf"check_\w+\({name}\b", src)]
+        sol = name.replace("my_", "solution_", 1)
+        refs = [i for i, src, hidden in code
+                if hidden and re.search(rf"^(def {sol}\(|{sol} = )", src, re.M) and "require(" in src]
+        if not checks:
+            problems.append(f"no cell after the stub checks {name}")
+        if not refs:
+            problems.append(f"no hidden cell defines {sol} and runs require(...)")
+        if checks and refs and refs[0] < checks[0]:
+            problems.append(f"the reference {sol} (cell {refs[0]}) comes before the check of {name} (cell {checks[0]})")
+    return problems
+
+
+_PATTERN_NOTEBOOKS = ["01_background", "02_core_concepts", "03_algorithms", "04_hardware", "08_math_model"]
+
+
+@pytest.mark.parametrize("name", _PATTERN_NOTEBOOKS)
+def test_exercises_follow_the_pattern(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / f"{name}.ipynb"
+    assert exercise_pattern_problems(path) == []
+
+
+def test_the_pattern_check_catches_a_solution_that_redefines_the_stub(tmp_path):
+    import json
+
+    def cell(src, hidden=False):
+        return {"cell_type": "code", "source": [src],
+                "metadata": {"jupyter": {"source_hidden": True}} if hidden else {}}
+
+    nb = {"cells": [cell("def my_f(x):\n    raise NotImplementedError"),
+                    cell("def my_f(x):\n    return x", hidden=True), cell("ch01.check_f(my_f)")]}
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    problems = exercise_pattern_problems(path)
+    assert any("redefines my_f" in p for p in problems) and any("solution_f" in p for p in problems)

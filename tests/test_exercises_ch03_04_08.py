@@ -153,6 +153,11 @@ def test_ch04_timer_right_wrong_and_stub():
     assert "median" in ch04.check_timer(mean).message and "mean" in ch04.check_timer(mean).message
     once = ch04.check_timer(lambda work, sync, clock, warmup, repeat: _timer(work, sync, clock, 0, 1))
     assert not once and "1 times" in once.message
+    import time
+
+    own_clock = ch04.check_timer(lambda work, sync, clock, warmup, repeat: _timer(work, sync, time.perf_counter,
+                                                                                    warmup, repeat))
+    assert not own_clock and "`clock` argument" in own_clock.message
     ms = ch04.check_timer(lambda *a: _timer(*a) * 1e3)
     assert not ms and "milliseconds" in ms.message
 
@@ -177,6 +182,10 @@ def test_ch04_compare_right_wrong_and_stub():
     seq = ch04.check_compare(one_after_the_other)
     assert not seq and "Interleave" in seq.message
     assert "dict" in ch04.check_compare(lambda fns, clock, rounds: 1.0).message
+    import time
+
+    own_clock = ch04.check_compare(lambda fns, c, rounds: _interleaved(fns, time.perf_counter, rounds))
+    assert not own_clock and "`clock` argument" in own_clock.message
     too_few = ch04.check_compare(lambda fns, clock, rounds: _interleaved(fns, clock, 1))
     assert not too_few and "at least" in too_few.message
 

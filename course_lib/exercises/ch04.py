@@ -27,8 +27,10 @@ class SimulatedDevice:
         self.pending = 0.0
         self.calls = 0
         self.syncs = 0
+        self.reads = 0
 
     def clock(self) -> float:
+        self.reads += 1
         return self.now
 
     def work(self) -> None:
@@ -64,6 +66,9 @@ def check_timer(fn: Callable) -> Feedback:
         want = statistics.median(timed)
         if math.isclose(got, want, rel_tol=1e-7):
             continue
+        if dev.reads == 0:
+            return fail("read the time with the `clock` argument (the check passes a simulated clock; in the "
+                        "notebook you pass time.perf_counter), not with a clock of your own")
         if dev.calls < warmup + repeat:
             if dev.calls == repeat:
                 return fail(f"you called work {repeat} times: the first, cold call (40x slower here) was timed. "
@@ -98,8 +103,10 @@ class DriftingMachine:
         self.slowdown = slowdown
         self.now = 0.0
         self.calls = dict.fromkeys(costs, 0)
+        self.reads = 0
 
     def clock(self) -> float:
+        self.reads += 1
         return self.now
 
     def fn(self, name: str) -> Callable[[], None]:
@@ -123,6 +130,9 @@ def check_compare(fn: Callable) -> Feedback:
         got = attempt(fn, fns, machine.clock, rounds)
         if not isinstance(got, dict) or set(got) != set(costs):
             return fail(f"return a dict with one median per name {sorted(costs)}, got {got!r}")
+        if machine.reads == 0:
+            return fail("read the time with the `clock` argument (the check passes a simulated clock), "
+                        "not with a clock of your own")
         if min(machine.calls.values()) < rounds:
             return fail(f"each function should run at least `rounds` = {rounds} times; counts: {machine.calls}")
         try:

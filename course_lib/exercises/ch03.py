@@ -1,61 +1,142 @@
-"""Exercises of notebook 03 (algorithm optimization): the KV cache by hand."""
+"""Exercises of notebook 03 (algorithm optimization): a KV-cache decode step, GQA, attention tile by tile."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
-from . import Feedback, fail, ok
-
-
-def check_kv_bytes_per_token(answer: float, config, bits: int = 16) -> Feedback:
-    """Bytes the KV cache grows by per token: layers x 2 (K and V) x kv_heads x head_dim x bits/8."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = config.num_key_value_heads
-    want = config.num_hidden_layers * 2 * kv * head_dim * bits / 8
-    if abs(answer - want) < 0.5:
-        return ok(f"Correct: {want:.0f} bytes per token ({want / 1024:.1f} KiB).")
-    if abs(answer - want * config.num_attention_heads / kv) < 0.5:
-        return fail("You used the number of *query* heads. With grouped-query attention only "
-                    f"num_key_value_heads = {kv} heads of K and V are stored.")
-    if abs(answer - want / 2) < 0.5:
-        return fail("Half of the right answer: the cache keeps both K *and* V.")
-    if abs(answer - want * 8 / bits) < 0.5:
-        return fail(f"That is in bits or elements, not bytes: multiply elements by {bits}/8.")
-    if abs(answer - want / config.num_hidden_layers) < 0.5:
-        return fail("That is one layer's worth: every layer has its own cache.")
-    return fail(f"Not quite (you gave {answer:g}). Count: layers x 2 x num_key_value_heads x head_dim x bytes.")
+from . import Feedback, attempt, checked, fail, ok
 
 
+def _full_causal(q, k, v):
+    """The reference: attention of the whole sequence at once, recomputed from scratch (no cache)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@checked
+def check_decode_step(fn: Callable) -> Feedback:
+    """``fn(k_cache, v_cache, q, k, v) -> (out, k_cache, v_cache)``: append one token's K/V, attend over the cache.
+
+    Run token by token from a short prompt, every output must equal the full causal recompute's row for
+    that token, and the returned caches must hold every key and value so far.
+    """
+    g = torch.Generator().manual_seed(3)
+    for b, h, d, prompt, steps in ((1, 2, 8, 3, 4), (2, 3, 16, 1, 5), (1, 4, 4, 0, 3)):
+        n = prompt + steps
+        q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+        want = _full_causal(q, k, v)
+        kc, vc = k[:, :, :prompt].clone(), v[:, :, :prompt].clone()  # the cache after the prompt's prefill
+        for t in range(prompt, n):
+            sl = slice(t, t + 1)
+            got = attempt(fn, kc, vc, q[:, :, sl], k[:, :, sl], v[:, :, sl])
+            if not isinstance(got, (tuple, list)) or len(got) != 3:
+                return fail("return three tensors: (out, k_cache, v_cache), the caches with the new token appended")
+            out, kc2, vc2 = got
+            if not all(isinstance(x, torch.Tensor) for x in got):
+                return fail("return three tensors: (out, k_cache, v_cache)")
+            if kc2.shape != (b, h, t + 1, d) or vc2.shape != (b, h, t + 1, d):
+                if kc2.shape == kc.shape:
+                    return fail("the cache did not grow: append the new k and v to the cache "
+                                "(torch.cat([k_cache, k], dim=2), the token axis) and return the grown caches")
+                return fail(f"after {t + 1} tokens the caches should be (batch, heads, tokens, head_dim) = "
+                            f"{(b, h, t + 1, d)}, got {tuple(kc2.shape)}: append along dim=2, the token axis")
+            if not (torch.equal(kc2, k[:, :, :t + 1]) and torch.equal(vc2, v[:, :, :t + 1])):
+                return fail("the returned caches do not hold the keys/values in the order the tokens came: "
+                            "old cache first, the new token last (and K in k_cache, V in v_cache)")
+            row = want[:, :, sl]
+            if out.shape != row.shape:
+                return fail(f"out should have one row per new token, shape {tuple(row.shape)}; got {tuple(out.shape)}")
+            if not torch.allclose(out, row, atol=1e-5):
+                if t > 0 and torch.allclose(out, F.scaled_dot_product_attention(q[:, :, sl], kc, vc), atol=1e-5):
+                    return fail("the new token did not attend to itself: append its k and v first, then attend "
+                                "over the whole cache (old tokens + the new one)")
+                if torch.allclose(out, v[:, :, :1], atol=1e-5):
+                    return fail("only the first cached token was attended. Careful with is_causal=True for one "
+                                "query: torch aligns that mask to the top-left corner, so the query sees key 0 only. "
+                                "A new token may see the whole cache: no mask is needed in a decode step")
+                s = q[:, :, sl] @ kc2.transpose(-1, -2)
+                if torch.allclose(out, torch.softmax(s, -1) @ vc2, atol=1e-5):
+                    return fail(f"divide the scores by sqrt(head_dim) = sqrt({d}) before the softmax")
+                return fail(f"at token {t} (cache of {t + 1}) the output differs from the full recompute by "
+                            f"{(out - row).abs().max().item():.3g}: softmax(q k_cache^T / sqrt(d)) v_cache")
+            kc, vc = kc2, vc2
+    return ok("Correct: step by step, your cached decode gives exactly what recomputing the whole sequence gives, "
+              "while each step only computes one token's q, k and v.")
+
+
+@checked
 def check_repeat_kv(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Feedback:
     """``fn(x, n_rep)`` must turn (B, n_kv, S, D) into (B, n_kv * n_rep, S, D), each KV head repeated in place."""
     from ..kv_cache import repeat_kv
 
-    x = torch.arange(2 * 2 * 3 * 4, dtype=torch.float32).reshape(2, 2, 3, 4)
-    try:
-        got = fn(x, 3)
-    except Exception as e:  # the learner's code: report any error in words
-        return fail(f"Your function raised {type(e).__name__}: {e}")
-    want = repeat_kv(x, 3)
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-        return fail(f"Expected shape {tuple(want.shape)}, got {getattr(got, 'shape', type(got).__name__)}.")
-    if torch.equal(got, x.repeat(1, 3, 1, 1)):
-        return fail("Heads come out in the order 0,1,0,1,0,1. Query heads 0-2 share KV head 0, so the "
-                    "order must be 0,0,0,1,1,1: repeat each head in place (expand a new axis after the head axis).")
-    if not torch.equal(got, want):
-        return fail("Right shape, wrong values: each KV head should appear n_rep times in a row.")
-    if not torch.equal(fn(x, 1), x):
-        return fail("With n_rep=1 the tensor should come back unchanged.")
-    return ok("Correct: each KV head now serves its group of query heads.")
+    g = torch.Generator().manual_seed(4)
+    for shape, n_rep in (((2, 2, 3, 4), 3), ((1, 3, 5, 2), 2), ((1, 4, 2, 8), 1), ((2, 1, 4, 4), 4)):
+        x = torch.randn(shape, generator=g)
+        got = attempt(fn, x.clone(), n_rep)
+        want = repeat_kv(x, n_rep)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return fail(f"for x of shape {shape} and n_rep={n_rep} expected shape {tuple(want.shape)}, got "
+                        f"{getattr(got, 'shape', type(got).__name__)}")
+        if torch.equal(got, want):
+            continue
+        if torch.equal(got, x.repeat(1, n_rep, 1, 1)):
+            order = ",".join(str(i) for i in list(range(shape[1])) * n_rep)
+            return fail(f"heads come out in the order {order}. Query heads 0..{n_rep - 1} share KV head 0, so "
+                        "each head must repeat in place (0,0,..,1,1,..): expand a new axis after the head axis")
+        return fail(f"right shape, wrong values for n_rep={n_rep}: each KV head should appear n_rep times in a row")
+    return ok("Correct: each KV head now serves its group of query heads (and n_rep=1 leaves x as it is).")
 
 
-def check_cache_speedup(no_cache_tok_s: float, kv_cache_tok_s: float) -> Feedback:
-    """The learner measured both loops: the cache must win, and they should say by how much."""
-    if no_cache_tok_s <= 0 or kv_cache_tok_s <= 0:
-        return fail("Both speeds must be positive tokens per second; did the timing cell run?")
-    ratio = kv_cache_tok_s / no_cache_tok_s
-    if ratio < 1:
-        return fail(f"The cache came out slower ({ratio:.2f}x). Check that the cached loop feeds only the "
-                    "*new* token after the prefill, not the whole sequence.")
-    return ok(f"The cache is {ratio:.1f}x faster here; the gap grows with the number of new tokens.")
+def _tile_cases():
+    g = torch.Generator().manual_seed(5)
+    # (batch, heads, queries, keys, head_dim, tile, score scale): keys not a multiple of the tile, one tile,
+    # tile 1, and large scores where exp() overflows unless the running max is subtracted
+    for b, h, t, s, d, tile, big in ((1, 2, 4, 10, 8, 4, 1.0), (2, 3, 5, 16, 16, 16, 1.0), (1, 2, 3, 7, 8, 1, 1.0),
+                                     (1, 1, 6, 33, 8, 8, 1.0), (1, 2, 4, 12, 8, 5, 40.0)):
+        q = torch.randn(b, h, t, d, generator=g) * big
+        k = torch.randn(b, h, s, d, generator=g) * big
+        v = torch.randn(b, h, s, d, generator=g)
+        yield q, k, v, tile
+
+
+def _one_pass_without_rescale(q, k, v, tile):
+    """Tiles combined with the max of each tile, never rescaling what was summed before (the classic slip)."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    acc = torch.zeros_like(q)
+    den = torch.zeros(q.shape[:-1] + (1,))
+    for j in range(0, k.shape[2], tile):
+        s = q @ k[:, :, j:j + tile].transpose(-1, -2) * scale
+        p = torch.exp(s - s.amax(-1, keepdim=True))
+        acc, den = acc + p @ v[:, :, j:j + tile], den + p.sum(-1, keepdim=True)
+    return acc / den
+
+
+@checked
+def check_tiled_attention(fn: Callable) -> Feedback:
+    """``fn(q, k, v, tile) -> out``: attention over keys in tiles of ``tile`` with an online softmax, vs SDPA."""
+    for q, k, v, tile in _tile_cases():
+        got = attempt(fn, q.clone(), k.clone(), v.clone(), tile)
+        want = F.scaled_dot_product_attention(q, k, v)
+        desc = f"{k.shape[2]} keys in tiles of {tile}"
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return fail(f"the output has q's shape {tuple(q.shape)}; got {getattr(got, 'shape', type(got).__name__)}")
+        if torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+            continue
+        if not torch.isfinite(got).all():
+            return fail(f"inf/NaN with large scores ({desc}): exp(score) overflows. Keep a running max m of the "
+                        "scores and take exp(score - m), as softmax does")
+        if torch.allclose(got, _one_pass_without_rescale(q, k, v, tile), atol=1e-4, rtol=1e-4):
+            return fail(f"the tiles are not combined right ({desc}): when a new tile raises the running max from "
+                        "m_old to m_new, rescale the running sum and the accumulator by exp(m_old - m_new) first")
+        if torch.allclose(got, F.scaled_dot_product_attention(q, k, v, scale=1.0), atol=1e-4, rtol=1e-4):
+            return fail(f"divide the scores by sqrt(head_dim) = sqrt({q.shape[-1]})")
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if torch.allclose(got, torch.exp(scores - scores.amax(-1, keepdim=True)) @ v, atol=1e-4, rtol=1e-4):
+            return fail(f"almost ({desc}): at the end divide the accumulator by the running sum of exp(score - m)")
+        return fail(f"wrong values for {desc}, max difference {(got - want).abs().max().item():.3g} from "
+                    "scaled_dot_product_attention. Per tile: scores, new max, rescale old sums, add this tile")
+    return ok("Correct: tile by tile, never holding a whole row of scores, you get exactly SDPA's answer. That "
+              "running max and rescaled sum is the heart of FlashAttention.")

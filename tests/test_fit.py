@@ -1,0 +1,60 @@
+"""One training loop for training, distillation and recovery: each trainer's losses pinned step by step.
+
+The golden losses were recorded from the three separate loops before they became one (``course_lib.fit``): the
+same seed must give the same losses (a float tolerance: another CPU rounds matmuls differently), so a change in
+the schedule, the clipping, the loss's reduction or the order of the random draws shows up here.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from course_lib import pruning as P
+from course_lib.distillation import DistillConfig, distill, make_student
+from course_lib.train import TrainConfig, train
+from tests.conftest import make_tiny
+
+TOL = dict(rel=1e-4)
+
+
+def _data(seed: int = 0, n: int = 2000) -> torch.Tensor:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_train_losses_are_pinned(tmp_path):
+    cfg = TrainConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                      num_kv_heads=2, seq_len=32, batch_size=4, steps=4, warmup_steps=2, eval_every=1,
+                      eval_tokens=256, corpus_chars=20_000, lr=1e-2)
+    hist = train(cfg, tmp_path / "m")["history"]
+    assert [r["step"] for r in hist] == [1, 2, 3, 4]
+    assert [r["train_loss"] for r in hist] == pytest.approx([5.712205, 5.662303, 5.346539, 5.125375], **TOL)
+    assert [r["heldout_loss"] for r in hist] == pytest.approx([5.622827, 5.369381, 5.095162, 4.968862], **TOL)
+
+
+MICRO = DistillConfig(temperature=2.0, alpha=0.5, steps=4, batch_size=4, seq_len=16, lr=5e-3, warmup_steps=2,
+                      seed=0, eval_every=1)
+
+
+@pytest.mark.parametrize("name, cfg, hidden, gold", [
+    ("kd", MICRO, None, [2.434728, 2.424606, 2.443583, 2.420708]),
+    ("reverse", replace(MICRO, kind="reverse", alpha=0.8), None, [0.976843, 0.972804, 0.981185, 0.976204]),
+    ("hidden", replace(MICRO, hidden_weight=1.0), 32, [3.770001, 3.747085, 3.680393, 3.588987]),
+    ("scratch", replace(MICRO, alpha=0.0), None, [4.850396, 4.838022, 4.871302, 4.865755]),
+])
+def test_distill_losses_are_pinned(name, cfg, hidden, gold):
+    teacher = make_tiny(layers=2, seed=0)
+    init = "random" if hidden or name == "scratch" else "teacher"
+    student = make_student(teacher, 1, hidden_size=hidden, init=init, seed=3)
+    res = distill(student, None if name == "scratch" else teacher, _data(), cfg, progress=False)
+    assert [h["train_loss"] for h in res.history] == pytest.approx(gold, **TOL)
+
+
+@pytest.mark.parametrize("alpha, gold", [(0.0, [4.855227, 4.865065, 4.755345, 4.662767]),
+                                         (0.5, [2.440305, 2.445494, 2.391228, 2.345327])])
+def test_recover_losses_are_pinned(alpha, gold):
+    ids = torch.arange(64).repeat(20) % 128
+    small, _ = P.pruned(make_tiny("llama"), P.PruneConfig(ratio=0.5))
+    cfg = P.RecoveryConfig(steps=4, lr=3e-3, batch_size=2, seq_len=16, distill_alpha=alpha)
+    log = P.recover_(small, ids, cfg, teacher=make_tiny("llama", seed=1))
+    assert list(log.losses) == pytest.approx(gold, **TOL)

@@ -58,3 +58,59 @@ def test_recover_losses_are_pinned(alpha, gold):
     cfg = P.RecoveryConfig(steps=4, lr=3e-3, batch_size=2, seq_len=16, distill_alpha=alpha)
     log = P.recover_(small, ids, cfg, teacher=make_tiny("llama", seed=1))
     assert list(log.losses) == pytest.approx(gold, **TOL)
+
+
+# --- the loop itself ----------------------------------------------------------------------------------------
+
+def _linear_problem(seed: int = 0):
+    """A one-layer regression: the loop must drive its loss down."""
+    from itertools import repeat
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    model = torch.nn.Linear(4, 1)
+    return model, repeat((x, y)), lambda xb, yb: torch.nn.functional.mse_loss(model(xb), yb)
+
+
+def test_fit_trains_sets_the_lr_and_calls_back():
+    from course_lib.fit import fit
+
+    model, batches, loss_fn = _linear_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    lrs, seen = [], []
+    res = fit(model, batches, loss_fn, opt, 100, lambda s: lrs.append(s) or 0.1,
+              on_step=lambda done, loss: seen.append((done, model.training)), progress=False)
+    assert res.steps_done == 100 and len(res.losses) == 100 and not res.stopped_early
+    assert res.losses[-1] < res.losses[0] / 10
+    assert lrs == list(range(100)) and opt.param_groups[0]["lr"] == 0.1
+    assert seen == [(i, True) for i in range(1, 101)]  # in training mode during the step
+    assert not model.training  # eval mode at the end
+
+
+def test_fit_resumes_at_start_and_stops_on_its_time_budget():
+    from course_lib.fit import fit
+
+    model, batches, loss_fn = _linear_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    res = fit(model, batches, loss_fn, opt, 10, lambda s: 0.1, start=7, on_step=lambda d, _: steps.append(d),
+              progress=False)
+    assert steps == [8, 9, 10] and res.steps_done == 3
+    assert fit(model, batches, loss_fn, opt, 10, lambda s: 0.1, start=10, progress=False).steps_done == 0
+    res = fit(model, batches, loss_fn, opt, 1000, lambda s: 0.1, max_seconds=1e-9, progress=False)
+    assert res.stopped_early and res.steps_done == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(steps=0), "steps"), (dict(steps=True), "steps"),
+                                           (dict(start=-1), "start"), (dict(start=11), "past the last step"),
+                                           (dict(grad_clip=0), "grad_clip"), (dict(max_seconds=0), "max_seconds"),
+                                           (dict(postfix_every=0), "postfix_every")])
+def test_fit_refuses_bad_arguments(kwargs, match):
+    from course_lib.fit import fit
+
+    model, batches, loss_fn = _linear_problem()
+    args = {"steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fit(model, batches, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), args.pop("steps"),
+            lambda s: 0.1, progress=False, **args)

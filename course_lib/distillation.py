@@ -20,7 +20,8 @@ student's intermediate layers towards chosen teacher layers.
 
 The student is built from the teacher by :func:`make_student`: fewer layers
 (layer dropping, as in DistilBERT) and/or a narrower MLP, initialised from the
-teacher's own weights or at random. :func:`distill` is the training loop;
+teacher's own weights or at random. :func:`distill` trains it: the loss above inside
+the one training loop of :mod:`course_lib.fit` (which recovery after pruning uses too, with this ``kd_loss``);
 ``python -m course_lib train --model course-tiny-student`` runs the recipe that
 produced the shipped student (:func:`main_train_student`).
 """

@@ -9,11 +9,12 @@ __version__ = "0.1.0"
 
 from . import real_model
 from .chat import chat
+from .decode_speed import time_generation
 from .device import course_device
 from .generation import generate, stream_generate
 from .metrics import answer_agreement, model_size_bytes, next_token_accuracy, perplexity, prose_perplexity
 from .models import count_parameters, load_model, load_tokenizer, speed_lab_model
-from .timing import benchmark, time_generation
+from .timing import benchmark
 
 # The one-call APIs of the compression chapters, imported on first use: `import course_lib` stays quick and
 # does not pull in Torch-Pruning until a learner asks for pruning.

@@ -20,7 +20,8 @@ student's intermediate layers towards chosen teacher layers.
 
 The student is built from the teacher by :func:`make_student`: fewer layers
 (layer dropping, as in DistilBERT) and/or a narrower MLP, initialised from the
-teacher's own weights or at random. :func:`distill` is the training loop;
+teacher's own weights or at random. :func:`distill` trains it: the loss above inside
+the one training loop of :mod:`course_lib.fit` (which recovery after pruning uses too, with this ``kd_loss``);
 ``python -m course_lib train --model course-tiny-student`` runs the recipe that
 produced the shipped student (:func:`main_train_student`).
 """
@@ -33,18 +34,20 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import data
 from ._checks import check_int as _check_int
 from ._checks import check_number as _check_number
-from .models import check_token_ids, count_parameters
+from .fit import decay_groups, fit
+from .metrics import perplexity
+from .models import EMBEDDED, check_token_ids, count_parameters, load_model
+from .train import check_checkpoint_dir, check_out_dir, claim_checkpoint_dir, release_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +344,7 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids:
     torch.manual_seed(cfg.seed)
     projections = _make_projections(student, teacher, cfg)
     params = list(student.parameters()) + (list(projections.parameters()) if projections is not None else [])
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(decay_groups(params, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     start = 0
@@ -352,46 +352,37 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids:
     if ckpt is not None:
         start, history = _prepare_checkpoint(ckpt, cfg, student, projections, opt, gen, overwrite)
     stream = data.batches(data_ids, cfg.seq_len, cfg.batch_size, gen)
-    device = next(student.parameters()).device
     layer_pairs = _layer_pairs(student, teacher) if cfg.hidden_weight > 0 else []
+    want_hidden = cfg.hidden_weight > 0
 
-    student.train()
-    t0 = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), desc="distilling" if cfg.needs_teacher else "training",
-               disable=not progress, initial=start, total=cfg.steps)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr_at(step)
-        x, y = (t.to(device) for t in next(stream))
-        want_hidden = cfg.hidden_weight > 0
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out_s = student(input_ids=x, output_hidden_states=want_hidden)
-        if cfg.needs_teacher:
-            with torch.no_grad():
-                out_t = teacher(input_ids=x, output_hidden_states=want_hidden)
-            loss = kd_loss(out_s.logits, out_t.logits, y, cfg.temperature, cfg.alpha, cfg.kind)
-            if want_hidden:
-                hs = [out_s.hidden_states[i] for i, _ in layer_pairs]
-                ht = [out_t.hidden_states[j] for _, j in layer_pairs]
-                loss = loss + cfg.hidden_weight * hidden_loss(hs, ht, projections)
-        else:
-            loss = F.cross_entropy(out_s.logits.float().reshape(-1, out_s.logits.size(-1)), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        done = step + 1
+        if not cfg.needs_teacher:
+            return F.cross_entropy(out_s.logits.float().reshape(-1, out_s.logits.size(-1)), y.reshape(-1))
+        with torch.no_grad():
+            out_t = teacher(input_ids=x, output_hidden_states=want_hidden)
+        loss = kd_loss(out_s.logits, out_t.logits, y, cfg.temperature, cfg.alpha, cfg.kind)
+        if want_hidden:
+            hs = [out_s.hidden_states[i] for i, _ in layer_pairs]
+            ht = [out_t.hidden_states[j] for _, j in layer_pairs]
+            loss = loss + cfg.hidden_weight * hidden_loss(hs, ht, projections)
+        return loss
+
+    def on_step(done: int, loss: float) -> None:
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            row = {"step": done, "train_loss": loss.item(), "tokens": done * cfg.batch_size * cfg.seq_len,
+            row = {"step": done, "train_loss": loss, "tokens": done * cfg.batch_size * cfg.seq_len,
                    "seconds": time.perf_counter() - t0}
             if heldout_ids is not None:
                 row["heldout_loss"] = evaluate_loss(student, heldout_ids, cfg)
-                student.train()
             history.append(row)
             log.info("step %d %s", done, {k: round(v, 3) for k, v in row.items() if k != "step"})
         if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             _save_checkpoint(ckpt, cfg, done, student, projections, opt, gen, history)
+
+    t0 = time.perf_counter()
+    fit(student, stream, loss_fn, opt, cfg.steps, cfg.lr_at, start=start, clip_params=params,
+        grad_clip=cfg.grad_clip, on_step=on_step, desc="distilling" if cfg.needs_teacher else "training",
+        progress=progress)
     student.eval()
     return DistillResult(student, history, time.perf_counter() - t0, start)
 
@@ -399,8 +390,6 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids:
 @torch.no_grad()
 def evaluate_loss(model, heldout_ids: torch.Tensor, cfg: DistillConfig) -> float:
     """Mean held-out next-token NLL (log of the perplexity) over ``cfg.eval_tokens`` tokens."""
-    from .metrics import perplexity
-
     model.eval()
     return math.log(perplexity(model, heldout_ids, max_tokens=cfg.eval_tokens, seq_len=cfg.seq_len))
 
@@ -493,12 +482,6 @@ class StudentRecipe:
 
 def main_train_student(args) -> int:
     """``python -m course_lib train --model course-tiny-student [--out DIR] [--steps N] [--seed S] [--overwrite]``."""
-    from dataclasses import replace
-
-    from .metrics import perplexity
-    from .models import EMBEDDED, load_model
-    from .train import check_checkpoint_dir, check_out_dir, claim_checkpoint_dir, release_checkpoint_dir
-
     recipe = StudentRecipe()
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     cfg = replace(recipe.distill, **overrides)

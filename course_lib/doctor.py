@@ -36,9 +36,9 @@ def environment_report() -> dict:
 
 def run_doctor() -> int:
     """Print the report, measure bandwidth, load the embedded model; 0 when all is well."""
+    from .machine import measure_bandwidth
     from .metrics import perplexity
     from .models import DEFAULT_MODEL, count_parameters, load_model
-    from .roofline import measure_bandwidth
 
     ok = True
     for k, v in environment_report().items():

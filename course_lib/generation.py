@@ -19,8 +19,11 @@ All return the new token ids, so their outputs can be compared exactly.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +32,8 @@ import torch
 
 from ._checks import check_int, check_number
 from .device import device_of
-from .kv_cache import KVCache, ScratchLlama
+from .kv_cache import KVCache, ScratchLlama, naive_attention
+from .timing import benchmark
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +69,6 @@ def encode_prompt(tokenizer, prompt: str | torch.Tensor, device: torch.device) -
 
 def _cache_kwarg(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this version takes."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -200,9 +202,6 @@ def generate_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) 
 
 def compile_supported(device: str | torch.device = "cpu") -> tuple[bool, str]:
     """Can ``torch.compile`` (inductor) build kernels here? (ok, reason when not)."""
-    import shutil
-    import sys
-
     dev = torch.device(device)
     if sys.platform == "win32":
         return False, "torch.compile's inductor backend is not supported on Windows"
@@ -326,9 +325,6 @@ def attention_cost(seq_lens: list[int], heads: int = 8, head_dim: int = 64, batc
     The naive version materialises a (T x T) score matrix per head; a fused
     kernel works in tiles and never holds it whole.
     """
-    from .kv_cache import naive_attention
-    from .timing import benchmark
-
     dev = torch.device(device)
     rows = []
     for t in seq_lens:

@@ -6,9 +6,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from .data import encode_split
+from .chat import chat_prompt
+from .data import PROSE_EVAL_TOKENS, encode_prose, encode_split, load_documents
+from .generation import generate
 from .models import check_token_ids
+from .prompts import prompts as default_prompts
 
 
 def _as_ids(model, tokenizer_or_ids, split: str, max_tokens: int | None, seq_len: int,
@@ -99,7 +103,6 @@ def function_prompts(n: int = 32, split: str = "heldout", min_lines: int = 4,
     import ast
     import textwrap
 
-    from .data import load_documents
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -139,10 +142,6 @@ def compile_rate(model, tokenizer, n: int = 32, max_new_tokens: int = 96, prompt
     A task metric beyond perplexity: a compressed model can keep its perplexity
     close and still break syntax (unclosed brackets, wrong indentation).
     """
-    from tqdm.auto import tqdm
-
-    from .generation import generate
-
     prompts = prompts if prompts is not None else function_prompts(n)
     ok = 0
     for p in tqdm(prompts, desc="compile rate", disable=not progress):
@@ -164,8 +163,6 @@ def prose_perplexity(model, tokenizer, split: str = "heldout", max_tokens: int |
 
     ``max_tokens`` below 8,192 measures a shorter prefix of the same slice (quick mode).
     """
-    from .data import PROSE_EVAL_TOKENS, encode_prose
-
     ids = encode_prose(tokenizer, split, max_tokens=max_tokens or PROSE_EVAL_TOKENS)
     return perplexity(model, ids, max_tokens=None, seq_len=seq_len, batch_size=batch_size)
 
@@ -178,8 +175,6 @@ def code_perplexity(model, tokenizer, max_tokens: int = 8192, seq_len: int = 512
 def _chat_rows(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Each prompt as the model reads it: through the chat template when it has one, else as plain text."""
     if getattr(tokenizer, "chat_template", None):
-        from .chat import chat_prompt
-
         prompts = [chat_prompt(tokenizer, p) for p in prompts]
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
@@ -193,8 +188,6 @@ def greedy_answers(model, tokenizer, prompts: list[tuple[str, str]] | list[str] 
     pruned model (whose layers were swapped) answers through the same code. Default prompts:
     :func:`course_lib.prompts.prompts` (50, fixed).
     """
-    from .prompts import prompts as default_prompts
-
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
     texts = [p if isinstance(p, str) else p[1] for p in (prompts if prompts is not None else default_prompts())]
@@ -241,8 +234,6 @@ def answer_agreement(model, tokenizer, reference, prompts: list[tuple[str, str]]
     Pass the reference's answers once and compare many compressed copies against them; perplexity can
     barely move while answers already change, which is what a user notices.
     """
-    from .prompts import prompts as default_prompts
-
     pairs = prompts if prompts is not None else default_prompts()
     pairs = [("", p) if isinstance(p, str) else tuple(p) for p in pairs]
     ref = reference if isinstance(reference, torch.Tensor) else greedy_answers(

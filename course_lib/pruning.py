@@ -48,7 +48,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._checks import check_int, check_number
+from .data import batches
+from .distillation import kd_loss
+from .fit import fit
 from .quantization import is_quantized
+from .roofline import ModelDims
 
 log = logging.getLogger(__name__)
 
@@ -610,8 +614,6 @@ def speedup_ceiling(dense: nn.Module, small: nn.Module) -> float:
     full of zeros but the same shapes has ceiling 1, and the embedding/LM head that MLP and head cuts never touch
     keep it well under 1 / (1 - ratio).
     """
-    from .roofline import ModelDims
-
     return ModelDims.from_config(dense.config).decode_params / ModelDims.from_config(small.config).decode_params
 
 
@@ -703,49 +705,34 @@ def recover_(model: nn.Module, train_ids: torch.Tensor, cfg: RecoveryConfig = Re
     ``evaluate(model)`` (e.g. held-out perplexity) runs at step 0, every
     ``cfg.eval_every`` steps and at the end.
     """
-    from .data import batches
-
     if cfg.distill_alpha > 0 and teacher is None:
         raise ValueError("distill_alpha > 0 needs teacher= (the unpruned model)")
-    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(cfg.seed)
-    data = batches(train_ids.flatten(), cfg.seq_len, cfg.batch_size, g)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / cfg.steps))
-    losses, evals = [], []
+    evals = []
     if evaluate is not None:
         evals.append((0, float(evaluate(model))))
+
+    def lr_at(step: int) -> float:  # 10 steps of warm-up, then linear decay towards 0
+        return cfg.lr * (min(1.0, (step + 1) / 10) * (1 - step / cfg.steps))
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=x).logits
+        if cfg.distill_alpha == 0:
+            logits = logits.float()
+            return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        with torch.no_grad():
+            t_logits = teacher(input_ids=x).logits
+        return kd_loss(logits, t_logits, y, cfg.temperature, cfg.distill_alpha)
+
+    def on_step(done: int, loss: float) -> None:
+        if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            model.eval()  # fit puts it back in training mode before the next step
+            evals.append((done, float(evaluate(model))))
+
     t0 = time.perf_counter()
-    step = 0
-    bar = tqdm(range(cfg.steps), desc="recovery", leave=False)
-    for step in bar:
-        model.train()
-        x, y = next(data)
-        x, y = x.to(device), y.to(device)
-        logits = model(input_ids=x).logits.float()
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-        if cfg.distill_alpha > 0:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=x).logits.float()
-            T = cfg.temperature
-            kd = nn.functional.kl_div(torch.log_softmax(logits / T, -1), torch.log_softmax(t_logits / T, -1),
-                                      log_target=True, reduction="batchmean") * T * T / x.shape[1]
-            loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            model.eval()
-            evals.append((step + 1, float(evaluate(model))))
-        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
-            log.info("recovery stopped at step %d: time budget %.0f s spent", step + 1, cfg.max_seconds)
-            break
-    bar.close()
-    model.eval()
+    run = fit(model, batches(train_ids.flatten(), cfg.seq_len, cfg.batch_size, g), loss_fn, opt, cfg.steps, lr_at,
+              on_step=on_step, max_seconds=cfg.max_seconds, desc="recovery", leave=False, postfix_every=1)
     if evaluate is not None:
-        evals.append((len(losses), float(evaluate(model))))
-    return RecoveryLog(tuple(losses), tuple(evals), time.perf_counter() - t0, len(losses))
+        evals.append((run.steps_done, float(evaluate(model))))
+    return RecoveryLog(run.losses, tuple(evals), time.perf_counter() - t0, run.steps_done)

@@ -14,119 +14,23 @@ allows, so a step takes at least
 * **prefill** (the whole prompt at once) does T times more arithmetic for the
   same weight read: compute-bound for prompts of more than a few hundred tokens.
 
-This module measures the two machine figures - the compute peak with a
-compute-bound square matmul, the bandwidth with a streaming read - and, apart
-from them, what a matrix-vector product (the decode step's own kernel) achieves.
-It counts bytes and FLOPs from a model config and predicts step latency. The *per-step overhead* (Python, the
-framework, kernel launches) is measured, not guessed: it is the decode time of
-a model with the same depth but almost no width.
+This module is the arithmetic only: a machine's two figures (:class:`Hardware`, measured or from a spec
+sheet) and their ridge point, the bytes and FLOPs of a step counted from a model config, and the predicted step
+latency. Nothing here runs a timing. The figures of *this* machine are measured by :mod:`course_lib.machine`
+(the compute peak with a compute-bound square matmul, the bandwidth with a streaming read, and apart from them
+what a matrix-vector product - the decode step's own kernel - achieves); the *per-step overhead* (Python, the
+framework, kernel launches) is measured, not guessed, by :func:`course_lib.decode_speed.measure_step_overhead`.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 from dataclasses import dataclass, field
 
-import torch
-
 from ._checks import check_int, check_number
 
-log = logging.getLogger(__name__)
-
 DTYPE_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4}
-BANDWIDTH_KINDS = ("read", "copy", "triad")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# --- measuring the machine -------------------------------------------------------
-
-def measure_bandwidth(size_mb: int = 256, repeat: int = 5, device: str | torch.device = "cpu",
-                      kind: str = "copy") -> float:
-    """Achieved memory bandwidth in GB/s, STREAM-style, over ``size_mb`` MB per array.
-
-    ``read`` (sum(a)) only reads: size bytes moved, the pattern of a decode step,
-    which streams every weight once and writes almost nothing.
-    ``copy`` (b = a) reads and writes each byte: 2 x size bytes moved.
-    ``triad`` (a = b + s*c) reads two arrays and writes one: 3 x size bytes.
-    The arrays are far larger than any CPU cache, so this measures DRAM, not cache.
-    """
-    check_int("size_mb", size_mb, 1)
-    check_int("repeat", repeat, 1)
-    if kind not in BANDWIDTH_KINDS:
-        raise ValueError(f"kind must be one of {BANDWIDTH_KINDS}, got {kind!r}")
-    from .timing import benchmark
-
-    dev = torch.device(device)
-    n = size_mb * 1024 * 1024 // 4
-    src = torch.ones(n, dtype=torch.float32, device=dev)
-    if kind == "read":
-        res = benchmark(lambda: src.sum(), warmup=2, repeat=repeat, device=dev)
-        return n * 4 / res.median / 1e9
-    dst = torch.empty_like(src)
-    if kind == "copy":
-        res = benchmark(lambda: dst.copy_(src), warmup=2, repeat=repeat, device=dev)
-        return 2 * n * 4 / res.median / 1e9
-    other = torch.ones_like(src)
-    res = benchmark(lambda: torch.add(src, other, alpha=3.0, out=dst), warmup=2, repeat=repeat, device=dev)
-    return 3 * n * 4 / res.median / 1e9
-
-
-def measure_matmul_flops(n: int = 1024, dtype: torch.dtype = torch.float32, repeat: int = 5,
-                         device: str | torch.device = "cpu") -> float:
-    """Achieved matmul throughput in GFLOP/s for an n x n x n product (2 n^3 FLOPs)."""
-    from .timing import benchmark
-
-    check_int("n", n, 1, " (the matrix size)")
-
-    dev = torch.device(device)
-    a = torch.randn(n, n, device=dev).to(dtype)
-    b = torch.randn(n, n, device=dev).to(dtype)
-    res = benchmark(lambda: a @ b, warmup=2, repeat=repeat, device=dev)
-    return 2 * n**3 / res.median / 1e9
-
-
-def measure_peak_flops(dtype: torch.dtype = torch.float32, max_n: int = 2048, repeat: int = 3,
-                       device: str | torch.device = "cpu", min_seconds: float = 0.05) -> tuple[float, int]:
-    """The compute peak: best GFLOP/s of square matmuls grown from 256 until compute-bound. Returns (GFLOP/s, n).
-
-    An n x n product does 2 n^3 FLOPs on 3 n^2 numbers, so its FLOPs per byte grow
-    with n; small ones are limited by memory and call overhead. The size doubles
-    until one product takes ``min_seconds`` (or ``max_n`` is reached), so a slow
-    dtype is not run at sizes that would take minutes.
-    """
-    check_int("max_n", max_n, 1, " (the largest matrix size tried)")
-    check_int("repeat", repeat, 1)
-    check_number("min_seconds", min_seconds, ">= 0 (how long one product must take)", lambda v: v >= 0)
-    best, best_n, n = 0.0, 0, min(256, max_n)
-    while True:
-        rate = measure_matmul_flops(n, dtype, repeat=repeat, device=device)
-        if rate > best:
-            best, best_n = rate, n
-        if n >= max_n or 2 * n**3 / (rate * 1e9) >= min_seconds:
-            return best, best_n
-        n = min(2 * n, max_n)
-
-
-def measure_gemv_bandwidth(rows: int = 8192, cols: int = 8192, dtype: torch.dtype = torch.float32,
-                           repeat: int = 5, device: str | torch.device = "cpu") -> float:
-    """GB/s of weight bytes streamed by a matrix x vector product: the decode step's own pattern.
-
-    A streaming read says what the memory *can* deliver; this says what a linear
-    layer *gets* at batch 1 with this dtype's kernel. It is an achieved rate, not a
-    ceiling: a kernel that converts or computes slowly falls short of the read.
-    """
-    from .timing import benchmark
-
-    check_int("rows", rows, 1)
-    check_int("cols", cols, 1)
-
-    dev = torch.device(device)
-    w = torch.randn(rows, cols, device=dev).to(dtype)
-    x = torch.randn(1, cols, device=dev).to(dtype)
-    res = benchmark(lambda: torch.nn.functional.linear(x, w), warmup=2, repeat=repeat, device=dev)
-    return w.numel() * w.element_size() / res.median / 1e9
 
 
 @dataclass(frozen=True)
@@ -192,39 +96,6 @@ VENDOR_PRESETS: dict[str, Hardware] = {
                                         "vendor spec sheet"),
     "NVIDIA T4 (vendor spec)": Hardware("NVIDIA T4", 320, {"fp32": 8_100, "fp16": 65_000}, "vendor spec sheet"),
 }
-
-
-def measure_machine(device: str | torch.device = "cpu", quick: bool = False, *, matmul_n: int | None = None,
-                    stream_mb: int | None = None, gemv_shape: tuple[int, int] | None = None,
-                    repeat: int | None = None) -> Hardware:
-    """This machine's roofs, measured now, per supported dtype, and what a GEMV achieves.
-
-    * ``bandwidth_gbs``: a streaming read (``measure_bandwidth(kind="read")``);
-    * ``gflops``: the compute peak of each dtype, from square matmuls grown until
-      they are compute-bound (:func:`measure_peak_flops`, up to ``matmul_n``);
-    * ``gemv_gbs``: weight bytes per second a batch-1 linear layer streams - an
-      achieved figure, never used as a peak (a GEMV does ~1 FLOP per byte: it is
-      limited by memory or by its kernel, so its FLOP rate says nothing about the
-      compute roof).
-    The keyword sizes override the defaults (tests use tiny ones).
-    """
-    from .timing import supported_dtypes
-
-    dev = torch.device(device)
-    big = dev.type == "cuda"
-    stream_mb = stream_mb or (1024 if big else (128 if quick else 512))
-    matmul_n = matmul_n or (8192 if big else (2048 if quick else 4096))
-    rows, cols = gemv_shape or ((16384 if big else (2048 if quick else 4096)), 8192)
-    rep = repeat or (3 if quick else 5)
-    bw = measure_bandwidth(size_mb=stream_mb, repeat=rep, device=dev, kind="read")
-    flops, gemv, sizes = {}, {}, {}
-    for name, ok in supported_dtypes(dev).items():
-        if ok and name in TORCH_DTYPES:
-            dt = TORCH_DTYPES[name]
-            flops[name], sizes[name] = measure_peak_flops(dt, matmul_n, repeat=rep, device=dev)
-            gemv[name] = measure_gemv_bandwidth(rows, cols, dt, repeat=rep, device=dev)
-    label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "this CPU"
-    return Hardware(f"{label} (measured)", bw, flops, "measured on this machine", gemv, dict(flops), sizes)
 
 
 # --- counting bytes and FLOPs ----------------------------------------------------
@@ -367,53 +238,6 @@ def predict(cost: StepCost, hw: Hardware, compute_dtype: str = "bf16", overhead_
     bound = "overhead" if overhead_s > roof else ("memory" if memory_s >= compute_s else "compute")
     seconds = roof + overhead_s
     return Prediction(seconds, memory_s, compute_s, overhead_s, bound, cost.batch * cost.tokens / seconds, kernel_s)
-
-
-def overhead_model(config, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A model with the same depth and heads as ``config`` but almost no width: its step time is overhead."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = config.__class__.from_dict(config.to_dict())
-    cfg.hidden_size = cfg.num_attention_heads * 8
-    cfg.head_dim = 8
-    cfg.intermediate_size = 16
-    cfg.vocab_size = 256
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
-
-
-def measure_decode_step(model, context: int = 128, batch: int = 1, warmup: int = 3, repeat: int = 10):
-    """Median time of one Hugging Face decode step at ``context`` cached tokens (a BenchResult).
-
-    The cache is cropped back after each timed call, so every sample sees the
-    same context length.
-    """
-    from .timing import benchmark
-
-    check_int("context", context, 1, " (tokens in the cache before the timed step)")
-    check_int("batch", batch, 1)
-    dev = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (batch, context), generator=g).to(dev)
-    tok = torch.randint(0, vocab, (batch, 1), generator=g).to(dev)
-    from .generation import hf_forward
-
-    with torch.inference_mode():
-        _, past = hf_forward(model, prompt)
-
-    def step():
-        hf_forward(model, tok, past)
-        past.crop(-1)  # drop the token just added: every sample sees the same context
-
-    return benchmark(step, warmup=warmup, repeat=repeat, device=dev)
-
-
-def measure_step_overhead(config, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                          context: int = 128, repeat: int = 10) -> float:
-    """Seconds of a decode step that moves almost no bytes: Python and framework cost per step."""
-    model = overhead_model(config, dtype, device)
-    return measure_decode_step(model, context=context, repeat=repeat).median
 
 
 # --- the article's formula, for notebook 08 --------------------------------------

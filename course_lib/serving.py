@@ -380,7 +380,7 @@ def batch_sweep(model, batch_sizes: list[int], context: int = 64, warmup: int = 
     step stays memory-bound, doubling the batch nearly doubles throughput and
     barely moves the per-request time per output token.
     """
-    from .roofline import measure_decode_step
+    from .decode_speed import measure_decode_step
 
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1
                               for b in batch_sizes):

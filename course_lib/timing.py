@@ -10,9 +10,14 @@ Three classic mistakes make speed numbers lie:
 3. **one sample** - timings are noisy; report the median and a spread
    (p10 / p90), not the best or a single run.
 
-``benchmark`` avoids all three. ``time_generation`` measures what a user of a
-chat model feels: time to first token and time per output token.
-``decode_speed`` compares several models fairly: interleaved, round after round.
+``benchmark`` avoids all three; ``compare`` times several functions interleaved and ``speed_verdict`` says
+whether their difference is more than the spread. ``time_tokens`` turns a generator into (TTFT, tokens/s) and
+``GenerationTiming`` / ``stream_timing`` hold what a user of a chat model feels.
+
+This module is a leaf: it imports torch, the standard library and course_lib's ``_checks`` / ``device`` only,
+never a model or a decode loop, so anything may time itself with it. The decode-speed experiments that run
+models (``time_generation``, ``decode_speed``, ``measure_decode_step``) live above it, in
+:mod:`course_lib.decode_speed`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_int as _check_count  # a bool is refused: repeat=True is a slip, not a 1
-from .device import device_of, pick_device
+from .device import pick_device
 
 
 @dataclass(frozen=True)
@@ -166,44 +171,6 @@ class GenerationTiming:
     token_times: tuple[float, ...] = field(repr=False)  # seconds from start, one per token
 
 
-def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens: int = 32,
-                    warmup: int = 1, repeat: int = 3, generate_fn=None) -> GenerationTiming:
-    """Greedy-generate ``max_new_tokens`` and time each token as it is produced.
-
-    ``generate_fn`` is a streaming generator like :func:`course_lib.generation.stream_generate`
-    (the default); the median over ``repeat`` runs of TTFT and TPOT is reported.
-    """
-    from .generation import stream_generate
-
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
-        raise ValueError(f"max_new_tokens must be an int >= 2 to time the decode phase, got {max_new_tokens!r}")
-    _check_count("warmup", warmup, 0)
-    _check_count("repeat", repeat, 1)
-    gen = generate_fn or stream_generate
-    device = device_of(model)
-    runs = []
-    for i in range(warmup + repeat):
-        stamps: list[float] = []
-        synchronize(device)
-        t0 = time.perf_counter()
-        n_prompt = 0
-        for step in gen(model, tokenizer, prompt, max_new_tokens=max_new_tokens, stop_at_eos=False):
-            synchronize(device)  # the token must exist before we stamp it
-            stamps.append(time.perf_counter() - t0)
-            n_prompt = step.prompt_tokens
-        if i >= warmup:
-            runs.append((stamps, n_prompt))
-    ttfts = [s[0] for s, _ in runs]
-    gaps = [b - a for s, _ in runs for a, b in zip(s, s[1:])]
-    tpot = statistics.median(gaps)
-    best = runs[len(runs) // 2][0]
-    return GenerationTiming(
-        ttft_s=statistics.median(ttfts), tpot_s=tpot, tokens_per_s=1.0 / tpot,
-        new_tokens=len(best), total_s=statistics.median(s[-1] for s, _ in runs),
-        prompt_tokens=runs[0][1], token_times=tuple(best),
-    )
-
-
 def time_tokens(gen: Callable[[torch.Tensor, int], object], prompt: torch.Tensor, n: int,
                 device: str | torch.device | None = None, repeat: int = 1, warmup: int = 0) -> tuple[float, float]:
     """(seconds to the first token, decode tokens/s) of a greedy generator ``gen(prompt, n)``.
@@ -215,68 +182,6 @@ def time_tokens(gen: Callable[[torch.Tensor, int], object], prompt: torch.Tensor
     first = benchmark(lambda: gen(prompt, 1), warmup=warmup, repeat=repeat, device=device).median
     total = benchmark(lambda: gen(prompt, n), warmup=0, repeat=repeat, device=device).median
     return first, (n - 1) / max(total - first, 1e-9)
-
-
-def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, rounds: int = 3,
-                 errors: dict | None = None, compiled: bool = False) -> dict[str, tuple[float, float]]:
-    """Decode tokens/s and prefill ms of several models, timed **interleaved**; median over ``rounds``.
-
-    Round after round, each model in turn: a change in the machine's state during the run (clock, a neighbour on
-    the host) then lands on every model alike, so the ratios between them hold even when absolute numbers drift.
-    Timing one model after another does not: two idle sequential runs measured the same bf16 model at 11.6 and
-    18.5 tokens/s. Each model gets one untimed warm-up first.
-
-    ``compiled=False`` times the course's streaming generator (Hugging Face forward, dynamic cache: what a
-    notebook runs). ``compiled=True`` times :class:`course_lib.generation.CompiledDecoder` instead (static cache,
-    ``torch.compile``; the warm-up compiles, tens of seconds per model on a CPU): with the per-step Python
-    overhead gone, speed follows the bytes each step reads.
-
-    With ``errors`` (a dict), a model that raises is dropped from the remaining rounds and its message stored
-    under its name, instead of ending the whole measurement.
-    """
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
-        raise ValueError(f"new_tokens must be an int >= 2 to time the decode phase, got {new_tokens!r}")
-    _check_count("rounds", rounds, 1)
-    models = dict(models)
-    samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in models}
-    decoders: dict[str, Callable[[torch.Tensor, int], object]] = {}
-    ids = prompt.view(1, -1)
-
-    def once(name: str, warm: bool) -> None:
-        m = models[name]
-        try:
-            dev = device_of(m)
-            ids_m = ids.to(dev)  # the prompt goes where the model is; each timing synchronizes that device
-            if compiled:
-                if warm:  # build and compile; one cache size for every call, so it compiles once
-                    from .generation import CompiledDecoder
-
-                    dec = CompiledDecoder(m)
-                    decoders[name] = lambda p, n: dec(p, n, max_len=ids.shape[1] + new_tokens)
-                    decoders[name](ids_m, 2)
-                    synchronize(dev)
-                    return
-                first, tok_s = time_tokens(decoders[name], ids_m, new_tokens, device=dev)
-                samples[name][0].append(tok_s)
-                samples[name][1].append(first)
-                return
-            t = time_generation(m, None, ids_m, max_new_tokens=2 if warm else new_tokens, warmup=0, repeat=1)
-            if not warm:
-                pre = benchmark(lambda: m(input_ids=ids_m), warmup=0, repeat=1, device=dev).median
-                samples[name][0].append(t.tokens_per_s)
-                samples[name][1].append(pre)
-        except Exception as e:
-            if errors is None:
-                raise
-            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            del models[name]
-
-    for name in list(models):
-        once(name, warm=True)
-    for _ in range(rounds):
-        for name in list(models):
-            once(name, warm=False)
-    return {k: (statistics.median(samples[k][0]), statistics.median(samples[k][1]) * 1e3) for k in models}
 
 
 # --- the wrong ways, kept so notebooks can show them side by side -----------------
@@ -355,7 +260,8 @@ def supported_dtypes(device: str | torch.device = "cpu") -> dict[str, bool]:
 def stream_timing(token_times: Sequence[float], prompt_tokens: int) -> GenerationTiming:
     """TTFT and TPOT of *one* streamed answer, from each token's seconds since the call started.
 
-    For a real answer as a user saw it (no warm-up, no repeats; :func:`time_generation` measures those).
+    For a real answer as a user saw it (no warm-up, no repeats; :func:`course_lib.decode_speed.time_generation`
+    measures those).
     With a single token there is no decode gap: TPOT and tokens/s are NaN.
     """
     if not token_times:

@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import data
 from ._checks import check_int, check_number
+from .fit import decay_groups, fit
+from .metrics import perplexity
 from .models import count_parameters
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def _eval_loss(model, ids: torch.Tensor, seq_len: int) -> float:
-    from .metrics import perplexity
-
+    model.eval()
     return math.log(perplexity(model, ids, seq_len=seq_len))
 
 
@@ -217,39 +217,25 @@ def train(cfg: TrainConfig, out_dir: str | Path, overwrite: bool = False) -> dic
     log.info("train tokens %d, held-out tokens %d", train_ids.numel(), held_ids.numel())
 
     model = build_model(cfg, tokenizer)
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )
+    opt = torch.optim.AdamW(decay_groups(model.parameters(), cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
-    stream = data.batches(train_ids, cfg.seq_len, cfg.batch_size, gen)
     history = []
     t1 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="training course-tiny")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        x, y = next(stream)
-        loss = model(input_ids=x, labels=None).logits
-        loss = torch.nn.functional.cross_entropy(loss.reshape(-1, loss.size(-1)), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            model.eval()
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=x).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    def on_step(done: int, loss: float) -> None:
+        if done % cfg.eval_every == 0 or done == cfg.steps:
             held = _eval_loss(model, held_ids[: cfg.eval_tokens], cfg.seq_len)
-            model.train()
-            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": held,
+            history.append({"step": done, "train_loss": loss, "heldout_loss": held,
                             "seconds": time.perf_counter() - t1})
-            log.info("step %d train %.3f held-out %.3f", step + 1, loss.item(), held)
+            log.info("step %d train %.3f held-out %.3f", done, loss, held)
+
+    fit(model, data.batches(train_ids, cfg.seq_len, cfg.batch_size, gen), loss_fn, opt, cfg.steps,
+        lambda step: lr_at(step, cfg), on_step=on_step, desc="training course-tiny")
     train_time = time.perf_counter() - t1
-    model.eval()
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

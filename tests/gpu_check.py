@@ -58,10 +58,10 @@ def speed_table(device, dry: bool, deadline: float) -> tuple[list[dict], float]:
     import torch
 
     from course_lib.generation import CompiledDecoder
+    from course_lib.machine import measure_bandwidth
     from course_lib.metrics import model_size_bytes
     from course_lib.models import speed_lab_model
     from course_lib.quantization import QuantConfig, quantize_
-    from course_lib.roofline import measure_bandwidth
     from course_lib.timing import time_tokens
 
     bandwidth = measure_bandwidth(size_mb=16 if dry else 1024, repeat=3 if dry else 10, device=device)

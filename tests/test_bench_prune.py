@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib import generation
+from course_lib import decode_speed
 from course_lib.bench import prune
 
 from .conftest import make_tiny
@@ -44,7 +44,7 @@ def test_compiled_rows_cover_the_compiled_methods_and_keep_errors(tiny_speed_lab
         def __call__(self, prompt_ids, n, max_len=None):
             return torch.zeros(1, n, dtype=torch.long)
 
-    monkeypatch.setattr(generation, "CompiledDecoder", FakeDecoder)
+    monkeypatch.setattr(decode_speed, "CompiledDecoder", FakeDecoder)
     rows = prune.speed_rows("tiny", None, ["structured-50", "structured-50-hidden"], quick=False, compiled=True)
     compiled = {r["method"]: r for r in rows if r["decode"] == "compiled"}
     assert set(compiled) == {"dense", "structured-50", "structured-50-hidden"}

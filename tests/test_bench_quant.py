@@ -22,16 +22,16 @@ def test_speed_all_reports_each_format():
 
 
 def test_a_format_failing_while_timed_keeps_its_error_row(monkeypatch):
-    from course_lib import timing
+    from course_lib import decode_speed
 
-    real = timing.time_generation
+    real = decode_speed.time_generation
 
     def fails_for_int8(model, *args, **kwargs):
         if isinstance(model.model.layers[0].mlp.up_proj, Int8WeightOnlyLinear):
             raise RuntimeError("kernel exploded")
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(timing, "time_generation", fails_for_int8)
+    monkeypatch.setattr(decode_speed, "time_generation", fails_for_int8)
     make = lambda: make_tiny("llama", hidden=64, intermediate=128, vocab=1024)  # noqa: E731
     out = quant._speed_all(["fp32", "int8-wo", "bf16"], make, quick=True, bandwidth=10.0)
     assert out["int8-wo"] == {"error": "RuntimeError: kernel exploded"}

@@ -373,3 +373,107 @@ def test_attention_cost_measures_gpu_memory():
 
     rows = attention_cost([256, 1024], heads=4, head_dim=32, dtype=torch.bfloat16, device="cuda", repeat=2)
     assert rows and all(r["ms"] > 0 and r["alloc_mb"] >= 0 for r in rows), rows
+
+
+# --- q/k/v and gate/up as one matmul each (issue 14 item 1) ---------------------------------------------
+
+def _both_ways(model, ids):
+    """Logits of the fused and the unfused forward: the whole prompt, then prefill + one-token decode steps."""
+    out = {}
+    for fuse in (True, False):
+        s = ScratchLlama(model, fuse=fuse)
+        with torch.inference_mode():
+            cache = s.new_cache(ids.shape[0], ids.shape[1])
+            steps = [s(ids[:, :-3], cache)] + [s(ids[:, i:i + 1], cache) for i in range(ids.shape[1] - 3, ids.shape[1])]
+            out[fuse] = (s, s(ids), torch.cat(steps, 1))
+    return out
+
+
+@pytest.mark.parametrize("name", ["gqa-llama", "qwen2-bias", "pruned", "pruned-hidden", "bf16"])
+def test_fused_projections_give_the_unfused_logits(name):
+    from course_lib.pruning import PruneConfig, prune_
+
+    if name == "qwen2-bias":
+        model = _with_random_biases(make_tiny("qwen2", num_heads=8, num_kv_heads=4))  # biases on q/k/v only
+    else:
+        model = make_tiny("llama", num_heads=8, num_kv_heads=2)
+    if name.startswith("pruned"):  # fewer heads and MLP channels: still plain Linear layers, still fused
+        prune_(model, PruneConfig(ratio=0.5, hidden_ratio=0.25 if name == "pruned-hidden" else 0.0))
+    if name == "bf16":
+        model = model.to(torch.bfloat16)
+    ids = _prompt(9, batch=2)
+    out = _both_ways(model, ids)
+    fused, unfused = out[True], out[False]
+    n = model.config.num_hidden_layers
+    assert fused[0].fused_layers == (n, n) and unfused[0].fused_layers == (0, 0)
+    tol = dict(atol=2e-2, rtol=2e-2) if name == "bf16" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[1], unfused[1], **tol)
+    torch.testing.assert_close(fused[2], unfused[2], **tol)
+    if name != "bf16":
+        with torch.inference_mode():
+            torch.testing.assert_close(fused[1], model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(generate_kv_cache(fused[0], ids[:1], 8), generate_kv_cache(unfused[0], ids[:1], 8))
+
+
+def test_a_quantized_or_hooked_projection_is_called_on_its_own():
+    """Only plain float nn.Linear groups fuse: one int8 k_proj keeps that layer's q/k/v apart, the rest fuse."""
+    from course_lib.kv_cache import fusable
+    from course_lib.quantization import Int8WeightOnlyLinear
+
+    model = make_tiny("llama", layers=3)
+    attn0 = model.model.layers[0].self_attn
+    attn0.k_proj = Int8WeightOnlyLinear.from_linear(attn0.k_proj, compute_dtype=torch.float32)
+    calls = []
+    model.model.layers[2].mlp.up_proj.register_forward_hook(lambda *_: calls.append(1))
+    s = ScratchLlama(model)
+    assert s.qkv[0] is None and s.qkv[1] is not None and s.qkv[2] is not None
+    assert s.gate_up[2] is None and s.gate_up[0] is not None and s.fused_layers == (2, 2)
+    ids = _prompt(6)
+    with torch.inference_mode():
+        mine = s(ids)
+        assert calls == [1]  # the hooked up_proj was called, not bypassed by a fused copy
+        torch.testing.assert_close(mine, model(ids).logits, atol=1e-4, rtol=1e-4)
+    lin = torch.nn.Linear(4, 3)
+    assert fusable((lin, torch.nn.Linear(4, 5)))
+    assert not fusable((lin, torch.nn.Linear(4, 5, bias=False)))  # a bias on one only
+    assert not fusable((lin, torch.nn.Linear(6, 5)))  # another input width
+    assert not fusable((lin, torch.nn.Linear(4, 5).to(torch.bfloat16)))  # another dtype
+    with pytest.raises(ValueError, match="fuse"):
+        ScratchLlama(model, fuse="yes")
+
+
+def test_fused_weights_follow_the_models_weights():
+    """Weights written after the ScratchLlama was built (training, load_state_dict) are used, not a stale copy."""
+    model = make_tiny("llama")
+    s = ScratchLlama(model)
+    fused = s.qkv[0]
+    ids = _prompt(6)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)  # in place
+        model.model.layers[1].mlp.up_proj.weight.add_(0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(s(ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert s.qkv[0] is fused  # refreshed in place: a compiled graph holding it stays valid
+    other = make_tiny("llama", seed=7)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(s(ids), other(ids).logits, atol=1e-4, rtol=1e-4)
+    model.model.layers[1].self_attn.v_proj = torch.nn.Linear(64, 32, bias=True)  # a new module, now with a bias
+    with torch.inference_mode():
+        torch.testing.assert_close(s(ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert s.qkv[1] is None and s.qkv[0] is not None  # q/k have no bias: that layer runs unfused now
+
+
+def test_compiled_graph_of_the_fused_forward_matches_eager():
+    """The static-cache step traced by torch.compile (graph only: seconds) with fused projections, refreshed."""
+    from course_lib.generation import CompiledDecoder
+
+    model = make_tiny("llama")
+    ids = _prompt(6)
+    dec = CompiledDecoder(model, backend="eager")
+    assert dec.scratch.fused_layers == (2, 2)
+    assert torch.equal(dec(ids, 8), generate_kv_cache(ScratchLlama(model, fuse=False), ids, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)  # a different model: the same decoder must now give its tokens
+    assert torch.equal(dec(ids, 8), generate_hf(model, ids, 8))

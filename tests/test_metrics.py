@@ -75,9 +75,7 @@ def test_cut_function_stops_at_dedent_and_drops_unfinished_line():
 
 def test_compile_rate_counts_real_compiles(monkeypatch):
     completions = {"def f(x):": "\n    return x\n\n", "def g(x):": "\n    return (x\n\n"}
-    import course_lib.generation as gen
-
-    monkeypatch.setattr(gen, "generate", lambda m, t, p, max_new_tokens: p + completions[p])
+    monkeypatch.setattr(course_lib_metrics, "generate", lambda m, t, p, max_new_tokens: p + completions[p])
     rate = course_lib_metrics.compile_rate(None, None, prompts=list(completions))
     assert rate == 0.5  # the unclosed bracket does not compile
 

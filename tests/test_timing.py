@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,11 +14,11 @@ from course_lib.timing import (
     first_call_cost,
     supported_dtypes,
     thread_scaling,
-    time_generation,
     time_once,
+    time_tokens,
     torch_timer_median,
 )
-from tests.conftest import make_tiny, requires_cuda
+from tests.conftest import requires_cuda
 
 TARGET = 0.020  # seconds
 
@@ -120,27 +119,6 @@ def test_supported_dtypes_on_cpu():
     assert supported_dtypes("cpu")["fp32"] is True
 
 
-class _Tok:
-    eos_token_id = None
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=False):
-        return {"input_ids": torch.tensor([[min(ord(c), 127) for c in text]])}
-
-    def decode(self, ids):
-        return "x" * len(ids)
-
-
-def test_time_generation_fields_are_sane():
-    model = make_tiny("llama")
-    t = time_generation(model, _Tok(), "hello", max_new_tokens=6, warmup=1, repeat=2)
-    assert t.new_tokens == 6 and len(t.token_times) == 6 and t.prompt_tokens == 5
-    assert 0 < t.ttft_s <= t.total_s
-    assert t.tpot_s > 0 and t.tokens_per_s == pytest.approx(1 / t.tpot_s)
-    assert list(t.token_times) == sorted(t.token_times)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        time_generation(model, _Tok(), "hello", max_new_tokens=1)
-
-
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_events_measure_known_gpu_work():
@@ -153,74 +131,6 @@ def test_cuda_events_measure_known_gpu_work():
     launch_only = time_once(lambda: torch.cuda._sleep(cycles), sync=False, device=dev)
     torch.cuda.synchronize()
     assert launch_only < res.median / 2
-
-
-def test_decode_speed_is_round_robin_and_can_keep_going_past_a_failure(monkeypatch):
-    from course_lib import timing
-
-    from .conftest import make_tiny
-
-    models = {name: make_tiny("llama", seed=i) for i, name in enumerate(("a", "b", "c"))}
-    for name, m in models.items():
-        m.tag = name
-    calls = []
-    real = timing.time_generation
-
-    def recording(model, *args, **kwargs):
-        calls.append(model.tag)
-        if model.tag == "b" and len(calls) > 3:  # b warms up fine, then fails in the first timed round
-            raise RuntimeError("kernel exploded")
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(timing, "time_generation", recording)
-    prompt = torch.randint(0, 128, (8,), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(RuntimeError, match="exploded"):  # by default a failure is a failure
-        timing.decode_speed(models, prompt, new_tokens=3, rounds=2)
-    calls.clear()
-    errors = {}
-    out = timing.decode_speed(models, prompt, new_tokens=3, rounds=2, errors=errors)
-    # Warm-up each, then round after round each model in turn; b drops out after failing.
-    assert calls == ["a", "b", "c", "a", "b", "c", "a", "c"]
-    assert errors == {"b": "RuntimeError: kernel exploded"} and set(out) == {"a", "c"}
-    assert all(tok_s > 0 and prefill_ms > 0 for tok_s, prefill_ms in out.values())
-    assert set(models) == {"a", "b", "c"}  # the caller's dict is left alone
-
-
-def test_decode_speed_compiled_loop_times_the_compiled_decoder(monkeypatch):
-    """compiled=True: one decoder per model, warmed up (= compiled) once, then 1 and N tokens per round."""
-    from course_lib import generation, timing
-
-    calls = []
-
-    class FakeDecoder:
-        def __init__(self, model):
-            if model.tag == "broken":
-                raise RuntimeError("torch.compile on CPU needs a C++ compiler (gcc or clang) on PATH")
-            self.tag = model.tag
-
-        def __call__(self, prompt_ids, n, max_len=None):
-            calls.append((self.tag, n, max_len))
-            return prompt_ids[:, :n]
-
-    def fake_benchmark(fn, warmup=0, repeat=1, **kw):  # a clock that says 2 ms per token, prefill included
-        fn()
-        return SimpleNamespace(median=0.002 * calls[-1][1])
-
-    monkeypatch.setattr(generation, "CompiledDecoder", FakeDecoder)
-    monkeypatch.setattr(timing, "benchmark", fake_benchmark)
-    models = {k: torch.nn.Linear(1, 1) for k in ("a", "broken", "b")}
-    for k, m in models.items():
-        m.tag = k
-    prompt = torch.arange(6)
-    errors = {}
-    out = timing.decode_speed(models, prompt, new_tokens=5, rounds=2, errors=errors, compiled=True)
-    assert errors == {"broken": "RuntimeError: torch.compile on CPU needs a C++ compiler (gcc or clang) on PATH"}
-    # Warm-up (compile) each once, then per round each model: first token alone, then all five; one cache size.
-    assert calls == [("a", 2, 11), ("b", 2, 11)] + [("a", 1, 11), ("a", 5, 11), ("b", 1, 11), ("b", 5, 11)] * 2
-    # Decode rate from the difference: 4 more tokens in 10 - 2 ms; prefill is the first call.
-    assert out == {"a": pytest.approx((500.0, 2.0)), "b": pytest.approx((500.0, 2.0))}
-    with pytest.raises(ValueError, match=">= 2"):
-        timing.decode_speed(models, prompt, new_tokens=1)
 
 
 @pytest.mark.parametrize("bad", [dict(repeat=True), dict(repeat=0), dict(repeat=2.5), dict(repeat="3"),
@@ -257,34 +167,11 @@ def test_unknown_device_is_a_clear_error():
 
 
 def test_other_timers_check_their_counts():
-    model = make_tiny()
-    with pytest.raises(ValueError, match="repeat"):
-        time_generation(model, None, torch.tensor([[1, 2]]), max_new_tokens=4, repeat=0)
     with pytest.raises(ValueError, match="threads"):
         thread_scaling(lambda: None, [True])
-    from course_lib.timing import decode_speed
-
-    with pytest.raises(ValueError, match="rounds"):
-        decode_speed({"m": model}, torch.tensor([1, 2]), rounds=0)
-    from course_lib.timing import time_tokens
-
     for n in (1, True, 2.5):  # n = 1 has no decode step: it reported 0 tokens/s
         with pytest.raises(ValueError, match="n must"):
             time_tokens(lambda p, k: None, torch.tensor([[1, 2]]), n)
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("compiled", [False, True])
-def test_decode_speed_times_a_gpu_model_from_a_cpu_prompt(compiled):
-    """The prompt goes to the model's device, and every timing there synchronizes (issue 16)."""
-    from course_lib.timing import decode_speed
-
-    model = make_tiny().cuda()
-    prompt = torch.randint(0, 128, (8,), generator=torch.Generator().manual_seed(0))  # on the CPU
-    speed = decode_speed({"tiny": model}, prompt, new_tokens=4, rounds=1, compiled=compiled)
-    tok_s, prefill_ms = speed["tiny"]
-    assert tok_s > 0 and prefill_ms > 0
 
 
 def test_compare_times_interleaved_and_verdict_reads_the_spread():
@@ -305,3 +192,4 @@ def test_compare_times_interleaved_and_verdict_reads_the_spread():
         compare({})
     with pytest.raises(ValueError):
         compare({"a": lambda: None}, rounds=0)
+

@@ -86,7 +86,6 @@ def micro_student(monkeypatch):
 
     import course_lib.data
     import course_lib.distillation as dist
-    import course_lib.models
     from course_lib import load_tokenizer
     from tests.conftest import make_tiny
 
@@ -99,7 +98,7 @@ def micro_student(monkeypatch):
 
     def run(out, overwrite=False):
         # Patched on call, so a test may run course-tiny's real trainer before.
-        monkeypatch.setattr(course_lib.models, "load_model", lambda name: (teacher, tok))
+        monkeypatch.setattr(dist, "load_model", lambda name: (teacher, tok))  # where main_train_student calls it
         monkeypatch.setattr(course_lib.data, "encode_split", lambda tok, split, **kw: ids)
         monkeypatch.setattr(dist, "StudentRecipe", functools.partial(
             real_recipe, num_layers=1, intermediate_size=32, distill=cfg, final_eval_tokens=128))

@@ -20,10 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_flag
+from ..decode_speed import overhead_model
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache, generate_no_cache
 from ..kv_cache import ScratchLlama
+from ..machine import measure_machine
 from ..models import resolve_device, speed_lab_model
-from ..roofline import decode_cost, measure_machine, overhead_model, predict
+from ..roofline import decode_cost, predict
 from ..timing import time_tokens
 
 log = logging.getLogger(__name__)

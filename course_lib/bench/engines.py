@@ -49,10 +49,10 @@ from tqdm.auto import tqdm
 from .._checks import check_flag
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
 from ..kv_cache import ScratchLlama
+from ..machine import measure_bandwidth
 from ..quantization import QuantConfig, quantize_
 from ..real_model import cache_dir
 from ..real_model import gguf_path as shipped_gguf  # the wheel's GGUF, located the one way the course does it
-from ..roofline import measure_bandwidth
 from ..timing import time_tokens
 from .quant import weight_bytes
 

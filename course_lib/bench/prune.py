@@ -32,10 +32,10 @@ from dataclasses import replace
 import torch
 
 from .._checks import check_flag
+from ..decode_speed import decode_speed
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
 from ..pruning import PruneConfig, RecoveryConfig, pruned, recover_, speedup_ceiling
-from ..timing import decode_speed
 
 log = logging.getLogger(__name__)
 

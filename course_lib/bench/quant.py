@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_flag
+from ..decode_speed import decode_speed
 from ..device import course_device
+from ..machine import measure_bandwidth
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
 from ..quantization import QuantConfig, quantize_
-from ..roofline import measure_bandwidth
-from ..timing import decode_speed
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _prepare(method: str, model: torch.nn.Module, calibration: torch.Tensor | No
 
 def _speed_all(methods: list[str], make: Callable[[], torch.nn.Module], quick: bool,
                bandwidth: float) -> dict[str, dict]:
-    """Every format built first, then timed interleaved with :func:`course_lib.timing.decode_speed`.
+    """Every format built first, then timed interleaved with :func:`course_lib.decode_speed.decode_speed`.
 
     Interleaving keeps the ratios between formats honest when the machine drifts during the run. The price is
     memory: every format is resident at once (about 3.5 GB in quick mode, 6 GB in full).

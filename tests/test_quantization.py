@@ -14,8 +14,14 @@ import torch
 from torch import nn
 
 from course_lib.metrics import model_size_bytes
+from course_lib import kernel_choice
 from course_lib.quantization import (
+    FLOAT,
+    INT4_CPU,
+    INT8PACK,
+    INT_MM,
     QUANT_FILE,
+    Int8DynamicLinear,
     Int4WeightOnlyLinear,
     Int8Embedding,
     Int8WeightOnlyLinear,
@@ -34,6 +40,14 @@ from course_lib.quantization import (
     unpack_int4,
 )
 from tests.conftest import make_tiny
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernel_choices():
+    # the choice is cached per process by shape: a test that breaks a kernel must not leave its choice behind
+    kernel_choice.clear_kernel_choices()
+    yield
+    kernel_choice.clear_kernel_choices()
 
 
 @pytest.fixture
@@ -161,9 +175,9 @@ def test_int8_layer_matches_float_and_reference(bias):
     torch.manual_seed(0)
     lin = nn.Linear(128, 48, bias=bias)
     x = torch.randn(2, 3, 128)
-    fast = Int8WeightOnlyLinear.from_linear(lin)
+    fast = Int8WeightOnlyLinear.from_linear(lin, kernel=INT8PACK)  # that kernel, in the dtype measured fastest
     ref = Int8WeightOnlyLinear.from_linear(lin, kernel="reference")
-    assert fast.kernel == "aten._weight_int8pack_mm" and ref.kernel == "reference"
+    assert fast.kernel == INT8PACK and ref.kernel == "reference"
     assert fast.weight_int8.dtype == torch.int8
     y = fast(x)
     assert y.shape == (2, 3, 48) and y.dtype == x.dtype
@@ -184,23 +198,27 @@ def test_int8_unaligned_width_uses_reference_and_stays_correct(caplog):
     assert sqnr_db(lin(x), y) > 35
 
 
-def test_kernel_probe_rejects_a_kernel_that_returns_garbage(monkeypatch, caplog):
+def test_kernel_probe_rejects_a_kernel_that_returns_garbage(monkeypatch):
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) * float("nan"))
-    with caplog.at_level("INFO", logger="course_lib.quantization"):
-        layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
-    assert layer.kernel == "reference" and "probe output differs" in caplog.text
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    assert layer.kernel == "reference"
+    rejected = layer.choice.rejected
+    assert {f"{INT8PACK} bfloat16", f"{INT8PACK} float32"} <= set(rejected) and "non-finite" in rejected[
+        f"{INT8PACK} bfloat16"]
+    kernel_choice.clear_kernel_choices()
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) * 1.5)  # finite but wrong
-    assert Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32)).kernel == "reference"
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    assert layer.kernel == "reference" and "differs from the reference" in layer.choice.rejected[f"{INT8PACK} bfloat16"]
 
 
 def test_int4_layer_kernel_and_reference_agree():
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)
     x = torch.randn(5, 256)
-    fast = Int4WeightOnlyLinear.from_linear(lin, 64)
+    fast = Int4WeightOnlyLinear.from_linear(lin, 64, kernel=INT4_CPU)
     ref = Int4WeightOnlyLinear.from_linear(lin, 64, kernel="reference")
-    assert fast.kernel == "aten._weight_int4pack_mm_for_cpu"
+    assert fast.kernel == INT4_CPU
     assert fast.weight_packed.numel() == 64 * 256 // 2  # two weights per byte
     assert torch.equal(fast.int_weight(), ref.int_weight())
     assert torch.equal(fast.dequantized_weight(), ref.dequantized_weight())
@@ -208,12 +226,11 @@ def test_int4_layer_kernel_and_reference_agree():
     assert sqnr_db(lin(x), fast(x)) > 18
 
 
-def test_int4_odd_shape_falls_back_to_reference(caplog):
+def test_int4_odd_shape_falls_back_to_reference():
     lin = nn.Linear(64, 40)  # 40 outputs: the aten kernel wants a multiple of 16
-    with caplog.at_level("INFO", logger="course_lib.quantization"):
-        layer = Int4WeightOnlyLinear.from_linear(lin, 32)
+    layer = Int4WeightOnlyLinear.from_linear(lin, 32)
     assert layer.kernel == "reference"
-    assert "reference path" in caplog.text
+    assert "RuntimeError" in layer.choice.rejected[f"{INT4_CPU} bfloat16"]  # the repack refused the shape
     assert sqnr_db(lin.weight, layer.dequantized_weight()) > 18
 
 
@@ -525,7 +542,7 @@ def test_course_tiny_pruned_to_width_424_then_int8_runs_finite():
         ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref = model(ids).logits
-            report = quantize_(model, QuantConfig(bits=8))
+            report = quantize_(model, QuantConfig(bits=8, kernel="aten._weight_int8pack_mm"))
             out = model(ids).logits
         err = float((out - ref).norm() / ref.norm())
         q = report.quantized
@@ -550,7 +567,7 @@ def test_int8_kernel_gets_aligned_rows_whatever_the_input_view():
         buf = torch.empty(768 * 256 + 64, dtype=torch.int8)
         q_odd = buf[8:8 + q.numel()].view(768, 256)  # as safetensors hands tensors back
         q_odd.copy_(q)
-        layer = Int8WeightOnlyLinear(q_odd, torch.rand(768) * 0.01, None)
+        layer = Int8WeightOnlyLinear(q_odd, torch.rand(768) * 0.01, None, torch.bfloat16, "aten._weight_int8pack_mm")
         x = torch.empty(7 * 256 + 64, dtype=torch.bfloat16)[8:8 + 7 * 256].view(7, 256)
         x.copy_(torch.randn(7, 256))
         y = layer(x).float()
@@ -568,7 +585,7 @@ def test_int8_layer_traces_whole_under_torch_compile():
     assert torch.allclose(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
 
 
-def test_kernel_probe_uses_several_rows(monkeypatch, caplog):
+def test_kernel_probe_uses_several_rows(monkeypatch):
     real = torch._weight_int8pack_mm
 
     def wrong_for_batches(x, w, s):  # right for one row, garbage for more: what the real kernel did at K=424
@@ -576,9 +593,8 @@ def test_kernel_probe_uses_several_rows(monkeypatch, caplog):
         return y if x.shape[0] == 1 else y * float("inf")
 
     monkeypatch.setattr(torch, "_weight_int8pack_mm", wrong_for_batches)
-    with caplog.at_level("INFO", logger="course_lib.quantization"):
-        layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
-    assert layer.kernel == "reference" and "with 2 rows" in caplog.text
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    assert layer.kernel == "reference" and "with 2 rows" in layer.choice.rejected[f"{INT8PACK} bfloat16"]
 
 
 # --- casting a quantized model ------------------------------------------------------------
@@ -715,7 +731,7 @@ def test_int4_cuda_kernel_matches_the_dequantized_reference(n, k, g):
 
     torch.manual_seed(0)
     lin = nn.Linear(k, n).cuda()
-    layer = Int4WeightOnlyLinear.from_linear(lin, group_size=g)
+    layer = Int4WeightOnlyLinear.from_linear(lin, group_size=g, kernel=INT4_CUDA)
     ref = Int4WeightOnlyLinear.from_linear(lin, group_size=g, kernel="reference")
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("torch's int4 CUDA kernel needs compute capability 8.0 or newer")

@@ -93,24 +93,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check(cand: Candidate, reference: Callable[[torch.Tensor], torch.Tensor], in_features: int,
-          device: torch.device, tol: float, rows: tuple[int, ...] | None = None) -> str | None:
+class Probes:
+    """Random inputs of each row count and the reference's output for them, made once and shared by candidates."""
+
+    def __init__(self, reference: Callable[[torch.Tensor], torch.Tensor], in_features: int, device: torch.device):
+        self.reference, self.in_features, self.device = reference, in_features, device
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gen = torch.Generator().manual_seed(0)
+
+    def __call__(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows not in self._cache:
+            x = torch.randn(rows, self.in_features, generator=self._gen).to(self.device)
+            with torch.no_grad():
+                self._cache[rows] = (x, self.reference(x).float())
+        return self._cache[rows]
+
+
+def check(cand: Candidate, probes: Probes, tol: float, rows: tuple[int, ...] | None = None) -> str | None:
     """Why ``cand`` is wrong on random inputs of ``rows`` rows (raised, non-finite, too far off), or None.
 
-    ``rows`` defaults to the candidate's own ``probe_rows``.
-
-    ``reference(x)`` returns the float32 output for the first columns it covers (it may cover only some output
-    channels, so a vocabulary-sized head needs no float copy); ``cand.run(x)`` is compared on those columns.
+    ``rows`` defaults to the candidate's own ``probe_rows``. The reference (``probes.reference(x)``) returns the
+    float32 output for the first columns it covers (it may cover only some output channels, so a
+    vocabulary-sized head needs no float copy); ``cand.run(x)`` is compared on those columns.
     """
-    gen = torch.Generator().manual_seed(0)
     try:
         if cand.prepare is not None:
             cand.prepare()
         for n in rows or cand.probe_rows:
-            x = torch.randn(n, in_features, generator=gen).to(device)
+            x, ref = probes(n)
             with torch.no_grad():
                 y = cand.run(x.to(cand.dtype)).float()
-                ref = reference(x)
             if not torch.isfinite(y).all():
                 return f"non-finite output with {n} rows"
             err = float((y[:, : ref.shape[1]] - ref).norm() / ref.norm().clamp_min(1e-12))
@@ -152,7 +164,7 @@ def time_candidates(cands: list[Candidate], in_features: int, device: torch.devi
     return {name: statistics.median(s) for name, s in samples.items() if s}
 
 
-def choose(key: Hashable, cands: list[Candidate], reference: Callable[[torch.Tensor], torch.Tensor],
+def choose(key: Hashable, cands: list[Candidate], reference: Callable[[torch.Tensor], torch.Tensor] | Probes,
            in_features: int, device: torch.device, tol: float = 0.05) -> Choice:
     """The fastest correct candidate for ``key`` (measured once per process, then cached).
 
@@ -160,10 +172,11 @@ def choose(key: Hashable, cands: list[Candidate], reference: Callable[[torch.Ten
     """
     if key in _CHOICES:
         return _CHOICES[key]
+    probes = reference if isinstance(reference, Probes) else Probes(reference, in_features, device)
     rejected: dict[str, str] = {}
     good: list[Candidate] = []
     for c in cands:
-        why = check(c, reference, in_features, device, tol)
+        why = check(c, probes, tol)
         if why is None:
             good.append(c)
         else:

@@ -384,13 +384,14 @@ class _PackedLinear(nn.Module):
         elif self.kernel_request not in ("packed", REFERENCE):  # one named kernel, where it is safe and correct
             cands = [c for c in cands if c.kernel == self.kernel_request] or [
                 c for c in cands if c.kernel == REFERENCE][:1]
-        reference = self._reference(device)
+        probes = kernel_choice.Probes(self._reference(device), self.in_features, device)
         names = {c.name: c for c in cands}
         try:
-            choice = kernel_choice.choose(self._key(), cands, reference, self.in_features, device)
+            fresh = self._key() not in kernel_choice.kernel_choices()
+            choice = kernel_choice.choose(self._key(), cands, probes, self.in_features, device)
             cand = names[choice.name]
             # cached from a layer of the same shape: check this one's weights too (a kernel can be wrong silently)
-            why = kernel_choice.check(cand, reference, self.in_features, device, 0.05)
+            why = None if fresh else kernel_choice.check(cand, probes, 0.05)
             if why is not None:
                 raise RuntimeError(why)
         except RuntimeError as e:

@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 PROBE_ROWS = (1, 2, 7, 16, 33)  # the kernel tiles rows: one row passing proves nothing about a batch
 MARGIN = 1.1  # a non-preferred candidate must be this much faster to win
-ROUNDS = 5  # interleaved timing rounds (median)
+ROUNDS = 3  # interleaved timing rounds (median)
 TARGET_SAMPLE_S = 2e-4  # each timed sample repeats a fast call until it takes about this long
-DROP_FACTOR = 3.0  # after round one, candidates this much slower than the best are not timed further
+DROP_FACTOR = 2.0  # after round one, candidates this much slower than the best are not timed further
 
 
 @dataclass(frozen=True)

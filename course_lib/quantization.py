@@ -379,11 +379,11 @@ class _PackedLinear(nn.Module):
         self._float_store = {}
         device = self._device()
         cands = self._candidates(device)
+        fallback = next(c for c in cands if c.kernel == REFERENCE)  # every layer type offers one
         if self.kernel_request == "auto":
             cands.append(self._float_candidate())
         elif self.kernel_request not in ("packed", REFERENCE):  # one named kernel, where it is safe and correct
-            cands = [c for c in cands if c.kernel == self.kernel_request] or [
-                c for c in cands if c.kernel == REFERENCE][:1]
+            cands = [c for c in cands if c.kernel == self.kernel_request] or [fallback]
         probes = kernel_choice.Probes(self._reference(device), self.in_features, device)
         names = {c.name: c for c in cands}
         try:
@@ -397,7 +397,7 @@ class _PackedLinear(nn.Module):
         except RuntimeError as e:
             log.info("%d x %d layer: %s; using the reference path", self.out_features, self.in_features,
                      str(e).splitlines()[0][:200])
-            cand = next(c for c in cands if c.kernel == REFERENCE)
+            cand = fallback
             choice = kernel_choice.Choice(cand.name, REFERENCE, cand.dtype, {}, {"error": str(e)[:200]})
         self.choice = choice
         self.compute_dtype = cand.dtype
@@ -417,10 +417,6 @@ class _PackedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _refresh(self) -> None:
-        """Rebuild what is derived from the stored integers and scales (after a load or a cast)."""
-        self._select()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

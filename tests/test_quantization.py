@@ -1072,3 +1072,12 @@ def test_awq_model_keeps_logits_close_and_beats_rtn_on_its_calibration_data(tmp_
     back = load_quantized(tmp_path / "awq")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, out_awq, rtol=1e-4, atol=1e-4)
+
+
+def test_a_named_kernel_that_is_wrong_here_falls_back_to_the_reference(monkeypatch):
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) * 2)
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32), kernel=INT8PACK)
+    assert layer.kernel == "reference" and "no correct kernel" in layer.choice.rejected["error"]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T + layer.bias, rtol=0.02, atol=0.02)

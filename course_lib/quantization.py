@@ -425,10 +425,6 @@ class _PackedLinear(nn.Module):
     def _after_load(self) -> None:
         if self.kernel == FLOAT:
             self.weight_float = self.dequantized_weight().to(self.float_dtype)
-        self._derive_scales()
-
-    def _derive_scales(self) -> None:
-        pass
 
     def _apply(self, fn, recurse=True):
         """``model.half()`` / ``.float()`` / ``.to(dtype)`` / ``.to(device)`` reach a packed layer through its buffers.
@@ -468,9 +464,10 @@ class _PackedLinear(nn.Module):
                 f"compute={_dtype_name(self.compute_dtype)}{s}")
 
 
-def _storage_dtype(compute_dtype) -> torch.dtype:
-    # "auto": scales kept in bf16 (as the fixed default always did); a kernel in another dtype gets a cast copy
-    return torch.bfloat16 if compute_dtype == "auto" else compute_dtype
+def _fresh_scales(t: torch.Tensor, compute_dtype) -> torch.Tensor:
+    """Scales just computed (fp32) as a new layer stores them: in the compute dtype, bf16 for "auto" (as the
+    fixed default always did); a kernel chosen in another dtype then stores them in its own (no second copy)."""
+    return t.to(torch.bfloat16 if compute_dtype == "auto" else compute_dtype)
 
 
 class Int8WeightOnlyLinear(_PackedLinear):
@@ -487,9 +484,10 @@ class Int8WeightOnlyLinear(_PackedLinear):
         if q.data_ptr() % 64:  # e.g. a tensor read from a safetensors file: the kernel needs aligned rows
             q = q.clone()
         self.register_buffer("weight_int8", q)
-        self.register_buffer("scales", scale.reshape(-1).to(_storage_dtype(compute_dtype)).contiguous())
+        # "auto" keeps the dtype given (a file's scales load exactly as saved); a fixed compute dtype casts
+        self.register_buffer("scales", scale.reshape(-1).to(scale.dtype if compute_dtype == "auto"
+                                                            else compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("scales_c", None, persistent=False)  # the scales in the compute dtype
         self._init_choice(kernel, compute_dtype, float_dtype, input_scale)
 
     @classmethod
@@ -497,7 +495,8 @@ class Int8WeightOnlyLinear(_PackedLinear):
                     kernel: str = "packed") -> Int8WeightOnlyLinear:
         """Round-to-nearest, symmetric, per output channel."""
         qt = quantize(linear.weight, 8, symmetric=True, granularity="per_channel")
-        return cls(qt.q, qt.scale, linear.bias, compute_dtype, kernel, float_dtype=linear.weight.dtype)
+        return cls(qt.q, _fresh_scales(qt.scale, compute_dtype), linear.bias, compute_dtype, kernel,
+                   float_dtype=linear.weight.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
@@ -525,18 +524,15 @@ class Int8WeightOnlyLinear(_PackedLinear):
         return out
 
     def _apply_choice(self, cand):
-        self._derive_scales(cand.dtype)
-
-    def _derive_scales(self, dtype: torch.dtype | None = None) -> None:
-        dt = dtype or self.compute_dtype
-        self.scales_c = self.scales if self.scales.dtype == dt else self.scales.to(dt)
+        if cand.kernel == INT8PACK and self.scales.dtype != cand.dtype:
+            self.scales = self.scales.to(cand.dtype)  # the kernel reads them in its dtype: stored so, no copy
 
     def _matmul(self, x2):
         if self.kernel == FLOAT:
             return F.linear(x2, self.weight_float)
         if self.kernel == INT8PACK:
-            return _int8pack_mm(x2, self.weight_int8, self.scales_c)
-        return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales_c
+            return _int8pack_mm(x2, self.weight_int8, self.scales)
+        return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales.to(x2.dtype)
 
 
 class Int4WeightOnlyLinear(_PackedLinear):
@@ -559,9 +555,9 @@ class Int4WeightOnlyLinear(_PackedLinear):
         self.group_size = group_size
         self.kernel = REFERENCE  # the bytes below are portable until a kernel layout is chosen
         self.register_buffer("weight_packed", pack_int4(q))
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(_storage_dtype(compute_dtype)).contiguous())
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(
+            scales_and_zeros.dtype if compute_dtype == "auto" else compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("sz_c", None, persistent=False)  # scales and zeros in the compute dtype
         self._init_choice(kernel, compute_dtype, float_dtype, input_scale)
 
     @classmethod
@@ -575,7 +571,8 @@ class Int4WeightOnlyLinear(_PackedLinear):
         # (q - zp) * s == (q - 8) * s + (8 - zp) * s
         zero = (8 - qt.zero_point.squeeze(-1)) * scale
         sz = torch.stack([scale, zero], -1).transpose(0, 1)  # (K/g, N, 2)
-        return cls(qt.q, sz, qt.group_size, bias, compute_dtype, kernel, float_dtype, input_scale)
+        return cls(qt.q, _fresh_scales(sz, compute_dtype), qt.group_size, bias, compute_dtype, kernel, float_dtype,
+                   input_scale)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, compute_dtype: torch.dtype | str = "auto",
@@ -649,12 +646,9 @@ class Int4WeightOnlyLinear(_PackedLinear):
             if "kp" not in self._store:
                 cand.prepare()
             self.weight_packed = self._store["kp"]
+            if self.scales_and_zeros.dtype != cand.dtype:  # the kernel reads them in its dtype: stored so
+                self.scales_and_zeros = self.scales_and_zeros.to(cand.dtype)
         self._store = {}
-        self._derive_scales(cand.dtype)
-
-    def _derive_scales(self, dtype: torch.dtype | None = None) -> None:
-        dt = dtype or self.compute_dtype
-        self.sz_c = self.scales_and_zeros if self.scales_and_zeros.dtype == dt else self.scales_and_zeros.to(dt)
 
     def _to_portable(self) -> None:
         if self._in_kernel_layout():
@@ -664,11 +658,12 @@ class Int4WeightOnlyLinear(_PackedLinear):
     def _matmul(self, x2):
         if self.kernel == FLOAT:
             return F.linear(x2, self.weight_float)
+        sz = self.scales_and_zeros
         if self.kernel == INT4_CUDA:
-            return torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.sz_c)
+            return torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, sz)
         if self.kernel == INT4_CPU:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size, self.sz_c)
-        return F.linear(x2, self._dequant(unpack_int4(self.weight_packed), self.sz_c).to(x2.dtype))
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size, sz)
+        return F.linear(x2, self._dequant(unpack_int4(self.weight_packed), sz).to(x2.dtype))
 
     # The state dict holds the portable layout, so a file saved on an AVX-512
     # machine loads on an AVX2 one (the kernel's tiling differs between them).
@@ -970,7 +965,7 @@ def _quantize_linear(lin: nn.Linear, cfg: QuantConfig, hessian: torch.Tensor | N
     else:
         qt = quantize(w, 4, symmetric=False, granularity="per_group", group_size=cfg.group_size)
     if cfg.bits == 8:
-        return Int8WeightOnlyLinear(qt.q, qt.scale, lin.bias, dt, kernel, fd, input_scale)
+        return Int8WeightOnlyLinear(qt.q, _fresh_scales(qt.scale, dt), lin.bias, dt, kernel, fd, input_scale)
     return Int4WeightOnlyLinear.from_quantized(qt, lin.bias, dt, kernel, fd, input_scale)
 
 

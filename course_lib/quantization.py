@@ -1,27 +1,38 @@
-"""Weight-only quantization: primitives, packed int8/int4 layers, and GPTQ.
+"""Quantization: primitives, packed int8 / int4 / W8A8 layers, GPTQ, AWQ and SmoothQuant.
 
 Decode reads every weight once per token, so it is limited by memory bandwidth:
 store the weights in fewer bytes and each token gets cheaper. This module has
-three layers of the same idea.
+four layers of the same idea.
 
 1. **Primitives** a learner derives by hand: map a float tensor to ``bits``-bit
    integers with a scale (and, asymmetric, a zero point) per tensor, per
    output channel or per group of ``group_size`` input columns; measure the
    error (MSE, SQNR).
 2. **Packed layers** that really store the integers - int8 in one byte each,
-   int4 two per byte - and run them with PyTorch's integer kernels
-   (``torch._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``).
-   A reference path (unpack, dequantize, ``F.linear``) takes over when a
-   kernel refuses a shape or device; which one runs is logged and kept in
-   ``layer.kernel``.
-3. **GPTQ** (Frantar et al., 2022): round-to-nearest (RTN) rounds every
-   weight on its own; GPTQ rounds one input column at a time and pushes the
-   rounding error onto the columns not yet rounded, weighted by how the
-   calibration activations correlate (the Hessian ``X^T X``). Outlier
-   activations get their weights rounded most carefully. We pick GPTQ because
-   it needs no change to the model's float layers (AWQ and SmoothQuant rescale
-   neighbouring layers, which depends on each architecture) and it works at
-   4 bits, where RTN hurts most.
+   int4 two per byte - and W8A8 (int8 weights times int8 activations rounded
+   per token at run time, ``torch._int_mm``). Which kernel runs is *measured*
+   on this machine, once per layer shape (``course_lib.kernel_choice``): the
+   integer kernels (``torch._weight_int8pack_mm``,
+   ``aten._weight_int4pack_mm_for_cpu``) in each compute dtype, and the
+   reference path (unpack, dequantize, ``F.linear``); each is checked against
+   the dequantized weights first, and the fastest correct one is kept in
+   ``layer.kernel`` / ``layer.compute_dtype`` (``layer.choice`` has every
+   candidate's time). ``kernel="auto"`` adds the float layer it replaced as a
+   candidate, so no layer ends up slower than it was.
+3. **GPTQ** (Frantar et al., 2022), *error-compensating*: round-to-nearest
+   (RTN) rounds every weight on its own; GPTQ rounds one input column at a time
+   and pushes the rounding error onto the columns not yet rounded, weighted by
+   how the calibration activations correlate (the Hessian ``X^T X``). It
+   changes only the Linear weights and works at 4 bits, where RTN hurts most.
+4. **Activation-aware scaling**: a few input channels carry much larger
+   activations than the rest, and their weights matter most. **AWQ** (Lin et
+   al., 2023; int4) multiplies each input channel's weights by
+   ``s = mean|x|^alpha`` (alpha searched on a grid to minimize the layer's
+   output error on calibration data) before rounding and divides the input by
+   ``s``; **SmoothQuant** (Xiao et al., 2022; W8A8) moves activation outliers
+   into the weights with ``s = max|x|^a / max|w|^(1-a)``. The ``1/s`` is folded
+   into the preceding RMSNorm where the input comes straight from one, else
+   kept as the layer's ``input_scale``.
 
 ``quantize_(model, QuantConfig(...))`` replaces ``nn.Linear`` layers (and GPT-2's ``Conv1D``, a Linear with its
 weight stored transposed) in place. ``model.save_pretrained(folder)`` then stores the packed tensors and
@@ -46,11 +57,17 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from . import kernel_choice
+from .kernel_choice import Candidate
+
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the aten int4 kernel takes
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ACTIVATIONS = ("none", "int8")  # "int8": W8A8, the activations rounded per token at run time
+METHODS = ("rtn", "gptq", "awq")
+AWQ_ALPHAS = tuple(i / 10 for i in range(11))  # the grid AWQ searches for its scale exponent
 
 
 # --- 1. primitives ----------------------------------------------------------------
@@ -244,53 +261,281 @@ def _cuda_int4_layout(n: int, k: int, device: torch.device) -> torch.Tensor:
     return where
 
 
-class Int8WeightOnlyLinear(nn.Module):
-    """y = x @ (q * scale)^T + b with int8 ``q`` (one byte per weight) and a scale per output channel."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto"):
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.compute_dtype = compute_dtype
-        q = q.to(torch.int8).contiguous()
-        if q.data_ptr() % 64:  # e.g. a tensor read from a safetensors file: the kernel needs aligned rows
-            q = q.clone()
-        self.register_buffer("weight_int8", q)
-        self.register_buffer("scales", scale.reshape(-1).to(compute_dtype).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+# --- which kernel runs: candidates measured on this machine (course_lib.kernel_choice) ----------------------
+# Measured on torch 2.13 CPU (AVX-512 with bf16), each case in its own process, K = 8..1192 step 8 (and some
+# larger widths), N in {16, 48}, 1..33 rows: with bf16 activations _weight_int8pack_mm segfaults or returns inf /
+# garbage whenever in_features % 16 == 8 and passes every case with in_features % 16 == 0; K % 8 != 0 is worse.
+# The cause is alignment: the kernel's vector loads want every int8 weight row on a 16-byte boundary and every
+# activation row on a 32-byte one (a weight at an 8-byte offset, or bf16 activations at a 16-byte offset, crash
+# even with K = 256). K % 16 == 0 gives aligned rows; the forward pass checks the two base pointers.
+# A crash can't be caught, so only widths in the passing family are ever offered as a candidate.
+INT8_KERNEL_K_MULTIPLE = 16
+INT8_KERNEL_ALIGN = (16, 32)  # bytes: weight rows, activation rows
+INT8PACK = "aten._weight_int8pack_mm"
+INT_MM = "torch._int_mm"  # int8 x int8 -> int32 (W8A8)
+REFERENCE = "reference"  # dequantize (unpack, scale) + F.linear in the compute dtype, every call
+FLOAT = "F.linear (float copy)"  # the float layer it replaced: dequantized once, held in float
+KERNEL_REQUESTS = ("auto", "packed", "reference")
+AUTO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what compute_dtype="auto" measures
+TORCH_OPS_ROWS = (1, 7)  # probe rows for paths made of ordinary torch ops (no row tiling of their own)
+REF_ROWS = 64  # output channels the correctness reference covers (no float copy of a vocabulary-sized head)
+
+
+def _misaligned(t: torch.Tensor, boundary: int) -> bool:
+    # torch.compile traces without real pointers (and its own buffers are aligned): check in eager mode only
+    return not torch.compiler.is_compiling() and t.data_ptr() % boundary != 0
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    return x.clone() if _misaligned(x, INT8_KERNEL_ALIGN[1]) else x  # a fresh tensor is 64-byte aligned
+
+
+def _int8pack_mm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if _misaligned(w, INT8_KERNEL_ALIGN[0]):  # only a weight someone swapped in by hand: never call the kernel
+        return F.linear(x, w.to(x.dtype)) * scales
+    return torch._weight_int8pack_mm(_aligned(x), w, scales)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+class _PackedLinear(nn.Module):
+    """What the packed layers share: the kernel request, the measured choice, an optional input scale.
+
+    ``kernel``: "auto" measures every candidate kernel and compute dtype (the float layer it replaced
+    included, so the layer is never slower than that layer was here); "packed" measures only the candidates
+    that keep the integers (memory stays small, whatever the speed); "reference" always dequantizes +
+    ``F.linear``. ``compute_dtype``: the activations' dtype for the kernel, or "auto" (measured).
+    ``input_scale`` (AWQ / SmoothQuant, when no norm could absorb it): the input is multiplied by it first.
+    """
+
+    out_features: int
+    in_features: int
+    _CAST_SOURCE = "scales"  # a buffer that tells the layer's device
+    _KERNELS: tuple[str, ...] = ()  # kernels a request may name (it then runs where safe, else the reference)
+
+    def _init_choice(self, kernel: str, compute_dtype, float_dtype: torch.dtype | None,
+                     input_scale: torch.Tensor | None) -> None:
+        allowed = KERNEL_REQUESTS + self._KERNELS
+        if kernel not in allowed:
+            raise ValueError(f"kernel must be one of {allowed}, got {kernel!r}")
+        if not (compute_dtype == "auto" or compute_dtype in AUTO_DTYPES):
+            raise ValueError(f"compute_dtype must be 'auto' or one of {AUTO_DTYPES}, got {compute_dtype!r}")
         self.kernel_request = kernel
-        self.kernel = _choose_kernel(self, kernel, "aten._weight_int8pack_mm")
+        self.compute_request = compute_dtype
+        self.float_dtype = float_dtype or (compute_dtype if compute_dtype != "auto" else torch.float32)
+        self.register_buffer("input_scale", None if input_scale is None
+                             else input_scale.detach().float().reshape(-1).contiguous())
+        self.register_buffer("weight_float", None, persistent=False)
+        self.choice = None
+        self._select()
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
-                    kernel: str = "auto") -> Int8WeightOnlyLinear:
-        """Round-to-nearest, symmetric, per output channel."""
-        qt = quantize(linear.weight, 8, symmetric=True, granularity="per_channel")
-        return cls(qt.q, qt.scale, linear.bias, compute_dtype, kernel)
+    # what each layer type defines
+    def _candidates(self, device: torch.device) -> list[Candidate]:
+        raise NotImplementedError
+
+    def _reference(self, device: torch.device):
+        raise NotImplementedError
+
+    def _apply_choice(self, cand: Candidate) -> None:
+        """Make ``cand`` the path ``forward`` takes (repack, float copy, compute-dtype scales)."""
+        raise NotImplementedError
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales.float()[:, None]
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        return getattr(self, self._CAST_SOURCE).device
+
+    def _dtypes(self) -> tuple[torch.dtype, ...]:
+        if self.compute_request != "auto":
+            return (self.compute_request,)
+        if self._device().type == "cuda":
+            return (torch.bfloat16, torch.float16)  # fp32 matmuls are the slow path on every GPU we target
+        return AUTO_DTYPES
+
+    def _key(self) -> tuple:
+        d = self._device()
+        return (type(self).__name__, self.out_features, self.in_features, getattr(self, "group_size", None),
+                self.kernel_request, str(self.compute_request), self.float_dtype, d.type, d.index)
+
+    def _float_candidate(self) -> Candidate:
+        store = self._float_store = {}
+
+        def prepare():
+            store["w"] = self.dequantized_weight().to(self.float_dtype)
+
+        return Candidate(FLOAT, FLOAT, self.float_dtype, lambda x: F.linear(x, store["w"]), preferred=False,
+                         prepare=prepare, probe_rows=TORCH_OPS_ROWS)
+
+    def _select(self) -> None:
+        """Measure (or take the cached choice for this shape), check it on this layer's weights, apply it."""
+        self.weight_float = None
+        self._float_store = {}
+        device = self._device()
+        cands = self._candidates(device)
+        fallback = next(c for c in cands if c.kernel == REFERENCE)  # every layer type offers one
+        if self.kernel_request == "auto":
+            cands.append(self._float_candidate())
+        elif self.kernel_request not in ("packed", REFERENCE):  # one named kernel, where it is safe and correct
+            cands = [c for c in cands if c.kernel == self.kernel_request] or [fallback]
+        probes = kernel_choice.Probes(self._reference(device), self.in_features, device)
+        names = {c.name: c for c in cands}
+        try:
+            fresh = self._key() not in kernel_choice.kernel_choices()
+            choice = kernel_choice.choose(self._key(), cands, probes, self.in_features, device)
+            cand = names[choice.name]
+            # cached from a layer of the same shape: check this one's weights too (a kernel can be wrong silently)
+            why = None if fresh else kernel_choice.check(cand, probes, 0.05)
+            if why is not None:
+                raise RuntimeError(why)
+        except RuntimeError as e:
+            log.info("%d x %d layer: %s; using the reference path", self.out_features, self.in_features,
+                     str(e).splitlines()[0][:200])
+            cand = fallback
+            choice = kernel_choice.Choice(cand.name, REFERENCE, cand.dtype, {}, {"error": str(e)[:200]})
+        self.choice = choice
+        self.compute_dtype = cand.dtype
+        self._apply_choice(cand)
+        self.kernel = cand.kernel
+        if cand.kernel == FLOAT:
+            if "w" not in self._float_store:
+                cand.prepare()
+            self.weight_float = self._float_store["w"]
+        self._float_store = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.kernel == "reference" or _misaligned(self.weight_int8, INT8_KERNEL_ALIGN[0]):
-            y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scales
-        else:
-            if _misaligned(x2, INT8_KERNEL_ALIGN[1]):
-                x2 = x2.clone()  # a view at an odd offset; a fresh tensor is 64-byte aligned
-            y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)
+        x2 = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x2 = x2 * self.input_scale.to(x2.dtype)
+        y = self._matmul(x2.to(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        if self.kernel == FLOAT:
+            self.weight_float = self.dequantized_weight().to(self.float_dtype)
+
     def _apply(self, fn, recurse=True):
-        return _follow_dtype_cast(self, super()._apply, fn, recurse, "aten._weight_int8pack_mm")
+        """``model.half()`` / ``.float()`` / ``.to(dtype)`` / ``.to(device)`` reach a packed layer through its buffers.
+
+        The integers stay; the scales (and bias) take the new dtype, the compute dtype is pinned to it (the user
+        asked for that dtype) and the kernel is chosen again, since a kernel that is safe and fast in one dtype
+        or on one device need not be on another. Each device's int4 kernel has its own byte layout, so the
+        integers go over in the portable layout and are repacked for the kernel chosen there.
+        """
+        src = getattr(self, self._CAST_SOURCE)
+        probe = fn(torch.empty(0, dtype=self.float_dtype, device=src.device))
+        changed = probe.dtype != self.float_dtype or probe.device != src.device
+        if changed:
+            self._to_portable()
+            self.weight_float = None  # rebuilt by the new choice; no point casting or moving it
+        super()._apply(fn, recurse)
+        if changed:
+            log.info("%d x %d layer: %s %s -> %s %s", self.out_features, self.in_features, self.float_dtype,
+                     src.device, probe.dtype, probe.device)
+            if probe.dtype != self.float_dtype:
+                self.compute_request = probe.dtype
+                self.float_dtype = probe.dtype
+            self._after_cast()
+            self._select()
+        return self
+
+    def _to_portable(self) -> None:
+        pass
+
+    def _after_cast(self) -> None:
+        pass
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}, compute={self.compute_dtype}"
+        g = f", group_size={self.group_size}" if hasattr(self, "group_size") else ""
+        s = ", input_scale" if self.input_scale is not None else ""
+        return (f"in={self.in_features}, out={self.out_features}{g}, kernel={self.kernel}, "
+                f"compute={_dtype_name(self.compute_dtype)}{s}")
 
 
-class Int4WeightOnlyLinear(nn.Module):
+def _fresh_scales(t: torch.Tensor, compute_dtype) -> torch.Tensor:
+    """Scales just computed (fp32) as a new layer stores them: in the compute dtype, bf16 for "auto" (as the
+    fixed default always did); a kernel chosen in another dtype then stores them in its own (no second copy)."""
+    return t.to(torch.bfloat16 if compute_dtype == "auto" else compute_dtype)
+
+
+class Int8WeightOnlyLinear(_PackedLinear):
+    """y = x @ (q * scale)^T + b with int8 ``q`` (one byte per weight) and a scale per output channel."""
+
+    _KERNELS = (INT8PACK,)
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype | str = "auto", kernel: str = "packed",
+                 float_dtype: torch.dtype | None = None, input_scale: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        q = q.to(torch.int8).contiguous()
+        if q.data_ptr() % 64:  # e.g. a tensor read from a safetensors file: the kernel needs aligned rows
+            q = q.clone()
+        self.register_buffer("weight_int8", q)
+        # "auto" keeps the dtype given (a file's scales load exactly as saved); a fixed compute dtype casts
+        self.register_buffer("scales", scale.reshape(-1).to(scale.dtype if compute_dtype == "auto"
+                                                            else compute_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._init_choice(kernel, compute_dtype, float_dtype, input_scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | str = "auto",
+                    kernel: str = "packed") -> Int8WeightOnlyLinear:
+        """Round-to-nearest, symmetric, per output channel."""
+        qt = quantize(linear.weight, 8, symmetric=True, granularity="per_channel")
+        return cls(qt.q, _fresh_scales(qt.scale, compute_dtype), linear.bias, compute_dtype, kernel,
+                   float_dtype=linear.weight.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales.float()[:, None]
+
+    def _reference(self, device):
+        w = self.weight_int8[:REF_ROWS].float() * self.scales[:REF_ROWS, None].float()
+        return lambda x: x.float() @ w.T
+
+    def _candidates(self, device):
+        w, out = self.weight_int8, []
+        # the int8 kernel: CPU only (no CUDA int8 weight-only kernel to call), and only on widths proven safe
+        safe = device.type == "cpu" and self.in_features % INT8_KERNEL_K_MULTIPLE == 0
+        if device.type == "cpu" and not safe:
+            log.info("%d x %d layer: %s is only proven safe for in_features %% %d == 0 (it crashes the process "
+                     "on some other widths); not a candidate", self.out_features, self.in_features, INT8PACK,
+                     INT8_KERNEL_K_MULTIPLE)
+        for dt in self._dtypes():
+            s = self.scales.to(dt)
+            if safe and self.kernel_request != REFERENCE:
+                out.append(Candidate(f"{INT8PACK} {_dtype_name(dt)}", INT8PACK, dt,
+                                     lambda x, s=s: _int8pack_mm(x, w, s)))
+            # dequantize + F.linear; under torch.compile the int8 -> float conversion fuses into the matmul
+            out.append(Candidate(f"{REFERENCE} {_dtype_name(dt)}", REFERENCE, dt,
+                                 lambda x, s=s, dt=dt: F.linear(x, w.to(dt)) * s, probe_rows=TORCH_OPS_ROWS))
+        return out
+
+    def _apply_choice(self, cand):
+        if cand.kernel == INT8PACK and self.scales.dtype != cand.dtype:
+            self.scales = self.scales.to(cand.dtype)  # the kernel reads them in its dtype: stored so, no copy
+
+    def _matmul(self, x2):
+        if self.kernel == FLOAT:
+            return F.linear(x2, self.weight_float)
+        if self.kernel == INT8PACK:
+            return _int8pack_mm(x2, self.weight_int8, self.scales)
+        return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales.to(x2.dtype)
+
+
+class Int4WeightOnlyLinear(_PackedLinear):
     """Two 4-bit weights per byte; per group of ``group_size`` inputs a scale and a zero.
 
     The dequantized weight is ``(q - 8) * scale + zero`` (the aten kernel's
@@ -299,21 +544,26 @@ class Int4WeightOnlyLinear(nn.Module):
     the state dict always holds the portable :func:`pack_int4` layout.
     """
 
+    _CAST_SOURCE = "scales_and_zeros"
+    _KERNELS = (INT4_CPU, INT4_CUDA)
+
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                 bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto"):
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype | str = "auto", kernel: str = "packed",
+                 float_dtype: torch.dtype | None = None, input_scale: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.compute_dtype = compute_dtype
+        self.kernel = REFERENCE  # the bytes below are portable until a kernel layout is chosen
         self.register_buffer("weight_packed", pack_int4(q))
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(compute_dtype).contiguous())
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(
+            scales_and_zeros.dtype if compute_dtype == "auto" else compute_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.kernel_request = kernel
-        self.kernel = _choose_kernel(self, kernel, INT4_CPU)
+        self._init_choice(kernel, compute_dtype, float_dtype, input_scale)
 
     @classmethod
-    def from_quantized(cls, qt: Quantized, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
-                       kernel: str = "auto") -> Int4WeightOnlyLinear:
+    def from_quantized(cls, qt: Quantized, bias: torch.Tensor | None, compute_dtype: torch.dtype | str = "auto",
+                       kernel: str = "packed", float_dtype: torch.dtype | None = None,
+                       input_scale: torch.Tensor | None = None) -> Int4WeightOnlyLinear:
         """From an asymmetric 4-bit per-group :class:`Quantized` (integer zero points)."""
         if qt.bits != 4 or qt.symmetric or qt.granularity != "per_group":
             raise ValueError("Int4WeightOnlyLinear needs quantize(w, bits=4, symmetric=False, granularity='per_group')")
@@ -321,27 +571,28 @@ class Int4WeightOnlyLinear(nn.Module):
         # (q - zp) * s == (q - 8) * s + (8 - zp) * s
         zero = (8 - qt.zero_point.squeeze(-1)) * scale
         sz = torch.stack([scale, zero], -1).transpose(0, 1)  # (K/g, N, 2)
-        return cls(qt.q, sz, qt.group_size, bias, compute_dtype, kernel)
+        return cls(qt.q, _fresh_scales(sz, compute_dtype), qt.group_size, bias, compute_dtype, kernel, float_dtype,
+                   input_scale)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128, compute_dtype: torch.dtype = torch.bfloat16,
-                    kernel: str = "auto") -> Int4WeightOnlyLinear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, compute_dtype: torch.dtype | str = "auto",
+                    kernel: str = "packed") -> Int4WeightOnlyLinear:
         """Round-to-nearest, asymmetric, per group."""
         qt = quantize(linear.weight, 4, symmetric=False, granularity="per_group", group_size=group_size)
-        return cls.from_quantized(qt, linear.bias, compute_dtype, kernel)
+        return cls.from_quantized(qt, linear.bias, compute_dtype, kernel, float_dtype=linear.weight.dtype)
 
-    def _kernel_layout(self, q: torch.Tensor) -> torch.Tensor:
-        """(N, K) integers -> the bytes the chosen kernel (``self.kernel``) reads."""
-        if self.kernel == INT4_CUDA:
+    def _kernel_layout(self, q: torch.Tensor, kernel: str) -> torch.Tensor:
+        """(N, K) integers -> the bytes ``kernel`` reads."""
+        if kernel == INT4_CUDA:
             return _cuda_int4pack(q)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
 
-    def _use_kernel_layout(self) -> None:
-        self.weight_packed = self._kernel_layout(unpack_int4(self.weight_packed).to(torch.int32))
+    def _in_kernel_layout(self) -> bool:
+        return self.kernel in (INT4_CPU, INT4_CUDA)
 
     def int_weight(self) -> torch.Tensor:
         """The (N, K) integers in [0, 15], whatever layout the bytes are in."""
-        if self.kernel == "reference":
+        if not self._in_kernel_layout():
             return unpack_int4(self.weight_packed)
         if self.kernel == INT4_CUDA:
             where = _cuda_int4_layout(self.out_features, self.in_features, self.weight_packed.device)
@@ -354,45 +605,175 @@ class Int4WeightOnlyLinear(nn.Module):
         q[where] = nib
         return q.reshape(self.out_features, self.in_features)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        q = self.int_weight().float().reshape(self.out_features, -1, self.group_size)
-        sz = self.scales_and_zeros.float().transpose(0, 1)  # (N, K/g, 2)
-        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
+    def _dequant(self, q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        q = q.float().reshape(n, -1, self.group_size)
+        sz = sz.float().transpose(0, 1)  # (N, K/g, 2)
+        return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.kernel == "reference":
-            y = F.linear(x2, self.dequantized_weight().to(self.compute_dtype))
-        elif self.kernel == INT4_CUDA:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
-                                                           self.scales_and_zeros)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._dequant(self.int_weight(), self.scales_and_zeros)
+
+    def _reference(self, device):
+        # from the portable bytes (the layout during a choice): the first rows only, whatever the layer's size
+        w = self._dequant(unpack_int4(self.weight_packed[:REF_ROWS]), self.scales_and_zeros[:, :REF_ROWS])
+        return lambda x: x.float() @ w.T
+
+    def _candidates(self, device):
+        out, store = [], {}
+        portable, g = self.weight_packed, self.group_size
+        fast = INT4_CUDA if device.type == "cuda" else INT4_CPU if device.type == "cpu" else None
+
+        def prepare():
+            if "kp" not in store:  # refuses N not a multiple of 16, for example
+                store["kp"] = self._kernel_layout(unpack_int4(portable).to(torch.int32), fast)
+
+        for dt in self._dtypes():
+            sz = self.scales_and_zeros.to(dt)
+            if fast is not None and self.kernel_request != REFERENCE and (fast == INT4_CPU or dt == torch.bfloat16):
+                op = torch.ops.aten._weight_int4pack_mm if fast == INT4_CUDA else \
+                    torch.ops.aten._weight_int4pack_mm_for_cpu
+                out.append(Candidate(f"{fast} {_dtype_name(dt)}", fast, dt,
+                                     lambda x, sz=sz, op=op: op(x, store["kp"], g, sz), prepare=prepare))
+            out.append(Candidate(f"{REFERENCE} {_dtype_name(dt)}", REFERENCE, dt,
+                                 lambda x, sz=sz: F.linear(x, self._dequant(unpack_int4(portable), sz).to(x.dtype)),
+                                 probe_rows=TORCH_OPS_ROWS))
+        self._store = store
+        return out
+
+    def _apply_choice(self, cand):
+        if cand.kernel in (INT4_CPU, INT4_CUDA):
+            if "kp" not in self._store:
+                cand.prepare()
+            self.weight_packed = self._store["kp"]
+            if self.scales_and_zeros.dtype != cand.dtype:  # the kernel reads them in its dtype: stored so
+                self.scales_and_zeros = self.scales_and_zeros.to(cand.dtype)
+        self._store = {}
+
+    def _to_portable(self) -> None:
+        if self._in_kernel_layout():
+            self.weight_packed = pack_int4(self.int_weight())  # read the kernel's layout while it still matches
+            self.kernel = REFERENCE
+
+    def _matmul(self, x2):
+        if self.kernel == FLOAT:
+            return F.linear(x2, self.weight_float)
+        sz = self.scales_and_zeros
+        if self.kernel == INT4_CUDA:
+            return torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, sz)
+        if self.kernel == INT4_CPU:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size, sz)
+        return F.linear(x2, self._dequant(unpack_int4(self.weight_packed), sz).to(x2.dtype))
 
     # The state dict holds the portable layout, so a file saved on an AVX-512
     # machine loads on an AVX2 one (the kernel's tiling differs between them).
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.kernel != "reference":
+        if self._in_kernel_layout():
             destination[prefix + "weight_packed"] = pack_int4(self.int_weight())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight_packed"
-        if key in state_dict and self.kernel != "reference":
+        if key in state_dict and self._in_kernel_layout():
             q = unpack_int4(state_dict[key]).to(torch.int32).to(self.weight_packed.device)
             state_dict = dict(state_dict)
-            state_dict[key] = self._kernel_layout(q)
+            state_dict[key] = self._kernel_layout(q, self.kernel)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _apply(self, fn, recurse=True):
-        return _follow_dtype_cast(self, super()._apply, fn, recurse, INT4_CPU)
 
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, "
-                f"kernel={self.kernel}, compute={self.compute_dtype}")
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (per-row) symmetric int8: ``x ~ q * scale`` with one fp32 scale per row of (rows, K) ``x``."""
+    scale = (x.detach().float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+    q = torch.clamp(torch.round(x.float() / scale), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def _int_mm_padded(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm(xq, w.T)`` (int32); on CUDA it needs more than 16 rows in multiples of 8: pad with zeros."""
+    rows = xq.shape[0]
+    if xq.device.type == "cuda" and (rows <= 16 or rows % 8):
+        padded = max(32, -(-rows // 8) * 8)
+        xq = torch.cat([xq, xq.new_zeros(padded - rows, xq.shape[1])])
+        return torch._int_mm(xq, w.t())[:rows]
+    return torch._int_mm(xq, w.t())
+
+
+class Int8DynamicLinear(_PackedLinear):
+    """W8A8: int8 weights (a scale per output channel) times int8 activations (a scale per token, found at run time).
+
+    y = (q_x @ q_w^T) * s_x * s_w + b, the product accumulated in int32 (``torch._int_mm``). Rounding the
+    activations too is what lets integer arithmetic do the work; its error is the activations' outliers'
+    doing, which smoothing (``input_scale``, SmoothQuant) moves into the weights.
+    """
+
+    _KERNELS = (INT_MM,)
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype | str = "auto", kernel: str = "packed",
+                 float_dtype: torch.dtype | None = None, input_scale: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight_int8", q.to(torch.int8).contiguous())
+        self.register_buffer("scales", scale.reshape(-1).float().contiguous())  # fp32: the rescale is exact-ish
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._init_choice(kernel, compute_dtype, float_dtype, input_scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | str = "auto", kernel: str = "packed",
+                    input_scale: torch.Tensor | None = None) -> Int8DynamicLinear:
+        """Round-to-nearest, symmetric, per output channel (the weight as given: smoothing is applied before)."""
+        qt = quantize(linear.weight, 8, symmetric=True, granularity="per_channel")
+        return cls(qt.q, qt.scale, linear.bias, compute_dtype, kernel, linear.weight.dtype, input_scale)
+
+    def _after_cast(self) -> None:
+        self.scales = self.scales.float()  # fp32 whatever the model's dtype: the rescale is cheap, keep it exact
+
+    def _device(self):
+        return self.weight_int8.device
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales[:, None]
+
+    def _reference(self, device):
+        w = self.weight_int8[:REF_ROWS].float() * self.scales[:REF_ROWS, None]
+
+        def ref(x):
+            q, s = quantize_activations(x)
+            return (q.float() * s) @ w.T
+        return ref
+
+    def _candidates(self, device):
+        w, ws, out = self.weight_int8, self.scales, []
+
+        def int_mm(x):
+            q, s = quantize_activations(x)
+            return _int_mm_padded(q, w).float() * s * ws
+
+        cuda_ok = device.type != "cuda" or (self.in_features % 8 == 0 and self.out_features % 8 == 0)
+        if self.kernel_request != REFERENCE and cuda_ok:
+            out.append(Candidate(INT_MM, INT_MM, torch.float32, int_mm))
+        # fp16 is no candidate: sums of int8 products overflow its range (65504) at any useful width
+        for dt in [d for d in self._dtypes() if d != torch.float16] or [torch.float32]:
+            def deq(x, dt=dt):  # the same integers through a float matmul (exact in bf16: |q| <= 127)
+                q, s = quantize_activations(x)
+                return F.linear(q.to(dt), w.to(dt)).float() * s * ws
+            out.append(Candidate(f"{REFERENCE} {_dtype_name(dt)}", REFERENCE, dt, deq, probe_rows=TORCH_OPS_ROWS))
+        return out
+
+    def _apply_choice(self, cand):
+        pass
+
+    def _matmul(self, x2):
+        if self.kernel == FLOAT:
+            return F.linear(x2, self.weight_float)
+        q, s = quantize_activations(x2)
+        if self.kernel == INT_MM:
+            return _int_mm_padded(q, self.weight_int8).float() * s * self.scales
+        dt = torch.float32 if self.compute_dtype == torch.float16 else self.compute_dtype
+        return F.linear(q.to(dt), self.weight_int8.to(dt)).float() * s * self.scales
+
+
+PACKED_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear)
 
 
 class Int8Embedding(nn.Module):
@@ -415,119 +796,6 @@ class Int8Embedding(nn.Module):
         self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype, device=self.scales.device)).dtype
         return super()._apply(fn, recurse)
 
-
-def _follow_dtype_cast(layer: nn.Module, apply, fn, recurse: bool, fast: str) -> nn.Module:
-    """``model.half()`` / ``.float()`` / ``.to(dtype)`` / ``.to(device)`` reach a packed layer through its buffers.
-
-    The integers stay; the scales (and bias) take the new dtype and so does the compute dtype, then the kernel is
-    chosen again, since a kernel that is safe in one dtype need not be in another. Without this the scales and
-    the activations would disagree and the kernel would fail (or worse) at the next forward. A move to another
-    device (``.to("cuda")``, ``.cuda()``, ``.cpu()``) also chooses again: each device's int4 kernel has its own
-    byte layout, so the integers go over in the portable layout and are repacked for the kernel found there.
-    """
-    scales = layer.scales if isinstance(layer, Int8WeightOnlyLinear) else layer.scales_and_zeros
-    before, before_dev = scales.dtype, scales.device
-    after = fn(scales[:0])
-    changed = after.dtype != before or after.device != before_dev
-    portable = None
-    if isinstance(layer, Int4WeightOnlyLinear) and changed:
-        portable = layer.int_weight()  # read the kernel's layout while it still matches the chosen kernel
-    apply(fn, recurse)
-    scales = layer.scales if isinstance(layer, Int8WeightOnlyLinear) else layer.scales_and_zeros
-    if scales.dtype != before or scales.device != before_dev:
-        log.info("%d x %d layer: %s %s -> %s %s", layer.out_features, layer.in_features, before, before_dev,
-                 scales.dtype, scales.device)
-        layer.compute_dtype = scales.dtype
-        if portable is not None:
-            layer.weight_packed = pack_int4(portable).to(scales.device)
-            layer.kernel = "reference"  # the bytes are portable now, whatever the new choice will be
-        layer.kernel = _choose_kernel(layer, layer.kernel_request, fast)
-    return layer
-
-
-# Measured on torch 2.13 CPU (AVX-512 with bf16), each case in its own process, K = 8..1192 step 8 (and some
-# larger widths), N in {16, 48}, 1..33 rows: with bf16 activations _weight_int8pack_mm segfaults or returns inf /
-# garbage whenever in_features % 16 == 8 and passes every case with in_features % 16 == 0; K % 8 != 0 is worse.
-# The cause is alignment: the kernel's vector loads want every int8 weight row on a 16-byte boundary and every
-# activation row on a 32-byte one (a weight at an 8-byte offset, or bf16 activations at a 16-byte offset, crash
-# even with K = 256). K % 16 == 0 gives aligned rows; the forward pass checks the two base pointers.
-# A crash can't be caught, so only widths in the passing family are ever probed; the rest take the reference path.
-INT8_KERNEL_K_MULTIPLE = 16
-INT8_KERNEL_ALIGN = (16, 32)  # bytes: weight rows, activation rows
-PROBE_ROWS = (1, 2, 7, 16, 33)  # the kernel tiles rows: one row passing proves nothing about a batch
-
-
-def _misaligned(t: torch.Tensor, boundary: int) -> bool:
-    # torch.compile traces without real pointers (and its own buffers are aligned): check in eager mode only
-    return not torch.compiler.is_compiling() and t.data_ptr() % boundary != 0
-
-
-def _choose_kernel(layer: nn.Module, kernel: str, fast: str) -> str:
-    """Try the fast kernel on inputs of several row counts; fall back to the reference path (and say why).
-
-    Shapes a kernel is known to crash on are refused before the probe.
-    """
-    if kernel not in ("auto", "reference"):
-        raise ValueError(f"kernel must be 'auto' or 'reference', got {kernel!r}")
-    if kernel == "reference":
-        return "reference"
-    portable = layer.weight_packed if isinstance(layer, Int4WeightOnlyLinear) else None
-    if portable is not None and portable.device.type == "cuda":
-        fast = INT4_CUDA
-    if portable is None and layer.weight_int8.device.type == "cuda":
-        # No int8 weight-only kernel to call on CUDA: dequantize + F.linear in the compute dtype (what gpt-fast
-        # does; under torch.compile the int8 -> bf16 conversion fuses into the matmul's loads).
-        log.info("%d x %d layer: on CUDA int8 runs as dequantize + F.linear in %s", layer.out_features,
-                 layer.in_features, layer.compute_dtype)
-        return "reference"
-    if portable is None and layer.in_features % INT8_KERNEL_K_MULTIPLE:
-        log.info("%d x %d layer: %s is only proven safe for in_features %% %d == 0 (it crashes the process on "
-                 "some other widths); using the reference path", layer.out_features, layer.in_features, fast,
-                 INT8_KERNEL_K_MULTIPLE)
-        return "reference"
-    layer.kernel = fast
-    try:
-        if portable is not None:
-            if portable.device.type not in ("cpu", "cuda"):
-                raise RuntimeError(f"no int4 kernel is wired up for {portable.device.type}")
-            layer._use_kernel_layout()  # refuses N not a multiple of 16, for example
-        device = (layer.bias.device if layer.bias is not None else portable.device if portable is not None
-                  else layer.weight_int8.device)
-        n = min(layer.out_features, 64)  # enough rows to catch garbage, no float copy of a vocab-sized head
-        if portable is None:
-            w = layer.weight_int8[:n].float() * layer.scales[:n, None].float()
-        elif layer.out_features * layer.in_features <= 1 << 24:
-            w = layer.dequantized_weight()[:n].float()
-        elif fast == INT4_CUDA:  # a huge layer: its first rows, from the portable bytes, check the kernel
-            q = unpack_int4(portable[:n]).float().reshape(n, -1, layer.group_size)
-            sz = layer.scales_and_zeros[:, :n].float().transpose(0, 1)
-            w = ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(n, layer.in_features)
-        else:
-            w = None  # a huge int4 layer: unpacking it whole to check costs more than it is worth
-        gen = torch.Generator().manual_seed(0)
-        for rows in PROBE_ROWS:
-            # Random rows, checked against the dequantized weights: a kernel can also return garbage silently.
-            probe = torch.randn(rows, layer.in_features, generator=gen).to(device).to(layer.compute_dtype)
-            with torch.no_grad():
-                y = layer(probe).float()
-                err = torch.zeros(())
-                if w is not None:
-                    ref = probe.float() @ w.T.to(device)
-                    if layer.bias is not None:
-                        ref = ref + layer.bias[:n].float()
-                    err = (y[:, :n] - ref).norm() / ref.norm().clamp_min(1e-12)
-            if not torch.isfinite(y).all() or err > 0.05:
-                raise RuntimeError(f"probe output differs from the dequantized weights with {rows} rows "
-                                   f"(relative error {float(err):.3g})")
-        return fast
-    except (RuntimeError, NotImplementedError) as e:
-        log.info("%d x %d layer: %s refused (%s); using the reference path", layer.out_features,
-                 layer.in_features, fast, str(e).splitlines()[0][:160])
-        if portable is not None:
-            layer.weight_packed = portable  # back to the layout the reference path reads
-        return "reference"
-
-
 # --- 3. config and quantize_ ----------------------------------------------------------
 
 
@@ -537,10 +805,18 @@ class QuantConfig:
 
     bits: 8 (int8, symmetric, one scale per output channel) or 4 (int4, asymmetric, per group).
     group_size: int4 only; one of 32, 64, 128, 256 (what the aten int4 kernel takes).
-    method: "rtn" (round to nearest) or "gptq" (needs calibration token ids).
+    method: "rtn" (round to nearest), "gptq" (error-compensating: needs calibration token ids) or "awq"
+        (activation-aware scaling for int4: needs calibration token ids).
+    activations: "none" (weight-only) or "int8" (W8A8: bits=8, activations rounded per token at run time).
+    smooth: W8A8 only, SmoothQuant's alpha in [0, 1] (needs calibration): per input channel
+        s = max|x|^alpha / max|w|^(1 - alpha) moves activation outliers into the weights (x / s, W * s).
     embeddings: "int8" quantizes the output head (and the input embedding, sharing its int8
         storage when the two are tied) to int8 per row; "float" leaves both as they are.
-    compute_dtype: activations are cast to this for the kernel; on CPU bf16 is the fast path.
+    compute_dtype: the activations' dtype for the kernel, or "auto": measured per layer shape on this machine.
+    kernel: "packed" (default: the fastest correct kernel measured here among those that keep the integers),
+        "auto" (the same, with the float matmul of the layer it replaced among the candidates, so no layer is
+        slower than before; a layer that picks it holds a float copy, and the model gets no smaller), "reference"
+        (dequantize + F.linear), or one kernel by name (e.g. "aten._weight_int8pack_mm"), used where it is safe.
     skip: regular expressions of module names left in float (``re.search``), the output head and the
         input embedding included (``skip=("lm_head",)``); checked when the config is created.
     """
@@ -549,11 +825,13 @@ class QuantConfig:
     group_size: int | None = None
     method: str = "rtn"
     embeddings: str = "int8"
-    compute_dtype: str = "bfloat16"
-    kernel: str = "auto"
+    compute_dtype: str = "auto"
+    kernel: str = "packed"
     skip: tuple[str, ...] = ()
     gptq_damp: float = 0.01
     gptq_block: int = 128
+    activations: str = "none"
+    smooth: float | None = None
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or self.bits not in (4, 8) or not isinstance(self.bits, int):
@@ -565,14 +843,34 @@ class QuantConfig:
             # type() check: 128.0 == 128 would pass the `in` test and break the kernel later
             raise ValueError(f"int4 needs an int group_size in {INT4_GROUP_SIZES}, got {self.group_size!r}; "
                              "try QuantConfig(bits=4, group_size=64) (it must also divide the layers' in_features)")
-        if self.method not in ("rtn", "gptq"):
-            raise ValueError(f"method must be 'rtn' or 'gptq', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r} "
+                             "('int8' is W8A8: QuantConfig(bits=8, activations='int8'))")
+        if self.activations == "int8" and self.bits != 8:
+            raise ValueError("activations='int8' (W8A8) needs bits=8: QuantConfig(bits=8, activations='int8')")
+        if self.activations == "int8" and self.method != "rtn":
+            raise ValueError(f"W8A8 rounds weights to nearest (method='rtn'); got method={self.method!r}. "
+                             "For activation outliers use smooth=0.5 (SmoothQuant) instead")
+        if self.method == "awq" and self.bits != 4:
+            raise ValueError("method='awq' is for int4: QuantConfig(bits=4, group_size=32, method='awq')")
+        if self.smooth is not None:
+            if self.activations != "int8":
+                raise ValueError("smooth (SmoothQuant) is for W8A8: QuantConfig(bits=8, activations='int8', "
+                                 "smooth=0.5)")
+            if isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float)) \
+                    or not 0 <= self.smooth <= 1:
+                raise ValueError(f"smooth must be a number in [0, 1] (SmoothQuant's alpha, 0.5 is usual) or None, "
+                                 f"got {self.smooth!r}")
         if self.embeddings not in ("int8", "float"):
             raise ValueError(f"embeddings must be 'int8' or 'float', got {self.embeddings!r}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-        if self.kernel not in ("auto", "reference"):
-            raise ValueError(f"kernel must be 'auto' or 'reference', got {self.kernel!r}")
+        if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be 'auto' or one of {sorted(COMPUTE_DTYPES)}, "
+                             f"got {self.compute_dtype!r}")
+        named = (INT_MM,) if self.activations == "int8" else (INT8PACK,) if self.bits == 8 else (INT4_CPU, INT4_CUDA)
+        if self.kernel not in KERNEL_REQUESTS + named:
+            raise ValueError(f"kernel must be one of {KERNEL_REQUESTS + named} for {self.name}, got {self.kernel!r}")
         if not isinstance(self.skip, tuple):
             raise ValueError("skip must be a tuple of regular expressions, e.g. skip=('mlp.down_proj',)")
         for pattern in self.skip:
@@ -590,8 +888,18 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
+        if self.activations == "int8":
+            return "w8a8" + (f"-sq{self.smooth:g}" if self.smooth is not None else "")
         g = f"-g{self.group_size}" if self.group_size else ""
-        return f"{'gptq-' if self.method == 'gptq' else ''}int{self.bits}-wo{g}"
+        prefix = "" if self.method == "rtn" else f"{self.method}-"
+        return f"{prefix}int{self.bits}-wo{g}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("gptq", "awq") or self.smooth is not None
+
+    def dtype(self) -> torch.dtype | str:
+        return "auto" if self.compute_dtype == "auto" else COMPUTE_DTYPES[self.compute_dtype]
 
 
 @dataclass
@@ -601,12 +909,20 @@ class QuantReport:
     quantized: dict[str, str]  # name -> kernel
     skipped: dict[str, str]  # name -> reason
     warnings: list[str] = field(default_factory=list)
+    scaled: dict[str, str] = field(default_factory=dict)  # AWQ / SmoothQuant: name -> alpha and where s went
 
     def summary(self) -> str:
         kernels: dict[str, int] = {}
         for k in self.quantized.values():
             kernels[k] = kernels.get(k, 0) + 1
         text = f"{len(self.quantized)} layers quantized {kernels}, {len(self.skipped)} left in float"
+        if self.scaled:
+            folded = sum("folded" in v for v in self.scaled.values())
+            text += (f"; {len(self.scaled)} scaled per input channel ({folded} folded into a norm, "
+                     f"{len(self.scaled) - folded} with an input_scale)")
+        if kernels.get(FLOAT):
+            text += (f"; {kernels[FLOAT]} run the float matmul of the layer they replaced (measured faster here "
+                     "than every integer kernel; kernel='packed' keeps the integers)")
         return text + "".join(f"\nWARNING: {w}" for w in self.warnings)
 
 
@@ -617,7 +933,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def is_quantized(model: nn.Module) -> bool:
     """True when ``model`` holds packed int8/int4 layers from :func:`quantize_`."""
-    return any(isinstance(m, (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8Embedding)) for m in model.modules())
+    return any(isinstance(m, (*PACKED_LINEARS, Int8Embedding)) for m in model.modules())
 
 
 _is_quantized = is_quantized  # the older private name
@@ -633,23 +949,31 @@ def _conv1d_as_linear(conv: Conv1D) -> nn.Linear:
     return lin
 
 
-def _quantize_linear(lin: nn.Linear, cfg: QuantConfig, hessian: torch.Tensor | None = None) -> nn.Module:
-    dt = COMPUTE_DTYPES[cfg.compute_dtype]
-    if hessian is None:
-        if cfg.bits == 8:
-            return Int8WeightOnlyLinear.from_linear(lin, dt, cfg.kernel)
-        return Int4WeightOnlyLinear.from_linear(lin, cfg.group_size, dt, cfg.kernel)
-    qt = gptq_quantize_weight(lin.weight, hessian, cfg)
+def _quantize_linear(lin: nn.Linear, cfg: QuantConfig, hessian: torch.Tensor | None = None,
+                     weight: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> nn.Module:
+    """The packed layer ``cfg`` asks for: RTN, or GPTQ given a Hessian; ``weight`` replaces ``lin.weight``
+    (already multiplied by AWQ / SmoothQuant scales, with ``input_scale`` undoing them on the input)."""
+    dt, fd, kernel = cfg.dtype(), lin.weight.dtype, cfg.kernel
+    w = lin.weight if weight is None else weight
+    if cfg.activations == "int8":
+        qt = quantize(w, 8, symmetric=True, granularity="per_channel")
+        return Int8DynamicLinear(qt.q, qt.scale, lin.bias, dt, kernel, fd, input_scale)
+    if hessian is not None:
+        qt = gptq_quantize_weight(w, hessian, cfg)
+    elif cfg.bits == 8:
+        qt = quantize(w, 8, symmetric=True, granularity="per_channel")
+    else:
+        qt = quantize(w, 4, symmetric=False, granularity="per_group", group_size=cfg.group_size)
     if cfg.bits == 8:
-        return Int8WeightOnlyLinear(qt.q, qt.scale, lin.bias, dt, cfg.kernel)
-    return Int4WeightOnlyLinear.from_quantized(qt, lin.bias, dt, cfg.kernel)
+        return Int8WeightOnlyLinear(qt.q, _fresh_scales(qt.scale, dt), lin.bias, dt, kernel, fd, input_scale)
+    return Int4WeightOnlyLinear.from_quantized(qt, lin.bias, dt, kernel, fd, input_scale)
 
 
 def quantize_(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | None = None) -> QuantReport:
     """Replace the model's ``nn.Linear`` (and GPT-2 ``Conv1D``) layers with packed int8/int4 layers, in place.
 
     The output head (``lm_head``) and input embedding follow ``cfg.embeddings`` and ``cfg.skip``.
-    ``calibration``: (batch, seq) token ids, needed by ``method="gptq"``
+    ``calibration``: (batch, seq) token ids, needed by ``method="gptq"`` / ``"awq"`` and ``smooth``
     (``course_lib.data.calibration_batches(tokenizer)``). Afterwards ``model.save_pretrained(folder)``
     stores the packed layers and ``course_lib.load_model(folder)`` rebuilds them.
     """
@@ -664,8 +988,9 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | No
     if not linears and head is None:
         raise ValueError("the model has no nn.Linear layers to quantize (quantize_ handles nn.Linear and "
                          "transformers' Conv1D only)")
-    if cfg.method == "gptq" and calibration is None:
-        raise ValueError("method='gptq' needs calibration token ids: "
+    if cfg.needs_calibration and calibration is None:
+        what = f"method={cfg.method!r}" if cfg.method != "rtn" else f"smooth={cfg.smooth!r}"
+        raise ValueError(f"{what} needs calibration token ids: "
                          "quantize_(model, cfg, calibration=course_lib.data.calibration_batches(tokenizer))")
     report = QuantReport({}, {})
     todo: dict[str, nn.Linear] = {}
@@ -687,6 +1012,8 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | No
             _set_module(model, name, todo[name])
     if cfg.method == "gptq":
         _gptq_model(model, todo, cfg, calibration, report)
+    elif cfg.needs_calibration:  # AWQ, SmoothQuant
+        _activation_aware_model(model, todo, cfg, calibration, report)
     else:
         for name, lin in tqdm(todo.items(), desc=f"quantizing ({cfg.name})", leave=False):
             new = _quantize_linear(lin, cfg)
@@ -755,7 +1082,8 @@ def _quantize_embeddings(model: nn.Module, head: nn.Module | None, emb: nn.Modul
         report.skipped[head_name] = f"matches skip pattern {head_skip!r}"
     else:
         # int8 even in an int4 config: the head is the widest layer and the most sensitive to error.
-        new_head = Int8WeightOnlyLinear.from_linear(head, COMPUTE_DTYPES[cfg.compute_dtype], cfg.kernel)
+        kernel = cfg.kernel if cfg.kernel in (*KERNEL_REQUESTS, INT8PACK) else "auto"
+        new_head = Int8WeightOnlyLinear.from_linear(head, cfg.dtype(), kernel)
         _set_module(model, head_name, new_head)
         report.quantized[head_name] = new_head.kernel
     if isinstance(emb, nn.Embedding):
@@ -816,11 +1144,14 @@ def save_quantized(model: nn.Module, save_directory: str | os.PathLike, **kwargs
     cfg = getattr(model, "course_quant_config", None)
     layers: dict[str, dict] = {}
     for name, m in model.named_modules():
-        if isinstance(m, Int8WeightOnlyLinear):
-            layers[name] = {"type": "int8", "kernel": m.kernel_request, "compute_dtype": str(m.compute_dtype)[6:]}
-        elif isinstance(m, Int4WeightOnlyLinear):
-            layers[name] = {"type": "int4", "group_size": m.group_size, "kernel": m.kernel_request,
-                            "compute_dtype": str(m.compute_dtype)[6:]}
+        if isinstance(m, PACKED_LINEARS):
+            kind = {Int8WeightOnlyLinear: "int8", Int4WeightOnlyLinear: "int4", Int8DynamicLinear: "w8a8"}[type(m)]
+            req = m.compute_request
+            layers[name] = {"type": kind, "kernel": m.kernel_request,
+                            "compute_dtype": req if req == "auto" else _dtype_name(req),
+                            "float_dtype": _dtype_name(m.float_dtype)}
+            if kind == "int4":
+                layers[name]["group_size"] = m.group_size
         elif isinstance(m, Int8Embedding):
             layers[name] = {"type": "int8_embedding", "out_dtype": str(m.out_dtype)[6:]}
     if not layers:
@@ -874,12 +1205,18 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
         def get(key: str, name: str = name) -> torch.Tensor | None:
             t = tensors.get(f"{name}.{key}")
             return None if t is None else built.get(id(t), t)
+        if spec["type"] in ("int8", "int4", "w8a8"):
+            cd = spec["compute_dtype"]
+            common = dict(compute_dtype=cd if cd == "auto" else COMPUTE_DTYPES[cd], kernel=spec["kernel"],
+                          float_dtype=COMPUTE_DTYPES.get(spec.get("float_dtype"), dtype),
+                          input_scale=get("input_scale"))
         if spec["type"] == "int8":
-            new = Int8WeightOnlyLinear(get("weight_int8"), get("scales"), get("bias"),
-                                       COMPUTE_DTYPES[spec["compute_dtype"]], spec["kernel"])
+            new = Int8WeightOnlyLinear(get("weight_int8"), get("scales"), get("bias"), **common)
+        elif spec["type"] == "w8a8":
+            new = Int8DynamicLinear(get("weight_int8"), get("scales"), get("bias"), **common)
         elif spec["type"] == "int4":
             new = Int4WeightOnlyLinear(unpack_int4(get("weight_packed")), get("scales_and_zeros"), spec["group_size"],
-                                       get("bias"), COMPUTE_DTYPES[spec["compute_dtype"]], spec["kernel"])
+                                       get("bias"), **common)
         elif spec["type"] == "int8_embedding":
             new = Int8Embedding(get("weight_int8"), get("scales"), dtype)
         else:
@@ -1092,4 +1429,190 @@ def _gptq_model(model: nn.Module, todo: dict[str, nn.Linear], cfg: QuantConfig,
                 handle.remove()
             _gptq_quantize_group(model, [n], todo, hess, cfg, report)
         if i < last:  # the quantized block's outputs are the next block's inputs
+            inputs = [(y, args, kwargs) for y, (_, args, kwargs) in zip(_run_block(stack[i], inputs), inputs)]
+
+
+# --- activation-aware scaling: AWQ (int4) and SmoothQuant (W8A8) --------------------------------------------
+# Both multiply each input channel of a weight by s and divide the layer's input by s: the product x W^T is
+# unchanged in float, but the rounding is not. Where the input comes straight from a norm (q/k/v after
+# input_layernorm, gate/up after post_attention_layernorm in Llama, Qwen2, Mistral) the 1/s is folded into the
+# norm's weight, for free; elsewhere (o_proj, down_proj) the layer keeps an input_scale vector (K multiplies per
+# token). Layers sharing a norm share one s.
+
+SHARED_INPUTS = {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "input_layernorm",
+                 ("mlp.gate_proj", "mlp.up_proj"): "post_attention_layernorm"}
+MAX_CALIB_ROWS = 2048  # activation rows kept per layer group for the scale search
+
+
+def awq_scales(x: torch.Tensor, weights: list[torch.Tensor], cfg: QuantConfig,
+               alphas: tuple[float, ...] = AWQ_ALPHAS) -> tuple[torch.Tensor, float, dict[float, float]]:
+    """AWQ's search: s = mean|x|^alpha per input channel, alpha on a grid, minimizing the output error.
+
+    ``x``: (rows, K) calibration inputs of the layers in ``weights`` (each (N, K), sharing that input). For each
+    alpha the weights are multiplied by s, rounded to int4 (RTN, ``cfg.group_size``) and divided by s again;
+    the error is || x W^T - x W_hat^T ||^2 summed over the layers. alpha = 0 is s = 1, plain RTN, so the chosen
+    s is never worse than RTN on these activations. Returns (s, alpha, error per alpha).
+    """
+    x = x.float()
+    mag = x.abs().mean(0).clamp_min(1e-6)
+    ws = [w.detach().float() for w in weights]
+    refs = [x @ w.T for w in ws]
+    errs: dict[float, float] = {}
+    best = (math.inf, None, None)
+    for a in alphas:
+        s = mag**a
+        s = s / (s.max() * s.min()).sqrt()  # centre the range so neither end under- or overflows
+        err = 0.0
+        for w, ref in zip(ws, refs):
+            w_hat = fake_quantize(w * s, 4, False, "per_group", cfg.group_size) / s
+            err += float(((x @ w_hat.T - ref) ** 2).sum())
+        errs[a] = err
+        if err < best[0]:
+            best = (err, a, s)
+    return best[2], best[1], errs
+
+
+def smoothquant_scales(x: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant: s = max|x|^alpha / max|w|^(1 - alpha) per input channel (the max over every layer's rows)."""
+    xmax = x.float().abs().amax(0).clamp_min(1e-5)
+    wmax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0).clamp_min(1e-5)
+    return (xmax**alpha / wmax ** (1 - alpha)).clamp_min(1e-5)
+
+
+@torch.no_grad()
+def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> bool:
+    """Divide a norm's output by ``s`` through its weight (and bias); False (and unchanged) where that is not
+    what the norm computes (e.g. Gemma's ``x * (1 + weight)``), checked on random inputs."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.shape != s.shape:
+        return False
+    b = getattr(norm, "bias", None)
+    x = torch.randn(4, s.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    before = norm(x).float()
+    saved = (w.detach().clone(), None if b is None else b.detach().clone())
+    w.div_(s.to(w.device, w.dtype))
+    if b is not None:
+        b.div_(s.to(b.device, b.dtype))
+    after = norm(x).float()
+    want = before / s.to(before.device)
+    if (after - want).norm() <= 1e-2 * want.norm():
+        return True
+    w.copy_(saved[0])
+    if b is not None:
+        b.copy_(saved[1])
+    return False
+
+
+def _input_groups(names: list[str], block_prefix: str) -> list[list[str]]:
+    """``names`` (one block's layers, in order) grouped by the input they share (q/k/v; gate/up); others alone."""
+    groups, seen = [], set()
+    for n in names:
+        if n in seen:
+            continue
+        rel = n[len(block_prefix):]
+        group = next((g for g in SHARED_INPUTS if rel in g), None)
+        members = [m for m in names if group and m[len(block_prefix):] in group] or [n]
+        seen.update(members)
+        groups.append(members)
+    return groups
+
+
+class _Inputs:
+    """Forward hook: the inputs a layer sees, as (rows, K) float32, up to ``MAX_CALIB_ROWS`` rows."""
+
+    def __init__(self):
+        self.rows: list[torch.Tensor] = []
+        self.n = 0
+
+    def __call__(self, module, inputs, output) -> None:
+        if self.n < MAX_CALIB_ROWS:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()[: MAX_CALIB_ROWS - self.n]
+            self.rows.append(x)
+            self.n += x.shape[0]
+
+    def x(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def _scale_group(model: nn.Module, block: nn.Module | None, prefix: str, members: list[str],
+                 todo: dict[str, nn.Linear], x: torch.Tensor, cfg: QuantConfig, report: QuantReport) -> None:
+    """Find s for one group of layers sharing an input, fold 1/s into the norm or keep it per layer, quantize."""
+    weights = [todo[n].weight for n in members]
+    if cfg.method == "awq":
+        s, alpha, _ = awq_scales(x, weights, cfg)
+        how = f"awq alpha={alpha:g}"
+    else:
+        alpha = float(cfg.smooth)
+        s = smoothquant_scales(x, weights, alpha)
+        how = f"smoothquant alpha={alpha:g}"
+    s = s.to(weights[0].device)
+    rel = [n[len(prefix):] for n in members]
+    shared = next((g for g in SHARED_INPUTS if rel[0] in g), None)
+    folded = False
+    if block is not None and shared is not None and hasattr(block, SHARED_INPUTS[shared]):
+        # every consumer of the norm must take W * s: the quantized members, and any sibling left in float
+        siblings = [block.get_submodule(r) for r in shared if r not in rel and _has_submodule(block, r)]
+        if all(isinstance(m, nn.Linear) for m in siblings):
+            folded = _fold_into_norm(block.get_submodule(SHARED_INPUTS[shared]), s)
+            if folded:
+                with torch.no_grad():
+                    for m in siblings:
+                        m.weight.mul_(s.to(m.weight.dtype))
+    for n in members:
+        lin = todo[n]
+        w = lin.weight.detach().float() * s
+        new = _quantize_linear(lin, cfg, weight=w.to(lin.weight.dtype),
+                               input_scale=None if folded else 1 / s)
+        _set_module(model, n, new)
+        report.quantized[n] = new.kernel
+        report.scaled[n] = f"{how}, " + (f"folded into {prefix}{SHARED_INPUTS[shared]}" if folded else "input_scale")
+
+
+def _has_submodule(m: nn.Module, name: str) -> bool:
+    try:
+        m.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+@torch.no_grad()
+def _activation_aware_model(model: nn.Module, todo: dict[str, nn.Linear], cfg: QuantConfig,
+                            calibration: torch.Tensor, report: QuantReport) -> None:
+    """AWQ / SmoothQuant, block by block like GPTQ: cached block inputs, each group of layers sharing an input
+    scaled and quantized in forward order, so later groups see the rounding of the earlier ones."""
+    if calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise ValueError(f"calibration must be (batch, seq) token ids (torch.long), got {tuple(calibration.shape)} "
+                         f"{calibration.dtype}")
+    device = next(model.parameters()).device
+    groups = _blocks(model, list(todo))
+    outside = [g for g in groups if not re.search(r"layers\.\d+\.", g[0])]
+    for names in outside:  # layers outside the decoder stack: inputs from whole forward passes, no norm to fold
+        hooks = {n: _Inputs() for n in names}
+        handles = [todo[n].register_forward_hook(hooks[n]) for n in names]
+        try:
+            for row in calibration:
+                model(input_ids=row[None].to(device))
+        finally:
+            for h in handles:
+                h.remove()
+        for n in names:
+            _scale_group(model, None, "", [n], todo, hooks[n].x(), cfg, report)
+    per_block = {int(re.search(r"layers\.(\d+)\.", g[0]).group(1)): g for g in groups if g not in outside}
+    if not per_block:
+        return
+    stack_name, stack = _decoder_stack(model, list(per_block.values()))
+    inputs = _block_inputs(model, stack[0], calibration, device)
+    last = max(per_block)
+    for i in tqdm(range(last + 1), desc=f"{cfg.name} blocks", leave=False):
+        prefix = f"{stack_name}.{i}."
+        for members in _input_groups(per_block.get(i, []), prefix):
+            hook = _Inputs()
+            handle = todo[members[0]].register_forward_hook(hook)
+            try:
+                _run_block(stack[i], inputs)
+            finally:
+                handle.remove()
+            _scale_group(model, stack[i], prefix, members, todo, hook.x(), cfg, report)
+        if i < last:
             inputs = [(y, args, kwargs) for y, (_, args, kwargs) in zip(_run_block(stack[i], inputs), inputs)]

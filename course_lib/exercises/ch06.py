@@ -84,7 +84,7 @@ def check_mlp_channel_scores(fn) -> Feedback:
 
 @checked
 def check_prune_mlp(fn) -> Feedback:
-    """Check ``fn(mlp, remove)`` (in place or returning the MLP) against :func:`course_lib.pruning.prune_mlp_channels_`."""
+    """Check ``fn(mlp, remove)`` (in place or returning the MLP) against the library's ``prune_mlp_channels_``."""
     from ..pruning import prune_mlp_channels_
 
     g = torch.Generator().manual_seed(16)

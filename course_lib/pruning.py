@@ -19,9 +19,13 @@ coupled. For attention the graph is of no use on this stack: Torch-Pruning
 returns (its index propagation loops through the rotary-embedding ops), so
 the high-level pruners hang too. We write the attention coupling down by hand
 instead - it is short - and cut with Torch-Pruning's own low-level pruning
-functions. Grouped-query attention fixes the granularity: a KV head is shared
-by ``num_attention_heads // num_key_value_heads`` query heads, so a KV head
-goes together with all of its query heads (one *KV group*).
+functions. Grouped-query attention offers two granularities: a KV head is
+shared by ``num_attention_heads // num_key_value_heads`` query heads, so a KV
+head goes together with all of its query heads (one *KV group*, ``head_ratio``:
+smaller K/V cache too); or every KV group loses the same number of its query
+heads (``query_ratio``: the KV heads and the cache stay, each is still shared by
+equally many query heads, which is valid grouped-query attention). Removing
+query heads unevenly is what a Hugging Face config cannot describe.
 
 The hidden size (the residual stream every layer reads and writes) can be cut
 too: it is the only cut that shrinks the embedding and the LM head, often a
@@ -221,7 +225,11 @@ class PruneConfig:
     ``ratio`` is the fraction removed: of the weights (unstructured) or of the
     MLP channels (structured). ``head_ratio`` is the fraction of KV groups
     (a KV head with its query heads) removed; ``None`` follows ``ratio``,
-    rounded down to whole groups (possibly none). ``round_to`` keeps the MLP
+    rounded down to whole groups (possibly none). ``query_ratio`` is the
+    fraction of query heads removed *inside* every KV group (the same number
+    from each, rounded down; chosen by the squared norm of each head's q_proj
+    rows and o_proj columns): the KV heads stay, so the K/V cache does not
+    shrink, but q_proj and o_proj do. ``round_to`` keeps the MLP
     width a multiple of that many channels (kernels like multiples of 8).
     ``hidden_ratio`` is the fraction of the model's hidden size (the residual
     stream) removed: every matrix loses rows or columns, the embedding and the
@@ -240,9 +248,10 @@ class PruneConfig:
     scope: str = "global"  # unstructured only: one threshold for all layers, or one per matrix
     round_to: int = 1
     hidden_ratio: float = 0.0
+    query_ratio: float = 0.0
 
     def __post_init__(self):
-        for name in ("ratio", "head_ratio", "hidden_ratio"):
+        for name in ("ratio", "head_ratio", "hidden_ratio", "query_ratio"):
             v = getattr(self, name)
             if name == "head_ratio" and v is None:
                 continue
@@ -264,8 +273,8 @@ class PruneConfig:
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to must be a positive int (1 = no rounding), got {self.round_to!r}")
         if self.method == "unstructured" and (self.target != "both" or self.head_ratio is not None
-                                              or self.hidden_ratio):
-            raise ValueError("target, head_ratio and hidden_ratio apply to method='structured' only; "
+                                              or self.hidden_ratio or self.query_ratio):
+            raise ValueError("target, head_ratio, query_ratio and hidden_ratio apply to method='structured' only; "
                              "unstructured pruning zeroes single weights everywhere")
 
     def importance_fn(self) -> ImportanceFn:
@@ -283,6 +292,8 @@ class PrunePlan:
     groups_total: int
     hidden_keep: int | None = None  # None: the hidden size is left alone
     hidden_total: int | None = None
+    queries_keep: int | None = None  # query heads kept per KV group; None: all of them
+    queries_total: int | None = None
 
 
 def plan(model: nn.Module, cfg: PruneConfig) -> PrunePlan:
@@ -317,23 +328,36 @@ def plan(model: nn.Module, cfg: PruneConfig) -> PrunePlan:
                 log.info("head ratio %.2f -> keeping %d of %d KV groups", hr, groups_keep, n_kv)
         else:
             groups_keep = want
+    qpk = c.num_attention_heads // n_kv
+    queries_keep = None
+    if cfg.query_ratio > 0:
+        queries_keep = qpk - math.floor(cfg.query_ratio * qpk + 1e-9)
+        valid_q = [k for k in range(1, qpk) if _config_accepts(model, groups_keep, k)]
+        if queries_keep not in valid_q:
+            allowed = [round(1 - k / qpk, 4) for k in sorted(valid_q, reverse=True)]
+            raise ValueError(
+                f"query_ratio {cfg.query_ratio} can't be met: every KV group has {qpk} query head(s) and loses "
+                f"the same whole number of them (here {qpk - queries_keep}), and the {c.model_type} config must "
+                f"still accept the head count; allowed query ratios here: "
+                f"{allowed or 'none - each KV group has a single query head'}; or use head_ratio")
     hidden_keep = None
     if cfg.hidden_ratio > 0:
         hidden = c.hidden_size
-        heads_after = groups_keep * (c.num_attention_heads // n_kv)
+        heads_after = groups_keep * (queries_keep or qpk)
         step = math.lcm(heads_after, cfg.round_to)  # Llama/Qwen2 configs want hidden % heads == 0
         hidden_keep = math.ceil((hidden - math.floor(cfg.hidden_ratio * hidden)) / step) * step
         if hidden_keep >= hidden:
             raise ValueError(f"hidden_ratio={cfg.hidden_ratio} of hidden size {hidden}, rounded to multiples of "
                              f"{step} ({heads_after} query heads x round_to {cfg.round_to}), removes nothing; "
                              "raise hidden_ratio")
-    return PrunePlan(mlp_keep, inter, groups_keep, n_kv, hidden_keep, c.hidden_size if hidden_keep else None)
+    return PrunePlan(mlp_keep, inter, groups_keep, n_kv, hidden_keep, c.hidden_size if hidden_keep else None,
+                     queries_keep, qpk if queries_keep else None)
 
 
-def _config_accepts(model: nn.Module, groups_keep: int) -> bool:
+def _config_accepts(model: nn.Module, groups_keep: int, queries_keep: int | None = None) -> bool:
     """Would the model's config class accept this many KV groups (e.g. Llama wants hidden % heads == 0)?"""
     c = copy.deepcopy(model.config)
-    c.num_attention_heads = groups_keep * (c.num_attention_heads // c.num_key_value_heads)
+    c.num_attention_heads = groups_keep * (queries_keep or c.num_attention_heads // c.num_key_value_heads)
     c.num_key_value_heads = groups_keep
     try:
         if hasattr(c, "validate_architecture"):
@@ -389,6 +413,44 @@ def prune_kv_groups_(layer: nn.Module, remove: Sequence[int], n_kv: int, head_di
     tp.prune_linear_out_channels(a.k_proj, kv_idx)
     tp.prune_linear_out_channels(a.v_proj, kv_idx)
     tp.prune_linear_in_channels(a.o_proj, q_idx)
+
+
+def query_head_scores(layer: nn.Module, head_dim_: int) -> torch.Tensor:
+    """Squared norm of each query head's weights: its q_proj rows (and bias) and its o_proj columns."""
+    a = layer.self_attn
+    n_heads = a.q_proj.out_features // head_dim_
+    score = _per_block(a.q_proj.weight.detach().pow(2), 0, n_heads) + _per_block(
+        a.o_proj.weight.detach().pow(2), 1, n_heads)
+    if a.q_proj.bias is not None:
+        score += _per_block(a.q_proj.bias.detach().pow(2), 0, n_heads)
+    return score
+
+
+def prune_query_heads_(layer: nn.Module, remove: Sequence[int], head_dim_: int) -> None:
+    """Delete query heads ``remove`` (indices into this layer's query heads), the same count from every KV group.
+
+    The KV heads stay; each is then shared by ``num_key_value_groups - len(remove) / n_kv`` query heads, which
+    is still grouped-query attention. Uneven removal would give KV heads different numbers of readers, which
+    the attention code (one ``repeat_kv`` factor) and a Hugging Face config cannot express: refused.
+    """
+    if len(remove) == 0:
+        return
+    a = layer.self_attn
+    qpk = a.num_key_value_groups
+    n_heads = a.q_proj.out_features // head_dim_
+    n_kv = n_heads // qpk
+    per_group = [0] * n_kv
+    for h in set(int(h) for h in remove):
+        if not 0 <= h < n_heads:
+            raise ValueError(f"query head {h} does not exist: this layer has heads 0..{n_heads - 1}")
+        per_group[h // qpk] += 1
+    if len(set(per_group)) != 1 or per_group[0] >= qpk:
+        raise ValueError(f"remove the same number of query heads (fewer than {qpk}) from every one of the {n_kv} "
+                         f"KV groups; got {per_group} per group")
+    q_idx = [h * head_dim_ + i for h in sorted(set(int(h) for h in remove)) for i in range(head_dim_)]
+    tp.prune_linear_out_channels(a.q_proj, q_idx)
+    tp.prune_linear_in_channels(a.o_proj, q_idx)
+    a.num_key_value_groups = qpk - per_group[0]  # repeat_kv's factor: query heads per KV head
 
 
 @torch.no_grad()
@@ -488,7 +550,8 @@ class PruneReport:
     params_after: int
     sparsity: float  # fraction of zeros in the decoder's Linear weights
     plan: PrunePlan | None = None
-    # layer -> {"mlp": [...], "groups": [...]}; and "hidden" -> [...] when the hidden size was cut
+    # layer -> {"mlp": [...], "groups": [...], "queries": [...] with query_ratio (original head numbers)};
+    # and "hidden" -> [...] when the hidden size was cut
     removed: dict = field(default_factory=dict, repr=False)
     seconds: float = 0.0
 
@@ -531,6 +594,13 @@ def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None 
             prune_mlp_channels_(layer, mlp_rm)
             prune_kv_groups_(layer, grp_rm, p.groups_total, hd)
             removed[i] = {"mlp": mlp_rm, "groups": grp_rm}
+            if p.queries_keep:  # inside each kept KV group, its weakest query heads (indices after the cut above)
+                q_s = query_head_scores(layer, hd).view(p.groups_keep, p.queries_total)
+                q_rm = [g * p.queries_total + j for g in range(p.groups_keep) for j in _lowest(q_s[g], p.queries_keep)]
+                prune_query_heads_(layer, q_rm, hd)
+                kept = [g for g in range(p.groups_total) if g not in grp_rm]  # report original head numbers
+                removed[i]["queries"] = [kept[h // p.queries_total] * p.queries_total + h % p.queries_total
+                                         for h in q_rm]
         if p.hidden_keep:
             scores_h = hidden_importance(model)
             gone = _lowest(scores_h, p.hidden_keep)
@@ -544,7 +614,7 @@ def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None 
 def _update_config(model: nn.Module, p: PrunePlan, hd: int) -> None:
     """Make the HF config describe the new shapes, so save/load round-trips."""
     c = model.config
-    groups = c.num_attention_heads // c.num_key_value_heads
+    groups = p.queries_keep or c.num_attention_heads // c.num_key_value_heads
     c.head_dim = hd  # pin it: the default hidden_size // num_attention_heads would now be wrong
     c.intermediate_size = p.mlp_keep
     c.num_key_value_heads = p.groups_keep

@@ -4,35 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from course_lib.bench.report import pareto_front
-from course_lib.exercises import ch09, ch10, ch11, ch12
-
-
-def test_ch09_fixed_snippet():
-    P, C, H = 10**8, 10**9, 10**6
-    P2, C2, H2 = P / 2, C / 4, H * 2
-    V, V2 = P * C / H, P2 * C2 / H2
-    assert ch09.check_fixed_snippet(V, V2, V2 / V)
-    assert "prose" in ch09.check_fixed_snippet(1e13, V2, V2 / V).message
-    assert "printed" in ch09.check_fixed_snippet(V, 2.5e10, 4.0).message
-    assert "claims 5x" in ch09.check_fixed_snippet(V, V2, 4.0).message
-
-
-def test_ch09_pareto_reference_is_the_library():
-    def ref(points):
-        rows = [dict(decode_tok_s=s, ppl=p) for s, p in points]
-        return {(r["decode_tok_s"], r["ppl"]) for r in pareto_front(rows)}
-
-    assert ch09.check_pareto(ref)
-    assert "dominated" in ch09.check_pareto(lambda pts: pts).message
-    assert "raised" in ch09.check_pareto(lambda pts: 1 / 0).message
-    assert not ch09.check_pareto(lambda pts: [max(pts)])  # fastest only
-
-
-def test_ch09_stacked_bytes():
-    assert ch09.check_stacked_bytes(100e6 * 0.7 * 8 / 32, 100e6, 0.7, 8)
-    assert "pruning" in ch09.check_stacked_bytes(100e6 * 8 / 32, 100e6, 0.7, 8).message
-    assert "bits" in ch09.check_stacked_bytes(100e6 * 0.7, 100e6, 0.7, 8).message
+from course_lib.exercises import ch10, ch11, ch12  # ch09: tests/test_exercises_ch09.py
 
 
 def test_ch10():

@@ -340,3 +340,62 @@ def test_pruning_a_quantized_model_says_prune_first(tiny_llama):
     for cfg in (PruneConfig(ratio=0.5), PruneConfig(ratio=0.5, method="unstructured")):
         with pytest.raises(ValueError, match="quantized.*prune the float model first"):
             P.prune_(tiny_llama, cfg)
+
+
+# --- query heads inside KV groups (uniform: valid grouped-query attention) ---------------------
+
+def _zero_query_heads(model, report):
+    """zeroed_reference plus the removed query heads' o_proj columns (original head numbers)."""
+    ref = zeroed_reference(model, report)
+    hd = P.head_dim(model)
+    with torch.no_grad():
+        for i, layer in enumerate(P.decoder_layers(ref)):
+            for h in report.removed[i].get("queries", []):
+                layer.self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+    return ref
+
+
+@pytest.mark.parametrize("kind,kw,cfg,heads_left,kv_left", [
+    ("llama", dict(num_heads=8, num_kv_heads=2), dict(ratio=0.0, target="mlp", query_ratio=0.5), 4, 2),
+    ("qwen2", dict(num_heads=6, num_kv_heads=2, hidden=48), dict(ratio=0.3, target="mlp", query_ratio=0.34), 4, 2),
+    ("llama", dict(num_heads=8, num_kv_heads=4), dict(ratio=0.5, query_ratio=0.5), 2, 2),  # with KV groups cut
+])
+def test_query_heads_equal_zeroing_them_and_round_trip(kind, kw, cfg, heads_left, kv_left, tmp_path):
+    model = make_tiny(kind, **kw)
+    small, rep = P.pruned(model, PruneConfig(**cfg))
+    assert small.config.num_attention_heads == heads_left and small.config.num_key_value_heads == kv_left
+    qpk = kw["num_heads"] // kw["num_kv_heads"]
+    for i in range(len(P.decoder_layers(model))):
+        per_group = [0] * kw["num_kv_heads"]
+        for h in rep.removed[i]["queries"]:
+            per_group[h // qpk] += 1
+        kept = [g for g in range(kw["num_kv_heads"]) if g not in rep.removed[i]["groups"]]
+        assert {per_group[g] for g in kept} == {qpk - heads_left // kv_left}  # the same count from every group
+        assert small.model.layers[i].self_attn.num_key_value_groups == heads_left // kv_left
+    torch.testing.assert_close(logits(small), logits(_zero_query_heads(model, rep)), atol=1e-5, rtol=1e-5)
+    small.save_pretrained(tmp_path)
+    assert torch.equal(logits(small), logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval()))
+
+
+def test_query_heads_chosen_by_their_weights():
+    model = make_tiny("llama", num_heads=8, num_kv_heads=2)
+    hd = P.head_dim(model)
+    with torch.no_grad():  # query heads 1 and 6 of layer 0 get tiny weights: they must be the ones to go
+        for h in (1, 6):
+            model.model.layers[0].self_attn.q_proj.weight[h * hd:(h + 1) * hd] *= 1e-3
+            model.model.layers[0].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] *= 1e-3
+    rep = P.prune_(model, PruneConfig(ratio=0.0, target="mlp", query_ratio=0.5))
+    assert {1, 6} <= set(rep.removed[0]["queries"])
+
+
+def test_query_ratio_that_cannot_be_met_names_the_allowed_ones(tiny_llama):
+    llama8 = make_tiny("llama", num_heads=8, num_kv_heads=2)  # 4 per group; 6 heads would break hidden % heads
+    with pytest.raises(ValueError, match=r"allowed query ratios here: \[0.5, 0.75\]"):
+        P.plan(llama8, PruneConfig(ratio=0.3, query_ratio=0.25))
+    mha = make_tiny("llama", num_heads=4, num_kv_heads=4)
+    with pytest.raises(ValueError, match="single query head"):
+        P.plan(mha, PruneConfig(ratio=0.3, query_ratio=0.5))
+    with pytest.raises(ValueError, match="structured' only"):
+        PruneConfig(method="unstructured", query_ratio=0.5)
+    with pytest.raises(ValueError, match="same number of query heads"):
+        P.prune_query_heads_(tiny_llama.model.layers[0], [0, 1], P.head_dim(tiny_llama))  # both from group 0

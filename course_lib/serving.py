@@ -532,6 +532,60 @@ def compare_policies(model, requests: list[Request], max_batch: int = 8) -> list
     return [serve(scratch, requests, ServeConfig(p, max_batch)).summary() for p in POLICIES]
 
 
+# --- measuring the paged server's features: interleaved runs, one long prompt ---------
+
+def interleaved_runs(model, requests: list[Request], configs: dict[str, ServeConfig],
+                     rounds: int = 3) -> dict[str, list[ServeReport]]:
+    """Serve the same ``requests`` under each config, round after round (a, b, a, b, ...): the reports per name.
+
+    A drift of the machine (another job, a clock change) then lands on every config alike, as in
+    :func:`course_lib.timing.compare`; one untimed warm-up run per config first.
+    """
+    check_int("rounds", rounds, 1)
+    if not isinstance(configs, dict) or not configs or not all(isinstance(c, ServeConfig) for c in configs.values()):
+        raise ValueError("configs must be a non-empty dict {name: ServeConfig(...)}")
+    scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+    for cfg in configs.values():
+        serve(scratch, requests[: min(len(requests), 2)], cfg)
+    out: dict[str, list[ServeReport]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, cfg in configs.items():
+            out[name].append(serve(scratch, requests, cfg))
+    return out
+
+
+def spread(values: list[float]):
+    """Median and p10-p90 of per-round values (seconds on the simulated clock) as a timing BenchResult,
+    so :func:`course_lib.timing.speed_verdict` can judge them."""
+    from .timing import BenchResult
+
+    return BenchResult.from_times(list(values), "simulated clock")
+
+
+def with_long_prompt(n_short: int, vocab: int, long_len: int, short_new: int = 24, short_prompt: int = 16,
+                     seed: int = 0) -> tuple[list[Request], int]:
+    """``n_short`` requests that arrive together and decode ``short_new`` tokens, then one ``long_len``-token
+    prompt arriving while they decode: (requests, the long one's rid). What chunked prefill is for."""
+    for name, v in (("n_short", n_short), ("vocab", vocab), ("long_len", long_len), ("short_new", short_new),
+                    ("short_prompt", short_prompt)):
+        check_int(name, v, 1)
+    rng = random.Random(seed)
+    reqs = [Request(i, 0.0, tuple(rng.randrange(vocab) for _ in range(short_prompt)), short_new)
+            for i in range(n_short)]
+    # arrives "just after" the others were admitted: the clock jumps past it during their prefill
+    reqs.append(Request(n_short, 1e-9, tuple(rng.randrange(vocab) for _ in range(long_len)), 2))
+    return reqs, n_short
+
+
+def others_latency(report: ServeReport, rid: int) -> dict:
+    """How the requests other than ``rid`` fared: median TPOT and median worst gap between two tokens."""
+    rest = [f for f in report.finished if f.rid != rid]
+    if not rest:
+        raise ValueError(f"no request other than {rid} in this report")
+    return dict(tpot_p50_s=statistics.median(f.tpot_s for f in rest),
+                max_gap_p50_s=statistics.median(f.max_gap_s for f in rest))
+
+
 # --- batch size vs latency vs throughput -------------------------------------------
 
 def batch_sweep(model, batch_sizes: list[int], context: int = 64, warmup: int = 2,

@@ -161,8 +161,14 @@ def test_serve_bench_suite_rows(monkeypatch):
         make_tiny("llama", vocab=128), make_tiny("llama", vocab=128).config))
     out = suite.run(quick=True)
     methods = [r["method"] for r in out["rows"]]
-    assert methods == ["batch-1", "batch-2", "batch-4", "batch-8", "static-b8", "continuous-b8"]
+    assert methods == ["batch-1", "batch-2", "batch-4", "batch-8", "static-b8", "continuous-b8", "paged-b8",
+                       "prefix-off", "prefix-on", "chunk-none", "chunk-32"]
     assert all(r["suite"] == "serve" and r["throughput_tok_s"] > 0 for r in out["rows"])
+    rows = {r["method"]: r for r in out["rows"]}
+    assert rows["paged-b8"]["kv_paged_peak_mb"] < rows["paged-b8"]["kv_contiguous_peak_mb"]
+    assert rows["prefix-off"]["prefill_tokens_skipped"] == 0 < rows["prefix-on"]["prefill_tokens_skipped"]
+    assert all(rows[m]["rounds"] >= 3 for m in ("prefix-on", "chunk-none", "chunk-32"))  # medians, not one sample
+    assert rows["chunk-32"]["others_tpot_p10_ms"] <= rows["chunk-32"]["others_tpot_ms"]
     assert all("decode_tok_s" not in r for r in out["rows"])  # batch throughput is not batch-1 speed
 
 

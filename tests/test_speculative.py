@@ -161,7 +161,7 @@ def tv(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.5 * float((a - b).abs().sum())
 
 
-def first_token_distribution(verify, k: int, n: int = 20000, seed: int = 0) -> torch.Tensor:
+def first_token_distribution(verify, k: int, n: int = 8000, seed: int = 0) -> torch.Tensor:
     """Empirical distribution of the first kept token of a round whose guesses were drawn from q."""
     g = torch.Generator().manual_seed(seed)
     p = torch.stack([P0] + [torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])] * k)
@@ -189,13 +189,13 @@ def resample_from_p(p, q, guesses, g):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_verify_sampled_emits_the_targets_distribution(k):
-    # 20000 seeded draws: the sampling error of a total-variation estimate over 5 outcomes is ~0.005
-    assert tv(first_token_distribution(verify_sampled, k), P0) < 0.015
+    # 8000 seeded draws: the sampling error of a total-variation estimate over 5 outcomes is ~0.008
+    assert tv(first_token_distribution(verify_sampled, k), P0) < 0.025
 
 
 def test_a_wrong_acceptance_rule_fails_the_same_test():
-    assert tv(first_token_distribution(accept_always, 1, n=5000), P0) > 0.3  # that is the draft's q
-    assert tv(first_token_distribution(resample_from_p, 1, n=5000), P0) > 0.1
+    assert tv(first_token_distribution(accept_always, 1, n=4000), P0) > 0.3  # that is the draft's q
+    assert tv(first_token_distribution(resample_from_p, 1, n=4000), P0) > 0.1
 
 
 def test_verify_sampled_edge_cases():
@@ -254,13 +254,13 @@ def test_speculative_sampling_has_the_targets_distribution(sampling_pair, monkey
     def spec(k):
         return lambda g: speculative_sample(target, draft, prompt, 2, k=k, generator=g).tokens
 
-    n = 1500  # seeded: the TV estimate over 36 outcomes has a sampling error of ~0.04 at this n
+    n = 600  # seeded; at this n the TV estimate over these 36 outcomes is ~0.07 from sampling noise alone
     for k in (1, 2):  # k=1: the second token comes from a bonus token or a second round; k=2: one round
-        assert tv(sampled_joint(spec(k), n, 6), want) < 0.08
+        assert tv(sampled_joint(spec(k), n, 6), want) < 0.12
     plain = sampled_joint(lambda g: sample_reference(target, prompt, 2, generator=g)[0], n, 6)
-    assert tv(plain, want) < 0.08  # the reference sampler is held to the same bound
+    assert tv(plain, want) < 0.12  # the reference sampler is held to the same bound
     monkeypatch.setattr("course_lib.speculative.verify_sampled", accept_always)
-    assert tv(sampled_joint(spec(2), n, 6), want) > 0.25  # the test would catch the accept-always rule
+    assert tv(sampled_joint(spec(2), n, 6), want) > 0.4  # the test catches the accept-always rule
 
 
 def test_speculative_sampling_bookkeeping_and_seeds(sampling_pair):

@@ -401,6 +401,36 @@ def serve(model, requests: list[Request], cfg: ServeConfig, progress: bool = Fal
     return ServeReport(cfg.policy, cfg.max_batch, tuple(done), steps, busy, computed, makespan, tuple(trace))
 
 
+def schedule_step(running: list[tuple[int, int, int, int]], waiting: list[tuple[int, int]], max_batch: int,
+                  free_blocks: int) -> tuple[list[int], list[int], int]:
+    """One continuous-batching scheduler step, the rule :func:`serve` follows with ``kv="paged"``.
+
+    ``running``: (rid, tokens done, tokens wanted, KV blocks held) per request in the batch; ``waiting``:
+    (rid, KV blocks it needs) in arrival order; ``free_blocks``: blocks in the pool nobody holds.
+
+    1. requests that have all their tokens leave, and their blocks go back to the pool;
+    2. waiting requests join from the head of the queue, in order, while the batch has fewer than
+       ``max_batch`` rows and their blocks fit; the first one that does not fit stops admission
+       (first come, first served: a small request never overtakes a big one that waits longer).
+
+    Returns (rids in the next step's batch, rids still waiting, free blocks left).
+    """
+    check_int("max_batch", max_batch, 1)
+    check_int("free_blocks", free_blocks, 0)
+    batch = []
+    for rid, done, wanted, held in running:
+        if done >= wanted:
+            free_blocks += held
+        else:
+            batch.append(rid)
+    queue = list(waiting)
+    while queue and len(batch) < max_batch and queue[0][1] <= free_blocks:
+        rid, need = queue.pop(0)
+        batch.append(rid)
+        free_blocks -= need
+    return batch, [rid for rid, _ in queue], free_blocks
+
+
 def _serve_paged(scratch: ScratchLlama, requests: list[Request], cfg: ServeConfig, progress: bool) -> ServeReport:
     """Continuous batching over a paged KV cache, with optional prefix caching and chunked prefill.
 

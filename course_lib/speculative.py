@@ -364,12 +364,15 @@ def greedy_reference(model, prompt, max_new_tokens: int = 32, tokenizer=None,
 
 def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_tokens: int = 64,
             repeat: int = 3) -> list[dict]:
-    """Acceptance and tokens/s for several k (greedy), next to the target alone (median of ``repeat`` runs).
+    """Acceptance and tokens/s for several k (greedy), next to the target alone, timed interleaved.
 
-    Each row has ``acceptance_rate`` (accepted / proposed), ``alpha`` (per guess, what the expected-tokens
-    formula needs), ``tokens_per_round`` measured and ``predicted_tokens_per_round`` from alpha.
+    The target alone and every k run round after round (:func:`course_lib.timing.compare`, ``repeat``
+    rounds after one warm-up), so their ratios hold on a shared machine. Each row has ``acceptance_rate``
+    (accepted / proposed), ``alpha`` (per guess, what the expected-tokens formula needs),
+    ``tokens_per_round`` measured and ``predicted_tokens_per_round`` from alpha, the median tokens/s with its
+    p10-p90 range, and ``verdict``: :func:`course_lib.timing.speed_verdict` against the target alone.
     """
-    import statistics
+    from .timing import compare, speed_verdict
 
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
@@ -377,23 +380,26 @@ def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_toke
         raise ValueError(f"ks must be a non-empty list of draft lengths (e.g. [1, 2, 4]), got {ks!r}")
     for k in ks:
         check_pair(target, draft, k)
-    rows = []
-    ref_times = []
-    for _ in range(repeat + 1):  # the first run warms up
-        ref, s = greedy_reference(target, prompt_ids, max_new_tokens)
-        ref_times.append(s)
-    base = max_new_tokens / statistics.median(ref_times[1:])
-    rows.append({"method": "target-greedy", "k": 0, "tok_s": base, "speedup": 1.0, "acceptance_rate": None,
-                 "alpha": None, "tokens_per_round": 1.0, "predicted_tokens_per_round": 1.0, "identical": True})
+    ref, _ = greedy_reference(target, prompt_ids, max_new_tokens)
+    results = {k: speculative_generate(target, draft, prompt_ids, max_new_tokens, k) for k in ks}
+    fns = {"target-greedy": lambda: greedy_reference(target, prompt_ids, max_new_tokens)}
     for k in ks:
-        runs = [speculative_generate(target, draft, prompt_ids, max_new_tokens, k) for _ in range(repeat + 1)]
-        res = runs[-1]
-        tok_s = max_new_tokens / statistics.median(r.seconds for r in runs[1:])
-        rows.append({"method": f"speculative-k{k}", "k": k, "tok_s": tok_s, "speedup": tok_s / base,
+        fns[f"speculative-k{k}"] = lambda k=k: speculative_generate(target, draft, prompt_ids, max_new_tokens, k)
+    times = compare(fns, rounds=repeat, warmup=1, device=next(target.parameters()).device)
+    base = times["target-greedy"]
+    n = len(ref)
+    rows = [{"method": "target-greedy", "k": 0, "tok_s": n / base.median, "tok_s_p10": n / base.p90,
+             "tok_s_p90": n / base.p10, "speedup": 1.0, "acceptance_rate": None, "alpha": None,
+             "tokens_per_round": 1.0, "predicted_tokens_per_round": 1.0, "identical": True, "verdict": ""}]
+    for k in ks:
+        res, t = results[k], times[f"speculative-k{k}"]
+        rows.append({"method": f"speculative-k{k}", "k": k, "tok_s": n / t.median, "tok_s_p10": n / t.p90,
+                     "tok_s_p90": n / t.p10, "speedup": base.median / t.median,
                      "acceptance_rate": res.acceptance_rate, "alpha": res.alpha,
                      "tokens_per_round": res.tokens_per_round,
                      "predicted_tokens_per_round": expected_tokens_per_round(res.alpha, k),
-                     "identical": res.tokens == ref})
+                     "identical": res.tokens == ref,
+                     "verdict": speed_verdict((f"speculative k={k}", t), ("the target alone", base))})
     return rows
 
 
@@ -403,9 +409,9 @@ def verify_cost(model, n_positions: list[int], context: int = 64, repeat: int = 
     This is the roofline question of speculative decoding: if checking n = k+1
     positions costs about as much as decoding one (memory-bound: the weights
     are read once either way), verification is nearly free. ``ratio`` is the
-    time relative to n = 1.
+    median time relative to n = 1; the sizes are timed interleaved (``repeat`` rounds).
     """
-    from .timing import benchmark
+    from .timing import compare
 
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -414,7 +420,7 @@ def verify_cost(model, n_positions: list[int], context: int = 64, repeat: int = 
     cache = DynamicCache()
     with torch.inference_mode():
         _step(model, ctx, cache)
-    rows = []
+    fns = {}
     for n in n_positions:
         new = torch.randint(0, vocab, (1, n), generator=g).to(device)
 
@@ -422,8 +428,10 @@ def verify_cost(model, n_positions: list[int], context: int = 64, repeat: int = 
             _step(model, new, cache)
             _rollback(cache, context)  # undo, so every call sees the same context
 
-        res = benchmark(once, warmup=2, repeat=repeat, device=device)
-        rows.append({"positions": n, "ms": res.median * 1e3})
+        fns[n] = once
+    res = compare(fns, rounds=repeat, warmup=2, device=device)
+    rows = [{"positions": n, "ms": r.median * 1e3, "p10_ms": r.p10 * 1e3, "p90_ms": r.p90 * 1e3}
+            for n, r in res.items()]
     for r in rows:
         r["ratio"] = r["ms"] / rows[0]["ms"]
     return rows

@@ -622,18 +622,38 @@ def batch_sweep(model, batch_sizes: list[int], context: int = 64, warmup: int = 
                 repeat: int = 5) -> list[dict]:
     """Decode step time at each batch size: throughput (tokens/s, all rows) vs latency per token.
 
-    One decode step reads every weight once for the whole batch, so while the
-    step stays memory-bound, doubling the batch nearly doubles throughput and
-    barely moves the per-request time per output token.
+    The batch sizes are timed **interleaved** (:func:`course_lib.timing.compare`, ``repeat`` rounds), so
+    their ratios hold on a shared machine; each row carries the median and p10-p90 of the step and the
+    BenchResult itself (``result``) for :func:`course_lib.timing.speed_verdict`.
+
+    One decode step reads every weight once for the whole batch, so while the step stays memory-bound,
+    doubling the batch nearly doubles throughput. Each user's time per output token does not stay flat,
+    though: at batch 1 every linear layer is a matrix-vector product (GEMV), from batch 2 on a
+    matrix-matrix product (GEMM) with another kernel, and per-row work (attention over each row's cache,
+    activations, the output head's logits) grows with the batch.
     """
-    from .roofline import measure_decode_step
+    from .generation import hf_forward
+    from .timing import compare
 
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1
                               for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes!r}")
-    rows = []
-    for b in tqdm(batch_sizes, desc="batch sweep", leave=False):
-        res = measure_decode_step(model, context=context, batch=b, warmup=warmup, repeat=repeat)
-        rows.append(dict(batch=b, step_ms=res.median * 1e3, tpot_ms=res.median * 1e3,
-                         throughput_tok_s=b / res.median, p10_ms=res.p10 * 1e3, p90_ms=res.p90 * 1e3))
-    return rows
+    check_int("context", context, 1, " (tokens in the cache before the timed step)")
+    dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    fns = {}
+    for b in batch_sizes:
+        prompt = torch.randint(0, vocab, (b, context), generator=g).to(dev)
+        tok = torch.randint(0, vocab, (b, 1), generator=g).to(dev)
+        with torch.inference_mode():
+            _, past = hf_forward(model, prompt)
+
+        def step(tok=tok, past=past):
+            hf_forward(model, tok, past)
+            past.crop(-1)  # drop the token just added: every sample sees the same context
+
+        fns[b] = step
+    res = compare(fns, rounds=repeat, warmup=warmup, device=dev)
+    return [dict(batch=b, step_ms=r.median * 1e3, tpot_ms=r.median * 1e3, throughput_tok_s=b / r.median,
+                 p10_ms=r.p10 * 1e3, p90_ms=r.p90 * 1e3, result=r) for b, r in res.items()]

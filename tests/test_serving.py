@@ -82,8 +82,9 @@ def test_single_request_and_one_token(model):
 def test_compare_and_sweep(model, requests_):
     rows = compare_policies(model, requests_[:4], max_batch=2)
     assert [r["policy"] for r in rows] == list(POLICIES)
-    sweep = batch_sweep(model, [1, 2], context=8, warmup=1, repeat=2)
+    sweep = batch_sweep(model, [1, 2], context=8, warmup=1, repeat=3)
     assert [r["batch"] for r in sweep] == [1, 2]
+    assert all(r["result"].count == 3 and r["p10_ms"] <= r["step_ms"] <= r["p90_ms"] for r in sweep)  # medians
     assert all(r["throughput_tok_s"] > 0 and r["step_ms"] > 0 for r in sweep)
 
 

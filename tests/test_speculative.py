@@ -106,6 +106,10 @@ def test_sweep_reports_every_k(pair):
     rows = sweep_k(target, drafts["layer-dropped"], torch.tensor([[1, 2, 3]]), [1, 3], max_new_tokens=12, repeat=1)
     assert [r["k"] for r in rows] == [0, 1, 3]
     assert all(r["identical"] for r in rows) and all(r["tok_s"] > 0 for r in rows)
+    for r in rows[1:]:  # timed interleaved against the target alone, judged by speed_verdict, alpha beside it
+        assert ("faster" in r["verdict"] or "slower" in r["verdict"] or "no measurable" in r["verdict"])
+        assert r["tok_s_p10"] <= r["tok_s"] <= r["tok_s_p90"] and r["acceptance_rate"] <= r["alpha"]
+        assert r["predicted_tokens_per_round"] == pytest.approx(expected_tokens_per_round(r["alpha"], r["k"]))
 
 
 @pytest.mark.skipif(not (EMBEDDED["course-tiny-student"] / "model.safetensors").is_file()

@@ -10,7 +10,9 @@ With streaming, end-to-end latency for an answer of ``n`` tokens is
 ``TTFT + (n - 1) * TPOT``. Each product sets its own targets. The presets
 below take the article's own example numbers (chapter 6) where it gives them,
 and human reading / speaking rates for the streaming speed; every target is
-written down with its reason so a learner can argue with it.
+written down with its reason so a learner can argue with it. ``BUDGETS`` is the
+course's one source of these numbers: every notebook that judges a latency
+reads them from here (:func:`budget_targets` gives the short form).
 """
 
 from __future__ import annotations
@@ -62,6 +64,34 @@ BUDGETS: dict[str, LatencyBudget] = {
 }
 
 
+def budget_targets(budgets: dict[str, LatencyBudget] | None = None) -> dict[str, tuple[float, float]]:
+    """{application: (max TTFT in ms, min decode tokens/s)} of the presets: the two numbers a quick check needs."""
+    return {name: (b.ttft_s * 1e3, b.min_tokens_per_s) for name, b in (budgets or BUDGETS).items()}
+
+
+def interleaved_generation(models: dict, prompt, new_tokens: int, rounds: int = 3) -> dict[str, dict]:
+    """TTFT and TPOT of several models, timed **interleaved** (one generation each per round, after a warm-up).
+
+    Returns {name: {"ttft": BenchResult, "tpot": BenchResult, "timing": GenerationTiming}}: the medians and
+    p10-p90 spreads over ``rounds`` (each round's TPOT is that run's median gap), ready for
+    :func:`course_lib.timing.speed_verdict`, and the last run's timing (for its token stamps).
+    """
+    from .timing import BenchResult, time_generation
+
+    check_int("rounds", rounds, 1)
+    if not isinstance(models, dict) or not models:
+        raise ValueError("models must be a non-empty dict {name: model}")
+    for m in models.values():
+        time_generation(m, None, prompt, max_new_tokens=2, warmup=0, repeat=1)
+    samples: dict[str, list] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            samples[name].append(time_generation(m, None, prompt, max_new_tokens=new_tokens, warmup=0, repeat=1))
+    return {name: dict(ttft=BenchResult.from_times([t.ttft_s for t in ts], "perf_counter"),
+                       tpot=BenchResult.from_times([t.tpot_s for t in ts], "perf_counter"), timing=ts[-1])
+            for name, ts in samples.items()}
+
+
 def e2e_seconds(ttft_s: float, tpot_s: float, answer_tokens: int) -> float:
     """End-to-end time of a streamed answer: first token, then ``answer_tokens - 1`` gaps."""
     _check_measured(ttft_s, tpot_s)
@@ -103,8 +133,12 @@ def roofline_timing(config, hw, weight_bits: float = 16, prompt_len: int = 256, 
     """Predicted (TTFT, TPOT) on hardware ``hw`` from the roofline model of :mod:`course_lib.roofline`.
 
     TTFT ~ one prefill of ``prompt_len`` tokens; TPOT ~ one decode step at
-    ``context`` cached tokens. The roofline is a lower bound: real kernels reach
-    60-90 % of peak, so treat the answer as "at best".
+    ``context`` cached tokens, through :func:`course_lib.roofline.predict` - the
+    model notebook 08 checks against measurements: with a measured machine
+    (:func:`course_lib.roofline.measure_machine`) the weights stream at the rate
+    its GEMV achieved, and ``overhead_s`` (:func:`course_lib.roofline.measure_step_overhead`)
+    adds the per-step cost the roofline leaves out. With vendor figures and no
+    overhead it is a best case.
     """
     from .roofline import decode_cost, predict, prefill_cost
 

@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_int, check_number
+from ._checks import check_flag, check_int, check_number
 from .kv_cache import KVCache, ScratchLlama
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("static", "continuous")
+KV_LAYOUTS = ("contiguous", "paged")
 
 
 @dataclass(frozen=True)
@@ -69,15 +70,41 @@ class Request:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """How the simulated server schedules: ``policy`` in POLICIES, at most ``max_batch`` rows at once."""
+    """How the simulated server schedules: ``policy`` in POLICIES, at most ``max_batch`` rows at once.
+
+    ``kv="paged"`` (continuous batching only) stores the KV cache in blocks of ``block_size`` tokens
+    (:mod:`course_lib.paged_kv`; ``kv_blocks`` of them, default: enough for ``max_batch`` requests of the
+    longest length), with ``prefix_cache`` reusing the blocks of a shared prompt prefix and
+    ``prefill_chunk`` splitting each prompt's prefill into chunks of that many tokens, one chunk between
+    two decode steps (None: a prompt is prefilled whole as soon as it is admitted).
+    """
 
     policy: str = "continuous"
     max_batch: int = 8
+    kv: str = "contiguous"
+    block_size: int = 16
+    kv_blocks: int | None = None
+    prefix_cache: bool = False
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         check_int("max_batch", self.max_batch, 1, " (the most rows decoded at once)")  # True is not a batch of 1
+        if self.kv not in KV_LAYOUTS:
+            raise ValueError(f"kv must be one of {KV_LAYOUTS}, got {self.kv!r}")
+        check_int("block_size", self.block_size, 1, " (tokens per KV block)")
+        if self.kv_blocks is not None:
+            check_int("kv_blocks", self.kv_blocks, 1, " (KV blocks in the pool), or None for enough")
+        if self.prefill_chunk is not None:
+            check_int("prefill_chunk", self.prefill_chunk, 1, " (prompt tokens per chunk), or None for whole")
+        check_flag("prefix_cache", self.prefix_cache)
+        paged_only = [n for n, on in (("prefix_cache", self.prefix_cache), ("prefill_chunk", self.prefill_chunk),
+                                      ("kv_blocks", self.kv_blocks)) if on]
+        if self.kv != "paged" and paged_only:
+            raise ValueError(f"{', '.join(paged_only)} need the paged KV cache: ServeConfig(kv='paged', ...)")
+        if self.kv == "paged" and self.policy != "continuous":
+            raise ValueError("the paged KV cache runs under continuous batching: use policy='continuous'")
 
 
 @dataclass(frozen=True)
@@ -90,6 +117,8 @@ class Finished:
     first_token_s: float
     finish_s: float
     tokens: tuple[int, ...]
+    token_times: tuple[float, ...] = field(default=(), repr=False)  # clock of each token (paged server)
+    prefill_skipped: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def ttft_s(self) -> float:
@@ -107,6 +136,12 @@ class Finished:
         n = len(self.tokens)
         return (self.finish_s - self.first_token_s) / (n - 1) if n > 1 else 0.0
 
+    @property
+    def max_gap_s(self) -> float:
+        """The longest wait between two consecutive tokens: the stall a user sees mid-answer."""
+        t = self.token_times
+        return max((b - a for a, b in zip(t, t[1:])), default=0.0)
+
 
 @dataclass(frozen=True)
 class ServeReport:
@@ -120,6 +155,7 @@ class ServeReport:
     computed_rows: int  # sum over decode steps of rows computed (static batching computes finished rows too)
     makespan_s: float  # first arrival to last token
     batch_trace: tuple[tuple[float, int], ...] = field(repr=False)  # (clock, rows in the step)
+    kv: dict = field(default_factory=dict, repr=False)  # paged server: memory and prefix-cache figures
 
     @property
     def tokens(self) -> int:
@@ -145,7 +181,7 @@ class ServeReport:
                     latency_p50_s=_q(lat, 0.5), latency_p90_s=_q(lat, 0.9),
                     tpot_p50_s=statistics.median(f.tpot_s for f in self.finished),
                     mean_batch=self.computed_rows / self.steps if self.steps else 0.0,
-                    wasted_frac=self.wasted_frac)
+                    wasted_frac=self.wasted_frac, **self.kv)
 
 
 def _q(sorted_vals: list[float], q: float) -> float:
@@ -156,12 +192,14 @@ def _q(sorted_vals: list[float], q: float) -> float:
 
 
 def poisson_requests(n: int, rate_per_s: float, vocab: int, prompt_len: tuple[int, int] = (8, 32),
-                     new_tokens: tuple[int, int] = (4, 32), seed: int = 0) -> list[Request]:
+                     new_tokens: tuple[int, int] = (4, 32), seed: int = 0, shared_prefix: int = 0) -> list[Request]:
     """``n`` requests with exponential gaps (a Poisson process at ``rate_per_s``) and random lengths.
 
     Real traffic is bursty and answer lengths vary a lot; that variety is what
     makes static batching waste slots. Lengths are uniform in the given
-    inclusive ranges; prompt tokens are random ids below ``vocab``.
+    inclusive ranges; prompt tokens are random ids below ``vocab``. With
+    ``shared_prefix`` > 0 every prompt starts with the same that many tokens
+    (a system prompt), followed by its own ``prompt_len`` tokens.
     """
     check_int("n", n, 1, " (the number of requests)")
     check_number("rate_per_s", rate_per_s, "> 0 and finite (requests per second)", lambda v: 0 < v < math.inf)
@@ -171,10 +209,12 @@ def poisson_requests(n: int, rate_per_s: float, vocab: int, prompt_len: tuple[in
                 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in rng_)
                 or rng_[0] < 1 or rng_[1] < rng_[0]):
             raise ValueError(f"{name} must be (lo, hi) ints with 1 <= lo <= hi, got {rng_!r}")
+    check_int("shared_prefix", shared_prefix, 0, " (tokens of a system prompt every request starts with)")
     rng = random.Random(seed)
+    system = tuple(rng.randrange(vocab) for _ in range(shared_prefix))
     t, out = 0.0, []
     for i in range(n):
-        prompt = tuple(rng.randrange(vocab) for _ in range(rng.randint(*prompt_len)))
+        prompt = system + tuple(rng.randrange(vocab) for _ in range(rng.randint(*prompt_len)))
         out.append(Request(i, t, prompt, rng.randint(*new_tokens)))
         t += rng.expovariate(rate_per_s)
     return out
@@ -309,6 +349,8 @@ def serve(model, requests: list[Request], cfg: ServeConfig, progress: bool = Fal
     if len({r.rid for r in requests}) != len(requests):
         raise ValueError("request ids (rid) must be unique")
     scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+    if cfg.kv == "paged":
+        return _serve_paged(scratch, requests, cfg, progress)
     queue = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
     max_len = 2 * max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
     state = _BatchState(scratch, cfg.max_batch, max_len)
@@ -359,6 +401,156 @@ def serve(model, requests: list[Request], cfg: ServeConfig, progress: bool = Fal
     return ServeReport(cfg.policy, cfg.max_batch, tuple(done), steps, busy, computed, makespan, tuple(trace))
 
 
+def schedule_step(running: list[tuple[int, int, int, int]], waiting: list[tuple[int, int]], max_batch: int,
+                  free_blocks: int) -> tuple[list[int], list[int], int]:
+    """One continuous-batching scheduler step, the rule :func:`serve` follows with ``kv="paged"``.
+
+    ``running``: (rid, tokens done, tokens wanted, KV blocks held) per request in the batch; ``waiting``:
+    (rid, KV blocks it needs) in arrival order; ``free_blocks``: blocks in the pool nobody holds.
+
+    1. requests that have all their tokens leave, and their blocks go back to the pool;
+    2. waiting requests join from the head of the queue, in order, while the batch has fewer than
+       ``max_batch`` rows and their blocks fit; the first one that does not fit stops admission
+       (first come, first served: a small request never overtakes a big one that waits longer).
+
+    Returns (rids in the next step's batch, rids still waiting, free blocks left).
+    """
+    check_int("max_batch", max_batch, 1)
+    check_int("free_blocks", free_blocks, 0)
+    batch = []
+    for rid, done, wanted, held in running:
+        if done >= wanted:
+            free_blocks += held
+        else:
+            batch.append(rid)
+    queue = list(waiting)
+    while queue and len(batch) < max_batch and queue[0][1] <= free_blocks:
+        rid, need = queue.pop(0)
+        batch.append(rid)
+        free_blocks -= need
+    return batch, [rid for rid, _ in queue], free_blocks
+
+
+def _serve_paged(scratch: ScratchLlama, requests: list[Request], cfg: ServeConfig, progress: bool) -> ServeReport:
+    """Continuous batching over a paged KV cache, with optional prefix caching and chunked prefill.
+
+    Each request's blocks are *reserved* (counted, not allocated) for its longest possible length when it is
+    admitted, so no request can run out of blocks mid-answer and nothing needs preempting; blocks are
+    *allocated* only as tokens arrive. Per scheduler iteration: admit what fits, then at most one prefill
+    chunk (with ``prefill_chunk``), then one decode step over every request that has its first token.
+    """
+    from .paged_kv import PagedKVCache
+
+    queue = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
+    bs = cfg.block_size
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+
+    def need(r: Request) -> int:
+        return -(-(len(r.prompt_ids) + r.max_new_tokens) // bs)
+
+    n_blocks = cfg.kv_blocks or cfg.max_batch * -(-longest // bs)
+    if n_blocks < max(need(r) for r in requests):
+        raise ValueError(f"kv_blocks={n_blocks} cannot hold the longest request ({longest} tokens = "
+                         f"{-(-longest // bs)} blocks of {bs}); give the cache more blocks")
+    cache = PagedKVCache(scratch.shape, n_blocks, bs, scratch.dtype, scratch.device, cfg.prefix_cache)
+    dev = scratch.device
+    rows: list[dict] = []
+    done: list[Finished] = []
+    reserved = steps = tokens_computed = 0
+    trace: list[tuple[float, int]] = []
+    peaks = dict(paged=0, contiguous=0, stored=0)
+    clock = queue[0].arrival_s
+    bar = tqdm(total=len(requests), desc="serve (paged)", disable=not progress)
+
+    def prefill(row: dict, n: int) -> float:
+        """Compute the next ``n`` prompt tokens of ``row``; the last chunk also yields the first token."""
+        nonlocal tokens_computed
+        prompt = row["req"].prompt_ids
+        start = row["prefilled"]
+        chunk = list(prompt[start:start + n])
+        t0 = time.perf_counter()
+        positions, key_mask = cache.begin([row["req"].rid], n)
+        logits = scratch(torch.tensor([chunk], device=dev), cache, positions, key_mask, last_only=True)
+        first = int(logits[0, -1].argmax()) if start + n == len(prompt) else None  # .item() synchronizes
+        dt = time.perf_counter() - t0
+        cache.commit([row["req"].rid], [chunk])
+        row["prefilled"] += n
+        tokens_computed += n
+        if first is not None:
+            row["tokens"].append(first)
+        return dt
+
+    def decode(batch: list[dict]) -> float:
+        sids = [r["req"].rid for r in batch]
+        last = [r["tokens"][-1] for r in batch]
+        t0 = time.perf_counter()
+        positions, key_mask = cache.begin(sids, 1)
+        logits = scratch(torch.tensor(last, device=dev)[:, None], cache, positions, key_mask, last_only=True)
+        nxt = logits[:, -1].argmax(-1).tolist()  # synchronizes
+        dt = time.perf_counter() - t0
+        cache.commit(sids, [[t] for t in last])
+        for r, t in zip(batch, nxt):
+            r["tokens"].append(t)
+        return dt
+
+    def measure() -> None:
+        stored = sum(cache.stored_tokens(r["req"].rid) for r in rows) * cache.bytes_per_token
+        peaks["paged"] = max(peaks["paged"], cache.used_bytes())
+        # a contiguous cache reserves the longest length for every admitted request, whatever it will use
+        peaks["contiguous"] = max(peaks["contiguous"], len(rows) * longest * cache.bytes_per_token)
+        peaks["stored"] = max(peaks["stored"], stored)
+
+    def is_done(r: dict) -> bool:
+        return len(r["tokens"]) >= r["req"].max_new_tokens
+
+    while queue or rows:
+        if not rows and queue[0].arrival_s > clock:
+            clock = queue[0].arrival_s  # idle: jump to the next arrival
+        while (queue and queue[0].arrival_s <= clock and len(rows) < cfg.max_batch
+               and reserved + need(queue[0]) <= n_blocks):
+            req = queue.pop(0)
+            reserved += need(req)
+            skipped = cache.add(req.rid, req.prompt_ids)
+            row = dict(req=req, prefilled=skipped, skipped=skipped, tokens=[], times=[], start=clock)
+            rows.append(row)
+            if cfg.prefill_chunk is None:
+                clock += prefill(row, len(req.prompt_ids) - skipped)
+                row["times"].append(clock)
+                measure()
+        if cfg.prefill_chunk is not None:
+            todo = next((r for r in rows if r["prefilled"] < len(r["req"].prompt_ids)), None)
+            if todo is not None:
+                clock += prefill(todo, min(cfg.prefill_chunk, len(todo["req"].prompt_ids) - todo["prefilled"]))
+                if todo["tokens"]:
+                    todo["times"].append(clock)
+                measure()
+        batch = [r for r in rows if r["tokens"] and not is_done(r)]
+        if batch:
+            clock += decode(batch)
+            steps += 1
+            trace.append((clock, len(batch)))
+            for r in batch:
+                r["times"].append(clock)
+            measure()
+        for r in [r for r in rows if is_done(r)]:
+            rows.remove(r)
+            cache.free(r["req"].rid)
+            reserved -= need(r["req"])
+            done.append(Finished(r["req"].rid, r["req"].arrival_s, r["start"], r["times"][0], r["times"][-1],
+                                 tuple(r["tokens"]), tuple(r["times"]), r["skipped"]))
+            bar.update(1)
+    bar.close()
+    done.sort(key=lambda f: f.rid)
+    makespan = max(f.finish_s for f in done) - min(r.arrival_s for r in requests)
+    busy = sum(n for _, n in trace)
+    mb = 1e6
+    kv = dict(kv_paged_peak_mb=peaks["paged"] / mb, kv_contiguous_peak_mb=peaks["contiguous"] / mb,
+              kv_stored_peak_mb=peaks["stored"] / mb, prefix_hit_blocks=cache.alloc.hits,
+              prefill_tokens_skipped=sum(f.prefill_skipped for f in done),
+              prefill_tokens_computed=tokens_computed, blocks_in_use_at_end=cache.alloc.used)
+    return ServeReport(cfg.policy, cfg.max_batch, tuple(done), steps, busy, busy, makespan, tuple(trace), kv)
+
+
 def compare_policies(model, requests: list[Request], max_batch: int = 8) -> list[dict]:
     """Static and continuous batching on the same requests: one summary row each.
 
@@ -370,24 +562,98 @@ def compare_policies(model, requests: list[Request], max_batch: int = 8) -> list
     return [serve(scratch, requests, ServeConfig(p, max_batch)).summary() for p in POLICIES]
 
 
+# --- measuring the paged server's features: interleaved runs, one long prompt ---------
+
+def interleaved_runs(model, requests: list[Request], configs: dict[str, ServeConfig],
+                     rounds: int = 3) -> dict[str, list[ServeReport]]:
+    """Serve the same ``requests`` under each config, round after round (a, b, a, b, ...): the reports per name.
+
+    A drift of the machine (another job, a clock change) then lands on every config alike, as in
+    :func:`course_lib.timing.compare`; one untimed warm-up run per config first.
+    """
+    check_int("rounds", rounds, 1)
+    if not isinstance(configs, dict) or not configs or not all(isinstance(c, ServeConfig) for c in configs.values()):
+        raise ValueError("configs must be a non-empty dict {name: ServeConfig(...)}")
+    scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+    for cfg in configs.values():
+        serve(scratch, requests[: min(len(requests), 2)], cfg)
+    out: dict[str, list[ServeReport]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, cfg in configs.items():
+            out[name].append(serve(scratch, requests, cfg))
+    return out
+
+
+def spread(values: list[float]):
+    """Median and p10-p90 of per-round values (seconds on the simulated clock) as a timing BenchResult,
+    so :func:`course_lib.timing.speed_verdict` can judge them."""
+    from .timing import BenchResult
+
+    return BenchResult.from_times(list(values), "simulated clock")
+
+
+def with_long_prompt(n_short: int, vocab: int, long_len: int, short_new: int = 24, short_prompt: int = 16,
+                     seed: int = 0) -> tuple[list[Request], int]:
+    """``n_short`` requests that arrive together and decode ``short_new`` tokens, then one ``long_len``-token
+    prompt arriving while they decode: (requests, the long one's rid). What chunked prefill is for."""
+    for name, v in (("n_short", n_short), ("vocab", vocab), ("long_len", long_len), ("short_new", short_new),
+                    ("short_prompt", short_prompt)):
+        check_int(name, v, 1)
+    rng = random.Random(seed)
+    reqs = [Request(i, 0.0, tuple(rng.randrange(vocab) for _ in range(short_prompt)), short_new)
+            for i in range(n_short)]
+    # arrives "just after" the others were admitted: the clock jumps past it during their prefill
+    reqs.append(Request(n_short, 1e-9, tuple(rng.randrange(vocab) for _ in range(long_len)), 2))
+    return reqs, n_short
+
+
+def others_latency(report: ServeReport, rid: int) -> dict:
+    """How the requests other than ``rid`` fared: median TPOT and median worst gap between two tokens."""
+    rest = [f for f in report.finished if f.rid != rid]
+    if not rest:
+        raise ValueError(f"no request other than {rid} in this report")
+    return dict(tpot_p50_s=statistics.median(f.tpot_s for f in rest),
+                max_gap_p50_s=statistics.median(f.max_gap_s for f in rest))
+
+
 # --- batch size vs latency vs throughput -------------------------------------------
 
 def batch_sweep(model, batch_sizes: list[int], context: int = 64, warmup: int = 2,
                 repeat: int = 5) -> list[dict]:
     """Decode step time at each batch size: throughput (tokens/s, all rows) vs latency per token.
 
-    One decode step reads every weight once for the whole batch, so while the
-    step stays memory-bound, doubling the batch nearly doubles throughput and
-    barely moves the per-request time per output token.
+    The batch sizes are timed **interleaved** (:func:`course_lib.timing.compare`, ``repeat`` rounds), so
+    their ratios hold on a shared machine; each row carries the median and p10-p90 of the step and the
+    BenchResult itself (``result``) for :func:`course_lib.timing.speed_verdict`.
+
+    One decode step reads every weight once for the whole batch, so while the step stays memory-bound,
+    doubling the batch nearly doubles throughput. Each user's time per output token does not stay flat,
+    though: at batch 1 every linear layer is a matrix-vector product (GEMV), from batch 2 on a
+    matrix-matrix product (GEMM) with another kernel, and per-row work (attention over each row's cache,
+    activations, the output head's logits) grows with the batch.
     """
-    from .decode_speed import measure_decode_step
+    from .generation import hf_forward
+    from .timing import compare
 
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1
                               for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes!r}")
-    rows = []
-    for b in tqdm(batch_sizes, desc="batch sweep", leave=False):
-        res = measure_decode_step(model, context=context, batch=b, warmup=warmup, repeat=repeat)
-        rows.append(dict(batch=b, step_ms=res.median * 1e3, tpot_ms=res.median * 1e3,
-                         throughput_tok_s=b / res.median, p10_ms=res.p10 * 1e3, p90_ms=res.p90 * 1e3))
-    return rows
+    check_int("context", context, 1, " (tokens in the cache before the timed step)")
+    dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    fns = {}
+    for b in batch_sizes:
+        prompt = torch.randint(0, vocab, (b, context), generator=g).to(dev)
+        tok = torch.randint(0, vocab, (b, 1), generator=g).to(dev)
+        with torch.inference_mode():
+            _, past = hf_forward(model, prompt)
+
+        def step(tok=tok, past=past):
+            hf_forward(model, tok, past)
+            past.crop(-1)  # drop the token just added: every sample sees the same context
+
+        fns[b] = step
+    res = compare(fns, rounds=repeat, warmup=warmup, device=dev)
+    return [dict(batch=b, step_ms=r.median * 1e3, tpot_ms=r.median * 1e3, throughput_tok_s=b / r.median,
+                 p10_ms=r.p10 * 1e3, p90_ms=r.p90 * 1e3, result=r) for b, r in res.items()]

@@ -6,7 +6,7 @@ weight. Checking k+1 positions in one pass reads the same weights once, so it
 costs barely more than checking one (until the arithmetic catches up with the
 memory traffic). Speculative decoding exploits that:
 
-1. the draft model (the distilled student) proposes k tokens greedily, one at a time (cheap);
+1. the draft model (the distilled student) proposes k tokens, one at a time (cheap);
 2. the target runs *one* forward pass over the last accepted token and the k guesses;
 3. the longest prefix of guesses the target agrees with is kept, plus the
    target's own token at the first disagreement (or a bonus token when all k
@@ -27,6 +27,21 @@ changes, and it pays when (accepted tokens per round) outweigh
 forward pass is dominated by fixed Python/dispatch overhead rather than by
 reading weights, the draft step costs nearly as much as the target step, and
 the gain shrinks or vanishes; the notebook measures both regimes.
+
+Sampling works too (:func:`speculative_sample`): the draft *samples* each guess from
+its distribution q, the target accepts guess x with probability min(1, p(x)/q(x))
+and, at the first rejection, draws a replacement from the residual max(0, p - q)
+(normalised); when all k pass it draws a bonus token from p. Then every emitted
+token has exactly the target's distribution p (Leviathan et al., 2023), which
+a statistical test checks over many samples. A guess is accepted with
+probability sum_x min(p(x), q(x)) = 1 - TV(p, q): the closer the draft's
+distribution, the more tokens per round.
+
+How many tokens a round yields depends on the *per-guess* acceptance rate
+alpha (P(guess i accepted | guesses 1..i-1 were)), not on accepted / proposed:
+guesses after a round's first rejection are thrown away unseen, so counting
+them as rejections undercounts alpha. With alpha, a round yields
+(1 - alpha^(k+1)) / (1 - alpha) tokens on average (:attr:`SpeculativeResult.alpha`).
 
 Both models keep their Hugging Face KV cache; rejected guesses are removed from
 the caches with ``DynamicCache.crop``.
@@ -56,11 +71,25 @@ class SpeculativeResult:
     proposed: int  # draft tokens offered for verification
     accepted: int  # draft tokens the target agreed with
     seconds: float
+    evaluated: int = 0  # draft tokens the verifier got to: every accepted one plus the first rejected one per round
 
     @property
     def acceptance_rate(self) -> float:
-        """Fraction of drafted tokens the target kept."""
+        """Fraction of drafted tokens the target kept (accepted / proposed).
+
+        Not the per-guess probability: the guesses after a round's first rejection count as "not accepted"
+        although the verifier never looked at them. Use :attr:`alpha` in the expected-tokens formula.
+        """
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Per-guess acceptance rate: P(a guess is accepted | the guesses before it in its round were).
+
+        Each round is a run of accepted guesses ended by one rejection (or by the end of the k guesses), so
+        accepted / (accepted + rejections) estimates it; this is the ``a`` of ``(1 - a^(k+1)) / (1 - a)``.
+        """
+        return self.accepted / self.evaluated if self.evaluated else 0.0
 
     @property
     def tokens_per_round(self) -> float:
@@ -105,6 +134,84 @@ def _eos_id(tokenizer, stop_at_eos: bool) -> int | None:
     return getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None
 
 
+def _check_new_tokens(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+
+
+def _speculate(target, draft, ids: torch.Tensor, max_new_tokens: int, k: int, eos: int | None,
+               propose, verify) -> SpeculativeResult:
+    """The loop both rules share: draft k, score them in one target pass, keep what ``verify`` keeps.
+
+    ``propose(draft_logits_row) -> (token, q_row)`` draws one guess (``q_row``: the distribution it was drawn
+    from, or None); ``verify(target_logits (k+1, V), guesses (k,), q_rows) -> (kept tokens, accepted)``, where
+    the kept tokens are the first ``accepted`` guesses plus one token of the target's.
+    """
+    device = ids.device
+    t0 = time.perf_counter()
+    t_cache, d_cache = DynamicCache(), DynamicCache()
+    # Prefill both models on the prompt minus its last token; that token is the first "pending" one.
+    # Invariant at the top of each round: the target cache holds every token but the last (`pending`);
+    # the draft cache holds every token but `draft_pending` (the last one or two).
+    if ids.shape[1] > 1:
+        _step(target, ids[:, :-1], t_cache)
+        _step(draft, ids[:, :-1], d_cache)
+    pending = ids[:, -1:]
+    draft_pending = pending
+    new: list[int] = []
+    rounds = proposed = accepted = evaluated = 0
+    while len(new) < max_new_tokens:
+        k_now = min(k, max_new_tokens - len(new))  # no point guessing past the end
+        n_ctx = t_cache.get_seq_length()
+        # 1. draft k tokens, one forward pass each.
+        guesses, q_rows = [], []
+        inp = draft_pending
+        for _ in range(k_now):
+            tok, q_row = propose(_step(draft, inp, d_cache)[0, -1])
+            guesses.append(tok)
+            q_rows.append(q_row)
+            inp = torch.tensor([[tok]], device=device)
+        # 2. the target scores the pending token and all k guesses in one pass.
+        logits = _step(target, torch.cat([pending, torch.tensor([guesses], device=device)], dim=1), t_cache)[0]
+        # 3. keep the accepted prefix, then one token of the target's.
+        kept, n = verify(logits, guesses, q_rows)
+        rounds += 1
+        proposed += k_now
+        looked_at = n + 1 if n < k_now else k_now  # the verifier stops at the first rejection
+        if eos is not None and eos in kept:
+            # Plain decoding would have stopped here: drop what follows EOS (even accepted guesses).
+            cut = kept.index(eos) + 1
+            accepted += min(n, cut)
+            evaluated += min(looked_at, cut)
+            new.extend(kept[:cut])
+            break
+        accepted += n
+        evaluated += looked_at
+        new.extend(kept)
+        # Roll the caches back to the kept tokens (the last kept token becomes pending).
+        _rollback(t_cache, n_ctx + 1 + n)
+        if n < k_now:
+            _rollback(d_cache, n_ctx + 1 + n)
+            draft_pending = torch.tensor([[kept[-1]]], device=device)
+        else:  # the draft never saw its own last guess: feed it together with the bonus token next round
+            draft_pending = torch.tensor([[guesses[-1], kept[-1]]], device=device)
+        pending = torch.tensor([[kept[-1]]], device=device)
+    return SpeculativeResult(new[:max_new_tokens], k, rounds, proposed, accepted, time.perf_counter() - t0,
+                             evaluated)
+
+
+def _greedy_propose(row: torch.Tensor):
+    return int(row.argmax()), None
+
+
+def _greedy_verify(logits: torch.Tensor, guesses: list[int], _q_rows) -> tuple[list[int], int]:
+    best = logits.argmax(-1).tolist()  # best[i]: the target's token after position i of the chunk
+    n = 0
+    while n < len(guesses) and guesses[n] == best[n]:
+        n += 1
+    return guesses[:n] + [best[n]], n
+
+
 @torch.inference_mode()
 def speculative_generate(target, draft, prompt, max_new_tokens: int = 32, k: int = 4,
                          tokenizer=None, stop_at_eos: bool = True) -> SpeculativeResult:
@@ -119,62 +226,114 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 32, k: int
     docstring).
     """
     check_pair(target, draft, k)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    device = next(target.parameters()).device
-    ids = _prompt_ids(tokenizer, prompt, device)
+    _check_new_tokens(max_new_tokens)
+    ids = _prompt_ids(tokenizer, prompt, next(target.parameters()).device)
     if ids.shape[0] != 1:
         raise ValueError("speculative_generate handles one prompt at a time (batch size 1)")
+    return _speculate(target, draft, ids, max_new_tokens, k, _eos_id(tokenizer, stop_at_eos),
+                      _greedy_propose, _greedy_verify)
+
+
+# --- sampling ---------------------------------------------------------------------
+
+def verify_sampled(p: torch.Tensor, q: torch.Tensor, guesses, generator: torch.Generator | None = None
+                   ) -> tuple[list[int], int]:
+    """The sampling verifier of one round (Leviathan et al. 2023; Chen et al. 2023): (kept tokens, accepted).
+
+    ``p`` (k+1, V): the target's probabilities at the pending token and after each guess; ``q`` (k, V): the
+    draft's probabilities each guess was drawn from; ``guesses``: the k drafted token ids. Guess x at position
+    i is accepted with probability min(1, p_i(x) / q_i(x)); at the first rejection one token is drawn from the
+    residual max(0, p_i - q_i), normalised, and the round ends; if all k are accepted a bonus token is drawn
+    from p_k. Every kept token is then distributed exactly as the target's own sample would be.
+    """
+    guesses = [int(g) for g in guesses]
+    k = len(guesses)
+    if p.dim() != 2 or q.dim() != 2 or p.shape[0] != k + 1 or q.shape[0] != k or p.shape[1] != q.shape[1]:
+        raise ValueError(f"p must be (k+1, V) and q (k, V) for k={k} guesses; got p {tuple(p.shape)}, "
+                         f"q {tuple(q.shape)}")
+    for i, x in enumerate(guesses):
+        u = float(torch.rand((), generator=generator, device=p.device))
+        if u * float(q[i, x]) < float(p[i, x]):  # u < p/q, without dividing by a q(x) that may be tiny
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        total = float(residual.sum())
+        # total is 0 only if p == q up to rounding, where a rejection has probability ~0: fall back to p
+        dist = residual / total if total > 0 else p[i]
+        return guesses[:i] + [int(torch.multinomial(dist, 1, generator=generator))], i
+    return guesses + [int(torch.multinomial(p[k], 1, generator=generator))], k
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a number > 0 (1.0: the model's own distribution; for "
+                         f"temperature 0 use the greedy speculative_generate), got {temperature!r}")
+
+
+def _generator(seed, generator, device) -> torch.Generator:
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator (or None, then seed is used), got {generator!r}")
+        return generator
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+@torch.inference_mode()
+def speculative_sample(target, draft, prompt, max_new_tokens: int = 32, k: int = 4, temperature: float = 1.0,
+                       seed: int = 0, generator: torch.Generator | None = None, tokenizer=None,
+                       stop_at_eos: bool = True) -> SpeculativeResult:
+    """Sampling speculative decoding (batch size 1): samples from the *target's* distribution, k at a time.
+
+    The draft samples each guess from its own distribution q (softmax of logits / ``temperature``); the target
+    scores them all in one pass and :func:`verify_sampled` keeps or replaces them. The output is not the
+    target's sample for a given seed, but it has exactly the target's distribution (a test checks it over many
+    samples); only the number of target passes changes. ``seed`` (or a ``generator`` on the model's device)
+    makes a run repeatable. EOS handling as in :func:`speculative_generate`.
+    """
+    check_pair(target, draft, k)
+    _check_new_tokens(max_new_tokens)
+    _check_temperature(temperature)
+    device = next(target.parameters()).device
+    gen = _generator(seed, generator, device)
+    ids = _prompt_ids(tokenizer, prompt, device)
+    if ids.shape[0] != 1:
+        raise ValueError("speculative_sample handles one prompt at a time (batch size 1)")
+
+    def propose(row):
+        q = torch.softmax(row.float() / temperature, -1)
+        return int(torch.multinomial(q, 1, generator=gen)), q
+
+    def verify(logits, guesses, q_rows):
+        return verify_sampled(torch.softmax(logits.float() / temperature, -1), torch.stack(q_rows), guesses, gen)
+
+    return _speculate(target, draft, ids, max_new_tokens, k, _eos_id(tokenizer, stop_at_eos), propose, verify)
+
+
+@torch.inference_mode()
+def sample_reference(model, prompt, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
+                     generator: torch.Generator | None = None, tokenizer=None,
+                     stop_at_eos: bool = True) -> tuple[list[int], float]:
+    """The model alone, sampling at ``temperature`` with its KV cache, one token per pass: (tokens, seconds)."""
+    _check_new_tokens(max_new_tokens)
+    _check_temperature(temperature)
+    device = next(model.parameters()).device
+    gen = _generator(seed, generator, device)
+    ids = _prompt_ids(tokenizer, prompt, device)
     eos = _eos_id(tokenizer, stop_at_eos)
     t0 = time.perf_counter()
-    t_cache, d_cache = DynamicCache(), DynamicCache()
-    # Prefill both models on the prompt minus its last token; that token is the first "pending" one.
-    # Invariant at the top of each round: the target cache holds every token but the last (`pending`);
-    # the draft cache holds every token but `draft_pending` (the last one or two).
-    if ids.shape[1] > 1:
-        _step(target, ids[:, :-1], t_cache)
-        _step(draft, ids[:, :-1], d_cache)
-    pending = ids[:, -1:]
-    draft_pending = pending
+    cache = DynamicCache()
+    logits = _step(model, ids, cache)[0, -1]
     new: list[int] = []
-    rounds = proposed = accepted = 0
-    while len(new) < max_new_tokens:
-        k_now = min(k, max_new_tokens - len(new))  # no point guessing past the end
-        n_ctx = t_cache.get_seq_length()
-        # 1. draft k tokens greedily, one forward pass each.
-        guesses = []
-        inp = draft_pending
-        for _ in range(k_now):
-            nxt = _step(draft, inp, d_cache)[:, -1].argmax(-1, keepdim=True)
-            guesses.append(nxt)
-            inp = nxt
-        guess = torch.cat(guesses, dim=1)  # (1, k)
-        # 2. the target scores the pending token and all k guesses in one pass.
-        logits = _step(target, torch.cat([pending, guess], dim=1), t_cache)[0]
-        best = logits.argmax(-1)  # best[i]: the target's token after position i of the chunk
-        # 3. keep the agreeing prefix, then the target's own token.
-        agree = (best[:k_now] == guess[0]).long()
-        n = int(agree.cumprod(0).sum())
-        kept = guess[0, :n].tolist() + [int(best[n])]
-        rounds += 1
-        proposed += k_now
-        if eos is not None and eos in kept:
-            # Plain greedy decoding would have stopped here: drop what follows EOS (even accepted guesses).
-            cut = kept.index(eos) + 1
-            accepted += min(n, cut)
-            new.extend(kept[:cut])
+    for i in range(max_new_tokens):
+        nxt = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen))
+        new.append(nxt)
+        if nxt == eos:
             break
-        accepted += n
-        new.extend(kept)
-        # Roll the caches back to the kept tokens (the last kept token becomes pending).
-        _rollback(t_cache, n_ctx + 1 + n)
-        if n < k_now:
-            _rollback(d_cache, n_ctx + 1 + n)
-            draft_pending = best[n].view(1, 1)
-        else:  # the draft never saw its own last guess: feed it together with the bonus token next round
-            draft_pending = torch.tensor([[guess[0, -1].item(), kept[-1]]], device=device)
-        pending = best[n].view(1, 1)
-    return SpeculativeResult(new[:max_new_tokens], k, rounds, proposed, accepted, time.perf_counter() - t0)
+        if i + 1 < max_new_tokens:
+            logits = _step(model, torch.tensor([[nxt]], device=device), cache)[0, -1]
+    return new, time.perf_counter() - t0
 
 
 @torch.inference_mode()
@@ -205,8 +364,15 @@ def greedy_reference(model, prompt, max_new_tokens: int = 32, tokenizer=None,
 
 def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_tokens: int = 64,
             repeat: int = 3) -> list[dict]:
-    """Acceptance rate and tokens/s for several k, next to the target alone (median of ``repeat`` runs)."""
-    import statistics
+    """Acceptance and tokens/s for several k (greedy), next to the target alone, timed interleaved.
+
+    The target alone and every k run round after round (:func:`course_lib.timing.compare`, ``repeat``
+    rounds after one warm-up), so their ratios hold on a shared machine. Each row has ``acceptance_rate``
+    (accepted / proposed), ``alpha`` (per guess, what the expected-tokens formula needs),
+    ``tokens_per_round`` measured and ``predicted_tokens_per_round`` from alpha, the median tokens/s with its
+    p10-p90 range, and ``verdict``: :func:`course_lib.timing.speed_verdict` against the target alone.
+    """
+    from .timing import compare, speed_verdict
 
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
@@ -214,21 +380,26 @@ def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_toke
         raise ValueError(f"ks must be a non-empty list of draft lengths (e.g. [1, 2, 4]), got {ks!r}")
     for k in ks:
         check_pair(target, draft, k)
-    rows = []
-    ref_times = []
-    for _ in range(repeat + 1):  # the first run warms up
-        ref, s = greedy_reference(target, prompt_ids, max_new_tokens)
-        ref_times.append(s)
-    base = max_new_tokens / statistics.median(ref_times[1:])
-    rows.append({"method": "target-greedy", "k": 0, "tok_s": base, "speedup": 1.0, "acceptance_rate": None,
-                 "tokens_per_round": 1.0, "identical": True})
+    ref, _ = greedy_reference(target, prompt_ids, max_new_tokens)
+    results = {k: speculative_generate(target, draft, prompt_ids, max_new_tokens, k) for k in ks}
+    fns = {"target-greedy": lambda: greedy_reference(target, prompt_ids, max_new_tokens)}
     for k in ks:
-        runs = [speculative_generate(target, draft, prompt_ids, max_new_tokens, k) for _ in range(repeat + 1)]
-        res = runs[-1]
-        tok_s = max_new_tokens / statistics.median(r.seconds for r in runs[1:])
-        rows.append({"method": f"speculative-k{k}", "k": k, "tok_s": tok_s, "speedup": tok_s / base,
-                     "acceptance_rate": res.acceptance_rate, "tokens_per_round": res.tokens_per_round,
-                     "identical": res.tokens == ref})
+        fns[f"speculative-k{k}"] = lambda k=k: speculative_generate(target, draft, prompt_ids, max_new_tokens, k)
+    times = compare(fns, rounds=repeat, warmup=1, device=next(target.parameters()).device)
+    base = times["target-greedy"]
+    n = len(ref)
+    rows = [{"method": "target-greedy", "k": 0, "tok_s": n / base.median, "tok_s_p10": n / base.p90,
+             "tok_s_p90": n / base.p10, "speedup": 1.0, "acceptance_rate": None, "alpha": None,
+             "tokens_per_round": 1.0, "predicted_tokens_per_round": 1.0, "identical": True, "verdict": ""}]
+    for k in ks:
+        res, t = results[k], times[f"speculative-k{k}"]
+        rows.append({"method": f"speculative-k{k}", "k": k, "tok_s": n / t.median, "tok_s_p10": n / t.p90,
+                     "tok_s_p90": n / t.p10, "speedup": base.median / t.median,
+                     "acceptance_rate": res.acceptance_rate, "alpha": res.alpha,
+                     "tokens_per_round": res.tokens_per_round,
+                     "predicted_tokens_per_round": expected_tokens_per_round(res.alpha, k),
+                     "identical": res.tokens == ref,
+                     "verdict": speed_verdict((f"speculative k={k}", t), ("the target alone", base))})
     return rows
 
 
@@ -238,9 +409,9 @@ def verify_cost(model, n_positions: list[int], context: int = 64, repeat: int = 
     This is the roofline question of speculative decoding: if checking n = k+1
     positions costs about as much as decoding one (memory-bound: the weights
     are read once either way), verification is nearly free. ``ratio`` is the
-    time relative to n = 1.
+    median time relative to n = 1; the sizes are timed interleaved (``repeat`` rounds).
     """
-    from .timing import benchmark
+    from .timing import compare
 
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -249,7 +420,7 @@ def verify_cost(model, n_positions: list[int], context: int = 64, repeat: int = 
     cache = DynamicCache()
     with torch.inference_mode():
         _step(model, ctx, cache)
-    rows = []
+    fns = {}
     for n in n_positions:
         new = torch.randint(0, vocab, (1, n), generator=g).to(device)
 
@@ -257,26 +428,43 @@ def verify_cost(model, n_positions: list[int], context: int = 64, repeat: int = 
             _step(model, new, cache)
             _rollback(cache, context)  # undo, so every call sees the same context
 
-        res = benchmark(once, warmup=2, repeat=repeat, device=device)
-        rows.append({"positions": n, "ms": res.median * 1e3})
+        fns[n] = once
+    res = compare(fns, rounds=repeat, warmup=2, device=device)
+    rows = [{"positions": n, "ms": r.median * 1e3, "p10_ms": r.p10 * 1e3, "p90_ms": r.p90 * 1e3}
+            for n, r in res.items()]
     for r in rows:
         r["ratio"] = r["ms"] / rows[0]["ms"]
     return rows
 
 
-def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_ratio: float) -> float:
-    """Speed-up over plain decoding if each guess is accepted independently with prob. ``acceptance``.
+def expected_tokens_per_round(alpha: float, k: int) -> float:
+    """Mean new tokens per target pass if each guess is accepted with probability ``alpha`` given the ones before.
 
-    A round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps
-    (each ``draft_cost`` times a target decode step) plus one verification
-    (``verify_ratio`` times a target decode step).
+    Guess i survives with probability alpha^i, and the round always adds one target token:
+    1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha). ``alpha`` is the per-guess rate
+    (:attr:`SpeculativeResult.alpha`), not accepted / proposed.
     """
+    _check_acceptance(alpha, k)
+    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def _check_acceptance(acceptance, k) -> None:
     if isinstance(acceptance, bool) or not isinstance(acceptance, numbers.Real) or not 0 <= acceptance <= 1:
         raise ValueError(f"acceptance must be a probability in [0, 1], got {acceptance!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k (draft tokens per round) must be an int >= 1, got {k!r}")
+
+
+def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_ratio: float) -> float:
+    """Speed-up over plain decoding if each guess is accepted independently with prob. ``acceptance``.
+
+    ``acceptance`` is the per-guess rate alpha (:attr:`SpeculativeResult.alpha`).
+    A round yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps
+    (each ``draft_cost`` times a target decode step) plus one verification
+    (``verify_ratio`` times a target decode step).
+    """
+    _check_acceptance(acceptance, k)
     for name, v in (("draft_cost", draft_cost), ("verify_ratio", verify_ratio)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
             raise ValueError(f"{name} must be a finite number > 0 (a cost relative to one target step), got {v!r}")
-    tokens = k + 1 if acceptance >= 1 else (1 - acceptance ** (k + 1)) / (1 - acceptance)
-    return tokens / (k * draft_cost + verify_ratio)
+    return expected_tokens_per_round(acceptance, k) / (k * draft_cost + verify_ratio)

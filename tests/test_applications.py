@@ -79,3 +79,27 @@ def test_a_one_token_answer_has_no_gap_and_infinite_tpot_headroom():
     assert row["meets_all"] and row["headroom"] == pytest.approx(0.5 / 0.2)
     with pytest.raises(ValueError, match="answer_tokens"):
         e2e_seconds(0.5, 0.1, 2.5)
+
+
+def test_budget_targets_are_the_presets():
+    from course_lib.applications import budget_targets
+
+    t = budget_targets()
+    assert list(t) == list(BUDGETS)
+    voice = BUDGETS["voice assistant"]
+    assert t["voice assistant"] == (voice.ttft_s * 1e3, voice.min_tokens_per_s)
+
+
+def test_interleaved_generation_reports_medians_and_spreads():
+    import torch
+
+    from course_lib.applications import interleaved_generation
+    from tests.conftest import make_tiny
+
+    models = {"a": make_tiny(), "b": make_tiny(layers=1)}
+    out = interleaved_generation(models, torch.tensor([[1, 2, 3]]), new_tokens=4, rounds=3)
+    for r in out.values():
+        assert r["ttft"].count == 3 and r["tpot"].count == 3 and r["ttft"].p10 <= r["ttft"].median <= r["ttft"].p90
+        assert r["timing"].new_tokens == 4
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_generation(models, torch.tensor([[1]]), 4, rounds=0)

@@ -1,9 +1,10 @@
-"""Chapter 07 checks pass on the reference solutions and give specific hints on typical mistakes."""
+"""Chapter 07 checks: the reference passes, typical mistakes get their specific hint, a stub is "not done"."""
 
 import torch
 import torch.nn.functional as F
 
-from course_lib.exercises.ch07 import check_accepted, check_expected_tokens, check_kd_loss
+from course_lib.exercises.ch07 import check_alpha, check_kd_loss, check_verify_sampled
+from course_lib.speculative import verify_sampled
 
 
 def reference_kd(s, t, y, T, alpha):
@@ -12,6 +13,10 @@ def reference_kd(s, t, y, T, alpha):
     kl = (pt * (pt.log() - log_ps)).sum(-1).mean()
     ce = F.cross_entropy(s.reshape(-1, s.size(-1)), y.reshape(-1))
     return alpha * T * T * kl + (1 - alpha) * ce
+
+
+def stub(*args):
+    raise NotImplementedError
 
 
 def test_kd_check():
@@ -26,21 +31,50 @@ def test_kd_check():
         return a * T * T * kl + (1 - a) * reference_kd(s, t, y, T, 0.0)
     assert "KL(student" in check_kd_loss(reverse).message
     assert "raised" in check_kd_loss(lambda *a: 1 / 0).message
+    assert "None" in check_kd_loss(lambda *a: None).message
+    done = check_kd_loss(stub)
+    assert not done and not done.done and "Not done" in done.message
 
 
-def test_accepted_check():
-    def prefix(g, c):
-        n = 0
-        while n < len(g) and g[n] == c[n]:
-            n += 1
-        return n
-    assert check_accepted(prefix)
-    counted = check_accepted(lambda g, c: sum(a == b for a, b in zip(g, c)))
-    assert not counted and "prefix" in counted.message
+def accept_always(p, q, guesses, g):
+    return list(guesses) + [int(torch.multinomial(p[len(guesses)], 1, generator=g))], len(guesses)
 
 
-def test_expected_tokens_check():
-    assert check_expected_tokens(lambda a, k: k + 1 if a == 1 else (1 - a ** (k + 1)) / (1 - a))
-    assert "a**i" in check_expected_tokens(lambda a, k: 1 + a * k).message
-    assert "acceptance = 1" in check_expected_tokens(lambda a, k: (1 - a ** (k + 1)) / (1 - a)).message
-    assert not check_expected_tokens(lambda a, k: torch.tensor(2.0))
+def residual_from_p(p, q, guesses, g):
+    for i, x in enumerate(guesses):
+        if float(torch.rand((), generator=g)) * float(q[i, x]) >= float(p[i, x]):
+            return list(guesses[:i]) + [int(torch.multinomial(p[i], 1, generator=g))], i
+    return accept_always(p, q, guesses, g)
+
+
+def deterministic(p, q, guesses, g):
+    for i, x in enumerate(guesses):
+        if p[i, x] < q[i, x]:
+            r = (p[i] - q[i]).clamp_min(0)
+            return list(guesses[:i]) + [int(torch.multinomial(r / r.sum(), 1, generator=g))], i
+    return accept_always(p, q, guesses, g)
+
+
+def test_verify_check():
+    assert check_verify_sampled(verify_sampled)
+    fb = check_verify_sampled(accept_always)
+    assert not fb and "min(1, p(x) / q(x))" in fb.message  # the zero-probability case catches it first
+    fb = check_verify_sampled(residual_from_p)
+    assert not fb and "residual" in fb.message and "draw from p" in fb.message
+    fb = check_verify_sampled(deterministic)
+    assert not fb and "only when p(x) >= q(x)" in fb.message
+    assert "exactly one more token" in check_verify_sampled(lambda p, q, gs, g: (list(gs), len(gs))).message
+    assert "pair" in check_verify_sampled(lambda p, q, gs, g: list(gs)).message
+    done = check_verify_sampled(stub)
+    assert not done and not done.done
+
+
+def test_alpha_check():
+    def right(rounds):
+        return sum(n for n, _ in rounds) / sum(n + 1 if n < k else k for n, k in rounds)
+    assert check_alpha(right)
+    assert "never looked at" in check_alpha(lambda r: sum(n for n, _ in r) / sum(k for _, k in r)).message
+    assert "not k + 1" in check_alpha(lambda r: sum(n for n, _ in r) / sum(n + 1 for n, _ in r)).message
+    assert "one number" in check_alpha(lambda r: "?").message
+    done = check_alpha(stub)
+    assert not done and not done.done

@@ -82,8 +82,9 @@ def test_single_request_and_one_token(model):
 def test_compare_and_sweep(model, requests_):
     rows = compare_policies(model, requests_[:4], max_batch=2)
     assert [r["policy"] for r in rows] == list(POLICIES)
-    sweep = batch_sweep(model, [1, 2], context=8, warmup=1, repeat=2)
+    sweep = batch_sweep(model, [1, 2], context=8, warmup=1, repeat=3)
     assert [r["batch"] for r in sweep] == [1, 2]
+    assert all(r["result"].count == 3 and r["p10_ms"] <= r["step_ms"] <= r["p90_ms"] for r in sweep)  # medians
     assert all(r["throughput_tok_s"] > 0 and r["step_ms"] > 0 for r in sweep)
 
 
@@ -161,8 +162,14 @@ def test_serve_bench_suite_rows(monkeypatch):
         make_tiny("llama", vocab=128), make_tiny("llama", vocab=128).config))
     out = suite.run(quick=True)
     methods = [r["method"] for r in out["rows"]]
-    assert methods == ["batch-1", "batch-2", "batch-4", "batch-8", "static-b8", "continuous-b8"]
+    assert methods == ["batch-1", "batch-2", "batch-4", "batch-8", "static-b8", "continuous-b8", "paged-b8",
+                       "prefix-off", "prefix-on", "chunk-none", "chunk-32"]
     assert all(r["suite"] == "serve" and r["throughput_tok_s"] > 0 for r in out["rows"])
+    rows = {r["method"]: r for r in out["rows"]}
+    assert rows["paged-b8"]["kv_paged_peak_mb"] < rows["paged-b8"]["kv_contiguous_peak_mb"]
+    assert rows["prefix-off"]["prefill_tokens_skipped"] == 0 < rows["prefix-on"]["prefill_tokens_skipped"]
+    assert all(rows[m]["rounds"] >= 3 for m in ("prefix-on", "chunk-none", "chunk-32"))  # medians, not one sample
+    assert rows["chunk-32"]["others_tpot_p10_ms"] <= rows["chunk-32"]["others_tpot_ms"]
     assert all("decode_tok_s" not in r for r in out["rows"])  # batch throughput is not batch-1 speed
 
 
@@ -180,3 +187,79 @@ def test_quantized_and_pruned_models_serve_the_same_tokens(requests_, change):
     report = serve(m, requests_, ServeConfig("continuous", max_batch=3))
     for f, r in zip(report.finished, requests_):
         assert list(f.tokens) == generate_kv_cache(m, torch.tensor(r.prompt_ids), r.max_new_tokens)[0].tolist()
+
+
+# --- paged KV cache, prefix caching, chunked prefill ------------------------------------
+
+PAGED = [dict(), dict(prefix_cache=True), dict(prefill_chunk=3), dict(prefix_cache=True, prefill_chunk=5)]
+
+
+@pytest.mark.parametrize("extra", PAGED, ids=["paged", "prefix", "chunked", "prefix+chunked"])
+def test_paged_server_serves_the_same_tokens(model, extra):
+    reqs = poisson_requests(8, rate_per_s=100.0, vocab=128, prompt_len=(2, 9), new_tokens=(1, 10), seed=3,
+                            shared_prefix=11)
+    report = serve(model, reqs, ServeConfig("continuous", max_batch=3, kv="paged", block_size=4, **extra))
+    for f, r in zip(report.finished, reqs):
+        assert list(f.tokens) == generate_kv_cache(model, torch.tensor(r.prompt_ids), r.max_new_tokens)[0].tolist()
+        assert len(f.token_times) == len(f.tokens) and f.first_token_s == f.token_times[0]
+    s = report.summary()
+    assert s["blocks_in_use_at_end"] == 0  # every block went back to the free list: no leak
+    assert s["tokens"] == sum(r.max_new_tokens for r in reqs) and s["wasted_frac"] == 0.0
+
+
+def test_paged_memory_against_a_contiguous_cache_at_mixed_lengths(model):
+    reqs = [Request(i, 0.0, tuple(range(1, 2 + p)), n) for i, (p, n) in enumerate(((3, 40), (20, 2), (5, 6), (9, 3)))]
+    s = serve(model, reqs, ServeConfig(max_batch=4, kv="paged", block_size=4)).summary()
+    # a contiguous cache reserves the longest length (41 + 40 tokens) for each of the 4 rows; blocks hold what
+    # is stored, rounded up to whole blocks (at most block_size - 1 empty slots per request)
+    assert s["kv_paged_peak_mb"] < s["kv_contiguous_peak_mb"] / 2
+    assert s["kv_stored_peak_mb"] <= s["kv_paged_peak_mb"]
+
+
+def test_prefix_cache_reuses_the_system_prompt_blocks(model):
+    system = tuple(range(30, 50))  # 20 tokens = 5 blocks of 4
+    # one at a time, each with its own tail after the shared 20 tokens
+    reqs = [Request(i, 100.0 * i, system + tuple(60 + 10 * i + j for j in range(3 + i)), 3) for i in range(5)]
+    base = serve(model, reqs, ServeConfig(kv="paged", block_size=4)).summary()
+    hit = serve(model, reqs, ServeConfig(kv="paged", block_size=4, prefix_cache=True))
+    s = hit.summary()
+    assert base["prefix_hit_blocks"] == 0 and base["prefill_tokens_skipped"] == 0
+    assert s["prefix_hit_blocks"] == 4 * 5  # every request after the first finds the 5 system-prompt blocks
+    assert s["prefill_tokens_skipped"] == 4 * 20
+    assert s["prefill_tokens_computed"] == base["prefill_tokens_computed"] - 80
+    assert [f.prefill_skipped for f in hit.finished] == [0, 20, 20, 20, 20]
+    assert s["blocks_in_use_at_end"] == 0
+
+
+def test_chunked_prefill_interleaves_decode_steps(model):
+    short = [Request(i, 0.0, (1 + i, 2, 3), 30) for i in range(3)]
+    long = Request(9, 1e-9, tuple(range(1, 41)), 2)  # arrives once the others are decoding
+    reqs = short + [long]
+    for chunk, interleaved in ((None, False), (8, True)):
+        rep = serve(model, reqs, ServeConfig(max_batch=4, kv="paged", block_size=4, prefill_chunk=chunk))
+        lf = next(f for f in rep.finished if f.rid == 9)
+        during = [t for f in rep.finished if f.rid != 9 for t in f.token_times if lf.start_s < t < lf.first_token_s]
+        # whole: the others wait for the whole prompt; chunked: they get tokens between its chunks
+        assert bool(during) == interleaved
+        for f, r in zip(rep.finished, sorted(reqs, key=lambda r: r.rid)):
+            assert list(f.tokens) == generate_kv_cache(model, torch.tensor(r.prompt_ids),
+                                                       r.max_new_tokens)[0].tolist()
+
+
+def test_too_few_blocks_is_refused_and_a_small_pool_still_serves(model):
+    reqs = [Request(i, 0.0, tuple(range(1, 9)), 8) for i in range(4)]  # 16 tokens = 4 blocks each
+    with pytest.raises(ValueError, match="kv_blocks"):
+        serve(model, reqs, ServeConfig(kv="paged", block_size=4, kv_blocks=3))
+    rep = serve(model, reqs, ServeConfig(kv="paged", block_size=4, kv_blocks=8))  # two requests at a time
+    assert max(n for _, n in rep.batch_trace) <= 2 and rep.summary()["blocks_in_use_at_end"] == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kv="virtual"), "kv must be one of"), (dict(prefix_cache=True), "paged KV"),
+    (dict(prefill_chunk=8), "paged KV"), (dict(kv="paged", policy="static"), "continuous"),
+    (dict(kv="paged", block_size=0), "block_size"), (dict(kv="paged", prefill_chunk=0), "prefill_chunk"),
+    (dict(kv="paged", prefix_cache="yes"), "prefix_cache"), (dict(kv="paged", kv_blocks=2.5), "kv_blocks"),
+])
+def test_bad_paged_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ServeConfig(**kwargs)

@@ -106,6 +106,10 @@ def test_sweep_reports_every_k(pair):
     rows = sweep_k(target, drafts["layer-dropped"], torch.tensor([[1, 2, 3]]), [1, 3], max_new_tokens=12, repeat=1)
     assert [r["k"] for r in rows] == [0, 1, 3]
     assert all(r["identical"] for r in rows) and all(r["tok_s"] > 0 for r in rows)
+    for r in rows[1:]:  # timed interleaved against the target alone, judged by speed_verdict, alpha beside it
+        assert ("faster" in r["verdict"] or "slower" in r["verdict"] or "no measurable" in r["verdict"])
+        assert r["tok_s_p10"] <= r["tok_s"] <= r["tok_s_p90"] and r["acceptance_rate"] <= r["alpha"]
+        assert r["predicted_tokens_per_round"] == pytest.approx(expected_tokens_per_round(r["alpha"], r["k"]))
 
 
 @pytest.mark.skipif(not (EMBEDDED["course-tiny-student"] / "model.safetensors").is_file()
@@ -142,3 +146,159 @@ def test_sweep_and_prediction_refuse_bad_input(pair):
         kw = dict(acceptance=0.5, k=2, draft_cost=0.1, verify_ratio=1.0) | bad
         with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
             predicted_speedup(**kw)
+
+
+# --- sampling speculative decoding --------------------------------------------------
+
+from course_lib.speculative import (  # noqa: E402
+    expected_tokens_per_round,
+    sample_reference,
+    speculative_sample,
+    verify_sampled,
+)
+
+P0 = torch.tensor([0.50, 0.05, 0.25, 0.15, 0.05])  # the target's distribution at the first position
+Q0 = torch.tensor([0.10, 0.40, 0.20, 0.10, 0.20])  # the draft's: far from p, so a wrong rule shows
+
+
+def tv(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * float((a - b).abs().sum())
+
+
+def first_token_distribution(verify, k: int, n: int = 8000, seed: int = 0) -> torch.Tensor:
+    """Empirical distribution of the first kept token of a round whose guesses were drawn from q."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.stack([P0] + [torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])] * k)
+    q = torch.stack([Q0] + [torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])] * (k - 1))
+    counts = torch.zeros(5)
+    for _ in range(n):
+        guesses = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(k)]
+        kept, accepted = verify(p, q, guesses, g)
+        assert 0 <= accepted <= k and len(kept) == accepted + 1 and kept[:accepted] == guesses[:accepted]
+        counts[kept[0]] += 1
+    return counts / n
+
+
+def accept_always(p, q, guesses, g):
+    return list(guesses) + [int(torch.multinomial(p[len(guesses)], 1, generator=g))], len(guesses)
+
+
+def resample_from_p(p, q, guesses, g):
+    """The right acceptance test, but a rejected guess is replaced by a draw from p instead of the residual."""
+    for i, x in enumerate(guesses):
+        if float(torch.rand((), generator=g)) * float(q[i, x]) >= float(p[i, x]):
+            return list(guesses[:i]) + [int(torch.multinomial(p[i], 1, generator=g))], i
+    return list(guesses) + [int(torch.multinomial(p[len(guesses)], 1, generator=g))], len(guesses)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_verify_sampled_emits_the_targets_distribution(k):
+    # 8000 seeded draws: the sampling error of a total-variation estimate over 5 outcomes is ~0.008
+    assert tv(first_token_distribution(verify_sampled, k), P0) < 0.025
+
+
+def test_a_wrong_acceptance_rule_fails_the_same_test():
+    assert tv(first_token_distribution(accept_always, 1, n=4000), P0) > 0.3  # that is the draft's q
+    assert tv(first_token_distribution(resample_from_p, 1, n=4000), P0) > 0.1
+
+
+def test_verify_sampled_edge_cases():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.0, 1.0, 0.0], [0.3, 0.3, 0.4]])
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    for _ in range(20):  # the target never emits token 0: always rejected, always replaced by token 1
+        assert verify_sampled(p, q, [0], g) == ([1], 0)
+    same = torch.tensor([[0.2, 0.3, 0.5]])
+    for _ in range(20):  # a perfect draft is always accepted and earns the bonus token
+        kept, n = verify_sampled(torch.cat([same, same]), same, [2], g)
+        assert n == 1 and kept[0] == 2
+    with pytest.raises(ValueError, match=r"\(k\+1, V\)"):
+        verify_sampled(p, torch.cat([q, q]), [0], g)
+
+
+def sharpened(seed: int, vocab: int = 6):
+    """A tiny model with a peaky, context-dependent next-token distribution (so a wrong rule shows)."""
+    m = make_tiny("llama", layers=1, hidden=32, intermediate=64, vocab=vocab, num_heads=2, num_kv_heads=1,
+                  seed=seed)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(12.0)
+    return m
+
+
+def exact_joint(model, prompt: torch.Tensor, vocab: int) -> torch.Tensor:
+    """P(t1, t2 | prompt) of the model's own sampling, from two forward passes."""
+    with torch.no_grad():
+        p1 = torch.softmax(model(prompt).logits[0, -1], -1)
+        seqs = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)
+        p2 = torch.softmax(model(seqs).logits[:, -1], -1)
+    return p1[:, None] * p2  # (vocab, vocab)
+
+
+def sampled_joint(sample, n: int, vocab: int) -> torch.Tensor:
+    counts = torch.zeros(vocab, vocab)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        t1, t2 = sample(g)
+        counts[t1, t2] += 1
+    return counts / n
+
+
+@pytest.fixture(scope="module")
+def sampling_pair():
+    return sharpened(0), sharpened(1)
+
+
+def test_speculative_sampling_has_the_targets_distribution(sampling_pair, monkeypatch):
+    """Two tokens from two tiny models: the joint of (t1, t2) must be the target's, not the draft's."""
+    target, draft = sampling_pair
+    prompt = torch.tensor([[1, 4, 2]])
+    want = exact_joint(target, prompt, 6)
+    assert tv(exact_joint(draft, prompt, 6), want) > 0.3  # the draft alone samples something else
+
+    def spec(k):
+        return lambda g: speculative_sample(target, draft, prompt, 2, k=k, generator=g).tokens
+
+    n = 600  # seeded; at this n the TV estimate over these 36 outcomes is ~0.07 from sampling noise alone
+    for k in (1, 2):  # k=1: the second token comes from a bonus token or a second round; k=2: one round
+        assert tv(sampled_joint(spec(k), n, 6), want) < 0.12
+    plain = sampled_joint(lambda g: sample_reference(target, prompt, 2, generator=g)[0], n, 6)
+    assert tv(plain, want) < 0.12  # the reference sampler is held to the same bound
+    monkeypatch.setattr("course_lib.speculative.verify_sampled", accept_always)
+    assert tv(sampled_joint(spec(2), n, 6), want) > 0.4  # the test catches the accept-always rule
+
+
+def test_speculative_sampling_bookkeeping_and_seeds(sampling_pair):
+    target, draft = sampling_pair
+    prompt = torch.tensor([[3, 3]])
+    a = speculative_sample(target, draft, prompt, 20, k=3, seed=5)
+    assert a.tokens == speculative_sample(target, draft, prompt, 20, k=3, seed=5).tokens  # seeded: repeatable
+    assert len(a.tokens) == 20 and a.accepted <= a.evaluated <= a.proposed
+    assert 0 <= a.acceptance_rate <= a.alpha <= 1
+    perfect = speculative_sample(target, target, prompt, 20, k=4, seed=1)
+    assert perfect.alpha == 1.0 and perfect.rounds == 4  # p == q: every guess accepted, 5 tokens per round
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_sample(target, draft, prompt, 4, temperature=0)
+    with pytest.raises(ValueError, match="generator"):
+        speculative_sample(target, draft, prompt, 4, generator=3)
+
+
+def test_alpha_is_per_guess_not_accepted_over_proposed():
+    from course_lib.speculative import SpeculativeResult
+
+    # Two rounds of k=4: 2 accepted then a rejection (3 looked at), then all 4 accepted (4 looked at).
+    r = SpeculativeResult(tokens=[0] * 8, k=4, rounds=2, proposed=8, accepted=6, seconds=1.0, evaluated=7)
+    assert r.acceptance_rate == pytest.approx(6 / 8) and r.alpha == pytest.approx(6 / 7)
+    assert expected_tokens_per_round(0.5, 2) == pytest.approx(1.75) and expected_tokens_per_round(1.0, 3) == 4
+
+
+def test_greedy_alpha_predicts_tokens_per_round(pair):
+    """With a draft that agrees with the target about as often at every guess, the formula fed alpha lands near
+    the measured tokens per round, where accepted / proposed predicts too few."""
+    target, drafts = pair
+    res = speculative_generate(target, drafts["layer-dropped"], torch.tensor([[3, 1, 4]]), 96, k=4)
+    assert 0 < res.acceptance_rate < res.alpha < 1
+    # evaluated counts each round's accepted guesses plus its (at most one) rejection
+    assert res.evaluated <= res.accepted + res.rounds
+    with_alpha = expected_tokens_per_round(res.alpha, 4)
+    with_rate = expected_tokens_per_round(res.acceptance_rate, 4)
+    assert abs(with_alpha - res.tokens_per_round) < abs(with_rate - res.tokens_per_round)

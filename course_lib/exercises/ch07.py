@@ -1,4 +1,4 @@
-"""Chapter 07 exercises: the distillation loss, the acceptance rule and the speculative payoff."""
+"""Chapter 07 exercises: the distillation loss, the sampling acceptance rule, the per-guess acceptance rate."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import Feedback, fail, ok
+from . import Feedback, attempt, checked, fail, ok
 
 
 def _kd_cases():
@@ -19,15 +19,20 @@ def _kd_cases():
         yield s, t, y, T, alpha
 
 
+@checked
 def check_kd_loss(fn: Callable) -> Feedback:
     """``fn(student_logits, teacher_logits, targets, T, alpha) -> scalar`` must equal the library's kd_loss."""
     from ..distillation import kd_loss
 
     for s, t, y, T, alpha in _kd_cases():
+        out = attempt(fn, s, t, y, T, alpha)
+        if out is None:
+            return fail("your function returned None: return the loss (a scalar tensor)")
         try:
-            got = float(fn(s, t, y, T, alpha))
-        except Exception as e:  # the learner's code: report, don't crash the notebook
-            return fail(f"your function raised {type(e).__name__}: {e} (T={T}, alpha={alpha})")
+            got = float(out)
+        except (TypeError, ValueError, RuntimeError):
+            return fail(f"your function returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))}: "
+                        "return one number, the loss averaged over every position")
         want = kd_loss(s, t, y, T, alpha).item()
         if math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-5):
             continue
@@ -47,44 +52,126 @@ def check_kd_loss(fn: Callable) -> Feedback:
         summed = alpha * T**2 * kl_part * s.shape[0] * s.shape[1] + (1 - alpha) * ce_part
         if math.isclose(got, summed, rel_tol=1e-4):
             return fail("the KL is summed over positions; average it over positions (like the cross-entropy)")
+        ce_soft = alpha * T**2 * kl_part + (1 - alpha) * torch.nn.functional.cross_entropy(
+            (s / T).reshape(-1, s.shape[-1]), y.reshape(-1)).item()
+        if T != 1 and math.isclose(got, ce_soft, rel_tol=1e-4):
+            return fail("the cross-entropy uses the softened logits: the hard-label term uses the plain "
+                        "student logits (temperature 1)")
         return fail(f"at T={T}, alpha={alpha} you got {got:.5f}, expected {want:.5f}. Check: both "
                     "distributions use logits / T, CE uses the plain logits, mean over positions")
     return ok("your loss matches course_lib.distillation.kd_loss for every T and alpha tried")
 
 
-def check_accepted(fn: Callable) -> Feedback:
-    """``fn(guesses, target_choice) -> n``: how many draft tokens a greedy verifier keeps (a prefix!)."""
-    cases = [([5, 6, 7], [5, 6, 7, 8], 3), ([5, 6, 7], [5, 9, 7, 8], 1), ([5, 6, 7], [4, 6, 7, 8], 0),
-             ([1], [1, 2], 1), ([3, 3, 3, 3], [3, 3, 1, 3, 0], 2)]
-    for guesses, choice, want in cases:
-        try:
-            got = int(fn(list(guesses), list(choice)))
-        except Exception as e:
-            return fail(f"your function raised {type(e).__name__}: {e} on guesses={guesses}")
-        if got == want:
-            continue
-        if got == sum(a == b for a, b in zip(guesses, choice)):
-            return fail(f"guesses={guesses}, target={choice}: you counted every match ({got}), but once a guess "
-                        "is wrong every later guess was drafted from a wrong context: keep only the prefix "
-                        f"before the first mismatch ({want})")
-        return fail(f"guesses={guesses}, target={choice}: expected {want}, got {got}")
-    return ok("you keep exactly the agreeing prefix; the verifier then adds its own token, so every round "
-              "yields n + 1 tokens")
+# --- the sampling acceptance rule -------------------------------------------------------
+
+_P = torch.tensor([0.50, 0.05, 0.25, 0.15, 0.05])
+_Q = torch.tensor([0.10, 0.40, 0.20, 0.10, 0.20])
 
 
-def check_expected_tokens(fn: Callable) -> Feedback:
-    """``fn(acceptance, k) -> expected new tokens per target pass`` (each guess accepted independently)."""
-    for a, k in ((0.0, 4), (0.5, 1), (0.5, 4), (0.8, 4), (0.9, 8), (1.0, 3)):
-        want = k + 1 if a == 1.0 else (1 - a ** (k + 1)) / (1 - a)
+def _wrong_rules(p: torch.Tensor, q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """First-token distribution (k = 1) that each common mistake produces, with the hint it deserves."""
+    keep = torch.minimum(p, q)  # P(draft x and accept it) under the right test
+    beta = float(keep.sum())
+    resid = (p - q).clamp_min(0)
+    resid = resid / resid.sum()
+    up = (p >= q).float()
+    return {
+        "every guess is accepted: the output is the draft's distribution q. Accept guess x only with "
+        "probability min(1, p(x) / q(x))": q,
+        "after a rejection you draw from p; draw from the residual max(0, p - q), normalised (p would count "
+        "the tokens the draft already proposes twice)": keep + (1 - beta) * p,
+        "after a rejection you draw from q; draw from the residual max(0, p - q), normalised": keep + (1 - beta) * q,
+        "you accept only when p(x) >= q(x); accept with probability min(1, p(x) / q(x)): a guess the target "
+        "likes less than the draft is still accepted sometimes": q * up + float((q * (1 - up)).sum()) * resid,
+    }
+
+
+def _tv(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * float((a - b).abs().sum())
+
+
+def _call_verify(fn, p, q, guesses, g, k):
+    out = attempt(fn, p, q, list(guesses), g)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        return None, fail(f"return a pair (kept tokens, number accepted); got {type(out).__name__}")
+    kept, n = out
+    kept = [int(t) for t in kept]
+    n = int(n)
+    if not 0 <= n <= k or len(kept) != n + 1:
+        return None, fail(f"with k={k} guesses you returned {len(kept)} tokens and accepted={n}: a round keeps the "
+                          "accepted guesses plus exactly one more token (the replacement, or the bonus)")
+    if kept[:n] != list(guesses[:n]):
+        return None, fail("the first `accepted` kept tokens must be the accepted guesses themselves, in order")
+    return (kept, n), None
+
+
+@checked
+def check_verify_sampled(fn: Callable) -> Feedback:
+    """``fn(p, q, guesses, generator) -> (kept, accepted)``: the sampling verifier of one round.
+
+    ``p`` (k+1, V) target probabilities, ``q`` (k, V) draft probabilities, ``guesses`` the k drafted ids.
+    """
+    g = torch.Generator().manual_seed(0)
+    same = torch.tensor([0.2, 0.3, 0.5])
+    for _ in range(10):  # a draft identical to the target is always accepted and earns the bonus token
+        res, bad = _call_verify(fn, torch.stack([same] * 3), torch.stack([same] * 2), [2, 1], g, 2)
+        if bad is not None:
+            return bad
+        if res[1] != 2:
+            return fail("with q == p every guess must be accepted (min(1, p/q) = 1), and the round adds a bonus "
+                        "token drawn from the last row of p")
+    p0, q0 = torch.tensor([[0.0, 1.0, 0.0], [0.3, 0.3, 0.4]]), torch.tensor([[1.0, 0.0, 0.0]])
+    for _ in range(10):  # the target gives the guess probability 0: always rejected, replaced by token 1
+        res, bad = _call_verify(fn, p0, q0, [0], g, 1)
+        if bad is not None:
+            return bad
+        if res[1] != 0:
+            return fail("you accepted a guess the target gives probability 0: accept guess x only with "
+                        "probability min(1, p(x) / q(x))")
+        if res[0] != [1]:
+            return fail("after the rejection the replacement comes from max(0, p - q), normalised: here that "
+                        f"is always token 1, you returned {res[0]}")
+    n = 4000
+    counts = torch.zeros(5)
+    p, q = torch.stack([_P, torch.full((5,), 0.2)]), _Q[None]
+    for _ in range(n):
+        guess = int(torch.multinomial(_Q, 1, generator=g))
+        res, bad = _call_verify(fn, p, q, [guess], g, 1)
+        if bad is not None:
+            return bad
+        counts[res[0][0]] += 1
+    emp = counts / n
+    err = _tv(emp, _P)
+    if err < 0.04:  # sampling noise at n = 4000 is ~0.01
+        return ok(f"over {n} rounds your first token follows the target's p (total variation {err:.3f}, the "
+                  "sampling noise): the draft changed the speed, not the distribution")
+    hint, _ = min(_wrong_rules(_P, _Q).items(), key=lambda kv: _tv(emp, kv[1]))
+    return fail(f"over {n} rounds your first token is {err:.2f} (total variation) away from the target's p; "
+                f"it looks like {hint}")
+
+
+@checked
+def check_alpha(fn: Callable) -> Feedback:
+    """``fn(rounds) -> alpha``: per-guess acceptance from rounds given as (accepted, k) pairs."""
+    cases = [[(1, 4), (4, 4)], [(0, 4), (1, 4), (4, 4)], [(3, 3)] * 3 + [(0, 3)], [(1, 2)], [(0, 5), (0, 5)]]
+    for rounds in cases:
+        acc = sum(n for n, _ in rounds)
+        looked = sum(n + 1 if n < k else k for n, k in rounds)
+        want = acc / looked
+        got = attempt(fn, list(rounds))
         try:
-            got = float(fn(a, k))
-        except Exception as e:
-            return fail(f"your function raised {type(e).__name__}: {e} at acceptance={a}, k={k} "
-                        "(hint: acceptance = 1 needs care)")
-        if math.isclose(got, want, rel_tol=1e-6):
+            got = float(got)
+        except (TypeError, ValueError):
+            return fail(f"return one number (the rate), got {type(got).__name__}")
+        if math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12):
             continue
-        if math.isclose(got, 1 + a * k, rel_tol=1e-6) or math.isclose(got, a * k, rel_tol=1e-6):
-            return fail(f"acceptance={a}, k={k}: guess i counts only if guesses 1..i were all accepted, "
-                        f"probability a**i; sum 1 + a + ... + a**k = {want:.4f}")
-        return fail(f"acceptance={a}, k={k}: expected {want:.4f} tokens per round, got {got:.4f}")
-    return ok("right: (1 - a^(k+1)) / (1 - a), between 1 (useless draft) and k + 1 (perfect draft)")
+        proposed = sum(k for _, k in rounds)
+        if math.isclose(got, acc / proposed, rel_tol=1e-9):
+            return fail(f"rounds={rounds}: you divided by every proposed guess ({acc}/{proposed}); the guesses after "
+                        "a round's first rejection were never looked at. Count the accepted ones plus one "
+                        "rejection per round that had one")
+        if math.isclose(got, acc / sum(n + 1 for n, _ in rounds), rel_tol=1e-9):
+            return fail(f"rounds={rounds}: a round where all k guesses were accepted had no rejection: it looked "
+                        "at k guesses, not k + 1")
+        return fail(f"rounds={rounds}: expected {want:.4f}, got {got:.4f}")
+    return ok("right: accepted / (accepted + rejections). That is the a of (1 - a^(k+1)) / (1 - a)")

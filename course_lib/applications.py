@@ -76,7 +76,8 @@ def interleaved_generation(models: dict, prompt, new_tokens: int, rounds: int = 
     p10-p90 spreads over ``rounds`` (each round's TPOT is that run's median gap), ready for
     :func:`course_lib.timing.speed_verdict`, and the last run's timing (for its token stamps).
     """
-    from .timing import BenchResult, time_generation
+    from .decode_speed import time_generation
+    from .timing import BenchResult
 
     check_int("rounds", rounds, 1)
     if not isinstance(models, dict) or not models:

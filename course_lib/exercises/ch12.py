@@ -117,7 +117,7 @@ def quiz_panel(qid: str):
     return w.VBox([w.HTML(f"<b>{q.text}</b>"), radio, out]), update
 
 
-# --- 12.2 perplexity from logits --------------------------------------------------------------------------
+# --- 12.1 perplexity from logits --------------------------------------------------------------------------
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ def check_perplexity(fn: Callable) -> Feedback:
     return ok("Correct: exp(mean next-token NLL), what course_lib.metrics.perplexity computes over its windows.")
 
 
-# --- 12.3 a speed verdict that respects the noise ----------------------------------------------------------
+# --- 12.2 a speed verdict that respects the noise ----------------------------------------------------------
 
 VERDICTS = ("a faster", "b faster", "no measurable difference")
 

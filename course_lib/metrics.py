@@ -227,6 +227,18 @@ class Agreement:
                 f"tokens identical {self.exact:.0%}, mean matched prefix {self.prefix:.0%}")
 
 
+def matched_prefix(reference: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Per row, how many leading tokens of ``answers`` equal ``reference`` (both (P, N)): stops at the first difference.
+
+    After one different token the rest of a greedy answer follows from a different context, so matches after it
+    are luck, not agreement.
+    """
+    if reference.shape != answers.shape or reference.dim() != 2:
+        raise ValueError(f"reference and answers must be (prompts, tokens) tensors of one shape, got "
+                         f"{tuple(reference.shape)} and {tuple(answers.shape)}")
+    return (reference == answers).long().cumprod(1).sum(1)
+
+
 def answer_agreement(model, tokenizer, reference, prompts: list[tuple[str, str]] | list[str] | None = None,
                      n_tokens: int = 16, batch_size: int = 16) -> Agreement:
     """Compare ``model``'s greedy answers with ``reference``'s (a model, or its :func:`greedy_answers`).
@@ -244,7 +256,7 @@ def answer_agreement(model, tokenizer, reference, prompts: list[tuple[str, str]]
     ref = ref[:, :n_tokens]
     got = greedy_answers(model, tokenizer, pairs, n_tokens, batch_size)
     same = got == ref
-    matched = (same.long().cumprod(1)).sum(1)  # leading tokens equal
+    matched = matched_prefix(ref, got)
     rows = tuple(dict(kind=k, prompt=p, matched_tokens=int(m), first_token=bool(s[0]), exact=bool(s.all()),
                       reference=tokenizer.decode(r, skip_special_tokens=True),
                       answer=tokenizer.decode(g, skip_special_tokens=True))

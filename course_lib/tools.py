@@ -4,7 +4,7 @@ The course builds each technique by hand so you know what a tool does inside.
 In production you reach for a tool. :data:`TOOLS` says what each one is for;
 :func:`side_by_side` runs those that install from PyPI on this machine on the
 *same* model, the *same* inputs and the *same* timing harness
-(:func:`course_lib.timing.benchmark`) as the course's own code, and checks that
+(:func:`course_lib.timing.compare`, interleaved) as the course's own code, and checks that
 each one still computes the same logits. A tool that is not installed, or that
 fails here, gets a row saying why - never a made-up number.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .device import device_of
-from .timing import benchmark
+from .timing import compare, speed_verdict
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,12 @@ def side_by_side(model, seq_lens: tuple[int, ...] = (1, 128), warmup: int = 2, r
                  workdir: str | Path | None = None, seed: int = 0) -> list[dict]:
     """Time every tool variant on forward passes of ``(1, T)`` ids for each ``T`` in ``seq_lens``.
 
-    Each row: tool, T, median ms, tokens/s (T / time), speed-up vs PyTorch eager
-    fp32, and the largest logit difference from it (a wrong answer fast is no
-    answer). Rows for tools that cannot run here carry ``status`` with the reason.
+    The variants are timed *interleaved* (:func:`course_lib.timing.compare`: ``repeat``
+    rounds, each variant once per round). Each row: tool, T, median ms with its p10 / p90,
+    tokens/s (T / time), speed-up vs PyTorch eager fp32, the largest logit difference from
+    it (a wrong answer fast is no answer), and ``verdict``: the measured speed sentence vs
+    eager fp32 ("no measurable difference here" inside the spread). Rows for tools that
+    cannot run here carry ``status`` with the reason.
     """
     if (not isinstance(seq_lens, (list, tuple)) or not seq_lens
             or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1 for t in seq_lens)):
@@ -179,18 +182,21 @@ def side_by_side(model, seq_lens: tuple[int, ...] = (1, 128), warmup: int = 2, r
         for t in seq_lens:
             ids = torch.randint(0, vocab, (1, t), generator=g).to(dev)
             ref = variants["pytorch eager fp32"](ids).float()
-            base_ms = None
+            runnable = {name: (lambda fn=fn, ids=ids: fn(ids))
+                        for name, fn in variants.items() if not isinstance(fn, str)}
+            timed = compare(runnable, rounds=repeat, warmup=warmup, device=dev)  # interleaved: drift hits all alike
+            base = timed["pytorch eager fp32"]
             for name, fn in variants.items():
                 if isinstance(fn, str):
-                    rows.append(dict(tool=name, seq_len=t, ms=None, tokens_per_s=None, speedup=None,
-                                     max_abs_diff=None, status=fn))
+                    rows.append(dict(tool=name, seq_len=t, ms=None, p10_ms=None, p90_ms=None, tokens_per_s=None,
+                                     speedup=None, max_abs_diff=None, status=fn))
                     continue
-                res = benchmark(lambda fn=fn, ids=ids: fn(ids), warmup=warmup, repeat=repeat, device=dev)
-                ms = res.median * 1e3
-                base_ms = base_ms or ms  # the first variant is the fp32 baseline
+                res = timed[name]
                 diff = (fn(ids).float().cpu() - ref.cpu()).abs().max().item()  # ONNX Runtime answers on the CPU
-                rows.append(dict(tool=name, seq_len=t, ms=ms, tokens_per_s=t / res.median, speedup=base_ms / ms,
-                                 max_abs_diff=diff, status="measured here"))
+                rows.append(dict(tool=name, seq_len=t, ms=res.median * 1e3, p10_ms=res.p10 * 1e3,
+                                 p90_ms=res.p90 * 1e3, tokens_per_s=t / res.median, speedup=base.median / res.median,
+                                 max_abs_diff=diff, status="measured here",
+                                 verdict=speed_verdict((name, res), ("pytorch eager fp32", base))))
         return rows
     finally:
         if tmp:

@@ -1366,12 +1366,30 @@ def _block_inputs(model: nn.Module, first: nn.Module, calibration: torch.Tensor,
     return seen
 
 
-def _run_block(block: nn.Module, inputs: list[tuple]) -> list[torch.Tensor]:
+def _run_block(block: nn.Module, inputs: list[tuple], stop_early: bool = False) -> list[torch.Tensor]:
+    """The block on each cached input; with ``stop_early`` a hook may end a run (:class:`_StopForward`)."""
     outs = []
     for x, args, kwargs in inputs:
-        y = block(x, *args, **kwargs)
+        try:
+            y = block(x, *args, **kwargs)
+        except _StopForward:
+            if not stop_early:
+                raise
+            continue
         outs.append(y[0] if isinstance(y, tuple) else y)  # transformers 4.x returns a tuple, 5.x the tensor
     return outs
+
+
+def _stop_when_all_seen(hess: dict[str, _Hessian], name: str, calls: dict[str, int]):
+    """Forward hook of one layer of a group: add its input to its Hessian; once every layer of the group has
+    seen this run's input (the same number of calls each), stop the run - the rest of the block is not needed."""
+    def hook(module, inputs, output) -> None:
+        hess[name](module, inputs, output)
+        calls[name] = calls.get(name, 0) + 1
+        if all(calls.get(n, 0) == calls[name] for n in hess):
+            raise _StopForward
+
+    return hook
 
 
 def _gptq_quantize_group(model: nn.Module, names: list[str], todo: dict[str, nn.Linear], hess: dict,
@@ -1411,7 +1429,7 @@ def _gptq_model(model: nn.Module, todo: dict[str, nn.Linear], cfg: QuantConfig,
     per_block = {int(re.search(r"layers\.(\d+)\.", g[0]).group(1)): g for g in groups if g not in outside}
     if not per_block:
         return
-    _, stack = _decoder_stack(model, list(per_block.values()))
+    stack_name, stack = _decoder_stack(model, list(per_block.values()))
     inputs = _block_inputs(model, stack[0], calibration, device)
     last = max(per_block)
     for i in tqdm(range(last + 1), desc="GPTQ blocks", leave=False):
@@ -1420,14 +1438,19 @@ def _gptq_model(model: nn.Module, todo: dict[str, nn.Linear], cfg: QuantConfig,
         # q/k/v and down_proj that of gate/up, and GPTQ compensates for it. With Hessians from the float block
         # it does not: on SmolLM2-135M int4 g32 that closed 10% of RTN's prose-perplexity gap instead of 69%
         # (first 6 blocks; docs/quantization.md, "GPTQ on the real model").
-        for n in per_block.get(i, []):
-            hess = {n: _Hessian(todo[n].in_features)}
-            handle = todo[n].register_forward_hook(hess[n])
+        # Layers that read the same input (q/k/v; gate/up) get their Hessians from one run: none of them changes
+        # what the others see. Each run stops as soon as the group has seen its inputs, so only the last run
+        # (below) goes through the whole block.
+        for group in _input_groups(per_block.get(i, []), f"{stack_name}.{i}."):
+            hess = {n: _Hessian(todo[n].in_features) for n in group}
+            calls: dict[str, int] = {}
+            handles = [todo[n].register_forward_hook(_stop_when_all_seen(hess, n, calls)) for n in group]
             try:
-                _run_block(stack[i], inputs)  # on what the quantized blocks (and layers) before it produce
+                _run_block(stack[i], inputs, stop_early=True)  # on what the quantized layers before it produce
             finally:
-                handle.remove()
-            _gptq_quantize_group(model, [n], todo, hess, cfg, report)
+                for h in handles:
+                    h.remove()
+            _gptq_quantize_group(model, group, todo, hess, cfg, report)
         if i < last:  # the quantized block's outputs are the next block's inputs
             inputs = [(y, args, kwargs) for y, (_, args, kwargs) in zip(_run_block(stack[i], inputs), inputs)]
 

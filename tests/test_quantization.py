@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from course_lib import kernel_choice
+from course_lib import quantization as Q
 from course_lib.metrics import model_size_bytes
 from course_lib.quantization import (
     FLOAT,
@@ -1081,3 +1082,29 @@ def test_a_named_kernel_that_is_wrong_here_falls_back_to_the_reference(monkeypat
     assert layer.kernel == "reference" and "no correct kernel" in layer.choice.rejected["error"]
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T + layer.bias, rtol=0.02, atol=0.02)
+
+
+def test_gptq_shares_one_run_per_input_group_and_stops_early_with_the_same_result(monkeypatch):
+    """q/k/v (and gate/up) read one input, so one block run gives all their Hessians, and a run stops once the
+    group has seen its input. Same integers as one full block run per layer (fixed compute dtype: "auto" measures
+    which dtype is fastest, and that may differ between runs), with fewer runs of the block (counted at its first norm, which is never replaced)."""
+    from course_lib import load_model
+    from course_lib.data import calibration_batches
+
+    _, tok = load_model("course-tiny")
+    calib = calibration_batches(tok, n=2, seq_len=32)
+    cfg = QuantConfig(bits=4, group_size=32, method="gptq", kernel="reference", compute_dtype="float32")
+
+    def run():
+        torch.manual_seed(0)
+        model, _ = load_model("course-tiny")
+        downs = [0]
+        model.model.layers[0].input_layernorm.register_forward_pre_hook(lambda *a: downs.__setitem__(0, downs[0] + 1))
+        quantize_(model, cfg, calibration=calib)
+        return {k: v.clone() for k, v in model.state_dict().items()}, downs[0]
+
+    grouped, grouped_calls = run()
+    monkeypatch.setattr(Q, "_input_groups", lambda names, prefix: [[n] for n in names])  # one run per layer
+    single, single_calls = run()
+    assert grouped.keys() == single.keys() and all(torch.equal(grouped[k], single[k]) for k in grouped)
+    assert grouped_calls < single_calls

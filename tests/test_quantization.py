@@ -1087,7 +1087,8 @@ def test_a_named_kernel_that_is_wrong_here_falls_back_to_the_reference(monkeypat
 def test_gptq_shares_one_run_per_input_group_and_stops_early_with_the_same_result(monkeypatch):
     """q/k/v (and gate/up) read one input, so one block run gives all their Hessians, and a run stops once the
     group has seen its input. Same integers as one full block run per layer (fixed compute dtype: "auto" measures
-    which dtype is fastest, and that may differ between runs), with fewer runs of the block (counted at its first norm, which is never replaced)."""
+    which dtype is fastest, and that may differ between runs), with fewer runs of the block (counted at its
+    first norm, which is never replaced)."""
     from course_lib import load_model
     from course_lib.data import calibration_batches
 

@@ -40,7 +40,7 @@ ARTIFACTS = ROOT / "artifacts" / "browser"
 # No network, no first-run UI, nothing in the background: the browser only talks to our local server.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-RUN_ALL_TIMEOUT_S = 1500  # quick mode on 2 cores: 05 (GPTQ on the real model) takes several minutes; room for a busy machine
+RUN_ALL_TIMEOUT_S = 1500  # quick mode, 2 cores: 05 runs GPTQ on the real model (minutes); room for a busy machine
 REDRAW_TIMEOUT_S = 120
 
 # What a learner moves in each notebook's panels, after Run All: one check per panel, each a list of actions

@@ -254,3 +254,22 @@ def test_decode_bytes_count_the_float_copy_not_the_integers_it_replaced(monkeypa
     assert layers and all(m.kernel == FLOAT for m in layers)
     ints = sum(m.weight_int8.numel() for m in layers)
     assert engines.decode_bytes(model) == weight_bytes(model) - ints
+
+
+def test_goals_take_each_kinds_best_course_lib_row_against_its_llama_cpp_file():
+    from course_lib.bench.engines import goals
+
+    def row(method, tok_s, engine="course_lib", frac=None):
+        return {"method": method, "engine": engine, "decode_tok_s": tok_s, "read_bw_frac": frac}
+
+    rows = [row("course_lib eager bf16", 50.0, frac=0.3), row("course_lib compiled bf16", 80.0, frac=0.65),
+            row("course_lib eager int8-wo", 40.0), row("course_lib compiled int8-auto", 0.0),
+            row("course_lib eager w8a8", 60.0), row("course_lib eager int4-wo", 10.0),
+            row("llama.cpp BF16", 90.0, "llama.cpp", 0.9), row("llama.cpp Q8_0", 100.0, "llama.cpp"),
+            {"method": "llama.cpp Q4_0", "engine": "llama.cpp", "decode_tok_s": None, "error": "no file"}]
+    g = goals(rows)
+    assert g["bf16"]["best"] == "course_lib compiled bf16" and g["bf16"]["ratio"] == 80 / 90 and g["bf16"]["met"]
+    assert g["int8"]["best"] == "course_lib eager w8a8" and g["int8"]["ratio"] == 0.6 and not g["int8"]["met"]
+    assert g["int4"]["met"] is None and "llama.cpp Q4_0" in g["int4"]["why"]  # a rival that did not run: no verdict
+    assert g["read_bandwidth"] == {"best": "course_lib compiled bf16", "frac": 0.65, "goal": 0.6, "met": True}
+    assert g["compiled_int8_runs"] is False  # its row ran no tokens

@@ -429,6 +429,37 @@ def measure(paths: list[DecodePath], new_tokens: int, rounds: int, reference: st
                          prefill_ms=statistics.median(f for f, _ in p.samples) * 1e3)
 
 
+# issue 14's goals: course_lib's best row of a kind against llama.cpp's row on the same weights (tok/s ratio)
+GOALS = {"bf16": (("bf16",), "llama.cpp BF16", 0.8),
+         "int8": (("int8-wo", "int8-auto", "w8a8"), "llama.cpp Q8_0", 1.0),
+         "int4": (("int4-wo", "int4-auto"), "llama.cpp Q4_0", 0.6)}
+GOAL_READ_BW = 0.6  # the best row's share of the measured read bandwidth
+
+
+def goals(rows: list[dict]) -> dict:
+    """The goals, from one run's rows: each kind's best course_lib row, its ratio to llama.cpp, met or not."""
+    by = {r["method"]: r for r in rows if r.get("decode_tok_s")}
+    out: dict = {}
+    for kind, (fmts, rival, want) in GOALS.items():
+        ours = [by[m] for f in fmts for m in (f"course_lib eager {f}", f"course_lib compiled {f}") if m in by]
+        if not ours or rival not in by:
+            missing = "no course_lib row" if not ours else f"no {rival} row"
+            out[kind] = {"met": None, "why": f"not measured: {missing}"}
+            continue
+        best = max(ours, key=lambda r: r["decode_tok_s"])
+        ratio = best["decode_tok_s"] / by[rival]["decode_tok_s"]
+        out[kind] = {"best": best["method"], "tok_s": best["decode_tok_s"], "vs": rival,
+                     "vs_tok_s": by[rival]["decode_tok_s"], "ratio": ratio, "goal": want, "met": ratio >= want}
+    ours = [r for r in by.values() if r.get("engine") == "course_lib" and r.get("read_bw_frac")]
+    if ours:
+        best = max(ours, key=lambda r: r["read_bw_frac"])
+        out["read_bandwidth"] = {"best": best["method"], "frac": best["read_bw_frac"], "goal": GOAL_READ_BW,
+                                 "met": best["read_bw_frac"] >= GOAL_READ_BW}
+    compiled = [r for r in rows if r["method"].startswith("course_lib compiled int8")]
+    out["compiled_int8_runs"] = any(r.get("decode_tok_s") for r in compiled) if compiled else None
+    return out
+
+
 def chat_prompt_ids(tokenizer, text: str = PROMPT) -> list[int]:
     """The chat template's token ids for one user turn, ready for the assistant's answer."""
     if getattr(tokenizer, "chat_template", None):
@@ -472,9 +503,11 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
         if r["decode_tok_s"] and r["bytes"]:
             r["bandwidth_gbs"] = r["bytes"] * r["decode_tok_s"] / 1e9
             r["read_bw_frac"] = r["bandwidth_gbs"] / bw
+    engine_goals = goals(rows)
     rows += kernel_rows()
     log.info("engines suite took %.0f s", time.perf_counter() - t0)
     return {"machine": {"read_bandwidth_gbs": bw, "read_bandwidth_gbs_start": bw_start, "engines_model": MODEL_NAME,
+                        "engines_goals": engine_goals,
                         "engines_prompt_tokens": len(tokens),
                         "llama_cpp": getattr(llama_cpp, "__version__", None) if llama_cpp else None},
             "rows": rows}

@@ -372,6 +372,7 @@ def _gptq_by_rerunning(model, todo, cfg, calibration, report, stages):
     def stop(module, inputs, output):
         raise Q._StopForward
 
+    packed = {}
     for block in Q._blocks(model, list(todo)):
         for stage in stages(block):
             hess = {n: Q._Hessian(todo[n].in_features) for n in stage}
@@ -388,10 +389,12 @@ def _gptq_by_rerunning(model, todo, cfg, calibration, report, stages):
             finally:
                 for h in handles:
                     h.remove()
-            for n in stage:
-                new = Q._quantize_linear(todo[n], cfg, hess[n].H)
-                Q._set_module(model, n, new)
-                report.quantized[n] = new.kernel
+            for n in stage:  # float stand-ins until the end, as the library does
+                packed[n] = Q._quantize_linear(todo[n], cfg, hess[n].H)
+                Q._set_module(model, n, Q._float_stand_in(todo[n], packed[n]))
+    for n, new in packed.items():
+        Q._set_module(model, n, new)
+        report.quantized[n] = new.kernel
 
 
 @torch.no_grad()
@@ -423,12 +426,18 @@ def test_gptq_is_true_sequential_within_a_block(monkeypatch):
     monkeypatch.setattr(Q, "_gptq_model", _gptq_float_block_hessians)
     quantize_(old, cfg, calibration=cal)
 
-    def o_proj_inputs(rows):  # in the quantized model: q/k/v are the same in both (same block input)
+    # what o_proj saw during calibration: q/k/v as float stand-ins of the packed layers (the same in both)
+    seen_by = copy.deepcopy(new)
+    for p in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{p}"
+        Q._set_module(seen_by, name, Q._float_stand_in(model.get_submodule(name), seen_by.get_submodule(name)))
+
+    def o_proj_inputs(rows):
         seen = []
-        handle = new.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+        handle = seen_by.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.append(i[0]))
         with torch.no_grad():
             for row in rows:
-                new(row[None])
+                seen_by(row[None])
         handle.remove()
         return seen
 
@@ -1082,6 +1091,57 @@ def test_a_named_kernel_that_is_wrong_here_falls_back_to_the_reference(monkeypat
     assert layer.kernel == "reference" and "no correct kernel" in layer.choice.rejected["error"]
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().T + layer.bias, rtol=0.02, atol=0.02)
+
+
+def test_gptq_integers_do_not_depend_on_the_kernel_a_timing_picked(monkeypatch):
+    """With compute_dtype="auto" a timing picks each packed layer's kernel (bf16 or fp32 activations). The
+    layers GPTQ calibrates later must not see that choice: the same integers whichever dtype the timing favours."""
+    import copy
+
+    model = make_tiny("llama", layers=2, hidden=128, intermediate=256, vocab=256)
+    cal = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(3))
+    cfg = QuantConfig(bits=4, group_size=32, method="gptq", embeddings="float")
+
+    def ints(favoured):
+        def fake_times(cands, in_features, device, rounds=kernel_choice.ROUNDS):
+            return {c.name: 1e-6 if c.dtype == favoured else 1e-3 for c in cands}
+
+        monkeypatch.setattr(kernel_choice, "time_candidates", fake_times)
+        kernel_choice.clear_kernel_choices()
+        m = copy.deepcopy(model)
+        quantize_(m, cfg, calibration=cal)
+        layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, Int4WeightOnlyLinear)}
+        assert layers and {mod.compute_dtype for mod in layers.values()} == {favoured}
+        return {n: mod.int_weight() for n, mod in layers.items()}
+
+    try:
+        a, b = ints(torch.bfloat16), ints(torch.float32)
+    finally:
+        kernel_choice.clear_kernel_choices()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_gptq_rounds_each_weight_to_the_grid_the_layer_stores():
+    """The layer stores bf16 scales and offsets ("auto"), so GPTQ rounds against that grid. With H = I nothing is
+    spread to later columns and GPTQ is rounding to nearest: every stored weight must then be the nearest point
+    of the stored grid. Rounding against the fp32 scales and storing bf16 ones misses it for some weights."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.05
+    cfg = QuantConfig(bits=4, group_size=32, method="gptq")  # damping keeps a diagonal H diagonal
+
+    def stored(scale_dtype):
+        layer = Int4WeightOnlyLinear.from_quantized(gptq_quantize_weight(w, torch.eye(256), cfg, scale_dtype),
+                                                    None, torch.bfloat16, Q.REFERENCE)
+        assert layer.scales_and_zeros.dtype == torch.bfloat16
+        sz = layer.scales_and_zeros.float().transpose(0, 1).repeat_interleave(32, 1)  # (N, K, 2)
+        grid = (torch.arange(16.0) - 8) * sz[..., :1] + sz[..., 1:]  # (N, K, 16): every value it can store
+        nearest = grid.gather(-1, (grid - w[..., None]).abs().argmin(-1, keepdim=True))[..., 0]
+        return layer.dequantized_weight(), nearest
+
+    got, nearest = stored(torch.bfloat16)
+    torch.testing.assert_close(got, nearest, atol=0, rtol=0)
+    got, nearest = stored(torch.float32)
+    assert (got != nearest).any()
 
 
 def test_gptq_shares_one_run_per_input_group_and_stops_early_with_the_same_result(monkeypatch):

@@ -52,6 +52,29 @@ def test_real_model_int4_g32_leaves_no_projection_in_float_and_says_when_it_does
     assert same is base and info["float_linears"] == 0
 
 
+def test_every_real_model_method_builds_packed_layers_and_calibrated_ones_get_the_calibration(monkeypatch):
+    from course_lib import quantization as Q
+    from course_lib.bench import quant_real
+
+    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = make_tiny("llama", hidden=64, intermediate=128)
+    seen = {}
+    real = Q.quantize_
+
+    def spy(model, cfg, calibration=None):
+        seen[cfg.name] = calibration is not None
+        return real(model, cfg, calibration=calibration)
+
+    monkeypatch.setattr(Q, "quantize_", spy)
+    for method in quant_real.METHODS:
+        model, info = quant_real._variant(method, base, calib)
+        assert info["float_linears"] == 0, method
+        if method not in ("fp32", "int4-per-channel-fake"):
+            assert Q.is_quantized(model) and info["quantized_linears"] > 0, method
+    assert seen == {"int8-wo": False, "w8a8": False, "w8a8-sq0.5": True, "int4-wo-g32": False,
+                    "gptq-int4-wo-g32": True, "awq-int4-wo-g32": True}
+
+
 def test_real_model_rows_without_the_wheel_say_why(monkeypatch):
     from course_lib import models
     from course_lib.bench import quant_real

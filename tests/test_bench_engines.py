@@ -273,3 +273,45 @@ def test_goals_take_each_kinds_best_course_lib_row_against_its_llama_cpp_file():
     assert g["int4"]["met"] is None and "llama.cpp Q4_0" in g["int4"]["why"]  # a rival that did not run: no verdict
     assert g["read_bandwidth"] == {"best": "course_lib compiled bf16", "frac": 0.65, "goal": 0.6, "met": True}
     assert g["compiled_int8_runs"] is False  # its row ran no tokens
+
+
+def test_a_selection_runs_only_its_rows_and_frees_the_float_model(tiny_loader, src, tmp_path):
+    import weakref
+
+    FakeLlama.instances.clear()
+    made = []
+
+    def loader():
+        model, tok = tiny_loader()
+        made.append(weakref.ref(model))
+        return model, tok
+
+    out = engines.run(quick=True, loader=loader, gguf=src, llama_cpp=fake_llama_cpp(), cache=tmp_path / "c",
+                      new_tokens=3, rounds=1, bandwidth_gbs=10.0, formats=("bf16", "int8-wo"),
+                      gguf_types=("Q8_0",), loops=("eager",))
+    rows = by_method(r for r in out["rows"] if r["suite"] == "engines")
+    assert list(rows) == ["course_lib eager bf16", "course_lib eager int8-wo", "llama.cpp Q8_0"]
+    assert all(r["decode_tok_s"] for r in rows.values())
+    assert out["machine"]["engines_reference"] == "course_lib eager bf16"
+    assert rows["course_lib eager bf16"]["agree_tokens"] == 3
+    assert made[0]() is None  # the fp32 model was not among the formats: nothing holds it any more
+    assert [llm.model_path.endswith(".gguf") for llm in FakeLlama.instances] == [True]
+
+
+@pytest.mark.parametrize("kw", [{"formats": ("bf16", "int3")}, {"gguf_types": ()}, {"loops": "jit"}])
+def test_a_selection_of_unknown_parts_names_the_allowed_ones(kw):
+    with pytest.raises(ValueError, match="must be a non-empty selection of"):
+        engines.run(quick=True, loader=lambda: pytest.fail("must not load a model"), **kw)
+
+
+def test_verdicts_say_the_ratio_and_whether_the_spreads_overlap():
+    def row(method, tok_s, lo, hi, engine="course_lib"):
+        return {"method": method, "engine": engine, "decode_tok_s": tok_s, "decode_tok_s_min": lo,
+                "decode_tok_s_max": hi}
+
+    rows = [row("course_lib eager bf16", 50.0, 48.0, 52.0), row("llama.cpp BF16", 100.0, 95.0, 105.0, "llama.cpp"),
+            row("course_lib eager int8-wo", 98.0, 90.0, 101.0), row("llama.cpp Q8_0", 100.0, 99.0, 102.0, "llama.cpp")]
+    v = engines.verdicts(rows)
+    assert len(v) == 2  # int4 has no rows: no sentence
+    assert v[0].startswith("bf16: course_lib eager bf16 50.0") and "0.50x, slower, outside both spreads" in v[0]
+    assert "0.98x, no measurable difference" in v[1]

@@ -251,11 +251,19 @@ def decode_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _torch_variants(base: torch.nn.Module, quick: bool) -> dict[str, torch.nn.Module | str]:
-    """The model in each format the torch rows need (or the error that stopped one); ``base`` stays fp32."""
-    out: dict[str, torch.nn.Module | str] = {"fp32": base}
+TORCH_FORMATS = ("fp32", "bf16", *FORMATS, "dynamic-int8")
+LOOPS = ("hf", "eager", "compiled")  # HF generate, generate_kv_cache, CompiledDecoder
+
+
+def _torch_variants(base: torch.nn.Module, quick: bool,
+                    formats: tuple[str, ...] = TORCH_FORMATS) -> dict[str, torch.nn.Module | str]:
+    """The model in each of ``formats`` (or the error that stopped one); ``base`` stays fp32 and is kept only
+    when "fp32" is one of them."""
+    out: dict[str, torch.nn.Module | str] = {"fp32": base} if "fp32" in formats else {}
 
     def make(name: str, fn: Callable[[], torch.nn.Module]) -> None:
+        if name not in formats:
+            return
         try:
             out[name] = fn()
         except Exception as e:  # one format that cannot be built here gets a row saying why
@@ -280,16 +288,19 @@ def _torch_variants(base: torch.nn.Module, quick: bool) -> dict[str, torch.nn.Mo
     return out
 
 
-def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: bool, model_name: str) -> list[DecodePath]:
-    """HF generate, course_lib eager and course_lib compiled paths over the built models."""
-    specs = [("hf-generate fp32", "hf-transformers", "generate (eager)", "fp32", not quick),
-             ("hf-generate bf16", "hf-transformers", "generate (eager)", "bf16", True)]
+def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: bool, model_name: str,
+                 formats: tuple[str, ...] = TORCH_FORMATS, loops: tuple[str, ...] = LOOPS) -> list[DecodePath]:
+    """HF generate, course_lib eager and course_lib compiled paths over the built models (those asked for)."""
+    specs = [("hf-generate fp32", "hf-transformers", "generate (eager)", "fp32", not quick, "hf"),
+             ("hf-generate bf16", "hf-transformers", "generate (eager)", "bf16", True, "hf")]
     fmts = ("fp32", "bf16", *FORMATS)
     for fmt in fmts:
-        specs.append((f"course_lib eager {fmt}", "course_lib", "generate_kv_cache (eager)", fmt, True))
+        specs.append((f"course_lib eager {fmt}", "course_lib", "generate_kv_cache (eager)", fmt, True, "eager"))
     for fmt in fmts:
-        specs.append((f"course_lib compiled {fmt}", "course_lib", "CompiledDecoder (static cache)", fmt, not quick))
-    specs.append(("torch dynamic int8", "torch", "generate (eager)", "dynamic-int8", not quick))
+        specs.append((f"course_lib compiled {fmt}", "course_lib", "CompiledDecoder (static cache)", fmt, not quick,
+                      "compiled"))
+    specs.append(("torch dynamic int8", "torch", "generate (eager)", "dynamic-int8", not quick, "hf"))
+    specs = [s[:5] for s in specs if s[3] in formats and s[5] in loops]
     threads = torch.get_num_threads()
     paths = []
     for method, engine, loop, fmt, wanted in specs:
@@ -353,12 +364,15 @@ def _import_llama_cpp():
         return None
 
 
+GGUF_TYPES = ("Q4_1", *GGUF_VARIANTS)  # the shipped file, then the ones made from it
+
+
 def _llama_paths(llama_cpp, src: Path, tokens: list[int], new_tokens: int, cache: Path | None,
-                 model_name: str) -> list[DecodePath]:
-    """llama.cpp on the shipped file and on each variant; rows say why where one cannot run."""
+                 model_name: str, gguf_types: tuple[str, ...] = GGUF_TYPES) -> list[DecodePath]:
+    """llama.cpp on the shipped file and on each variant asked for; rows say why where one cannot run."""
     threads = torch.get_num_threads()
     paths = []
-    for ftype in ("Q4_1", *GGUF_VARIANTS):
+    for ftype in gguf_types:
         row = blank_row(f"llama.cpp {ftype}", engine="llama.cpp", loop="llama_cpp.Llama.generate",
                         weights=f"GGUF {ftype}" + (" (shipped)" if ftype == "Q4_1" else " (from the Q4_1)"),
                         model=model_name, new_tokens=new_tokens, threads=threads)
@@ -460,6 +474,28 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
+def verdicts(rows: list[dict]) -> list[str]:
+    """One sentence per goal kind measured in ``rows``: course_lib's best row against llama.cpp's on the same
+    weights, with the ratio, and whether their spreads (min-max over rounds) overlap."""
+    by = {r["method"]: r for r in rows if r.get("decode_tok_s")}
+    out = []
+    for kind, g in goals(rows).items():
+        if kind not in GOALS or not g.get("best"):
+            continue
+        ours, theirs = by[g["best"]], by[g["vs"]]
+        if ours["decode_tok_s_min"] > theirs["decode_tok_s_max"]:
+            how = "faster, outside both spreads"
+        elif ours["decode_tok_s_max"] < theirs["decode_tok_s_min"]:
+            how = "slower, outside both spreads"
+        else:
+            how = "no measurable difference: the spreads overlap"
+        out.append(f"{kind}: {g['best']} {ours['decode_tok_s']:.1f} tok/s "
+                   f"[{ours['decode_tok_s_min']:.1f}-{ours['decode_tok_s_max']:.1f}] vs {g['vs']} "
+                   f"{theirs['decode_tok_s']:.1f} [{theirs['decode_tok_s_min']:.1f}-{theirs['decode_tok_s_max']:.1f}]"
+                   f": {g['ratio']:.2f}x, {how}")
+    return out
+
+
 def chat_prompt_ids(tokenizer, text: str = PROMPT) -> list[int]:
     """The chat template's token ids for one user turn, ready for the assistant's answer."""
     if getattr(tokenizer, "chat_template", None):
@@ -470,11 +506,27 @@ def chat_prompt_ids(tokenizer, text: str = PROMPT) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def _subset(name: str, asked, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``asked`` (None: all of ``allowed``) as a tuple, each checked against ``allowed``."""
+    if asked is None:
+        return allowed
+    asked = (asked,) if isinstance(asked, str) else tuple(asked)
+    bad = [a for a in asked if a not in allowed]
+    if bad or not asked:
+        raise ValueError(f"{name} must be a non-empty selection of {allowed}, got {asked!r}")
+    return asked
+
+
 def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf: Path | None = None,
         llama_cpp=..., cache: Path | None = None, new_tokens: int | None = None, rounds: int | None = None,
-        bandwidth_gbs: float | None = None) -> dict:
-    """Run the suite. The keyword arguments replace its parts (model loader, GGUF, llama_cpp module) for tests."""
+        bandwidth_gbs: float | None = None, formats=None, gguf_types=None, loops=None) -> dict:
+    """Run the suite. ``formats`` (of :data:`TORCH_FORMATS`), ``gguf_types`` (of :data:`GGUF_TYPES`) and ``loops``
+    (of :data:`LOOPS`) pick a part of it (a notebook's table; default: everything). The other keyword arguments
+    replace its parts (model loader, GGUF, llama_cpp module) for tests."""
     check_flag("quick", quick)  # before minutes of loading and timing
+    formats = _subset("formats", formats, TORCH_FORMATS)
+    gguf_types = _subset("gguf_types", gguf_types, GGUF_TYPES)
+    loops = _subset("loops", loops, LOOPS)
     new_tokens = new_tokens or (32 if quick else 128)
     rounds = rounds or (2 if quick else 5)
     if new_tokens < 2 or rounds < 1:
@@ -490,11 +542,17 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
     tokens = chat_prompt_ids(tok)
     prompt = torch.tensor([tokens])
     kernel_choice.clear_kernel_choices()  # the kernel table lists this run's choices, measured now
-    models = _torch_variants(model, quick)
-    paths = _torch_paths(models, prompt, new_tokens, quick, MODEL_NAME)
+    models = _torch_variants(model, quick, formats)
+    del model  # without "fp32" among the formats the float model is freed before llama.cpp loads its files
+    gc.collect()
+    paths = _torch_paths(models, prompt, new_tokens, quick, MODEL_NAME, formats, loops)
     llama_cpp = _import_llama_cpp() if llama_cpp is ... else llama_cpp
-    paths += _llama_paths(llama_cpp, src, tokens, new_tokens, cache, MODEL_NAME)
-    measure(paths, new_tokens, rounds, reference="course_lib eager fp32")
+    paths += _llama_paths(llama_cpp, src, tokens, new_tokens, cache, MODEL_NAME, gguf_types)
+    # agreement against course_lib's own fp32 loop, or its most precise format in this run
+    ours = [p.row["method"] for p in paths if p.row["engine"] == "course_lib"]
+    reference = next((m for f in ("fp32", "bf16", *FORMATS) for m in ours if m == f"course_lib eager {f}"),
+                     ours[0] if ours else None)
+    measure(paths, new_tokens, rounds, reference=reference)
     bw_start = bw
     if not bandwidth_gbs:  # again at the end: on a busy machine one reading undercounts; the better one is nearer
         bw = max(bw, measure_bandwidth(size_mb=128 if quick else 256, kind="read"))  # what the machine can do
@@ -507,7 +565,7 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
     rows += kernel_rows()
     log.info("engines suite took %.0f s", time.perf_counter() - t0)
     return {"machine": {"read_bandwidth_gbs": bw, "read_bandwidth_gbs_start": bw_start, "engines_model": MODEL_NAME,
-                        "engines_goals": engine_goals,
+                        "engines_goals": engine_goals, "engines_reference": reference,
                         "engines_prompt_tokens": len(tokens),
                         "llama_cpp": getattr(llama_cpp, "__version__", None) if llama_cpp else None},
             "rows": rows}

@@ -296,6 +296,11 @@ def test_a_selection_runs_only_its_rows_and_frees_the_float_model(tiny_loader, s
     assert rows["course_lib eager bf16"]["agree_tokens"] == 3
     assert made[0]() is None  # the fp32 model was not among the formats: nothing holds it any more
     assert [llm.model_path.endswith(".gguf") for llm in FakeLlama.instances] == [True]
+    table = engines.notebook_table(out)
+    assert [t["path"] for t in table] == list(rows)
+    for t in table:
+        r = rows[t["path"]]
+        assert t["bandwidth allows (tok/s)"] == pytest.approx(10e9 / r["bytes"]) and t["tok/s"] == r["decode_tok_s"]
 
 
 @pytest.mark.parametrize("kw", [{"formats": ("bf16", "int3")}, {"gguf_types": ()}, {"loops": "jit"}])

@@ -276,9 +276,11 @@ def _torch_variants(base: torch.nn.Module, quick: bool,
         def quantized(cfg=cfg, name=name):
             # -wo: bf16 activations between the packed layers, as before; -auto / w8a8: the fp32 model, each layer's
             # kernel and dtype measured (the float candidate is the fp32 layer it replaced)
-            m = copy.deepcopy(base)
-            if name.endswith("-wo"):
-                m = m.to(torch.bfloat16)
+            if name.endswith("-wo"):  # from the bf16 copy when there is one: half the bytes to copy
+                bf16 = out.get("bf16")
+                m = copy.deepcopy(bf16) if isinstance(bf16, torch.nn.Module) else copy.deepcopy(base).to(torch.bfloat16)
+            else:
+                m = copy.deepcopy(base)
             quantize_(m, cfg)
             return m
         make(name, quantized)
@@ -494,6 +496,25 @@ def verdicts(rows: list[dict]) -> list[str]:
                    f"{theirs['decode_tok_s']:.1f} [{theirs['decode_tok_s_min']:.1f}-{theirs['decode_tok_s_max']:.1f}]"
                    f": {g['ratio']:.2f}x, {how}")
     return out
+
+
+def notebook_table(out: dict) -> list[dict]:
+    """The rows a notebook shows from one :func:`run`: each path that ran or failed (not those skipped), with
+    its tokens/s and spread, bytes per token, the tokens/s the measured read bandwidth would allow for those
+    bytes, the share of it reached, and the greedy agreement."""
+    bw = out["machine"].get("read_bandwidth_gbs")
+    table = []
+    for r in out["rows"]:
+        if r["suite"] != "engines" or (r["note"] or "").startswith("skipped"):
+            continue
+        ran = bool(r["decode_tok_s"])
+        table.append({"path": r["method"], "weights": r["weights"], "tok/s": r["decode_tok_s"],
+                      "min-max": f"{r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f}" if ran else "",
+                      "MB / token": (r["bytes"] or 0) / 1e6,
+                      "bandwidth allows (tok/s)": bw * 1e9 / r["bytes"] if bw and r["bytes"] else None,
+                      "% read bw": f"{r['read_bw_frac']:.0%}" if r["read_bw_frac"] else "",
+                      "agrees (tokens)": r["agree_tokens"], "error": (r["error"] or "")[:90]})
+    return table
 
 
 def chat_prompt_ids(tokenizer, text: str = PROMPT) -> list[int]:

@@ -320,3 +320,23 @@ def test_verdicts_say_the_ratio_and_whether_the_spreads_overlap():
     assert len(v) == 2  # int4 has no rows: no sentence
     assert v[0].startswith("bf16: course_lib eager bf16 50.0") and "0.50x, slower, outside both spreads" in v[0]
     assert "0.98x, no measurable difference" in v[1]
+
+
+@pytest.mark.parametrize("formats, dtype", [(("bf16", "int4-wo"), "bfloat16"), (("bf16", "int8-auto"), "float32")])
+def test_the_model_loads_in_bf16_unless_a_format_is_made_from_fp32(tiny_loader, src, monkeypatch, formats, dtype):
+    import torch
+
+    asked = []
+
+    def load(dt):
+        asked.append(dt)
+        model, tok = tiny_loader()
+        return model.to(dt), tok
+
+    monkeypatch.setattr(engines, "load_engine_model", load)
+    out = engines.run(quick=True, gguf=src, llama_cpp=None, new_tokens=3, rounds=1, bandwidth_gbs=10.0,
+                      formats=formats, loops=("eager",), gguf_types=("Q4_1",))
+    assert asked == [getattr(torch, dtype)]
+    rows = by_method(r for r in out["rows"] if r["suite"] == "engines")
+    assert all(rows[f"course_lib eager {f}"]["decode_tok_s"] for f in formats)
+    assert "bfloat16" in rows["course_lib eager bf16"]["kernels"]

@@ -90,19 +90,19 @@ FORMATS = {
 # --- the model and its GGUF files ---------------------------------------------------------
 
 
-def load_engine_model():
-    """(float32 model, tokenizer) of SmolLM2-135M-Instruct, dequantized from the shipped GGUF.
+def load_engine_model(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of SmolLM2-135M-Instruct in ``dtype`` on the CPU, dequantized from the shipped GGUF.
 
-    Read from the GGUF itself rather than through ``load_model("smollm2-135m-instruct")``, which prefers
-    the hub's bf16 weights when they are cached: the llama.cpp rows read this very file, so both sides
-    decode the same (Q4_1-rounded) weights.
+    Read from the course cache's float copy of the GGUF itself (:func:`course_lib.real_model.convert`: the
+    dequantized floats bit for bit, made once), never the hub's bf16 weights that
+    ``load_model("smollm2-135m-instruct")`` prefers when they are cached: the llama.cpp rows read this very
+    file, so both sides decode the same (Q4_1-rounded) weights. Loading the safetensors copy also keeps the
+    peak memory near the model's size (parsing the GGUF through transformers takes several times that).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .. import real_model
+    from ..models import load_model
 
-    path = shipped_gguf()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model.eval(), tok
+    return load_model(real_model.model_source(prefer_hub=False).path, dtype=dtype, device="cpu")
 
 
 def _source_key(src: Path) -> str:
@@ -252,6 +252,7 @@ def decode_bytes(model: torch.nn.Module) -> int:
 
 
 TORCH_FORMATS = ("fp32", "bf16", *FORMATS, "dynamic-int8")
+FROM_FP32 = {"fp32", "int8-auto", "int4-auto", "w8a8", "dynamic-int8"}  # built from the fp32 model
 LOOPS = ("hf", "eager", "compiled")  # HF generate, generate_kv_cache, CompiledDecoder
 
 
@@ -271,7 +272,8 @@ def _torch_variants(base: torch.nn.Module, quick: bool,
             out[name] = _err(e)
         gc.collect()
 
-    make("bf16", lambda: copy.deepcopy(base).to(torch.bfloat16))
+    in_bf16 = next(base.parameters()).dtype == torch.bfloat16  # loaded in bf16: it is the bf16 format itself
+    make("bf16", lambda: base if in_bf16 else copy.deepcopy(base).to(torch.bfloat16))
     for name, (cfg, _) in FORMATS.items():
         def quantized(cfg=cfg, name=name):
             # -wo: bf16 activations between the packed layers, as before; -auto / w8a8: the fp32 model, each layer's
@@ -559,7 +561,9 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
         log.warning("%s", e)
         return {"machine": {}, "rows": [blank_row("all paths", model=MODEL_NAME, error=str(e))]}
     bw = bandwidth_gbs or measure_bandwidth(size_mb=128 if quick else 256, kind="read")
-    model, tok = (loader or load_engine_model)()
+    # formats made from the fp32 model need it; the others start from bf16 (half the memory)
+    dtype = torch.float32 if set(formats) & FROM_FP32 else torch.bfloat16
+    model, tok = loader() if loader else load_engine_model(dtype)
     tokens = chat_prompt_ids(tok)
     prompt = torch.tensor([tokens])
     kernel_choice.clear_kernel_choices()  # the kernel table lists this run's choices, measured now

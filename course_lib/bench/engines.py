@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from .. import kernel_choice
 from .._checks import check_flag
+from ..device import release_memory
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
 from ..kv_cache import ScratchLlama
 from ..machine import measure_bandwidth
@@ -569,7 +570,7 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
     kernel_choice.clear_kernel_choices()  # the kernel table lists this run's choices, measured now
     models = _torch_variants(model, quick, formats)
     del model  # without "fp32" among the formats the float model is freed before llama.cpp loads its files
-    gc.collect()
+    release_memory()
     paths = _torch_paths(models, prompt, new_tokens, quick, MODEL_NAME, formats, loops)
     llama_cpp = _import_llama_cpp() if llama_cpp is ... else llama_cpp
     paths += _llama_paths(llama_cpp, src, tokens, new_tokens, cache, MODEL_NAME, gguf_types)
@@ -588,6 +589,8 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
             r["read_bw_frac"] = r["bandwidth_gbs"] / bw
     engine_goals = goals(rows)
     rows += kernel_rows()
+    del paths, models
+    release_memory()  # the models and llama.cpp's files are gone: give their memory back to the caller
     log.info("engines suite took %.0f s", time.perf_counter() - t0)
     return {"machine": {"read_bandwidth_gbs": bw, "read_bandwidth_gbs_start": bw_start, "engines_model": MODEL_NAME,
                         "engines_goals": engine_goals, "engines_reference": reference,

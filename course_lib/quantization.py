@@ -1256,7 +1256,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, cfg: Quant
     already-updated weights when a group starts (the paper's choice).
     ``scale_dtype``: the dtype the packed layer stores its scales (and int4 offsets) in. Each column is rounded
     to that grid and its error measured against it: rounding to fp32 scales and storing bf16 ones afterwards
-    adds an error nothing compensates (on SmolLM2-135M int4 g32 it undid half of GPTQ's gain over RTN).
+    adds an error nothing compensates (on SmolLM2-135M int4 g32 GPTQ closed 15% of RTN's prose-perplexity
+    gap before this and the float stand-ins below, 27% after; docs/quantization.md).
     """
     W = weight.detach().float().clone()
     N, K = W.shape

@@ -50,8 +50,9 @@ def test_release_memory_gives_freed_blocks_back():
     process, so nothing else shapes its heap)."""
     import ctypes.util
 
-    if sys.platform != "linux" or not ctypes.util.find_library("c"):
-        pytest.skip("glibc's malloc_trim: Linux only")
+    libc = ctypes.util.find_library("c") if sys.platform == "linux" else None
+    if not libc or not hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        pytest.skip("glibc's malloc_trim only (not macOS, not musl)")
     code = """
 import psutil, torch
 from course_lib.device import release_memory

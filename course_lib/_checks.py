@@ -32,3 +32,21 @@ def check_flag(name: str, value) -> None:
     """ValueError unless ``value`` is a bool (or the int 0 or 1): ``quick="no"`` is truthy and would run quick."""
     if not (isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1))):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_output_path(path, flag: str) -> None:
+    """ValueError naming ``flag`` unless ``path`` could be created: no folder above it is a file, and the
+    nearest existing one is writable. Checked before a long run, so its results are not lost at the end."""
+    import os
+    from pathlib import Path
+
+    path = Path(path).expanduser().absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder, so nothing can be written "
+                                 "under it; choose a path in a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: the folder {parent} is not writable by this user; choose a "
+                                 "path in a folder you can write to")
+            return

@@ -31,8 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -44,10 +44,17 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from . import data
 from ._checks import check_int as _check_int
 from ._checks import check_number as _check_number
+from ._checks import check_output_path
 from .fit import decay_groups, fit
 from .metrics import perplexity
 from .models import EMBEDDED, check_token_ids, count_parameters, load_model
-from .train import check_checkpoint_dir, check_out_dir, claim_checkpoint_dir, release_checkpoint_dir
+from .train import (
+    check_checkpoint_dir,
+    check_out_dir,
+    claim_checkpoint_dir,
+    release_checkpoint_dir,
+    remove_own_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +324,8 @@ class DistillResult:
 
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FILES = (CHECKPOINT, CHECKPOINT + ".tmp")  # everything distill writes into its checkpoint folder
+CHECKPOINT_KEYS = ("config", "step", "student", "projections", "optimizer", "generator", "torch_rng", "history")
 
 
 def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids: torch.Tensor,
@@ -328,8 +337,11 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids:
     Every ``cfg.eval_every`` steps the held-out loss (of ``heldout_ids``) is
     recorded. With ``checkpoint_dir`` the run saves there every
     ``cfg.checkpoint_every`` steps and *resumes* from a checkpoint it finds
-    (same config required); ``overwrite=True`` starts afresh instead. A resumed
-    run gives exactly the same student as an uninterrupted one.
+    (same config required); ``overwrite=True`` starts afresh instead, removing
+    only the checkpoint files (the folder's other files stay). A resumed
+    run gives exactly the same student as an uninterrupted one. A checkpoint is
+    read as tensors and plain values only (``weights_only=True``): a file that
+    holds anything else is refused unread, since unpickling it could run code.
     """
     if cfg.needs_teacher:
         if teacher is None:
@@ -420,18 +432,29 @@ def _config_fingerprint(cfg: DistillConfig) -> dict:
 
 
 def _prepare_checkpoint(ckpt: Path, cfg, student, projections, opt, gen, overwrite: bool):
-    """Resume from ``ckpt/checkpoint.pt`` if present; refuse a foreign non-empty folder unless overwrite."""
+    """Resume from ``ckpt/checkpoint.pt`` if present; refuse a foreign non-empty folder unless overwrite.
+
+    ``overwrite`` removes only :data:`CHECKPOINT_FILES` (never the folder: the learner's files in it stay).
+    """
+    if ckpt.exists() and not ckpt.is_dir():
+        raise ValueError(f"checkpoint_dir {ckpt} is a file, not a folder; give the path of a new folder, or of "
+                         "the folder of an earlier run to resume it")
+    check_output_path(ckpt, "checkpoint_dir")  # before the training, not at its first save
     if ckpt.exists() and any(ckpt.iterdir()):
         if overwrite:
-            shutil.rmtree(ckpt)
+            remove_own_files(ckpt, list(CHECKPOINT_FILES))
+            log.info("overwrite=True: starting afresh in %s (only its %s is replaced)", ckpt, CHECKPOINT)
         elif not (ckpt / CHECKPOINT).is_file():
-            raise ValueError(f"{ckpt} is not empty and holds no {CHECKPOINT}; choose another folder "
-                             "or pass overwrite=True (--overwrite) to replace it")
+            raise ValueError(f"checkpoint_dir {ckpt} is not empty and holds no {CHECKPOINT}, so it is not the "
+                             "folder of an earlier run; choose another (new) folder, or pass overwrite=True "
+                             f"to keep the checkpoint there anyway ({CHECKPOINT} is written, the folder's other "
+                             "files are left alone)")
         else:
-            state = torch.load(ckpt / CHECKPOINT, weights_only=False)
+            state = load_checkpoint(ckpt / CHECKPOINT)
             if state["config"] != _config_fingerprint(cfg):
                 raise ValueError(f"the checkpoint in {ckpt} was made with a different config "
-                                 f"({state['config']}); use the same config to resume, or overwrite=True")
+                                 f"({state['config']}); use the same config to resume, or overwrite=True "
+                                 f"to start afresh (only its {CHECKPOINT} is replaced)")
             student.load_state_dict(state["student"])
             if projections is not None:
                 projections.load_state_dict(state["projections"])
@@ -441,6 +464,32 @@ def _prepare_checkpoint(ckpt: Path, cfg, student, projections, opt, gen, overwri
             log.info("resuming from step %d (%s)", state["step"], ckpt)
             return state["step"], state["history"]
     return 0, []
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The state a distillation checkpoint holds, read as tensors and plain Python values only.
+
+    ``weights_only=True`` refuses any other object *before* building it: a pickle can name any function to
+    call while it is read, so a planted ``checkpoint.pt`` would otherwise run its payload on resume.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = re.search(r"WeightsUnpickler error: (.*?)(?: Please|\n|$)", str(e))
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain values ({why[1] if why else 'not a torch file'}), "
+            "so course_lib did not write it; it was refused unread, because loading such a file can run code. "
+            "Delete it, or pass overwrite=True (--overwrite) to start afresh"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
+        raise ValueError(f"{path} is damaged or not a checkpoint ({e}); delete it, or pass overwrite=True "
+                         "(--overwrite) to start afresh") from e
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a distillation checkpoint (no {missing}); delete it, or pass "
+                         "overwrite=True (--overwrite) to start afresh")
+    return state
 
 
 def _save_checkpoint(ckpt: Path, cfg, step, student, projections, opt, gen, history) -> None:
@@ -490,7 +539,7 @@ def main_train_student(args) -> int:
     # Resumable checkpoints beside the output, in a folder the library marks as its own: a run resumes
     # from it, and only its checkpoint files (and the folders they leave empty) are removed at the end.
     ckpt = out.parent / (out.name + ".ckpt")
-    ckpt_files = [f"{sub}/{name}" for sub in ("kd", "scratch") for name in (CHECKPOINT, CHECKPOINT + ".tmp")]
+    ckpt_files = [f"{sub}/{name}" for sub in ("kd", "scratch") for name in CHECKPOINT_FILES]
     check_checkpoint_dir(ckpt)
     teacher_name = getattr(args, "teacher", None) or "course-tiny"  # a learner may distil their own teacher
     teacher, tok = load_model(teacher_name)

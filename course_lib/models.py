@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -206,8 +207,13 @@ def load_model(
         with quiet_weight_bars():
             model = load_quantized(path, torch_dtype)
     else:
-        with quiet_weight_bars():  # no "Loading weights" bar in every notebook that loads a model
-            model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
+        try:
+            with quiet_weight_bars():  # no "Loading weights" bar in every notebook that loads a model
+                model = _from_pretrained_offline_aware(AutoModelForCausalLM, path, dtype=torch_dtype)
+        except pickle.UnpicklingError as e:  # transformers reads *.bin with weights_only=True: refused unread
+            raise ValueError(f"a weights file (.bin) of {path} holds objects other than tensors; it was refused "
+                             "unread, because loading it could run code. Use a copy saved as safetensors from a "
+                             "source you trust") from e
     tokenizer = _from_pretrained_offline_aware(AutoTokenizer, path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

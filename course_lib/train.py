@@ -23,7 +23,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from . import data
-from ._checks import check_int, check_number
+from ._checks import check_int, check_number, check_output_path
 from .fit import decay_groups, fit
 from .metrics import perplexity
 from .models import count_parameters
@@ -147,10 +147,21 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; give the path of a new or empty folder")
+    check_output_path(out, "--out")  # a folder above it that is a file would fail only after the training
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} exists and is not empty; choose another folder, or pass --overwrite "
                          "(overwrite=True) to write the model into it (files of the same names are replaced, "
                          "other files are left alone)")
+
+
+def remove_own_files(folder: Path, files: list[str]) -> None:
+    """Delete ``files`` (paths relative to ``folder``, the ones a run wrote) where they exist; nothing else.
+
+    The one way the library clears its own output: an overwrite or a clean-up never removes a folder
+    wholesale, so a learner's file beside the library's survives.
+    """
+    for f in files:
+        (Path(folder) / f).unlink(missing_ok=True)
 
 
 def check_checkpoint_dir(ckpt: Path) -> None:
@@ -173,8 +184,7 @@ def claim_checkpoint_dir(ckpt: Path, files: list[str], overwrite: bool) -> None:
     check_checkpoint_dir(ckpt)
     if ckpt.is_dir():
         if overwrite:
-            for f in files:
-                (ckpt / f).unlink(missing_ok=True)
+            remove_own_files(ckpt, files)
             log.info("--overwrite: starting afresh in %s", ckpt)
         else:
             log.info("resuming from the checkpoints in %s", ckpt)
@@ -188,9 +198,7 @@ def release_checkpoint_dir(ckpt: Path, files: list[str]) -> None:
     ckpt = Path(ckpt)
     if not (ckpt / CHECKPOINT_MARKER).is_file():
         return
-    for f in files:
-        (ckpt / f).unlink(missing_ok=True)
-    (ckpt / CHECKPOINT_MARKER).unlink()
+    remove_own_files(ckpt, [*files, CHECKPOINT_MARKER])
     subdirs = sorted({(ckpt / f).parent for f in files} - {ckpt}, key=lambda d: -len(d.parts))
     for d in [*subdirs, ckpt]:
         try:

@@ -230,18 +230,72 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     res = distill(resumed, teacher, _data(), MICRO, checkpoint_dir=tmp_path / "ck", progress=False)
     assert res.resumed_from == 6 and [r["step"] for r in res.history] == [6, 12]
     for a, b in zip(full.parameters(), resumed.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.equal(a, b)  # bit-identical: the checkpoint (read with weights_only=True) loses nothing
 
 
-def test_checkpoint_folder_is_never_overwritten_without_the_flag(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
+def test_overwrite_removes_only_the_checkpoint_files(tmp_path):
+    """overwrite=True starts afresh; the learner's files beside every file distill writes survive it."""
+    mine = {"notes.txt": "mine", "checkpoint.pt.bak": "my backup", "sub/data.txt": "more of mine"}
+    for name, text in mine.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
     teacher = make_tiny(layers=2)
-    with pytest.raises(ValueError, match="overwrite"):
+    with pytest.raises(ValueError, match="overwrite=True.*other files are left alone"):
         distill(make_student(teacher, 1), teacher, _data(), MICRO, checkpoint_dir=tmp_path, progress=False)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-    distill(make_student(teacher, 1), teacher, _data(), replace(MICRO, steps=2), checkpoint_dir=tmp_path,
-            overwrite=True, progress=False)
-    assert not (tmp_path / "notes.txt").exists() and (tmp_path / "checkpoint.pt").is_file()
+    short = replace(MICRO, steps=2)
+    distill(make_student(teacher, 1), teacher, _data(), short, checkpoint_dir=tmp_path, overwrite=True,
+            progress=False)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    (tmp_path / "checkpoint.pt.tmp").write_text("a save cut short")  # also the library's: removed on overwrite
+    res = distill(make_student(teacher, 1), teacher, _data(), short, checkpoint_dir=tmp_path, overwrite=True,
+                  progress=False)
+    assert res.resumed_from == 0 and not (tmp_path / "checkpoint.pt.tmp").exists()
+    for name, text in mine.items():
+        assert (tmp_path / name).read_text() == text, name
+
+
+def test_a_planted_checkpoint_is_refused_unread(tmp_path):
+    """A checkpoint.pt whose unpickling runs code: resuming refuses it and the payload never runs."""
+    from tests.test_untrusted_files import plant_pickle
+
+    marker = tmp_path / "marker"
+    plant_pickle(tmp_path / "ck" / "checkpoint.pt", marker)
+    teacher = make_tiny(layers=2)
+    with pytest.raises(ValueError, match=r"checkpoint.pt holds objects other than tensors.*refused unread"):
+        distill(make_student(teacher, 1), teacher, _data(), MICRO, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert not marker.exists()
+    res = distill(make_student(teacher, 1), teacher, _data(), replace(MICRO, steps=2),
+                  checkpoint_dir=tmp_path / "ck", overwrite=True, progress=False)  # replaced, never read
+    assert res.resumed_from == 0 and not marker.exists()
+
+
+def test_damaged_or_foreign_checkpoints_are_clear_errors(tmp_path):
+    from course_lib.distillation import load_checkpoint
+
+    teacher = make_tiny(layers=2)
+    distill(make_student(teacher, 1), teacher, _data(), replace(MICRO, steps=2), checkpoint_dir=tmp_path / "ck",
+            progress=False)
+    good = tmp_path / "ck" / "checkpoint.pt"
+    assert load_checkpoint(good)["step"] == 2
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:1000])  # an interrupted copy
+    with pytest.raises(ValueError, match="cut.pt is damaged"):
+        load_checkpoint(cut)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")  # a tensors-only file, but not ours
+    with pytest.raises(ValueError, match="not a distillation checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_checkpoint_dir_that_cannot_be_made_is_refused_before_training(tmp_path, monkeypatch):
+    import course_lib.distillation as D
+
+    monkeypatch.setattr(D, "fit", lambda *a, **k: pytest.fail("trained before checking checkpoint_dir"))
+    (tmp_path / "f").write_text("a file")
+    teacher = make_tiny(layers=2)
+    for bad, what in ((tmp_path / "f", "is a file, not a folder"), (tmp_path / "f" / "ck", "f is a file")):
+        with pytest.raises(ValueError, match=f"checkpoint_dir.*{what}"):
+            distill(make_student(teacher, 1), teacher, _data(), MICRO, checkpoint_dir=bad, progress=False)
+    assert (tmp_path / "f").read_text() == "a file"
 
 
 def test_main_train_student_refuses_to_overwrite(tmp_path):

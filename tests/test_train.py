@@ -181,3 +181,24 @@ def test_checkpoint_folder_helpers(tmp_path):
     (tmp_path / "file.ckpt").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         claim_checkpoint_dir(tmp_path / "file.ckpt", files, overwrite=True)
+
+
+def test_student_trainer_refuses_a_planted_checkpoint_unread(tmp_path, micro_student, capsys):
+    """DIR.ckpt/kd/checkpoint.pt is read on resume; a pickle planted there (with the marker anyone can write)
+    is refused by the library and by `python -m course_lib train`, and its payload never runs."""
+    from course_lib.__main__ import main
+    from course_lib.train import CHECKPOINT_MARKER
+    from tests.test_untrusted_files import plant_pickle
+
+    ckpt = tmp_path / "student.ckpt"
+    ckpt.mkdir()
+    (ckpt / CHECKPOINT_MARKER).write_text("planted")
+    marker = tmp_path / "marker"
+    plant_pickle(ckpt / "kd" / "checkpoint.pt", marker)
+    with pytest.raises(ValueError, match="refused unread"):
+        micro_student(tmp_path / "student")
+    assert not marker.exists()
+    rc = main(["train", "--model", "course-tiny-student", "--out", str(tmp_path / "student")])  # still patched
+    err = capsys.readouterr().err
+    assert rc == 2 and "refused unread" in err and "Traceback" not in err, err
+    assert not marker.exists() and not (tmp_path / "student").exists()

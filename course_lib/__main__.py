@@ -1,4 +1,8 @@
-"""Command line: ``python -m course_lib {doctor,train,bench}``."""
+"""Command line: ``python -m course_lib {doctor,train,evaluate,bench}``.
+
+Every argument and output path is checked before the work starts (argparse types for the numbers, the
+commands' own checks for paths), so a slip fails in a second naming its flag, never after minutes of work.
+"""
 
 from __future__ import annotations
 
@@ -36,9 +40,14 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .bench.report import check_new_file
     from .evaluate import evaluate_model
+    from .models import resolve_model_path
 
     if args.json:
         check_new_file(Path(args.json), "--json", args.overwrite)  # before the evaluation, not after it
+    try:
+        resolve_model_path(args.model)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from e
     card = evaluate_model(args.model, n_functions=args.functions)
     print(json.dumps(card, indent=2))
     if args.json:
@@ -75,6 +84,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def _int_at_least(low: int, what: str = ""):
+    """An argparse type: an int >= ``low``; argparse names the flag in its error and exits before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}{what}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train the embedded model (course-tiny) from scratch, offline")
     p.add_argument("--model", default="course-tiny", choices=["course-tiny", "course-tiny-student"])
     p.add_argument("--out", help="output folder (default: the package's embedded folder)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=_int_at_least(1), help="training steps (default: the recipe's)")
+    p.add_argument("--seed", type=_int_at_least(0), help="random seed (default: the recipe's)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder (the model's "
                    "files are replaced, other files are left alone)")
     p.add_argument("--teacher", help="course-tiny-student only: the teacher to distil (preset or folder; "
@@ -95,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="held-out perplexity, accuracy, compile rate and samples of a model")
     p.add_argument("--model", default="course-tiny")
-    p.add_argument("--functions", type=int, default=64, help="held-out functions for the compile rate")
+    p.add_argument("--functions", type=_int_at_least(1), default=64,
+                   help="held-out functions for the compile rate")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     p.set_defaults(func=_cmd_evaluate)

@@ -47,7 +47,7 @@ from ._checks import check_number as _check_number
 from ._checks import check_output_path
 from .fit import decay_groups, fit
 from .metrics import perplexity
-from .models import EMBEDDED, check_token_ids, count_parameters, load_model
+from .models import EMBEDDED, check_token_ids, count_parameters, load_model, resolve_model_path
 from .train import (
     check_checkpoint_dir,
     check_out_dir,
@@ -542,6 +542,10 @@ def main_train_student(args) -> int:
     ckpt_files = [f"{sub}/{name}" for sub in ("kd", "scratch") for name in CHECKPOINT_FILES]
     check_checkpoint_dir(ckpt)
     teacher_name = getattr(args, "teacher", None) or "course-tiny"  # a learner may distil their own teacher
+    try:
+        resolve_model_path(teacher_name)  # a mistyped teacher is named as the flag, before loading anything
+    except ValueError as e:
+        raise ValueError(f"--teacher: {e}") from e
     teacher, tok = load_model(teacher_name)
     t0 = time.perf_counter()
     train_ids = data.encode_split(tok, "train")

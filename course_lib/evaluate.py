@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from ._checks import check_flag, check_int
 from .generation import generate
 from .metrics import compile_rate, next_token_accuracy, perplexity
 from .models import count_parameters, load_model, resolve_model_path
@@ -17,9 +18,49 @@ SAMPLE_PROMPTS = (
 )
 
 
+def read_training_record(folder: str | Path) -> dict | None:
+    """The ``training.json`` beside a model's weights (None when there is none); a damaged one is a ValueError."""
+    path = Path(folder) / "training.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it, or move it away to evaluate without it") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a {type(record).__name__}, not a training record (a JSON object)")
+    return record
+
+
+def training_summary(record: dict) -> dict:
+    """The training figures a card shows, from the record of either trainer.
+
+    ``course-tiny``'s trainer (:func:`course_lib.train.train`) records ``train_seconds`` and the corpus token
+    counts; the student trainer (``distillation.main_train_student``) records per-stage ``seconds``, its
+    teacher and the corpus hashes only. A figure a record does not hold is None, never a KeyError.
+    """
+    corpus = record.get("corpus") if isinstance(record.get("corpus"), dict) else {}
+    seconds = record.get("seconds") if isinstance(record.get("seconds"), dict) else {}
+    recipe = record.get("recipe") if isinstance(record.get("recipe"), dict) else {}
+    return {
+        "train_tokens_seen": record.get("train_tokens_seen"),
+        "train_seconds": record.get("train_seconds", seconds.get("student_kd")),
+        "threads": record.get("threads"),
+        "torch": record.get("torch"),
+        "corpus_train_tokens": corpus.get("train_tokens"),
+        "corpus_heldout_tokens": corpus.get("heldout_tokens"),
+        "teacher": recipe.get("teacher"),  # a distilled student's teacher; None for a model trained from scratch
+    }
+
+
 def evaluate_model(name: str = "course-tiny", max_tokens: int | None = None, n_functions: int = 64,
                    progress: bool = True) -> dict:
     """Held-out perplexity and accuracy (whole split by default), compile rate, samples, training record."""
+    check_int("n_functions", n_functions, 1, " (held-out functions for the compile rate)")
+    if max_tokens is not None:
+        check_int("max_tokens", max_tokens, 2, " or None (None = the whole held-out split)")
+    check_flag("progress", progress)
+    record = read_training_record(resolve_model_path(name))  # read before minutes of evaluation, not after
     model, tok = load_model(name)
     t0 = time.perf_counter()
     card = {
@@ -32,10 +73,6 @@ def evaluate_model(name: str = "course-tiny", max_tokens: int | None = None, n_f
         "samples": {p: generate(model, tok, p, max_new_tokens=48) for p in SAMPLE_PROMPTS},
     }
     card["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    record = Path(resolve_model_path(name)) / "training.json"
-    if record.is_file():
-        tr = json.loads(record.read_text())
-        card["training"] = {k: tr.get(k) for k in ("train_tokens_seen", "train_seconds", "threads", "torch")}
-        card["training"]["corpus_train_tokens"] = tr["corpus"]["train_tokens"]
-        card["training"]["corpus_heldout_tokens"] = tr["corpus"]["heldout_tokens"]
+    if record is not None:
+        card["training"] = training_summary(record)
     return card

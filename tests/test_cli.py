@@ -126,3 +126,87 @@ def test_bench_json_over_the_readme_is_refused_up_front(tmp_path, capsys, monkey
     rc, err = cli(capsys, "bench", "--suite", "decode", "--json", str(readme), "--readme", str(readme))
     assert rc == 2 and "both write" in err, err
     assert readme.read_text() == "# mine\n<!-- bench:begin -->\n<!-- bench:end -->\n"
+
+
+def cli_exit(capsys, *args):
+    """Like :func:`cli`, also for argparse's own refusals (they exit with 2 before the command runs)."""
+    try:
+        return cli(capsys, *args)
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every command's first slow step fails the test: an argument must be refused before it."""
+    import course_lib.distillation
+    import course_lib.evaluate
+    import course_lib.train
+    from course_lib import bench
+
+    def reached(what):
+        return lambda *a, **k: pytest.fail(f"{what} started before the arguments were checked")
+
+    monkeypatch.setattr(bench, "machine_info", reached("bench"))
+    monkeypatch.setattr(course_lib.evaluate, "load_model", reached("evaluate"))
+    monkeypatch.setattr(course_lib.train, "train_tokenizer", reached("train"))
+    monkeypatch.setattr(course_lib.distillation, "load_model", reached("the student trainer"))
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["evaluate", "--functions", "0"], "--functions"),  # was: after the whole evaluation, naming `n`
+    (["evaluate", "--functions", "many"], "--functions"),
+    (["train", "--steps", "0"], "--steps"),
+    (["train", "--model", "course-tiny-student", "--steps", "-3"], "--steps"),
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--model", "course-tiny-student", "--seed", "1.5"], "--seed"),
+])
+def test_numbers_are_refused_before_any_work_naming_the_flag(args, flag, capsys, no_work, tmp_path):
+    rc, err = cli_exit(capsys, *args, *(["--out", str(tmp_path / "m")] if args[0] == "train" else []))
+    assert rc == 2 and f"argument {flag}: must be an int >=" in err, err
+
+
+def test_outputs_under_a_file_are_refused_before_any_work(tmp_path, capsys, no_work):
+    """`bench --json FILE/out.json` benchmarked for minutes and then lost the results; now it fails at once."""
+    f = tmp_path / "results.txt"
+    f.write_text("mine")
+    for args, flag in ((["bench", "--suite", "decode", "--json", str(f / "out.json")], "--json"),
+                       (["bench", "--suite", "decode", "--report", str(f / "report")], "--report"),
+                       (["evaluate", "--json", str(f / "sub" / "card.json")], "--json"),
+                       (["train", "--out", str(f / "model")], "--out"),
+                       (["train", "--model", "course-tiny-student", "--out", str(f / "model")], "--out")):
+        rc, err = cli_exit(capsys, *args)
+        assert rc == 2 and f"{flag} " in err and "is a file" in err, (args, err)
+    assert f.read_text() == "mine"
+
+
+def test_unknown_model_or_teacher_names_the_flag_before_any_work(tmp_path, capsys, no_work):
+    rc, err = cli_exit(capsys, "evaluate", "--model", str(tmp_path / "nowhere"))
+    assert rc == 2 and "--model" in err and "no such model folder" in err, err
+    rc, err = cli_exit(capsys, "train", "--model", "course-tiny-student", "--teacher", str(tmp_path / "nowhere"),
+                       "--out", str(tmp_path / "student"))
+    assert rc == 2 and "--teacher" in err and "no such model folder" in err, err
+    assert not (tmp_path / "student").exists() and not (tmp_path / "student.ckpt").exists()
+
+
+def test_bench_keeps_its_results_when_writing_them_fails(tmp_path, monkeypatch):
+    import json
+
+    import course_lib.bench.decode
+    from course_lib import bench
+
+    rows = [{"suite": "decode", "method": "x", "decode_tok_s": 1.5}]
+    monkeypatch.setattr(bench, "machine_info", lambda: {"cpu_threads": 1})
+    monkeypatch.setattr(course_lib.bench.decode, "run", lambda quick: {"rows": rows})
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench, "_write_outputs", disk_full)
+    with pytest.raises(ValueError, match="No space left.*results are kept in") as err:
+        bench.run_bench(["decode"], json_path=str(tmp_path / "out.json"))
+    kept = Path(str(err.value).rsplit(" ", 1)[-1])
+    try:
+        assert json.loads(kept.read_text())["rows"] == rows
+    finally:
+        kept.unlink()

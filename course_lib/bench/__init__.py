@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import platform
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,17 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
         out = importlib.import_module(f"{__name__}.{name}").run(quick=quick)
         result["machine"].update(out.get("machine", {}))
         result["rows"].extend(out["rows"])
+    try:
+        _write_outputs(result, json_path, report_dir, readme, overwrite)
+    except OSError as e:  # checked up front, but a disk can still fill up: the run's numbers are never lost
+        fd, keep = tempfile.mkstemp(prefix="course_bench_", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=2)
+        raise ValueError(f"writing the outputs failed after the run ({e}); its results are kept in {keep}") from e
+    return result
+
+
+def _write_outputs(result: dict, json_path, report_dir, readme, overwrite: bool) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
@@ -78,4 +91,3 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
         from .report import update_readme
 
         update_readme(Path(readme), result, Path(report_dir) if report_dir else None)
-    return result

@@ -18,6 +18,8 @@ import logging
 import os
 from pathlib import Path
 
+from .._checks import check_output_path
+
 log = logging.getLogger(__name__)
 
 
@@ -149,10 +151,12 @@ REPORT_FILES = ("results.md", "pareto.png", "roofline.png")  # everything write_
 
 
 def check_new_file(path: Path, flag: str, overwrite: bool) -> None:
-    """Refuse (before any work) to write ``path`` when it is a folder, or exists and ``overwrite`` is off."""
+    """Refuse (before any work) to write ``path`` when it is a folder, exists and ``overwrite`` is off, or
+    could not be created (a folder above it is a file, or is not writable)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give the path of a file")
+    check_output_path(path, flag)
     if path.exists() and not overwrite:
         raise ValueError(f"{flag} {path} already exists; choose another path, or pass --overwrite "
                          "(overwrite=True) to replace it")
@@ -163,6 +167,7 @@ def check_report_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--report {out_dir} is a file; give the path of a folder")
+    check_output_path(out_dir, "--report")
     there = [n for n in REPORT_FILES if (out_dir / n).exists()]
     if there and not overwrite:
         raise ValueError(f"--report {out_dir} already holds {', '.join(there)}; choose another folder, or pass "

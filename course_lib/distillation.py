@@ -552,7 +552,8 @@ def main_train_student(args) -> int:
     held_ids = data.encode_split(tok, "heldout")
     student = make_student(teacher, recipe.num_layers, recipe.intermediate_size, init=recipe.init, seed=cfg.seed)
     claim_checkpoint_dir(ckpt, ckpt_files, args.overwrite)
-    kd = distill(student, teacher, train_ids, cfg, held_ids, checkpoint_dir=ckpt / "kd")
+    kd = distill(student, teacher, train_ids, cfg, held_ids, checkpoint_dir=ckpt / "kd",
+                 overwrite=args.overwrite)
 
     def ppl(m) -> float:
         return perplexity(m, held_ids, max_tokens=recipe.final_eval_tokens, seq_len=256)
@@ -576,7 +577,7 @@ def main_train_student(args) -> int:
     if recipe.scratch_baseline:
         scratch = make_student(teacher, recipe.num_layers, recipe.intermediate_size, init="random", seed=cfg.seed)
         sc = distill(scratch, None, train_ids, replace(cfg, alpha=0.0), held_ids,
-                     checkpoint_dir=ckpt / "scratch")
+                     checkpoint_dir=ckpt / "scratch", overwrite=args.overwrite)
         record["heldout_ppl"]["student_scratch"] = ppl(sc.student)
         record["history"]["student_scratch"] = sc.history
         record["seconds"]["student_scratch"] = round(sc.seconds, 1)

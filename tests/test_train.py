@@ -202,3 +202,28 @@ def test_student_trainer_refuses_a_planted_checkpoint_unread(tmp_path, micro_stu
     err = capsys.readouterr().err
     assert rc == 2 and "refused unread" in err and "Traceback" not in err, err
     assert not marker.exists() and not (tmp_path / "student").exists()
+
+
+def test_student_overwrite_keeps_the_learners_files_beside_every_checkpoint(tmp_path, micro_student, monkeypatch):
+    """--overwrite on an interrupted run starts afresh, removing only the checkpoint files it wrote."""
+    import course_lib.distillation as dist
+
+    real_make_student = dist.make_student
+
+    def interrupted(*a, init="teacher", **kw):
+        if init == "random":
+            raise KeyboardInterrupt
+        return real_make_student(*a, init=init, **kw)
+
+    monkeypatch.setattr(dist, "make_student", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        micro_student(tmp_path / "student")
+    ckpt = tmp_path / "student.ckpt"
+    mine = [ckpt / "mine.txt", ckpt / "kd" / "mine.txt", ckpt / "kd" / "checkpoint.pt.bak"]
+    for f in mine:
+        f.write_text("the learner's")
+    monkeypatch.setattr(dist, "make_student", real_make_student)
+    assert micro_student(tmp_path / "student", overwrite=True) == 0
+    assert all(f.read_text() == "the learner's" for f in mine)
+    left = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    assert left == ["kd/checkpoint.pt.bak", "kd/mine.txt", "mine.txt"], left

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from course_lib.generation import generate_kv_cache, stream_generate
+from course_lib.generation import generate_kv_cache
 from course_lib.serving import Engine, EngineConfig, EngineStopped, QueueFull, Scheduler, schedule_step
 
 from .conftest import make_tiny
@@ -16,9 +16,23 @@ PROMPTS = ["def parse(", "import os\n\n\nclass Reader:\n    def __init__(self, p
            "    for i in range(10):\n        if i % 2 == 0:\n            print("]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Offline references run in this thread: on a shared 2-core machine two OpenMP threads spin against other
+    jobs and were ~30x slower than one (measured under load 20), so this module computes with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def offline(model, tok, text: str, n: int) -> list[int]:
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
-    return [s.token_id for s in stream_generate(model, tok, ids, n)]  # stops after EOS, as the engine does
+    toks = generate_kv_cache(model, torch.tensor(tok(text, add_special_tokens=False)["input_ids"]), n)[0].tolist()
+    if tok.eos_token_id in toks:  # the engine stops after EOS
+        toks = toks[:toks.index(tok.eos_token_id) + 1]
+    return toks
 
 
 def test_concurrent_requests_joining_mid_decode_equal_offline_greedy(course_tiny):

@@ -16,6 +16,7 @@ otherwise, and checks ``Authorization: Bearer <key>`` when given an API key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -450,6 +451,13 @@ def serve_forever(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, m
             threading.Thread(target=engine.stop, kwargs=dict(drain=True, timeout=30.0), daemon=True).start()
             super().handle_exit(sig, frame)
 
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                # drained: exit normally (status 0) instead of uvicorn raising the signal again once it stopped
+                getattr(self, "_captured_signals", []).clear()
+
     server = _Draining(uvicorn.Config(app, log_level="info", lifespan="off", timeout_graceful_shutdown=30))
     h, p = sock.getsockname()[:2]
     log.info("serving %s at http://%s:%d/v1 (Ctrl-C drains and stops)", name, h, p)
@@ -457,3 +465,4 @@ def serve_forever(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, m
         server.run(sockets=[sock])
     finally:
         engine.stop(drain=False, timeout=5.0)
+    log.info("drained and stopped")

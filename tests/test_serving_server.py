@@ -225,6 +225,7 @@ def test_a_full_queue_gets_429_with_retry_after_and_the_api_key_is_checked(cours
         h.stop(drain=False)
 
 
+@pytest.mark.slow  # a fresh process imports torch and loads the model: ~50 s on a busy 2-core machine
 def test_cli_serve_drains_and_stops_on_sigterm():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.Popen([sys.executable, "-m", "course_lib", "serve", "--model", NAME, "--port", "0"],

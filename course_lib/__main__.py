@@ -1,4 +1,4 @@
-"""Command line: ``python -m course_lib {doctor,train,evaluate,bench}``.
+"""Command line: ``python -m course_lib {doctor,train,evaluate,bench,serve,loadtest}``.
 
 Every argument and output path is checked before the work starts (argparse types for the numbers, the
 commands' own checks for paths), so a slip fails in a second naming its flag, never after minutes of work.
@@ -72,6 +72,38 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .serving.engine import EngineConfig
+    from .serving.server import serve_forever
+
+    model, tok = load_model(args.model)
+    if args.quant:
+        from .quantization import QuantConfig, quantize_
+
+        quantize_(model, QuantConfig(bits=8) if args.quant == "int8" else QuantConfig(bits=4, group_size=32))
+    cfg = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting)
+    serve_forever(model, tok, host=args.host, port=args.port, model_name=args.model, config=cfg,
+                  api_key=args.api_key)
+    return 0
+
+
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from .serving.loadgen import LoadConfig, run_load
+
+    rows = []
+    for rate in args.rate or [None]:
+        cfg = LoadConfig(requests=args.requests, rate=rate, concurrency=None if rate else args.concurrency,
+                         max_tokens=args.max_tokens, seed=args.seed)
+        row = run_load(args.url, cfg, model=args.model, api_key=args.api_key, budget=args.budget)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "results"}))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a wrong argument or a bad file raises: reported in one line, never as a traceback."""
     errors: tuple[type[BaseException], ...] = (ValueError, OSError)  # OSError: missing / unreadable files
@@ -134,6 +166,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file and the report's "
                    "own files (results.md, pareto.png, roofline.png)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (the course's engine)")
+    p.add_argument("--model", default="course-tiny", help="a preset, a folder or a hub id (what load_model takes)")
+    p.add_argument("--quant", choices=["int8", "int4"], help="quantize the weights first (weight-only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the log says which)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded at once")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests that may wait; more get HTTP 429")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("loadtest", help="load an OpenAI-compatible server: TTFT, TPOT, ITL, throughput, goodput")
+    p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--rate", type=float, action="append", help="requests per second (Poisson); repeat for several")
+    p.add_argument("--concurrency", type=int, default=4, help="clients at once (closed loop, without --rate)")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--model", help="model name to send (default: the server's first model)")
+    p.add_argument("--api-key")
+    p.add_argument("--budget", default="customer service", help="the chapter-10 budget goodput counts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the rows, per-request results included, to this JSON file")
+    p.set_defaults(func=_cmd_loadtest)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_flag, check_int, check_number
-from .kv_cache import KVCache, ScratchLlama
+from .._checks import check_flag, check_int, check_number
+from ..kv_cache import KVCache, ScratchLlama
+from .scheduler import PagedBatch, Row, blocks_needed
 
 log = logging.getLogger(__name__)
 
@@ -401,154 +402,66 @@ def serve(model, requests: list[Request], cfg: ServeConfig, progress: bool = Fal
     return ServeReport(cfg.policy, cfg.max_batch, tuple(done), steps, busy, computed, makespan, tuple(trace))
 
 
-def schedule_step(running: list[tuple[int, int, int, int]], waiting: list[tuple[int, int]], max_batch: int,
-                  free_blocks: int) -> tuple[list[int], list[int], int]:
-    """One continuous-batching scheduler step, the rule :func:`serve` follows with ``kv="paged"``.
-
-    ``running``: (rid, tokens done, tokens wanted, KV blocks held) per request in the batch; ``waiting``:
-    (rid, KV blocks it needs) in arrival order; ``free_blocks``: blocks in the pool nobody holds.
-
-    1. requests that have all their tokens leave, and their blocks go back to the pool;
-    2. waiting requests join from the head of the queue, in order, while the batch has fewer than
-       ``max_batch`` rows and their blocks fit; the first one that does not fit stops admission
-       (first come, first served: a small request never overtakes a big one that waits longer).
-
-    Returns (rids in the next step's batch, rids still waiting, free blocks left).
-    """
-    check_int("max_batch", max_batch, 1)
-    check_int("free_blocks", free_blocks, 0)
-    batch = []
-    for rid, done, wanted, held in running:
-        if done >= wanted:
-            free_blocks += held
-        else:
-            batch.append(rid)
-    queue = list(waiting)
-    while queue and len(batch) < max_batch and queue[0][1] <= free_blocks:
-        rid, need = queue.pop(0)
-        batch.append(rid)
-        free_blocks -= need
-    return batch, [rid for rid, _ in queue], free_blocks
-
-
 def _serve_paged(scratch: ScratchLlama, requests: list[Request], cfg: ServeConfig, progress: bool) -> ServeReport:
     """Continuous batching over a paged KV cache, with optional prefix caching and chunked prefill.
 
-    Each request's blocks are *reserved* (counted, not allocated) for its longest possible length when it is
-    admitted, so no request can run out of blocks mid-answer and nothing needs preempting; blocks are
-    *allocated* only as tokens arrive. Per scheduler iteration: admit what fits, then at most one prefill
-    chunk (with ``prefill_chunk``), then one decode step over every request that has its first token.
+    The batch is :class:`~course_lib.serving.scheduler.PagedBatch`, the engine behind the HTTP server: the
+    same scheduler and admission rule (:func:`schedule_step`), driven here by the virtual clock. Requests
+    join the scheduler's queue when the clock passes their arrival.
     """
-    from .paged_kv import PagedKVCache
-
     queue = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
     bs = cfg.block_size
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-
-    def need(r: Request) -> int:
-        return -(-(len(r.prompt_ids) + r.max_new_tokens) // bs)
-
-    n_blocks = cfg.kv_blocks or cfg.max_batch * -(-longest // bs)
-    if n_blocks < max(need(r) for r in requests):
+    n_blocks = cfg.kv_blocks or cfg.max_batch * blocks_needed(longest, bs)
+    if n_blocks < blocks_needed(longest, bs):
         raise ValueError(f"kv_blocks={n_blocks} cannot hold the longest request ({longest} tokens = "
-                         f"{-(-longest // bs)} blocks of {bs}); give the cache more blocks")
-    cache = PagedKVCache(scratch.shape, n_blocks, bs, scratch.dtype, scratch.device, cfg.prefix_cache)
-    dev = scratch.device
-    rows: list[dict] = []
-    done: list[Finished] = []
-    reserved = steps = tokens_computed = 0
-    trace: list[tuple[float, int]] = []
-    peaks = dict(paged=0, contiguous=0, stored=0)
+                         f"{blocks_needed(longest, bs)} blocks of {bs}); give the cache more blocks")
     clock = queue[0].arrival_s
+    done: list[Finished] = []
+    peaks = dict(paged=0, contiguous=0, stored=0)
     bar = tqdm(total=len(requests), desc="serve (paged)", disable=not progress)
 
-    def prefill(row: dict, n: int) -> float:
-        """Compute the next ``n`` prompt tokens of ``row``; the last chunk also yields the first token."""
-        nonlocal tokens_computed
-        prompt = row["req"].prompt_ids
-        start = row["prefilled"]
-        chunk = list(prompt[start:start + n])
-        t0 = time.perf_counter()
-        positions, key_mask = cache.begin([row["req"].rid], n)
-        logits = scratch(torch.tensor([chunk], device=dev), cache, positions, key_mask, last_only=True)
-        first = int(logits[0, -1].argmax()) if start + n == len(prompt) else None  # .item() synchronizes
-        dt = time.perf_counter() - t0
-        cache.commit([row["req"].rid], [chunk])
-        row["prefilled"] += n
-        tokens_computed += n
-        if first is not None:
-            row["tokens"].append(first)
-        return dt
+    def advance(dt: float) -> float:
+        nonlocal clock
+        clock += dt
+        return clock
 
-    def decode(batch: list[dict]) -> float:
-        sids = [r["req"].rid for r in batch]
-        last = [r["tokens"][-1] for r in batch]
-        t0 = time.perf_counter()
-        positions, key_mask = cache.begin(sids, 1)
-        logits = scratch(torch.tensor(last, device=dev)[:, None], cache, positions, key_mask, last_only=True)
-        nxt = logits[:, -1].argmax(-1).tolist()  # synchronizes
-        dt = time.perf_counter() - t0
-        cache.commit(sids, [[t] for t in last])
-        for r, t in zip(batch, nxt):
-            r["tokens"].append(t)
-        return dt
+    def finished(row: Row) -> None:
+        done.append(Finished(row.rid, row.arrival, row.start, row.times[0], row.times[-1], tuple(row.tokens),
+                             tuple(row.times), row.skipped))
+        bar.update(1)
+
+    batch = PagedBatch(scratch, cfg.max_batch, n_blocks, bs, cfg.prefix_cache, cfg.prefill_chunk, advance,
+                       on_free=finished)
+    cache = batch.cache
 
     def measure() -> None:
-        stored = sum(cache.stored_tokens(r["req"].rid) for r in rows) * cache.bytes_per_token
+        rows = batch.rows.values()
+        stored = sum(cache.stored_tokens(r.rid) for r in rows) * cache.bytes_per_token
         peaks["paged"] = max(peaks["paged"], cache.used_bytes())
         # a contiguous cache reserves the longest length for every admitted request, whatever it will use
         peaks["contiguous"] = max(peaks["contiguous"], len(rows) * longest * cache.bytes_per_token)
         peaks["stored"] = max(peaks["stored"], stored)
 
-    def is_done(r: dict) -> bool:
-        return len(r["tokens"]) >= r["req"].max_new_tokens
-
-    while queue or rows:
-        if not rows and queue[0].arrival_s > clock:
+    while queue or batch.busy:
+        if not batch.active and queue and queue[0].arrival_s > clock:
             clock = queue[0].arrival_s  # idle: jump to the next arrival
-        while (queue and queue[0].arrival_s <= clock and len(rows) < cfg.max_batch
-               and reserved + need(queue[0]) <= n_blocks):
-            req = queue.pop(0)
-            reserved += need(req)
-            skipped = cache.add(req.rid, req.prompt_ids)
-            row = dict(req=req, prefilled=skipped, skipped=skipped, tokens=[], times=[], start=clock)
-            rows.append(row)
-            if cfg.prefill_chunk is None:
-                clock += prefill(row, len(req.prompt_ids) - skipped)
-                row["times"].append(clock)
-                measure()
-        if cfg.prefill_chunk is not None:
-            todo = next((r for r in rows if r["prefilled"] < len(r["req"].prompt_ids)), None)
-            if todo is not None:
-                clock += prefill(todo, min(cfg.prefill_chunk, len(todo["req"].prompt_ids) - todo["prefilled"]))
-                if todo["tokens"]:
-                    todo["times"].append(clock)
-                measure()
-        batch = [r for r in rows if r["tokens"] and not is_done(r)]
-        if batch:
-            clock += decode(batch)
-            steps += 1
-            trace.append((clock, len(batch)))
-            for r in batch:
-                r["times"].append(clock)
-            measure()
-        for r in [r for r in rows if is_done(r)]:
-            rows.remove(r)
-            cache.free(r["req"].rid)
-            reserved -= need(r["req"])
-            done.append(Finished(r["req"].rid, r["req"].arrival_s, r["start"], r["times"][0], r["times"][-1],
-                                 tuple(r["tokens"]), tuple(r["times"]), r["skipped"]))
-            bar.update(1)
+        while queue and queue[0].arrival_s <= clock:
+            r = queue.pop(0)
+            batch.add(Row(r.rid, r.prompt_ids, r.max_new_tokens, arrival=r.arrival_s))
+        batch.step()
+        measure()
     bar.close()
     done.sort(key=lambda f: f.rid)
     makespan = max(f.finish_s for f in done) - min(r.arrival_s for r in requests)
-    busy = sum(n for _, n in trace)
+    busy = sum(n for _, n in batch.trace)
     mb = 1e6
     kv = dict(kv_paged_peak_mb=peaks["paged"] / mb, kv_contiguous_peak_mb=peaks["contiguous"] / mb,
               kv_stored_peak_mb=peaks["stored"] / mb, prefix_hit_blocks=cache.alloc.hits,
               prefill_tokens_skipped=sum(f.prefill_skipped for f in done),
-              prefill_tokens_computed=tokens_computed, blocks_in_use_at_end=cache.alloc.used)
-    return ServeReport(cfg.policy, cfg.max_batch, tuple(done), steps, busy, busy, makespan, tuple(trace), kv)
+              prefill_tokens_computed=batch.prefill_tokens_computed, blocks_in_use_at_end=cache.alloc.used)
+    return ServeReport(cfg.policy, cfg.max_batch, tuple(done), batch.steps, busy, busy, makespan,
+                       tuple(batch.trace), kv)
 
 
 def compare_policies(model, requests: list[Request], max_batch: int = 8) -> list[dict]:
@@ -587,7 +500,7 @@ def interleaved_runs(model, requests: list[Request], configs: dict[str, ServeCon
 def spread(values: list[float]):
     """Median and p10-p90 of per-round values (seconds on the simulated clock) as a timing BenchResult,
     so :func:`course_lib.timing.speed_verdict` can judge them."""
-    from .timing import BenchResult
+    from ..timing import BenchResult
 
     return BenchResult.from_times(list(values), "simulated clock")
 
@@ -632,8 +545,8 @@ def batch_sweep(model, batch_sizes: list[int], context: int = 64, warmup: int = 
     matrix-matrix product (GEMM) with another kernel, and per-row work (attention over each row's cache,
     activations, the output head's logits) grows with the batch.
     """
-    from .generation import hf_forward
-    from .timing import compare
+    from ..generation import hf_forward
+    from ..timing import compare
 
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1
                               for b in batch_sizes):

@@ -254,7 +254,7 @@ def write_editions(source: Path, out: Path, overwrite: bool = False) -> dict[str
                          "editions there (its source/ and release/ notebooks are replaced, submissions are kept)")
     from nbgrader.apps import NbGraderAPI
 
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "exchange").mkdir(parents=True, exist_ok=True)  # nbgrader's release/collect folder (unused offline)
     (out / "nbgrader_config.py").write_text(nbgrader_config_text())
     api = NbGraderAPI(config=_nbgrader_config(out.resolve()))
     written: dict[str, dict[str, Path]] = {}

@@ -3,9 +3,9 @@
 For instructors who do not run nbgrader's own ``autograde``; the scores are the same, because the graded cells
 are the instructor edition's (:mod:`course_lib.cli.editions`) and a cell is scored by nbgrader's
 ``determine_grade``: an error scores 0, anything else full points. Each submission runs in a fresh kernel in a
-child process (never in this one), in quick mode, with a limit per cell (the kernel is interrupted: that exercise
-scores 0 and the notebook goes on) and a limit per notebook (the child and its kernel are killed: every exercise
-of that notebook scores 0, with the reason).
+child process (never in this one), in quick mode, with a limit per cell (the run stops there: the graded cells from
+there on score 0) and a limit per notebook (the child and its kernel are killed: every exercise of that
+notebook scores 0), each with its reason in the gradebook.
 """
 
 from __future__ import annotations
@@ -116,22 +116,30 @@ def execute(nb: NotebookNode, workdir: Path, cfg: GradeConfig) -> tuple[Notebook
 def _feedback(cell: NotebookNode) -> str:
     for out in cell.outputs:
         if out.output_type == "error":
-            if out.ename == "CellTimeoutError":
-                return "stopped: this cell ran past the per-cell limit (a loop that never ends?)"
             prefix = "" if out.ename == "AssertionError" else f"{out.ename}: "
             return f"{prefix}{out.evalue}".strip()
-    text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-    return text.strip()
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream").strip()
 
 
 def score_notebook(executed: NotebookNode) -> list[tuple[str, float, float, str]]:
-    """(exercise, points, max points, feedback) of each graded cell, scored as nbgrader scores it."""
+    """(exercise, points, max points, feedback) of each graded cell, scored as nbgrader scores it; a graded cell
+    that never ran (a cell before it ran past its limit) scores 0."""
     from nbgrader.utils import determine_grade
 
+    run = executed.metadata.get("course_grade", {})
+    stopped = run if "timed_out_cell" in run else None
     rows = []
-    for cell in _grade_cells(executed):
+    for i, cell in enumerate(executed.cells):
+        if not cell.metadata.get("nbgrader", {}).get("grade"):
+            continue
+        gid = cell.metadata["nbgrader"]["grade_id"]
+        max_points = float(cell.metadata["nbgrader"]["points"])
+        if stopped and (stopped["timed_out_cell"] is None or i >= stopped["timed_out_cell"]):
+            rows.append((gid, 0.0, max_points, f"not graded: cell {stopped['timed_out_cell']} ran past the limit "
+                         f"of {stopped['cell_timeout_s']:g} s per cell (an endless loop?); the run stopped there"))
+            continue
         points, max_points = determine_grade(cell)
-        rows.append((cell.metadata["nbgrader"]["grade_id"], float(points or 0.0), max_points, _feedback(cell)))
+        rows.append((gid, float(points or 0.0), max_points, _feedback(cell)))
     return rows
 
 
@@ -210,17 +218,23 @@ def write_gradebook(scores: list[Score], out_csv: Path) -> tuple[Path, Path]:
 
 
 def _run_one(src: str, dst: str, cell_timeout_s: str, pid_file: str) -> int:
-    """The child process: execute one notebook in a fresh kernel, errors recorded, each cell time-limited."""
+    """The child process: execute one notebook in a fresh kernel. Errors are recorded and the run goes on; a cell
+    past its limit ends the run (the kernel is shut down), its index kept in the notebook's metadata."""
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellTimeoutError
 
     nb = nbformat.read(src, as_version=4)
-    client = NotebookClient(
-        nb, timeout=int(float(cell_timeout_s)), allow_errors=True, interrupt_on_timeout=True,
-        error_on_timeout={"ename": "CellTimeoutError", "evalue": "", "traceback": []},
-        kernel_name="python3", resources={"metadata": {"path": str(Path(src).parent)}})
-    client.on_notebook_start = lambda notebook: Path(pid_file).write_text(
-        json.dumps(client.km.provisioner.pid))
-    client.execute()
+    # no interrupt-and-go-on: an interrupt that lands late breaks the next cell, and the grade with it
+    client = NotebookClient(nb, timeout=int(float(cell_timeout_s)), allow_errors=True, interrupt_on_timeout=False,
+                            kernel_name="python3", resources={"metadata": {"path": str(Path(src).parent)}})
+    client.on_notebook_start = lambda notebook: Path(pid_file).write_text(json.dumps(client.km.provisioner.pid))
+    running = {}
+    client.on_cell_start = lambda cell, cell_index: running.update(index=cell_index)
+    nb.metadata["course_grade"] = {"cell_timeout_s": float(cell_timeout_s)}
+    try:
+        client.execute()
+    except CellTimeoutError:
+        nb.metadata["course_grade"]["timed_out_cell"] = running.get("index")
     nbformat.write(nb, dst)
     return 0
 

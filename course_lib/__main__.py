@@ -63,6 +63,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_editions(args: argparse.Namespace) -> int:
+    from .cli.editions import write_editions
+
+    written = write_editions(Path(args.source), Path(args.out), overwrite=args.overwrite)
+    print(f"{len(written)} notebooks: instructor edition in {Path(args.out) / 'source'}, student edition in "
+          f"{Path(args.out) / 'release'} (nbgrader course folder {args.out})")
+    return 0
+
+
+def _cmd_grade(args: argparse.Namespace) -> int:
+    from .bench.report import check_new_file
+    from .cli.grade import GradeConfig, grade_submissions, write_gradebook
+
+    check_new_file(Path(args.out), "--out", args.overwrite)
+    cfg = GradeConfig(notebook_timeout_s=args.notebook_timeout, cell_timeout_s=args.cell_timeout)
+    scores = grade_submissions(Path(args.submissions), Path(args.source), cfg)
+    out_csv, out_md = write_gradebook(scores, Path(args.out))
+    print(f"{len({s.learner for s in scores})} learners, {len(scores)} graded checks: {out_csv}, {out_md}")
+    return 0
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a wrong argument or a bad file raises: reported in one line, never as a traceback."""
     errors: tuple[type[BaseException], ...] = (ValueError, OSError)  # OSError: missing / unreadable files
@@ -109,6 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file and the report's "
                    "own files (results.md, pareto.png, roofline.png)")
     p.set_defaults(func=_cmd_bench)
+
+    notebooks = str(Path(__file__).resolve().parents[1] / "notebooks")  # the single source, in a checkout
+    p = sub.add_parser("editions", help="student and instructor editions of the notebooks (an nbgrader course folder)")
+    p.add_argument("--out", required=True, help="folder for the editions: source/ (instructor), release/ (student)")
+    p.add_argument("--source", default=notebooks, help="the source notebooks (default: this checkout's notebooks/)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild the editions in a non-empty --out folder")
+    p.set_defaults(func=_cmd_editions)
+
+    p = sub.add_parser("grade", help="grade submitted notebooks into a CSV and Markdown gradebook")
+    p.add_argument("submissions", help="folder with one folder per learner: LEARNER/NN_name.ipynb")
+    p.add_argument("--out", default="gradebook.csv", help="the CSV to write (the Markdown goes beside it)")
+    p.add_argument("--source", default=notebooks, help="the source notebooks (default: this checkout's notebooks/)")
+    p.add_argument("--notebook-timeout", type=float, default=900.0, help="seconds per notebook")
+    p.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_cmd_grade)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

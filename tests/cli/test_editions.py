@@ -134,3 +134,14 @@ def test_student_edition_runs_under_nbval_with_the_stubs_as_they_are(editions):
                           "no:cacheprovider"], cwd=student.parent, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:]
+
+
+def test_commands_report_bad_arguments_in_one_line(tmp_path, capsys):
+    from course_lib.__main__ import main
+
+    assert main(["editions", "--out", str(tmp_path / "ed"), "--source", str(tmp_path)]) == 2
+    assert "holds no .ipynb notebooks" in capsys.readouterr().err
+    (tmp_path / "gradebook.csv").write_text("mine")
+    assert main(["grade", str(tmp_path), "--out", str(tmp_path / "gradebook.csv")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "gradebook.csv").read_text() == "mine"

@@ -15,7 +15,7 @@ JUPYTER_ARGS ?=
 # Binder's postBuild installs the same file.
 LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: install lab test lint bench engines budget assets clean-venv
+.PHONY: install lab test lint bench engines budget assets student clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ engines: install
 # Peak memory and wall time of every notebook, each in its own kernel: reports/notebook_budget.{json,md}
 budget: install
 	$(BIN)/python scripts/notebook_budget.py
+
+# The student and instructor editions (an nbgrader course folder): release/ is what learners get, source/ keeps
+# the reference solutions and the graded checks. Rebuilt in place; submissions and gradebook.db are kept.
+EDITIONS ?= editions
+student: install
+	$(BIN)/python -m course_lib editions --out $(EDITIONS) --overwrite
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m course_lib {doctor,train,evaluate,bench,serve,loadtest}``.
+"""Command line: ``python -m course_lib {doctor,train,evaluate,bench,serve,loadtest,editions,grade}``.
 
 Every argument and output path is checked before the work starts (argparse types for the numbers, the
 commands' own checks for paths), so a slip fails in a second naming its flag, never after minutes of work.
@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from ._checks import check_output_path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -91,6 +93,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_loadtest(args: argparse.Namespace) -> int:
     from .serving.loadgen import LoadConfig, run_load
 
+    if args.json:
+        check_output_path(Path(args.json), "--json")
     rows = []
     for rate in args.rate or [None]:
         cfg = LoadConfig(requests=args.requests, rate=rate, concurrency=None if rate else args.concurrency,
@@ -101,6 +105,27 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _cmd_editions(args: argparse.Namespace) -> int:
+    from .cli.editions import write_editions
+
+    written = write_editions(Path(args.source), Path(args.out), overwrite=args.overwrite)
+    print(f"{len(written)} notebooks: instructor edition in {Path(args.out) / 'source'}, student edition in "
+          f"{Path(args.out) / 'release'} (nbgrader course folder {args.out})")
+    return 0
+
+
+def _cmd_grade(args: argparse.Namespace) -> int:
+    from .bench.report import check_new_file
+    from .cli.grade import GradeConfig, grade_submissions, write_gradebook
+
+    check_new_file(Path(args.out), "--out", args.overwrite)
+    cfg = GradeConfig(notebook_timeout_s=args.notebook_timeout, cell_timeout_s=args.cell_timeout)
+    scores = grade_submissions(Path(args.submissions), Path(args.source), cfg)
+    out_csv, out_md = write_gradebook(scores, Path(args.out))
+    print(f"{len({s.learner for s in scores})} learners, {len(scores)} graded checks: {out_csv}, {out_md}")
     return 0
 
 
@@ -173,22 +198,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the log says which)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded at once")
-    p.add_argument("--max-waiting", type=int, default=64, help="requests that may wait; more get HTTP 429")
+    p.add_argument("--max-batch", type=_int_at_least(1), default=8, help="requests decoded at once")
+    p.add_argument("--max-waiting", type=_int_at_least(0), default=64, help="requests that may wait; more get HTTP 429")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("loadtest", help="load an OpenAI-compatible server: TTFT, TPOT, ITL, throughput, goodput")
     p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("--rate", type=float, action="append", help="requests per second (Poisson); repeat for several")
-    p.add_argument("--concurrency", type=int, default=4, help="clients at once (closed loop, without --rate)")
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=_int_at_least(1), default=4, help="clients at once (closed loop, without --rate)")
+    p.add_argument("--requests", type=_int_at_least(1), default=32)
+    p.add_argument("--max-tokens", type=_int_at_least(1), default=64)
     p.add_argument("--model", help="model name to send (default: the server's first model)")
     p.add_argument("--api-key")
     p.add_argument("--budget", default="customer service", help="the chapter-10 budget goodput counts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows, per-request results included, to this JSON file")
     p.set_defaults(func=_cmd_loadtest)
+
+    notebooks = str(Path(__file__).resolve().parents[1] / "notebooks")  # the single source, in a checkout
+    p = sub.add_parser("editions", help="student and instructor editions of the notebooks (an nbgrader course folder)")
+    p.add_argument("--out", required=True, help="folder for the editions: source/ (instructor), release/ (student)")
+    p.add_argument("--source", default=notebooks, help="the source notebooks (default: this checkout's notebooks/)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild the editions in a non-empty --out folder")
+    p.set_defaults(func=_cmd_editions)
+
+    p = sub.add_parser("grade", help="grade submitted notebooks into a CSV and Markdown gradebook")
+    p.add_argument("submissions", help="folder with one folder per learner: LEARNER/NN_name.ipynb")
+    p.add_argument("--out", default="gradebook.csv", help="the CSV to write (the Markdown goes beside it)")
+    p.add_argument("--source", default=notebooks, help="the source notebooks (default: this checkout's notebooks/)")
+    p.add_argument("--notebook-timeout", type=float, default=900.0, help="seconds per notebook")
+    p.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=_cmd_grade)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -93,3 +93,27 @@ def require(feedback: Feedback) -> Feedback:
     if not feedback.passed:
         raise AssertionError(f"the reference solution failed its own check: {feedback.message}")
     return feedback
+
+
+def graded(check: Callable[[], Feedback]) -> None:
+    """The autograder's test: run ``check`` and raise ``AssertionError`` with its feedback unless it passes.
+
+    The graded cells of the instructor edition call it (``graded(lambda: ch07.check_kd_loss(my_kd_loss))``): the
+    error's message is what the gradebook shows. Warnings and stderr are kept out of the cell's output, because
+    nbgrader scores a graded cell that writes to stderr 0, whatever the check said.
+    """
+    import contextlib
+    import io
+    import warnings
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            feedback = check()
+    except Exception as e:  # e.g. a NameError: the learner's cell that defines the answer did not run
+        raise AssertionError(f"the check could not run: {type(e).__name__}: {e}") from None
+    if not isinstance(feedback, Feedback):
+        raise TypeError(f"graded() expects a check that returns Feedback, got {type(feedback).__name__}")
+    if not feedback.passed:
+        raise AssertionError(str(feedback))
+    print(feedback)

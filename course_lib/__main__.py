@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("loadtest", help="load an OpenAI-compatible server: TTFT, TPOT, ITL, throughput, goodput")
     p.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
     p.add_argument("--rate", type=float, action="append", help="requests per second (Poisson); repeat for several")
-    p.add_argument("--concurrency", type=_int_at_least(1), default=4, help="clients at once (closed loop, without --rate)")
+    p.add_argument("--concurrency", type=_int_at_least(1), default=4, help="clients at once (without --rate)")
     p.add_argument("--requests", type=_int_at_least(1), default=32)
     p.add_argument("--max-tokens", type=_int_at_least(1), default=64)
     p.add_argument("--model", help="model name to send (default: the server's first model)")

@@ -54,7 +54,7 @@ bench: install
 assets: install
 	$(BIN)/python -m course_lib.plotting assets --out assets
 
-# llama.cpp for `bench --suite engines`: llama-cpp-python builds llama.cpp from source (~15 min on 2 cores).
+# llama.cpp for `bench --suite engines`: llama-cpp-python builds llama.cpp from source (about 5 min on 2 cores).
 # GGML_NATIVE=ON compiles for this CPU's instruction set; pip's cache keeps the built wheel for the next venv.
 engines: install
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -e ".[engines]"

@@ -136,8 +136,9 @@ def _kernel_pid(km) -> int | None:
     return pid or getattr(getattr(km, "kernel", None), "pid", None)
 
 
-def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800) -> BudgetRow:
-    """Execute one notebook in a fresh kernel (cwd = its folder) and measure it. Nothing is written back."""
+def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800, executed: Path | None = None) -> BudgetRow:
+    """Execute one notebook in a fresh kernel (cwd = its folder) and measure it. Nothing is written back; with
+    ``executed`` (a folder) the executed copy, outputs included, is written there to read its verdicts."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -174,6 +175,9 @@ def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800) -> Bud
                     break
             cpu = cpu_seconds(pid)  # read while the kernel is alive
     wall = time.perf_counter() - t0
+    if executed is not None:
+        Path(executed).mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, Path(executed) / Path(path).name)
     return BudgetRow(notebook=_display(path), peak_mb=round(max(hwm, sampler.peak_mb), 1), wall_s=round(wall, 1),
                      cells=len(nb.cells), ok=not error, error=error, peak_cell=peak_cell,
                      slowest_cells=tuple(sorted(cell_s, key=lambda c: -c[1])[:3]), cpu_s=round(cpu, 1))
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notebook-timeout", type=float, default=1800, help="seconds per notebook, kernel start included")
     p.add_argument("--json", type=Path, help="default: reports/notebook_budget.json (_full.json with --full)")
     p.add_argument("--markdown", type=Path, help="default: reports/notebook_budget.md (_full.md with --full)")
+    p.add_argument("--executed", type=Path, help="also write each executed notebook (with its outputs) here")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: measure one notebook, print JSON
     args = p.parse_args(argv)
     if args.limit_mb is None:
@@ -274,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--limit-mb must be positive, e.g. --limit-mb 2048")
 
     if args.one:
-        print(json.dumps(asdict(run_notebook(args.one, quick=not args.full, timeout_s=args.timeout))))
+        print(json.dumps(asdict(run_notebook(args.one, quick=not args.full, timeout_s=args.timeout,
+                                             executed=args.executed))))
         return 0
 
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
@@ -290,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         # A process per notebook: each kernel starts from nothing, and one notebook's leftovers never count
         # against the next.
         cmd = [sys.executable, __file__, "--one", str(path), "--timeout", str(args.timeout)]
-        proc = subprocess.Popen(cmd + (["--full"] if args.full else []), stdout=subprocess.PIPE,
+        cmd += ["--full"] if args.full else []
+        cmd += ["--executed", str(args.executed)] if args.executed else []
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=args.notebook_timeout)

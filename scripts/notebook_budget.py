@@ -5,7 +5,11 @@ default, the size Binder opens them in) in a kernel of its own, records the kern
 wall time, writes JSON and a Markdown table, and exits 1 when a notebook fails or goes over the limit.
 
     python scripts/notebook_budget.py                       # every notebooks/*.ipynb, quick mode
-    python scripts/notebook_budget.py notebooks/05_*.ipynb --full --limit-mb 4096
+    python scripts/notebook_budget.py --full notebooks/05_*.ipynb notebooks/09_*.ipynb   # full mode, limit 3 GB
+
+Full mode (``--full``, ``COURSE_QUICK=0``) is what ``make lab`` opens: its budget is 3 GB and, on an idle 2-core
+machine, under 10 minutes per notebook. Its reports go to ``reports/notebook_budget_full.{json,md}`` so that the
+quick ones stay. Each row also names the slowest cells (index and seconds): where to look when a notebook is slow.
 
 How the peak is measured: the kernel's own high-water mark (``VmHWM`` in ``/proc/<pid>/status``, kept by the
 Linux kernel itself, so no short spike is missed), read after every cell, and a 0.2 s sample of the resident
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMIT_ENV = "COURSE_BUDGET_MB"
 REPORT_DIR_ENV = "COURSE_BUDGET_REPORT_DIR"  # where the pytest plugin writes its report (default: reports/)
 DEFAULT_LIMIT_MB = 2048.0  # Binder's usual memory limit per user
+FULL_LIMIT_MB = 3072.0  # full mode (make lab on a learner's own machine): 3 GB
 MB = 1024 * 1024
 
 
@@ -55,6 +60,8 @@ class BudgetRow:
     ok: bool  # ran without an error
     error: str = ""
     peak_cell: int | None = None  # index of the cell that raised the kernel's high-water mark the most
+    slowest_cells: tuple = ()  # ((index, seconds), ...): the three slowest cells, slowest first
+    cpu_s: float | None = None  # CPU seconds of the kernel and its children: wall / cpu_s shows a busy machine
 
     def within(self, limit_mb: float) -> bool:
         return self.ok and self.peak_mb <= limit_mb
@@ -73,6 +80,15 @@ def high_water_mb(pid: int) -> float:
         return psutil.Process(pid).memory_info().rss / MB
     except psutil.Error:
         return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its finished children so far."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -120,8 +136,9 @@ def _kernel_pid(km) -> int | None:
     return pid or getattr(getattr(km, "kernel", None), "pid", None)
 
 
-def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800) -> BudgetRow:
-    """Execute one notebook in a fresh kernel (cwd = its folder) and measure it. Nothing is written back."""
+def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800, executed: Path | None = None) -> BudgetRow:
+    """Execute one notebook in a fresh kernel (cwd = its folder) and measure it. Nothing is written back; with
+    ``executed`` (a folder) the executed copy, outputs included, is written there to read its verdicts."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -130,7 +147,7 @@ def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800) -> Bud
     os.environ["COURSE_QUICK"] = "1" if quick else "0"  # the kernel inherits this process's environment
     client = NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
-    rise, peak_cell, error = 0.0, None, ""
+    rise, peak_cell, error, cell_s = 0.0, None, "", []
     t0 = time.perf_counter()
     with client.setup_kernel():
         pid = _kernel_pid(client.km)
@@ -139,13 +156,16 @@ def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800) -> Bud
         hwm = high_water_mb(pid)  # the idle kernel: each cell's rise is measured from here
         with PeakSampler(pid) as sampler:
             for index, cell in enumerate(nb.cells):
-                print(f"cell {index} started at {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                print(f"cell {index} started at {time.perf_counter() - t0:.1f} s, kernel CPU {cpu_seconds(pid):.1f} s",
+                      file=sys.stderr, flush=True)
+                started = time.perf_counter()
                 try:
                     client.execute_cell(cell, index)
                 except CellExecutionError as e:
                     lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # drop the colours
                     error = lines[-1][:300] if lines else type(e).__name__
                 finally:
+                    cell_s.append((index, round(time.perf_counter() - started, 1)))
                     # Which cell raised the high-water mark the most: where to look when a notebook is over.
                     now = high_water_mb(pid)
                     if now - hwm > rise:
@@ -153,9 +173,14 @@ def run_notebook(path: Path, quick: bool = True, timeout_s: float = 1800) -> Bud
                     hwm = max(hwm, now)
                 if error:
                     break
+            cpu = cpu_seconds(pid)  # read while the kernel is alive
     wall = time.perf_counter() - t0
+    if executed is not None:
+        Path(executed).mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, Path(executed) / Path(path).name)
     return BudgetRow(notebook=_display(path), peak_mb=round(max(hwm, sampler.peak_mb), 1), wall_s=round(wall, 1),
-                     cells=len(nb.cells), ok=not error, error=error, peak_cell=peak_cell)
+                     cells=len(nb.cells), ok=not error, error=error, peak_cell=peak_cell,
+                     slowest_cells=tuple(sorted(cell_s, key=lambda c: -c[1])[:3]), cpu_s=round(cpu, 1))
 
 
 # What IPython shows for a matplotlib Figure when no formatter turns it into a picture (a Figure built without
@@ -186,6 +211,8 @@ def machine() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
             "date": _dt.datetime.now().isoformat(timespec="seconds")}
+    if hasattr(os, "getloadavg"):  # how busy the machine was when the table was written: timings inflate with it
+        info["load_avg_1m"], info["load_avg_15m"] = (round(x, 1) for x in os.getloadavg()[::2])
     try:
         import torch
 
@@ -203,7 +230,9 @@ def write_reports(rows: list[BudgetRow], limit_mb: float, quick: bool, json_path
     lines = [f"Peak memory and wall time per notebook ({'quick' if quick else 'full'} mode), limit {limit_mb:.0f} MB.",
              f"Measured on {machine_info.get('platform')}, {machine_info.get('cpu_count')} CPU cores, "
              f"Python {machine_info.get('python')}, torch {machine_info.get('torch', '?')}, "
-             f"{machine_info.get('date', '')[:10]}.", "",
+             f"{machine_info.get('date', '')[:10]}"
+             + (f", load average {machine_info['load_avg_15m']} over the last 15 minutes"
+                if "load_avg_15m" in machine_info else "") + ".", "",
              "| notebook | peak memory (MB) | wall time (s) | within budget |", "|---|---:|---:|---|"]
     for r in rows:
         verdict = "yes" if r.within(limit_mb) else ("FAILED: " + r.error if not r.ok else "OVER")
@@ -217,10 +246,11 @@ def write_reports(rows: list[BudgetRow], limit_mb: float, quick: bool, json_path
     return md
 
 
-def _limit_from_env() -> float:
+def _limit_from_env(full: bool = False) -> float:
+    """The budget in MB: ``COURSE_BUDGET_MB`` when set, else 2 GB in quick mode (Binder) and 3 GB in full mode."""
     raw = os.environ.get(LIMIT_ENV, "")
     try:
-        return float(raw) if raw else DEFAULT_LIMIT_MB
+        return float(raw) if raw else (FULL_LIMIT_MB if full else DEFAULT_LIMIT_MB)
     except ValueError as e:
         raise ValueError(f"{LIMIT_ENV}={raw!r} is not a number of MB; use e.g. {LIMIT_ENV}=2048") from e
 
@@ -228,19 +258,29 @@ def _limit_from_env() -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
-    p.add_argument("--full", action="store_true", help="full mode (COURSE_QUICK=0) instead of quick mode")
-    p.add_argument("--limit-mb", type=float, default=_limit_from_env(), help="memory budget per notebook")
+    p.add_argument("--full", action="store_true",
+                   help="full mode (COURSE_QUICK=0, what make lab opens) instead of quick mode; limit 3 GB")
+    p.add_argument("--limit-mb", type=float, default=None,
+                   help=f"memory budget per notebook (default: ${LIMIT_ENV}, else {DEFAULT_LIMIT_MB:.0f} quick, "
+                        f"{FULL_LIMIT_MB:.0f} full)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
     p.add_argument("--notebook-timeout", type=float, default=1800, help="seconds per notebook, kernel start included")
-    p.add_argument("--json", type=Path, default=ROOT / "reports" / "notebook_budget.json")
-    p.add_argument("--markdown", type=Path, default=ROOT / "reports" / "notebook_budget.md")
+    p.add_argument("--json", type=Path, help="default: reports/notebook_budget.json (_full.json with --full)")
+    p.add_argument("--markdown", type=Path, help="default: reports/notebook_budget.md (_full.md with --full)")
+    p.add_argument("--executed", type=Path, help="also write each executed notebook (with its outputs) here")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: measure one notebook, print JSON
     args = p.parse_args(argv)
+    if args.limit_mb is None:
+        args.limit_mb = _limit_from_env(args.full)
+    stem = "notebook_budget_full" if args.full else "notebook_budget"
+    args.json = args.json or ROOT / "reports" / f"{stem}.json"
+    args.markdown = args.markdown or ROOT / "reports" / f"{stem}.md"
     if args.limit_mb <= 0:
         p.error("--limit-mb must be positive, e.g. --limit-mb 2048")
 
     if args.one:
-        print(json.dumps(asdict(run_notebook(args.one, quick=not args.full, timeout_s=args.timeout))))
+        print(json.dumps(asdict(run_notebook(args.one, quick=not args.full, timeout_s=args.timeout,
+                                             executed=args.executed))))
         return 0
 
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
@@ -256,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         # A process per notebook: each kernel starts from nothing, and one notebook's leftovers never count
         # against the next.
         cmd = [sys.executable, __file__, "--one", str(path), "--timeout", str(args.timeout)]
-        proc = subprocess.Popen(cmd + (["--full"] if args.full else []), stdout=subprocess.PIPE,
+        cmd += ["--full"] if args.full else []
+        cmd += ["--executed", str(args.executed)] if args.executed else []
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=args.notebook_timeout)
@@ -270,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0 or not out.strip():
             rows.append(BudgetRow(_display(path), 0.0, 0.0, 0, False, error=err.strip()[-300:]))
         else:
-            rows.append(BudgetRow(**json.loads(out.strip().splitlines()[-1])))
+            row = json.loads(out.strip().splitlines()[-1])
+            rows.append(BudgetRow(**{**row, "slowest_cells": tuple(map(tuple, row.get("slowest_cells", ())))}))
     md = write_reports(rows, args.limit_mb, not args.full, args.json, args.markdown)
     print(md)
     bad = [r for r in rows if not r.within(args.limit_mb)]

@@ -138,3 +138,22 @@ def test_plugin_fails_a_cell_that_shows_a_figure_as_text(tmp_path):
     assert "figure printed as text instead of a picture" in out, out[-3000:]
     assert re.search(r"shown\W+ipynb::Cell 1 PASSED", out), out[-3000:]
     assert r.returncode == 1
+
+
+def test_full_mode_budget_is_3_gb_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv(nbb.LIMIT_ENV, raising=False)
+    assert nbb._limit_from_env() == 2048 and nbb._limit_from_env(full=True) == 3072
+    monkeypatch.setenv(nbb.LIMIT_ENV, "4096")
+    assert nbb._limit_from_env() == nbb._limit_from_env(full=True) == 4096
+
+
+@pytest.mark.slow
+def test_full_mode_runs_the_kernel_with_quick_mode_off_and_names_the_slowest_cell(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_QUICK", "1")  # a quick-mode shell: --full must still turn it off in the kernel
+    nb = _notebook(tmp_path / "full.ipynb", "import os, time\nassert os.environ['COURSE_QUICK'] == '0'",
+                   "t = time.process_time()\nwhile time.process_time() - t < 1.5:\n    pass", "x = 1")
+    row = nbb.run_notebook(nb, quick=False)
+    assert row.ok, row.error
+    assert row.slowest_cells[0][0] == 1 and row.slowest_cells[0][1] >= 1.5
+    assert row.cpu_s >= 1.5, "the kernel burnt 1.5 s of CPU in cell 1"
+    assert not nbb.run_notebook(nb, quick=True).ok, "in quick mode the kernel sees COURSE_QUICK=1"

@@ -121,7 +121,7 @@ def writing_folder(target: str | os.PathLike, legacy_prefix: str | None = None) 
     Stale temporary folders of the same target are removed first (:func:`remove_stale_temp_folders`). Finish
     the block with :func:`replace_folder` or :func:`move_files_into`; whatever is left is removed at the end.
     """
-    target = Path(target)
+    target = Path(target).absolute()  # "." has no name to put beside it
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_folders(target, legacy_prefix)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), dir=target.parent))

@@ -8,7 +8,9 @@ but that takes ~20 s and the result is flagged as quantized, so it refuses
 ``save_pretrained``. So the first load converts once: the dequantized state
 dict goes into a fresh ``LlamaForCausalLM`` (no ``quantization_config``,
 identical logits), saved to a cache folder. Later loads read that folder in
-about a second.
+about a second, after a cheap check (:func:`damage`: every file at the size
+recorded last, the weights' header whole); a damaged folder is reported and
+converted again, and temporary folders of killed conversions are removed.
 
 Where the original bf16 weights are already in the local Hugging Face cache
 (``HuggingFaceTB/SmolLM2-135M-Instruct``), they are preferred: the GGUF's

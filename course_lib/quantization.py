@@ -47,7 +47,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -58,6 +58,8 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from . import kernel_choice
+from ._checks import check_flag, check_int, check_number
+from ._files import move_files_into, replace_folder, writing_folder
 from .kernel_choice import Candidate
 
 log = logging.getLogger(__name__)
@@ -871,7 +873,8 @@ class QuantConfig:
                                  f"got {self.smooth!r}")
         if self.embeddings not in ("int8", "float"):
             raise ValueError(f"embeddings must be 'int8' or 'float', got {self.embeddings!r}")
-        if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
+        if self.compute_dtype != "auto" and (not isinstance(self.compute_dtype, str)
+                                             or self.compute_dtype not in COMPUTE_DTYPES):
             raise ValueError(f"compute_dtype must be 'auto' or one of {sorted(COMPUTE_DTYPES)}, "
                              f"got {self.compute_dtype!r}")
         named = (INT_MM,) if self.activations == "int8" else (INT8PACK,) if self.bits == 8 else (INT4_CPU, INT4_CUDA)
@@ -887,10 +890,9 @@ class QuantConfig:
             except re.error as e:
                 raise ValueError(f"skip pattern {pattern!r} is not a valid regular expression ({e}); "
                                  "escape special characters, e.g. skip=(r'layers\\.0\\.mlp',)") from e
-        if not 0 < self.gptq_damp < 1:
-            raise ValueError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
-        if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
-            raise ValueError(f"gptq_block must be a positive int, got {self.gptq_block!r}")
+        check_number("gptq_damp", self.gptq_damp, "in (0, 1) (GPTQ's damping, a fraction of the mean diagonal; "
+                     "0.01 is usual)", lambda v: 0 < v < 1)
+        check_int("gptq_block", self.gptq_block, 1, " (columns per GPTQ block; 128 is usual)")
 
     @property
     def name(self) -> str:
@@ -1118,6 +1120,7 @@ def _quantize_embeddings(model: nn.Module, head: nn.Module | None, emb: nn.Modul
 
 QUANT_FILE = "course_quant.json"
 QUANT_WEIGHTS = "course_quant.safetensors"
+QUANT_OUTPUTS = ("config.json", "generation_config.json", QUANT_WEIGHTS, QUANT_FILE)  # all a save writes
 _FLOAT_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                        "pytorch_model.bin.index.json")
 
@@ -1130,15 +1133,20 @@ def _install_save(model: nn.Module, cfg: QuantConfig) -> None:
         model.save_pretrained = functools.partial(save_quantized, model)
 
 
-def save_quantized(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
+def save_quantized(model: nn.Module, save_directory: str | os.PathLike, overwrite: bool = False,
+                   **kwargs) -> Path:
     """Save a quantized model: config.json, the packed tensors (QUANT_WEIGHTS) and how to rebuild them (QUANT_FILE).
 
     ``model.save_pretrained(folder)`` lands here after :func:`quantize_`. Load with ``course_lib.load_model(folder)``.
+    A non-empty folder is refused unless ``overwrite=True``, which replaces only the files listed in
+    :data:`QUANT_OUTPUTS`. Atomic: the files are written beside the folder first and renamed into it, so a
+    failed save (a full disk) leaves the folder as it was.
     """
     unsupported = sorted(k for k, v in kwargs.items() if k not in ("safe_serialization", "max_shard_size") and v)
     if unsupported:
         raise ValueError(f"save_pretrained of a quantized model takes only a folder; {unsupported} are not "
                          "supported (save it, then share the folder)")
+    check_flag("overwrite", overwrite)
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file; save_pretrained needs a folder")
@@ -1147,6 +1155,11 @@ def save_quantized(model: nn.Module, save_directory: str | os.PathLike, **kwargs
     if stale:
         raise ValueError(f"{folder} already holds float weights ({', '.join(stale)}); transformers would load those "
                          "beside the quantized ones. Save the quantized model to an empty folder")
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if present and not overwrite:
+        raise ValueError(f"{folder} is not empty ({', '.join(present[:5])}{', ...' if len(present) > 5 else ''}); "
+                         "save the quantized model to a new or empty folder, or pass overwrite=True to replace the "
+                         f"files it writes ({', '.join(QUANT_OUTPUTS)}) and keep the others")
     cfg = getattr(model, "course_quant_config", None)
     layers: dict[str, dict] = {}
     for name, m in model.named_modules():
@@ -1174,20 +1187,106 @@ def save_quantized(model: nn.Module, save_directory: str | os.PathLike, **kwargs
         if ident is not None:
             seen[ident] = key
         tensors[key] = t.detach().cpu().contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    save_file(tensors, str(folder / QUANT_WEIGHTS), metadata={"format": "pt"})
     meta = {"format": 1, "quant_config": None if cfg is None else {**asdict(cfg), "skip": list(cfg.skip)},
             "layers": layers, "aliases": aliases}
-    (folder / QUANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    with writing_folder(folder) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / QUANT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if folder.is_dir():
+            move_files_into(tmp, folder, last=(QUANT_FILE,))
+        else:
+            replace_folder(tmp, folder)
     log.info("saved %d packed layers to %s (load with course_lib.load_model)", len(layers), folder)
+    return folder
 
 
 def is_quantized_folder(path: str | os.PathLike) -> bool:
     """True when ``path`` is a folder written by :func:`save_quantized`."""
     return (Path(path) / QUANT_FILE).is_file()
+
+
+# What each field of QUANT_FILE must be: {field: (type, required)}; a layer's fields depend on its "type".
+_QUANT_FILE_FIELDS = {"format": (int, True), "quant_config": ((dict, type(None)), True), "layers": (dict, True),
+                      "aliases": (dict, True)}
+_LINEAR_FIELDS = {"type": (str, True), "kernel": (str, True), "compute_dtype": (str, True),
+                  "float_dtype": (str, False)}  # float_dtype: absent from the first files saved
+_LAYER_FIELDS = {"int8": _LINEAR_FIELDS, "w8a8": _LINEAR_FIELDS, "int4": {**_LINEAR_FIELDS, "group_size": (int, True)},
+                 "int8_embedding": {"type": (str, True), "out_dtype": (str, True)}}
+_LAYER_TENSORS = {"int8": ("weight_int8", "scales"), "w8a8": ("weight_int8", "scales"),
+                  "int4": ("weight_packed", "scales_and_zeros"), "int8_embedding": ("weight_int8", "scales")}
+
+
+def _read_quant_file(path: Path) -> tuple[dict, QuantConfig | None]:
+    """QUANT_FILE checked field by field, and the QuantConfig it records.
+
+    A wrong type or a missing field is a ValueError naming the file and the field; a field this version does not
+    know (a newer course_lib wrote it) is ignored with a warning.
+    """
+    def fail(where: str, what: str) -> ValueError:
+        return ValueError(f"{path}: {where} {what}; the file is damaged or was edited: save the quantized "
+                          "model again")
+
+    def check(obj, where: str, spec: dict) -> None:
+        if not isinstance(obj, dict):
+            raise fail(where or "the file", f"must be a JSON object, got {type(obj).__name__}")
+        for key, (typ, required) in spec.items():
+            at = f"{where}[{key!r}]" if where else f"field {key!r}"
+            if key not in obj:
+                if required:
+                    raise fail(at, "is missing")
+            elif typ is not object and (isinstance(obj[key], bool) or not isinstance(obj[key], typ)):
+                raise fail(at, f"has the wrong type ({type(obj[key]).__name__}): {obj[key]!r}")
+        extra = sorted(set(obj) - set(spec))
+        if extra:
+            log.warning("%s: ignoring %s %s, unknown to this course_lib (saved by a newer version?)", path,
+                        f"{where} fields" if where else "fields", ", ".join(map(repr, extra)))
+
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); save the quantized model again") from e
+    check(meta, "", _QUANT_FILE_FIELDS)
+    if meta["format"] != 1:
+        raise ValueError(f"{path} has format {meta['format']!r}; this course_lib reads format 1")
+    for name, spec in meta["layers"].items():
+        where = f"layers[{name!r}]"
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in _LAYER_FIELDS:
+            raise fail(f"{where}['type']", f"must be one of {sorted(_LAYER_FIELDS)}, got {kind!r}")
+        check(spec, where, _LAYER_FIELDS[kind])
+        for key in ("compute_dtype", "float_dtype"):
+            if key in spec and spec[key] not in COMPUTE_DTYPES and not (key == "compute_dtype" and spec[key] == "auto"):
+                raise fail(f"{where}[{key!r}]", f"must be 'auto' or one of {sorted(COMPUTE_DTYPES)}, got {spec[key]!r}")
+    for key, source in meta["aliases"].items():
+        if not isinstance(source, str):
+            raise fail(f"aliases[{key!r}]", f"must name a tensor, got {source!r}")
+    qc = meta["quant_config"]
+    if qc is None:
+        return meta, None
+    known = {f.name: (list if f.name == "skip" else object, True) for f in fields(QuantConfig)}
+    check(qc, "quant_config", known)  # the values' types: QuantConfig checks them, naming the field
+    try:
+        cfg = QuantConfig(**{k: tuple(v) if k == "skip" else v for k, v in qc.items() if k in known})
+    except ValueError as e:
+        raise fail("quant_config", f"is invalid: {e}") from e
+    return meta, cfg
+
+
+def _packed_layer(spec: dict, get, dtype: torch.dtype) -> nn.Module:
+    """One layer of a checked QUANT_FILE, built from its tensors (``get(key)``)."""
+    if spec["type"] == "int8_embedding":
+        return Int8Embedding(get("weight_int8"), get("scales"), dtype)
+    cd = spec["compute_dtype"]
+    common = dict(compute_dtype=cd if cd == "auto" else COMPUTE_DTYPES[cd], kernel=spec["kernel"],
+                  float_dtype=COMPUTE_DTYPES.get(spec.get("float_dtype"), dtype), input_scale=get("input_scale"))
+    if spec["type"] == "int4":
+        return Int4WeightOnlyLinear(unpack_int4(get("weight_packed")), get("scales_and_zeros"), spec["group_size"],
+                                    get("bias"), **common)
+    cls = Int8WeightOnlyLinear if spec["type"] == "int8" else Int8DynamicLinear
+    return cls(get("weight_int8"), get("scales"), get("bias"), **common)
 
 
 def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -1198,46 +1297,40 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    meta = json.loads((folder / QUANT_FILE).read_text())
-    if meta.get("format") != 1:
-        raise ValueError(f"{folder / QUANT_FILE} has format {meta.get('format')!r}; this course_lib reads format 1")
+    meta, cfg = _read_quant_file(folder / QUANT_FILE)
     # clone: safetensors hands back tensors at 8-byte offsets, and the int8 kernel needs aligned rows
     tensors = {k: t.clone() for k, t in load_file(str(folder / QUANT_WEIGHTS)).items()}
     for key, source in meta["aliases"].items():
+        if source not in tensors:
+            raise ValueError(f"{folder / QUANT_FILE}: aliases[{key!r}] names {source!r}, which {QUANT_WEIGHTS} "
+                             "does not hold; save the quantized model again")
         tensors[key] = tensors[source]
+    for name, spec in meta["layers"].items():
+        absent = [k for k in _LAYER_TENSORS[spec["type"]] if f"{name}.{k}" not in tensors]
+        if absent:
+            raise ValueError(f"{folder / QUANT_WEIGHTS} lacks {name}.{absent[0]}, which layer {name!r} of "
+                             f"{QUANT_FILE} needs; save the quantized model again")
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     built: dict[int, torch.Tensor] = {}  # storage of a file tensor -> the buffer built from it (re-ties aliases)
     for name, spec in meta["layers"].items():
         def get(key: str, name: str = name) -> torch.Tensor | None:
             t = tensors.get(f"{name}.{key}")
             return None if t is None else built.get(id(t), t)
-        if spec["type"] in ("int8", "int4", "w8a8"):
-            cd = spec["compute_dtype"]
-            common = dict(compute_dtype=cd if cd == "auto" else COMPUTE_DTYPES[cd], kernel=spec["kernel"],
-                          float_dtype=COMPUTE_DTYPES.get(spec.get("float_dtype"), dtype),
-                          input_scale=get("input_scale"))
-        if spec["type"] == "int8":
-            new = Int8WeightOnlyLinear(get("weight_int8"), get("scales"), get("bias"), **common)
-        elif spec["type"] == "w8a8":
-            new = Int8DynamicLinear(get("weight_int8"), get("scales"), get("bias"), **common)
-        elif spec["type"] == "int4":
-            new = Int4WeightOnlyLinear(unpack_int4(get("weight_packed")), get("scales_and_zeros"), spec["group_size"],
-                                       get("bias"), **common)
-        elif spec["type"] == "int8_embedding":
-            new = Int8Embedding(get("weight_int8"), get("scales"), dtype)
-        else:
-            raise ValueError(f"{folder / QUANT_FILE}: unknown layer type {spec['type']!r} for {name}")
+        try:
+            new = _packed_layer(spec, get, dtype)
+            _set_module(model, name, new)
+        except (ValueError, RuntimeError, AttributeError) as e:
+            raise ValueError(f"{folder / QUANT_FILE}: layers[{name!r}] cannot be rebuilt ({e}); the file is damaged "
+                             "or was edited: save the quantized model again") from e
         for key, buf in new.named_buffers(recurse=False):
             if f"{name}.{key}" in tensors and buf is not None:
                 built.setdefault(id(tensors[f"{name}.{key}"]), buf)
-        _set_module(model, name, new)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or missing:
         raise ValueError(f"{folder / QUANT_WEIGHTS} does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    if meta.get("quant_config"):
-        qc = meta["quant_config"]
-        _install_save(model, QuantConfig(**{**qc, "skip": tuple(qc["skip"])}))
+    if cfg is not None:
+        _install_save(model, cfg)
     else:
         model.save_pretrained = functools.partial(save_quantized, model)
     return model.eval()

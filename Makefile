@@ -56,8 +56,15 @@ assets: install
 
 # llama.cpp for `bench --suite engines`: llama-cpp-python builds llama.cpp from source (about 5 min on 2 cores).
 # GGML_NATIVE=ON compiles for this CPU's instruction set; pip's cache keeps the built wheel for the next venv.
+# AMX stays off: a VM can report amx_tile in /proc/cpuinfo and still trap its instructions (SIGILL, seen on a
+# Xeon VM). A wheel taken from pip's cache may have been built for another CPU: if llama.cpp cannot run a
+# prompt here, it is rebuilt for this one, without the cache.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+	-DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 engines: install
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -e ".[engines]"
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/pip install -e ".[engines]"
+	$(BIN)/python scripts/llama_smoke.py || { CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/pip install --no-cache-dir \
+		--force-reinstall --no-deps "llama-cpp-python[server]>=0.3" && $(BIN)/python scripts/llama_smoke.py; }
 
 # Peak memory and wall time of every notebook, each in its own kernel: reports/notebook_budget.{json,md}
 budget: install

@@ -282,8 +282,10 @@ class DistillConfig:
             raise ValueError(f"kind must be one of {KL_KINDS}, got {self.kind!r}")
         _check_number("hidden_weight", self.hidden_weight, ">= 0 (0 = off, typical 0.1-1)",
                       lambda v: 0 <= v < math.inf)
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens", "checkpoint_every"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every"):
             _check_int(name, getattr(self, name), 1)
+        # perplexity needs 2 tokens (one target): eval_tokens=1 was accepted here and failed at the first eval
+        _check_int("eval_tokens", self.eval_tokens, 2, " (the held-out tokens each evaluation scores)")
         _check_int("warmup_steps", self.warmup_steps, 0, " (0 = no warm-up)")
         _check_int("seed", self.seed, 0)
         _check_number("lr", self.lr, "in (0, 1) (typical 1e-4 to 5e-3)", lambda v: 0 < v < 1)

@@ -31,6 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._checks import writable_dir
+
 log = logging.getLogger(__name__)
 
 NAME = "smollm2-135m-instruct"
@@ -118,11 +120,12 @@ def convert(out: Path | None = None, overwrite: bool = False) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from_env = out is None and bool(os.environ.get("COURSE_CACHE", "").strip())
     out = Path(out) if out is not None else converted_dir()
     if _complete(out) and not overwrite:
         return out
     gguf = gguf_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(out.parent, "COURSE_CACHE" if from_env else None)  # a file or read-only: say so, naming it
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; a class's shared cache must stay readable

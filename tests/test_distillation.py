@@ -91,6 +91,13 @@ def test_config_validates_every_numeric_field(field, value):
     assert repr(value) in str(e.value) and ("in [" in str(e.value) or "in (" in str(e.value) or ">" in str(e.value))
 
 
+def test_eval_tokens_below_two_is_refused_at_creation():
+    # eval_tokens=1 was accepted and failed only at the first evaluation (perplexity needs one target)
+    with pytest.raises(ValueError, match=r"eval_tokens must be an int >= 2.*got 1"):
+        replace(MICRO, eval_tokens=1)
+    assert replace(MICRO, eval_tokens=2).eval_tokens == 2
+
+
 def test_config_accepts_the_edges_of_every_range():
     import numpy as np
 

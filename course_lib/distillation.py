@@ -46,7 +46,7 @@ from ._checks import check_int as _check_int
 from ._checks import check_number as _check_number
 from .fit import decay_groups, fit
 from .metrics import perplexity
-from .models import EMBEDDED, check_token_ids, count_parameters, load_model
+from .models import EMBEDDED, check_token_ids, context_length, count_parameters, load_model
 from .train import check_checkpoint_dir, check_out_dir, claim_checkpoint_dir, release_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,10 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids:
         check_compatible(student, teacher)
         teacher.eval()
     check_token_ids(student, data_ids, "data_ids")  # ids of another tokenizer: a clear error, not an IndexError
+    context = context_length(student)
+    if context is not None and cfg.seq_len > context:  # else the first held-out evaluation refuses it, mid-run
+        raise ValueError(f"cfg.seq_len ({cfg.seq_len}) exceeds the student's context of {context} tokens "
+                         f"(config.max_position_embeddings): use DistillConfig(seq_len=...) <= {context}")
     data_ids = data_ids.flatten()
     if heldout_ids is not None:
         check_token_ids(student, heldout_ids, "heldout_ids")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import check_text
 from .chat import chat_prompt
 from .data import PROSE_EVAL_TOKENS, encode_prose, encode_split, load_documents
 from .generation import generate
@@ -228,8 +229,10 @@ def greedy_answers(model, tokenizer, prompts: list[tuple[str, str]] | list[str] 
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
     texts = [p if isinstance(p, str) else p[1] for p in (prompts if prompts is not None else default_prompts())]
-    if not texts or any(not t for t in texts):
+    if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise ValueError("prompts must be a non-empty list of non-empty strings (or (kind, prompt) pairs)")
+    for i, t in enumerate(texts):
+        check_text(f"prompts[{i}]", t)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device

@@ -307,3 +307,10 @@ def test_distill_refuses_ids_outside_the_vocabulary():
         distill(student, teacher, _data(), MICRO, heldout_ids=bad, progress=False)
     with pytest.raises(ValueError, match="integer"):
         distill(student, teacher, _data().float(), MICRO, progress=False)
+
+
+def test_distill_refuses_windows_longer_than_the_students_context_before_training():
+    teacher = make_tiny(vocab=128)  # context 256
+    student = make_student(teacher, 1)
+    with pytest.raises(ValueError, match=r"seq_len \(300\) exceeds the student's context of 256"):
+        distill(student, teacher, _data(), replace(MICRO, seq_len=300), heldout_ids=_data(), progress=False)

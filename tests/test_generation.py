@@ -495,7 +495,7 @@ def _every_id_loop(model):
 
 def test_ids_outside_the_vocabulary_or_not_integers_are_refused_by_every_loop():
     model = make_tiny("llama", vocab=128)
-    for name, run in _every_id_loop(model).items():
+    for run in _every_id_loop(model).values():
         for bad, match in ((torch.tensor([[5, 128]]), "token id 128.*vocabulary of 128"),
                            (torch.tensor([[5, -1]]), "token id -1"),
                            (torch.tensor([[5.0, 6.0]]), "integer token ids")):
@@ -507,7 +507,7 @@ def test_ids_outside_the_vocabulary_or_not_integers_are_refused_by_every_loop():
 
 def test_prompt_plus_new_tokens_beyond_the_context_is_refused():
     model = make_tiny("llama")  # max_position_embeddings=256
-    for name, run in _every_id_loop(model).items():
+    for run in _every_id_loop(model).values():
         # was a 256 GB allocation (static cache of 10**9 slots) or a silent run past the trained positions
         with pytest.raises(ValueError, match=r"max_new_tokens \(1000000000\) \+ prompt length .*context of 256"):
             run(_prompt(7), 10**9)

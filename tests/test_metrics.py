@@ -145,3 +145,11 @@ def test_windows_longer_than_the_models_context_are_refused():
         with pytest.raises(ValueError, match=r"seq_len \(512\).*context of 256.*seq_len <= 256"):
             fn(model, ids, seq_len=512, max_tokens=None)  # was a number, silently much too high
     assert perplexity(model, ids, seq_len=256, max_tokens=None) > 1
+
+
+def test_a_lone_surrogate_in_an_answer_prompt_names_it(course_tiny):
+    from course_lib.metrics import greedy_answers
+
+    model, tok = course_tiny
+    with pytest.raises(ValueError, match=r"prompts\[1\].*lone surrogate"):  # was a TypeError from the tokenizer
+        greedy_answers(model, tok, ["def f(x):", "caf\udce9"], n_tokens=2)

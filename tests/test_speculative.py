@@ -110,7 +110,7 @@ def test_ids_outside_the_vocabulary_and_the_context_are_refused(pair):
              "speculative_sample": lambda ids, n: speculative_sample(target, draft, ids, n, k=2),
              "greedy_reference": lambda ids, n: greedy_reference(target, ids, n),
              "sample_reference": lambda ids, n: sample_reference(target, ids, n)}
-    for name, call in calls.items():
+    for call in calls.values():
         with pytest.raises(ValueError, match="token id 500.*vocabulary of 128"):  # was an IndexError
             call(torch.tensor([[1, 500]]), 4)
         with pytest.raises(ValueError, match="integer token ids"):

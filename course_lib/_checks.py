@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import tempfile
+from pathlib import Path
 
 
 def check_number(name: str, value, allowed: str, ok) -> None:
@@ -50,3 +52,40 @@ def check_output_path(path, flag: str) -> None:
                 raise ValueError(f"{flag} {path}: the folder {parent} is not writable by this user; choose a "
                                  "path in a folder you can write to")
             return
+
+
+def check_text(name: str, text: str) -> None:
+    """ValueError if ``text`` holds a lone surrogate (e.g. ``"\\ud800"``): a str that is not text.
+
+    Python strings may carry half of a UTF-16 pair (from a JSON escape cut in two, or bytes decoded with
+    ``errors="surrogateescape"``); UTF-8 cannot encode it, and the tokenizer fails with a TypeError that names
+    neither the argument nor the character.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name} holds {text[e.start]!r} at character {e.start}, a lone surrogate (half of a UTF-16 pair, "
+            "e.g. from an emoji's JSON escape cut in two) that is not text and cannot be encoded: remove it, or "
+            "clean the string with s.encode('utf-8', 'replace').decode('utf-8')"
+        ) from None
+
+
+def writable_dir(folder, variable: str | None = None) -> Path:
+    """Create ``folder`` (and its parents) and check that files can be written in it; return it as a Path.
+
+    A ValueError names the folder, why it is unusable (a file, read-only) and, when it came from an environment
+    variable, that ``variable``: a raw PermissionError or FileExistsError names neither.
+    """
+    folder = Path(folder)
+    where = f"{variable}={str(folder)!r}" if variable else str(folder)
+    fix = f"set {variable} to a folder you can write" if variable else "choose a folder you can write"
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"{where} cannot be used as a folder: {blocker} is a file; {fix}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{where} is not writable ({e.strerror or e}); {fix}") from e
+    return folder

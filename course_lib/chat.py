@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._checks import check_text
 from .generation import stream_generate
 from .timing import GenerationTiming, stream_timing
 
@@ -36,7 +37,12 @@ def _as_messages(messages: Messages, system: str | None) -> list[dict]:
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"each message needs 'role' in {ROLES} and a string 'content', got {m!r}")
+    for i, m in enumerate(messages):
+        check_text(f"messages[{i}]['content']", m["content"])
     if system is not None:
+        if not isinstance(system, str):
+            raise ValueError(f"system must be a string or None, got {type(system).__name__}")
+        check_text("system", system)
         messages = [{"role": "system", "content": system}, *[m for m in messages if m["role"] != "system"]]
     return messages
 
@@ -72,11 +78,13 @@ def _write_stdout(piece: str) -> None:
 
 def chat(model, tokenizer, messages: Messages, max_new_tokens: int = 128,
          stream: Callable[[str], object] | bool | None = None, system: str | None = None,
-         temperature: float = 0.0, top_k: int | None = None, seed: int = 0) -> ChatReply:
+         temperature: float = 0.0, top_k: int | None = None, seed: int = 0, truncate: bool = False) -> ChatReply:
     """Answer ``messages`` (a question string, or a list of role/content dicts); greedy unless ``temperature > 0``.
 
     ``stream``: a callable that receives each new piece of text as it is decoded
-    (``stream=True`` writes the pieces to the notebook's output).
+    (``stream=True`` writes the pieces to the notebook's output). A conversation longer than the model's
+    context is refused; ``truncate=True`` keeps its last tokens instead (the start, system prompt included,
+    is then lost), with a warning.
     """
     stream = _write_stdout if stream is True else (stream or None)
     if stream is not None and not callable(stream):
@@ -88,8 +96,10 @@ def chat(model, tokenizer, messages: Messages, max_new_tokens: int = 128,
     new: list[int] = []
     times: list[float] = []
     shown, finished = "", False
-    for step in stream_generate(model, tokenizer, ids, max_new_tokens, temperature, top_k, seed):
+    n_prompt = int(ids.numel())
+    for step in stream_generate(model, tokenizer, ids, max_new_tokens, temperature, top_k, seed, truncate=truncate):
         times.append(step.time_s)
+        n_prompt = step.prompt_tokens  # what the model read: fewer than the conversation's tokens if truncated
         if step.token_id == eos:
             finished = True
             break
@@ -103,4 +113,4 @@ def chat(model, tokenizer, messages: Messages, max_new_tokens: int = 128,
     text = tokenizer.decode(new, skip_special_tokens=True)
     if stream and len(text) > len(shown):
         stream(text[len(shown):])
-    return ChatReply(text, tuple(new), finished, stream_timing(times, int(ids.numel())))
+    return ChatReply(text, tuple(new), finished, stream_timing(times, n_prompt))

@@ -47,7 +47,7 @@ from ._checks import check_number as _check_number
 from ._checks import check_output_path
 from .fit import decay_groups, fit
 from .metrics import perplexity
-from .models import EMBEDDED, check_token_ids, count_parameters, load_model, resolve_model_path
+from .models import EMBEDDED, check_token_ids, context_length, count_parameters, load_model, resolve_model_path
 from .train import (
     check_checkpoint_dir,
     check_out_dir,
@@ -289,8 +289,10 @@ class DistillConfig:
             raise ValueError(f"kind must be one of {KL_KINDS}, got {self.kind!r}")
         _check_number("hidden_weight", self.hidden_weight, ">= 0 (0 = off, typical 0.1-1)",
                       lambda v: 0 <= v < math.inf)
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_tokens", "checkpoint_every"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every"):
             _check_int(name, getattr(self, name), 1)
+        # perplexity needs 2 tokens (one target): eval_tokens=1 was accepted here and failed at the first eval
+        _check_int("eval_tokens", self.eval_tokens, 2, " (the held-out tokens each evaluation scores)")
         _check_int("warmup_steps", self.warmup_steps, 0, " (0 = no warm-up)")
         _check_int("seed", self.seed, 0)
         _check_number("lr", self.lr, "in (0, 1) (typical 1e-4 to 5e-3)", lambda v: 0 < v < 1)
@@ -350,6 +352,10 @@ def distill(student: PreTrainedModel, teacher: PreTrainedModel | None, data_ids:
         check_compatible(student, teacher)
         teacher.eval()
     check_token_ids(student, data_ids, "data_ids")  # ids of another tokenizer: a clear error, not an IndexError
+    context = context_length(student)
+    if context is not None and cfg.seq_len > context:  # else the first held-out evaluation refuses it, mid-run
+        raise ValueError(f"cfg.seq_len ({cfg.seq_len}) exceeds the student's context of {context} tokens "
+                         f"(config.max_position_embeddings): use DistillConfig(seq_len=...) <= {context}")
     data_ids = data_ids.flatten()
     if heldout_ids is not None:
         check_token_ids(student, heldout_ids, "heldout_ids")

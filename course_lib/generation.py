@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int, check_number
+from ._checks import check_flag, check_int, check_number, check_text
 from .device import device_of
 from .kv_cache import KVCache, ScratchLlama, naive_attention
+from .models import check_prompt_ids
 from .timing import benchmark
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,17 @@ class Step:
 
 
 def encode_prompt(tokenizer, prompt: str | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Prompt text (or ids) -> a (1, T) tensor of ids on ``device``; empty prompts are refused."""
+    """Prompt text (or ids) -> a (1, T) tensor of ids on ``device``; empty prompts are refused.
+
+    The ids are not checked against a model here: callers pass them through
+    :func:`course_lib.models.check_prompt_ids`.
+    """
     if isinstance(prompt, torch.Tensor):
         ids = prompt.reshape(1, -1) if prompt.dim() == 1 else prompt
     elif isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty; give at least one character (for example 'def ')")
+        check_text("prompt", prompt)
         if tokenizer is None:  # else: "'NoneType' object is not callable"
             raise ValueError("a text prompt needs its tokenizer: pass the tokenizer (tokenizer=...; load_model "
                              "returns it), or pass the prompt as a tensor of token ids")
@@ -112,12 +118,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 @torch.inference_mode()
 def stream_generate(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens: int = 32,
                     temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-                    stop_at_eos: bool = True) -> Iterator[Step]:
-    """Yield new tokens one at a time, using the model's KV cache (batch size 1)."""
+                    stop_at_eos: bool = True, truncate: bool = False) -> Iterator[Step]:
+    """Yield new tokens one at a time, using the model's KV cache (batch size 1).
+
+    A prompt that leaves no room for ``max_new_tokens`` in the model's context is refused (ValueError);
+    ``truncate=True`` keeps the prompt's last tokens instead, with a warning.
+    """
     _check_new_tokens(max_new_tokens)
     _check_sampling(temperature, top_k)
+    check_flag("truncate", truncate)
     device = next(model.parameters()).device
-    ids = encode_prompt(tokenizer, prompt, device)
+    ids = check_prompt_ids(model, encode_prompt(tokenizer, prompt, device), max_new_tokens, truncate)
     gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     eos = getattr(tokenizer, "eos_token_id", None)
     t0 = time.perf_counter()
@@ -135,23 +146,27 @@ def stream_generate(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, seed: int = 0) -> str:
-    """Prompt -> prompt plus its continuation, as text."""
+             top_k: int | None = None, seed: int = 0, truncate: bool = False) -> str:
+    """Prompt -> prompt plus its continuation, as text (``truncate``: as in :func:`stream_generate`)."""
     if not isinstance(prompt, str):
         raise ValueError(f"generate takes a text prompt (and returns text), got {type(prompt).__name__}; "
                          "for token ids use stream_generate or generate_kv_cache")
     new = [s.token_id for s in stream_generate(model, tokenizer, prompt, max_new_tokens,
-                                               temperature, top_k, seed)]
+                                               temperature, top_k, seed, truncate=truncate)]
     return prompt + tokenizer.decode(new)
 
 
 # --- greedy loops, slowest to fastest --------------------------------------------
 
-def _as_ids(prompt_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    ids = prompt_ids.reshape(1, -1) if prompt_ids.dim() == 1 else prompt_ids
+def _as_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, device: torch.device) -> torch.Tensor:
+    """(T,) or (B, T) prompt ids -> (B, T) on ``device``, checked against the model's vocabulary and context."""
+    if not isinstance(prompt_ids, torch.Tensor):
+        raise ValueError(f"prompt_ids must be a tensor of token ids, got {type(prompt_ids).__name__}; encode text "
+                         "with the model's tokenizer: tokenizer(text, return_tensors='pt')['input_ids']")
+    ids = prompt_ids.reshape(1, -1) if prompt_ids.dim() <= 1 else prompt_ids
     if ids.numel() == 0 or ids.shape[-1] == 0:
         raise ValueError("prompt has no tokens; give at least one")
-    return ids.to(device)
+    return check_prompt_ids(model, ids, max_new_tokens).to(device)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -165,7 +180,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def generate_no_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding that re-reads the whole sequence every step: (B, T) -> (B, max_new_tokens)."""
     _check_new_tokens(max_new_tokens)
-    ids = _as_ids(prompt_ids, _device_of(model))
+    ids = _as_ids(model, prompt_ids, max_new_tokens, _device_of(model))
     new = []
     for _ in range(max_new_tokens):
         nxt = _logits(model, ids).argmax(-1, keepdim=True)  # the whole sequence, again
@@ -180,7 +195,7 @@ def generate_kv_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int,
     """Greedy decoding with the from-scratch KV cache: one prefill, then one token per step."""
     _check_new_tokens(max_new_tokens)
     scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model, attention)
-    ids = _as_ids(prompt_ids, scratch.device)
+    ids = _as_ids(scratch, prompt_ids, max_new_tokens, scratch.device)
     cache = scratch.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
     nxt = scratch(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # prefill
     new = [nxt]
@@ -194,7 +209,7 @@ def generate_kv_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int,
 def generate_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """The reference: ``model.generate`` greedily, exactly ``max_new_tokens`` (EOS ignored)."""
     _check_new_tokens(max_new_tokens)
-    ids = _as_ids(prompt_ids, _device_of(model))
+    ids = _as_ids(model, prompt_ids, max_new_tokens, _device_of(model))
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
     return out[:, ids.shape[1]:]
@@ -255,7 +270,7 @@ class CompiledDecoder:
     def __call__(self, prompt_ids: torch.Tensor, max_new_tokens: int, max_len: int | None = None) -> torch.Tensor:
         _check_new_tokens(max_new_tokens)
         s = self.scratch
-        ids = _as_ids(prompt_ids, s.device)
+        ids = _as_ids(s, prompt_ids, max_new_tokens, s.device)
         max_len = max_len or ids.shape[1] + max_new_tokens
         cache = self._cache(ids.shape[0], max_len)
         nxt = s(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # prefill stays eager
@@ -289,11 +304,14 @@ def batched_generate(model, tokenizer, prompts: list[str], max_new_tokens: int =
         raise ValueError("prompts must be a non-empty list of non-empty strings")
     if tokenizer is None:
         raise ValueError("batched_generate needs the prompts' tokenizer (load_model returns it)")
+    for i, p in enumerate(prompts):
+        check_text(f"prompts[{i}]", p)
     scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
     rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=scratch.device)
+    ids = check_prompt_ids(scratch, torch.tensor([[pad] * (width - len(r)) + r for r in rows]), max_new_tokens,
+                           what="longest prompt").to(scratch.device)
     real = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=scratch.device)
     cache = scratch.new_cache(len(rows), width + max_new_tokens)
     key_mask = torch.cat([real, torch.ones(len(rows), max_new_tokens, dtype=torch.bool, device=real.device)], 1)

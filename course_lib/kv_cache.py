@@ -41,6 +41,10 @@ from torch import nn
 from ._checks import check_int
 
 ATTENTION_KINDS = ("sdpa", "naive")
+# Model families whose decoder is model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj} with
+# RMSNorm and RoPE: the layout the forward below is written for.
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+LOOPS = "generate_kv_cache, CompiledDecoder, batched_generate and the serving engine"
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,13 @@ class ScratchLlama:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if not isinstance(fuse, bool):
             raise ValueError(f"fuse must be True or False, got {fuse!r}")
+        model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+        if model_type not in MODEL_TYPES or not hasattr(getattr(hf_model, "model", None), "layers"):
+            raise ValueError(
+                f"the from-scratch forward ({LOOPS}) runs Llama-family models only (model_type one of "
+                f"{list(MODEL_TYPES)}), got {model_type!r} ({type(hf_model).__name__}); run this model with "
+                "stream_generate, generate_hf or generate_no_cache, which call its own forward"
+            )
         cfg = hf_model.config
         rope = getattr(cfg, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":

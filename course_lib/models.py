@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -182,9 +183,48 @@ def _from_pretrained_offline_aware(loader, path: str, **kw):
     return loader.from_pretrained(path, **kw)
 
 
+# The JSON files a fast tokenizer is read from: one cut short or edited by hand fails inside transformers with a
+# JSONDecodeError or a KeyError ('added_tokens') that names no file.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _damaged_tokenizer_file(folder: Path) -> tuple[Path, str] | None:
+    """(file, what is wrong) for the first of the folder's tokenizer JSON files that cannot be read, else None."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    for name in TOKENIZER_JSON:
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            text = f.read_text(encoding="utf-8")
+            if not isinstance(json.loads(text), dict):
+                return f, "not a JSON object"
+            if name == "tokenizer.json":
+                Tokenizer.from_str(text)
+        except Exception as e:  # JSONDecodeError, UnicodeDecodeError, the tokenizers library's own Exception
+            return f, f"{type(e).__name__}: {e}"
+    return None
+
+
+def _tokenizer_from(path: str):
+    """AutoTokenizer of a resolved path; a damaged tokenizer file in a local folder is named in a ValueError."""
+    try:
+        return _from_pretrained_offline_aware(AutoTokenizer, path)
+    except Exception as e:
+        bad = _damaged_tokenizer_file(Path(path)) if Path(path).is_dir() else None
+        if bad is None:
+            raise
+        raise ValueError(f"tokenizer file {bad[0]} is damaged and cannot be read ({bad[1][:200]}): it was probably "
+                         "cut short by an interrupted copy or edited by hand; copy it again from the model it came "
+                         "from, or save the tokenizer again with tokenizer.save_pretrained(folder)") from e
+
+
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     """The tokenizer of a preset, folder or hub id."""
-    return _from_pretrained_offline_aware(AutoTokenizer, resolve_model_path(name_or_path))
+    return _tokenizer_from(resolve_model_path(name_or_path))
 
 
 def load_model(
@@ -214,7 +254,7 @@ def load_model(
             raise ValueError(f"a weights file (.bin) of {path} holds objects other than tensors; it was refused "
                              "unread, because loading it could run code. Use a copy saved as safetensors from a "
                              "source you trust") from e
-    tokenizer = _from_pretrained_offline_aware(AutoTokenizer, path)
+    tokenizer = _tokenizer_from(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(dev).eval(), tokenizer
@@ -296,7 +336,9 @@ def check_token_ids(model, ids: torch.Tensor, what: str = "ids") -> None:
     """ValueError unless ``ids`` are integer token ids the model can embed (0 <= id < its vocabulary size).
 
     Ids from another tokenizer would otherwise fail as an IndexError deep in the embedding or the loss.
+    ``model`` is a Hugging Face model or a :class:`~course_lib.kv_cache.ScratchLlama` wrapping one.
     """
+    model = getattr(model, "hf_model", model)
     if (not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex
             or ids.dtype == torch.bool):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
@@ -313,3 +355,45 @@ def check_token_ids(model, ids: torch.Tensor, what: str = "ids") -> None:
             "were made by another tokenizer; encode the text with this model's own tokenizer (load_model "
             "returns it)"
         )
+
+
+def context_length(model) -> int | None:
+    """The most positions the model was made for (``config.max_position_embeddings``), or None if it has none.
+
+    ``model`` is a Hugging Face model or a :class:`~course_lib.kv_cache.ScratchLlama` wrapping one.
+    """
+    cfg = getattr(getattr(model, "hf_model", model), "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_prompt_ids(model, ids: torch.Tensor, max_new_tokens: int, truncate: bool | None = None,
+                     what: str = "prompt") -> torch.Tensor:
+    """``ids`` (..., T) checked before any work: token ids the model can embed, and room for the answer.
+
+    Past its context (``max_position_embeddings``) a model gives no error, only worse and worse tokens (RoPE
+    positions it never saw), after a prefill that can take minutes; and a static cache sized for a huge
+    ``max_new_tokens`` fails as an allocation of hundreds of GB. So prompt + ``max_new_tokens`` beyond the
+    context is a ValueError; with ``truncate=True`` the prompt instead keeps its last tokens, with a warning.
+    ``truncate=None``: the caller offers no truncation (the message does not suggest it).
+    """
+    check_token_ids(model, ids, f"{what} ids")
+    n = context_length(model)
+    t = ids.shape[-1]
+    if n is None or t + max_new_tokens <= n:
+        return ids
+    if truncate and max_new_tokens < n:
+        keep = n - max_new_tokens
+        warnings.warn(f"{what} of {t} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
+                      f"{n} tokens: kept the last {keep} tokens of the {what} (truncate=True)", stacklevel=2)
+        return ids[..., t - keep:]
+    if max_new_tokens >= n:
+        fix = f"ask for fewer new tokens (max_new_tokens <= {n - 1})"
+    elif t >= n:
+        fix = f"shorten the {what} (at most {n - max_new_tokens} tokens leave room for {max_new_tokens} new ones)"
+    else:
+        fix = f"ask for at most {n - t} new tokens, or shorten the {what}"
+    if truncate is not None and max_new_tokens < n:
+        fix += f", or pass truncate=True to keep only its last {n - max_new_tokens} tokens"
+    raise ValueError(f"max_new_tokens ({max_new_tokens}) + {what} length ({t} tokens) = {t + max_new_tokens} "
+                     f"exceeds the model's context of {n} tokens (config.max_position_embeddings): {fix}")

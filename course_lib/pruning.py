@@ -55,6 +55,7 @@ from ._checks import check_int, check_number
 from .data import batches
 from .distillation import kd_loss
 from .fit import fit
+from .models import check_token_ids, context_length
 from .quantization import is_quantized
 from .roofline import ModelDims
 
@@ -147,6 +148,7 @@ def taylor_importance(model: nn.Module, calibration: torch.Tensor | None) -> lis
     if calibration is None:
         raise ValueError("taylor importance needs calibration token ids (N, T); "
                          "use course_lib.data.calibration_batches(tokenizer)")
+    check_token_ids(model, calibration, "calibration")
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters()]
@@ -182,6 +184,7 @@ def activation_importance(model: nn.Module, calibration: torch.Tensor | None) ->
     if calibration is None:
         raise ValueError("activation importance needs calibration token ids (N, T); "
                          "use course_lib.data.calibration_batches(tokenizer)")
+    check_token_ids(model, calibration, "calibration")
     layers = decoder_layers(model)
     n_kv = model.config.num_key_value_heads
     sums: dict[tuple[int, str], torch.Tensor] = {}
@@ -572,6 +575,8 @@ def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None 
         raise ValueError("prune_ needs a float model, and this one is quantized (packed int8/int4 layers): "
                          "prune the float model first, then quantize it (prune_(model, cfg); quantize_(model, qcfg))")
     check_supported(model)
+    if calibration is not None:  # a custom importance function gets checked ids too
+        check_token_ids(model, calibration, "calibration")
     t0 = time.perf_counter()
     before = _count(model)
     if cfg.method == "unstructured":
@@ -777,6 +782,14 @@ def recover_(model: nn.Module, train_ids: torch.Tensor, cfg: RecoveryConfig = Re
     """
     if cfg.distill_alpha > 0 and teacher is None:
         raise ValueError("distill_alpha > 0 needs teacher= (the unpruned model)")
+    for m, name in ((model, "model"), (teacher, "teacher")):
+        if m is None or (name == "teacher" and cfg.distill_alpha == 0):
+            continue
+        check_token_ids(m, train_ids, "train_ids")
+        n = context_length(m)
+        if n is not None and cfg.seq_len > n:
+            raise ValueError(f"cfg.seq_len ({cfg.seq_len}) exceeds the {name}'s context of {n} tokens "
+                             f"(config.max_position_embeddings): use RecoveryConfig(seq_len=...) <= {n}")
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     evals = []

@@ -31,6 +31,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._checks import writable_dir
 from ._files import replace_folder, writing_folder
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def convert(out: Path | None = None, overwrite: bool = False) -> Path:
     (see :func:`damage`) is reported and converted again. Files and folders get the umask's modes, so a
     class can share one cache.
     """
+    from_env = out is None and bool(os.environ.get("COURSE_CACHE", "").strip())
     out = Path(out) if out is not None else converted_dir()
     problem = damage(out)
     if problem is None and not overwrite:
@@ -170,6 +172,7 @@ def convert(out: Path | None = None, overwrite: bool = False) -> Path:
         if out.exists():
             raise ValueError(f"the converted model in {out} is damaged ({problem}) and cannot be rebuilt: {e}") from e
         raise
+    writable_dir(out.parent, "COURSE_CACHE" if from_env else None)  # a file or read-only: say so, naming it
     with writing_folder(out, legacy_prefix=f".{out.name}-") as tmp:
         _write_converted(gguf, tmp)
         if not overwrite and damage(out) is None:  # another process finished the same conversion first

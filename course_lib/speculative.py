@@ -59,6 +59,7 @@ import torch
 from transformers import DynamicCache
 
 from .generation import encode_prompt
+from .models import check_prompt_ids
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,12 @@ def _rollback(cache: DynamicCache, keep: int) -> None:
         cache.crop(-extra)  # a negative argument means "remove this many" in transformers 4.x and 5.x alike
 
 
-def _prompt_ids(tokenizer, prompt, device) -> torch.Tensor:
-    return encode_prompt(tokenizer, prompt, device)  # a text prompt without its tokenizer is refused there
+def _prompt_ids(models, tokenizer, prompt, device, max_new_tokens: int) -> torch.Tensor:
+    """The prompt as (1, T) ids, checked against every model that reads it (vocabulary, context)."""
+    ids = encode_prompt(tokenizer, prompt, device)  # a text prompt without its tokenizer is refused there
+    for m in models:
+        check_prompt_ids(m, ids, max_new_tokens)
+    return ids
 
 
 def _eos_id(tokenizer, stop_at_eos: bool) -> int | None:
@@ -227,7 +232,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 32, k: int
     """
     check_pair(target, draft, k)
     _check_new_tokens(max_new_tokens)
-    ids = _prompt_ids(tokenizer, prompt, next(target.parameters()).device)
+    ids = _prompt_ids((target, draft), tokenizer, prompt, next(target.parameters()).device, max_new_tokens)
     if ids.shape[0] != 1:
         raise ValueError("speculative_generate handles one prompt at a time (batch size 1)")
     return _speculate(target, draft, ids, max_new_tokens, k, _eos_id(tokenizer, stop_at_eos),
@@ -297,7 +302,7 @@ def speculative_sample(target, draft, prompt, max_new_tokens: int = 32, k: int =
     _check_temperature(temperature)
     device = next(target.parameters()).device
     gen = _generator(seed, generator, device)
-    ids = _prompt_ids(tokenizer, prompt, device)
+    ids = _prompt_ids((target, draft), tokenizer, prompt, device, max_new_tokens)
     if ids.shape[0] != 1:
         raise ValueError("speculative_sample handles one prompt at a time (batch size 1)")
 
@@ -320,7 +325,7 @@ def sample_reference(model, prompt, max_new_tokens: int = 32, temperature: float
     _check_temperature(temperature)
     device = next(model.parameters()).device
     gen = _generator(seed, generator, device)
-    ids = _prompt_ids(tokenizer, prompt, device)
+    ids = _prompt_ids((model,), tokenizer, prompt, device, max_new_tokens)
     eos = _eos_id(tokenizer, stop_at_eos)
     t0 = time.perf_counter()
     cache = DynamicCache()
@@ -345,8 +350,9 @@ def greedy_reference(model, prompt, max_new_tokens: int = 32, tokenizer=None,
     position per step), so the two are timed on equal terms; it stops at EOS
     the same way (only when a tokenizer is given).
     """
+    _check_new_tokens(max_new_tokens)
     device = next(model.parameters()).device
-    ids = _prompt_ids(tokenizer, prompt, device)
+    ids = _prompt_ids((model,), tokenizer, prompt, device, max_new_tokens)
     eos = _eos_id(tokenizer, stop_at_eos)
     t0 = time.perf_counter()
     cache = DynamicCache()

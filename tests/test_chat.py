@@ -60,3 +60,17 @@ def test_stream_timing_of_one_answer():
     assert one.ttft_s == 0.2 and one.tpot_s != one.tpot_s  # NaN: no decode step to time
     with pytest.raises(ValueError, match="no tokens"):
         stream_timing([], 3)
+
+
+def test_chat_names_a_lone_surrogate_and_truncates_a_long_conversation_only_when_asked(templated):
+    model, tok = templated  # course-tiny: a context of 512 tokens
+    with pytest.raises(ValueError, match=r"messages\[0\]\['content'\].*lone surrogate"):
+        chat(model, tok, "caf\udce9?")  # was a TypeError from the tokenizer
+    with pytest.raises(ValueError, match="system.*lone surrogate"):
+        chat(model, tok, "hi", system="\ud83d")
+    long = "def f(x):\n    return x\n" * 150
+    with pytest.raises(ValueError, match="context of 512.*truncate=True"):
+        chat(model, tok, long, max_new_tokens=4)
+    with pytest.warns(UserWarning, match="kept the last 508 tokens"):
+        reply = chat(model, tok, long, max_new_tokens=4, truncate=True)
+    assert reply.timing.prompt_tokens == 508

@@ -91,6 +91,13 @@ def test_config_validates_every_numeric_field(field, value):
     assert repr(value) in str(e.value) and ("in [" in str(e.value) or "in (" in str(e.value) or ">" in str(e.value))
 
 
+def test_eval_tokens_below_two_is_refused_at_creation():
+    # eval_tokens=1 was accepted and failed only at the first evaluation (perplexity needs one target)
+    with pytest.raises(ValueError, match=r"eval_tokens must be an int >= 2.*got 1"):
+        replace(MICRO, eval_tokens=1)
+    assert replace(MICRO, eval_tokens=2).eval_tokens == 2
+
+
 def test_config_accepts_the_edges_of_every_range():
     import numpy as np
 
@@ -354,3 +361,10 @@ def test_distill_refuses_ids_outside_the_vocabulary():
         distill(student, teacher, _data(), MICRO, heldout_ids=bad, progress=False)
     with pytest.raises(ValueError, match="integer"):
         distill(student, teacher, _data().float(), MICRO, progress=False)
+
+
+def test_distill_refuses_windows_longer_than_the_students_context_before_training():
+    teacher = make_tiny(vocab=128)  # context 256
+    student = make_student(teacher, 1)
+    with pytest.raises(ValueError, match=r"seq_len \(300\) exceeds the student's context of 256"):
+        distill(student, teacher, _data(), replace(MICRO, seq_len=300), heldout_ids=_data(), progress=False)

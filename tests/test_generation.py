@@ -477,3 +477,85 @@ def test_compiled_graph_of_the_fused_forward_matches_eager():
         for p in model.parameters():
             p.mul_(-1.5)  # a different model: the same decoder must now give its tokens
     assert torch.equal(dec(ids, 8), generate_hf(model, ids, 8))
+
+
+# --- bad input is refused before any work, naming the argument and the fix ------------------------
+
+def _every_id_loop(model):
+    """Each entry point that takes prompt ids, as a call of (ids, max_new_tokens)."""
+    from course_lib.generation import CompiledDecoder
+
+    compiled = CompiledDecoder(model, backend="eager")
+    return {"stream_generate": lambda ids, n: list(stream_generate(model, None, ids, n)),
+            "generate_no_cache": lambda ids, n: generate_no_cache(model, ids, n),
+            "generate_kv_cache": lambda ids, n: generate_kv_cache(model, ids, n),
+            "generate_hf": lambda ids, n: generate_hf(model, ids, n),
+            "CompiledDecoder": lambda ids, n: compiled(ids, n)}
+
+
+def test_ids_outside_the_vocabulary_or_not_integers_are_refused_by_every_loop():
+    model = make_tiny("llama", vocab=128)
+    for run in _every_id_loop(model).values():
+        for bad, match in ((torch.tensor([[5, 128]]), "token id 128.*vocabulary of 128"),
+                           (torch.tensor([[5, -1]]), "token id -1"),
+                           (torch.tensor([[5.0, 6.0]]), "integer token ids")):
+            with pytest.raises(ValueError, match=match):  # was IndexError / "Expected ... Long, Int" deep inside
+                run(bad, 2)
+        with pytest.raises(ValueError, match="prompt_ids must be a tensor|prompt must be a str"):
+            run([5, 6], 2)
+
+
+def test_prompt_plus_new_tokens_beyond_the_context_is_refused():
+    model = make_tiny("llama")  # max_position_embeddings=256
+    for run in _every_id_loop(model).values():
+        # was a 256 GB allocation (static cache of 10**9 slots) or a silent run past the trained positions
+        with pytest.raises(ValueError, match=r"max_new_tokens \(1000000000\) \+ prompt length .*context of 256"):
+            run(_prompt(7), 10**9)
+        with pytest.raises(ValueError, match="context of 256.*shorten the prompt"):
+            run(_prompt(300), 2)
+        run(_prompt(250), 6)  # exactly the context: allowed
+    with pytest.raises(ValueError, match="longest prompt.*context of 256"):
+        batched_generate(model, _ByteTokenizer(), ["x" * 300, "y"], 2)
+
+
+def test_a_too_long_prompt_is_truncated_from_the_left_when_asked():
+    model = make_tiny("llama")
+    long = _prompt(300)
+    with pytest.raises(ValueError, match="truncate=True"):
+        list(stream_generate(model, None, long, 4))
+    with pytest.warns(UserWarning, match="kept the last 252 tokens"):
+        steps = list(stream_generate(model, None, long, 4, stop_at_eos=False, truncate=True))
+    assert steps[0].prompt_tokens == 252
+    assert [s.token_id for s in steps] == generate_kv_cache(model, long[:, -252:], 4)[0].tolist()
+    with pytest.raises(ValueError, match="max_new_tokens <= 255"):  # no prompt is short enough for 300 new tokens
+        list(stream_generate(model, None, _prompt(3), 300, truncate=True))
+    with pytest.raises(ValueError, match="truncate"):
+        list(stream_generate(model, None, long, 4, truncate="yes"))
+    with pytest.warns(UserWarning, match="context of 256"):
+        assert generate(model, _ByteTokenizer(), "a" * 300, 2, truncate=True).startswith("a" * 300)
+
+
+def test_a_lone_surrogate_in_a_prompt_names_the_argument():
+    model, tok = make_tiny("llama"), _ByteTokenizer()
+    for call, name in ((lambda: list(stream_generate(model, tok, "def \ud800 f", 2)), "prompt"),
+                       (lambda: generate(model, tok, "x\udc80", 2), "prompt"),
+                       (lambda: batched_generate(model, tok, ["ok", "a\ud83d"], 2), r"prompts\[1\]")):
+        with pytest.raises(ValueError, match=name + ".*lone surrogate"):  # was a TypeError from the tokenizer
+            call()
+
+
+def test_the_llama_only_loops_name_the_architectures_they_take():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from course_lib.generation import CompiledDecoder
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+    for call in (lambda: generate_kv_cache(gpt2, _prompt(5), 2), lambda: CompiledDecoder(gpt2, backend="eager"),
+                 lambda: batched_generate(gpt2, _ByteTokenizer(), ["hi"], 2), lambda: ScratchLlama(gpt2)):
+        with pytest.raises(ValueError, match=r"\['llama', 'mistral', 'qwen2'\]\), got 'gpt2'.*stream_generate"):
+            call()  # was AttributeError: 'GPT2LMHeadModel' object has no attribute 'model'
+    # the loops that call the model's own forward take it, as the message says
+    assert generate_no_cache(gpt2, _prompt(5), 3).tolist() == generate_hf(gpt2, _prompt(5), 3).tolist()
+    assert len(list(stream_generate(gpt2, None, _prompt(5), 3, stop_at_eos=False))) == 3

@@ -100,3 +100,56 @@ def test_ids_outside_the_vocabulary_are_a_clear_error(course_tiny):
 def test_perplexity_checks_its_sizes(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         perplexity(make_tiny(), torch.arange(20), **bad)
+
+
+def _manual_nll(model, ids, seq_len):
+    """Per-target NLL and top-1 hits of every target, each read with the context the strided rule gives it."""
+    n = ids.numel()
+    full = (n - 1) // seq_len
+    nll, hits = [], []
+    with torch.inference_mode():
+        for start, first in [(i * seq_len, 0) for i in range(full)] + [(n - 1 - seq_len, full * seq_len + 1)]:
+            w = ids[start : start + seq_len + 1]
+            logits = model(w[None, :-1]).logits[0].float()
+            for j in range(seq_len):
+                if start + j + 1 >= first:  # the last window skips targets the full windows scored
+                    nll.append(-torch.log_softmax(logits[j], -1)[w[j + 1]].item())
+                    hits.append(int(logits[j].argmax() == w[j + 1]))
+    return nll, hits
+
+
+def test_every_target_is_scored_even_past_the_last_full_window():
+    model = make_tiny(seed=2)
+    ids = torch.randint(0, 128, (3 * 32 + 1 + 20,), generator=torch.Generator().manual_seed(4))  # 116 targets
+    nll, hits = _manual_nll(model, ids, 32)
+    assert len(nll) == ids.numel() - 1  # 3 full windows (96 targets) left 20 unscored before
+    assert perplexity(model, ids, seq_len=32, max_tokens=None, batch_size=2) == pytest.approx(
+        math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert next_token_accuracy(model, ids, seq_len=32, max_tokens=None) == pytest.approx(sum(hits) / len(hits))
+
+
+def test_full_windows_keep_their_numbers_and_the_tail_only_adds_targets():
+    model = make_tiny(seed=5)
+    ids = torch.randint(0, 128, (2 * 64 + 1 + 30,), generator=torch.Generator().manual_seed(6))
+    nll_full, _, n_full = course_lib_metrics._nll_and_correct(model, ids[: 2 * 64 + 1], 64, 8)
+    nll_all, _, n_all = course_lib_metrics._nll_and_correct(model, ids, 64, 8)
+    assert (n_full, n_all) == (128, ids.numel() - 1)
+    tail, _ = _manual_nll(model, ids, 64)
+    assert nll_all == pytest.approx(nll_full + sum(tail[128:]), rel=1e-6)
+
+
+def test_windows_longer_than_the_models_context_are_refused():
+    model = make_tiny()  # max_position_embeddings=256
+    ids = torch.randint(0, 128, (600,), generator=torch.Generator().manual_seed(0))
+    for fn in (perplexity, next_token_accuracy):
+        with pytest.raises(ValueError, match=r"seq_len \(512\).*context of 256.*seq_len <= 256"):
+            fn(model, ids, seq_len=512, max_tokens=None)  # was a number, silently much too high
+    assert perplexity(model, ids, seq_len=256, max_tokens=None) > 1
+
+
+def test_a_lone_surrogate_in_an_answer_prompt_names_it(course_tiny):
+    from course_lib.metrics import greedy_answers
+
+    model, tok = course_tiny
+    with pytest.raises(ValueError, match=r"prompts\[1\].*lone surrogate"):  # was a TypeError from the tokenizer
+        greedy_answers(model, tok, ["def f(x):", "caf\udce9"], n_tokens=2)

@@ -160,6 +160,21 @@ def test_damaged_safetensors_is_a_clear_error_naming_the_file(saved_tiny, damage
     assert "damaged" in err and str(f) in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("name, damage", [("tokenizer.json", "truncate"), ("tokenizer.json", "no-vocab"),
+                                         ("tokenizer_config.json", "truncate")])
+def test_damaged_tokenizer_file_is_a_clear_error_naming_the_file(saved_tiny, name, damage):
+    from course_lib.models import load_tokenizer
+
+    folder, _ = saved_tiny
+    f = folder / name
+    text = f.read_text()
+    f.write_text(text[: len(text) // 2] if damage == "truncate" else '{"version": "1.0", "model": {"type": "BPE"}}')
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(ValueError, match="damaged") as e:  # was a JSONDecodeError or KeyError('added_tokens')
+            load(str(folder))
+        assert str(f) in str(e.value) and "save_pretrained" in str(e.value)
+
+
 def test_sharded_folder_with_a_missing_shard_names_it(saved_tiny):
     import json
 

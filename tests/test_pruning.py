@@ -200,6 +200,34 @@ def test_recovery_lowers_loss_and_distills():
         RecoveryConfig(lr=0)
 
 
+def test_recovery_and_calibration_refuse_ids_the_model_cannot_read(tiny_llama):
+    ids = torch.arange(64).repeat(10) % 128
+    cfg = RecoveryConfig(steps=1, batch_size=2, seq_len=16)
+    for bad, match in ((ids + 100, "train_ids hold token id 163.*vocabulary of 128"),
+                       (ids.float(), "train_ids must be a tensor of integer token ids")):
+        with pytest.raises(ValueError, match=match):  # was IndexError / a dtype error inside the embedding
+            P.recover_(tiny_llama, bad, cfg)
+    with pytest.raises(ValueError, match="teacher's context of 64"):  # the teacher reads the windows too
+        P.recover_(tiny_llama, ids, RecoveryConfig(steps=1, batch_size=2, seq_len=100, distill_alpha=0.5),
+                   teacher=_short_context_model())
+    with pytest.raises(ValueError, match=r"cfg.seq_len \(300\) exceeds the model's context of 256"):
+        P.recover_(tiny_llama, torch.arange(1000) % 128, RecoveryConfig(steps=1, batch_size=2, seq_len=300))
+    calib = torch.tensor([[1, 2, 300]])
+    for importance in ("taylor", "activation"):
+        with pytest.raises(ValueError, match="calibration hold token id 300"):
+            P.prune_(tiny_llama, PruneConfig(ratio=0.5, importance=importance), calib)
+        with pytest.raises(ValueError, match="calibration hold token id 300"):
+            P.IMPORTANCE[importance](tiny_llama, calib)
+    with pytest.raises(ValueError, match="calibration hold token id 300"):  # a custom importance gets checked ids
+        P.prune_(tiny_llama, PruneConfig(ratio=0.5, importance=lambda m, c: None), calib)
+
+
+def _short_context_model():
+    model = make_tiny("llama")
+    model.config.max_position_embeddings = 64
+    return model
+
+
 INF, NAN = float("inf"), float("nan")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,48 @@ def test_convert_writes_a_complete_folder_once(fake_gguf):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary folder left beside it
     assert real_model.convert() == out and calls == [real_model.GGUF_FILE]  # second call: the cache, no GGUF
+
+
+def _quoted(path) -> str:
+    """A regex matching repr(str(path)), as the messages quote it."""
+    return re.escape(repr(str(path)))
+
+
+def test_a_course_cache_that_is_a_file_or_read_only_names_the_variable(fake_gguf, tmp_path, monkeypatch):
+    f = tmp_path / "cache-file"
+    f.write_text("not a folder")
+    for cache in (f, f / "sub"):
+        monkeypatch.setenv("COURSE_CACHE", str(cache))
+        # was FileExistsError / NotADirectoryError naming no variable
+        with pytest.raises(ValueError, match=f"COURSE_CACHE={_quoted(cache)}.*{re.escape(str(f))} is a file.*set CO"):
+            real_model.convert()
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    monkeypatch.setenv("COURSE_CACHE", str(ro))
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):  # root writes anywhere: a read-only folder only stops other users
+            pytest.skip("running as root: a read-only folder is still writable")
+        with pytest.raises(ValueError, match=f"COURSE_CACHE={_quoted(ro)} is not writable.*set COURSE_CACHE"):
+            real_model.convert()  # was PermissionError from mkdir or mkdtemp
+    finally:
+        ro.chmod(0o755)
+
+
+def test_an_unwritable_cache_folder_is_refused_by_name(tmp_path, monkeypatch):
+    # The same check with the write refused by the OS as it would be for another user (this works as root too).
+    import tempfile
+
+    from course_lib._checks import writable_dir
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    with pytest.raises(ValueError, match=f"COURSE_CACHE={_quoted(tmp_path)} is not writable .Permission denied."):
+        writable_dir(tmp_path, "COURSE_CACHE")
+    monkeypatch.undo()
+    assert writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
 
 
 def test_failed_conversion_leaves_no_half_folder(fake_gguf, monkeypatch):

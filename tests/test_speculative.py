@@ -101,6 +101,24 @@ def test_bad_input_is_refused(pair):
             fn()
 
 
+def test_ids_outside_the_vocabulary_and_the_context_are_refused(pair):
+    from course_lib.speculative import sample_reference, speculative_sample
+
+    target, drafts = pair  # vocabulary 128, context 256
+    draft = drafts["random"]
+    calls = {"speculative_generate": lambda ids, n: speculative_generate(target, draft, ids, n, k=2),
+             "speculative_sample": lambda ids, n: speculative_sample(target, draft, ids, n, k=2),
+             "greedy_reference": lambda ids, n: greedy_reference(target, ids, n),
+             "sample_reference": lambda ids, n: sample_reference(target, ids, n)}
+    for call in calls.values():
+        with pytest.raises(ValueError, match="token id 500.*vocabulary of 128"):  # was an IndexError
+            call(torch.tensor([[1, 500]]), 4)
+        with pytest.raises(ValueError, match="integer token ids"):
+            call(torch.tensor([[1.0, 2.0]]), 4)
+        with pytest.raises(ValueError, match="context of 256"):  # was a silent run past the trained positions
+            call(torch.tensor([[1, 2]]), 300)
+
+
 def test_sweep_reports_every_k(pair):
     target, drafts = pair
     rows = sweep_k(target, drafts["layer-dropped"], torch.tensor([[1, 2, 3]]), [1, 3], max_new_tokens=12, repeat=1)

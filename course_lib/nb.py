@@ -77,16 +77,23 @@ def pick(quick, full):
 def banner() -> dict:
     """Print versions, device and threads (and return them): every notebook opens with this.
 
+    It measures how busy the machine is (:func:`course_lib.timing.busy_check`) and, when other work stalls
+    torch's threads, prints a warning that says what to do: every timing in the course would measure the load.
     It also hides transformers' weight-loading and -saving bars for the session (``hide_weight_bars``), so a
     notebook's own ``save_pretrained`` / ``from_pretrained`` cells print what they measured and nothing else.
     """
     from .doctor import environment_report
+    from .timing import busy_check
 
     hide_weight_bars()
 
     info = environment_report()
     info["quick_mode"] = quick_mode()
+    check = busy_check()
+    info["machine_load"] = "busy: see the warning below" if check.busy else str(check)
     width = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k:>{width}}: {v}")
+    if check.busy:
+        print(f"\n{check}")
     return info

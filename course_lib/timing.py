@@ -12,7 +12,8 @@ Three classic mistakes make speed numbers lie:
 
 ``benchmark`` avoids all three; ``compare`` times several functions interleaved and ``speed_verdict`` says
 whether their difference is more than the spread. ``time_tokens`` turns a generator into (TTFT, tokens/s) and
-``GenerationTiming`` / ``stream_timing`` hold what a user of a chat model feels.
+``GenerationTiming`` / ``stream_timing`` hold what a user of a chat model feels. ``busy_check`` measures
+whether other work on the machine stalls torch's threads, which makes every multi-threaded timing meaningless.
 
 This module is a leaf: it imports torch, the standard library and course_lib's ``_checks`` / ``device`` only,
 never a model or a decode loop, so anything may time itself with it. The decode-speed experiments that run
@@ -22,6 +23,7 @@ models (``time_generation``, ``decode_speed``, ``measure_decode_step``) live abo
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -272,3 +274,78 @@ def stream_timing(token_times: Sequence[float], prompt_tokens: int) -> Generatio
     rate = 1.0 / tpot if gaps and tpot > 0 else float("nan")
     return GenerationTiming(ttft_s=times[0], tpot_s=tpot, tokens_per_s=rate, new_tokens=len(times),
                             total_s=times[-1], prompt_tokens=prompt_tokens, token_times=times)
+
+
+# --- is the machine busy? -------------------------------------------------------------
+
+# A multi-threaded torch op ends when its slowest thread does. When other processes hold the cores, one thread
+# waits for a time slice (milliseconds) at every parallel region: measured on 2 shared cores, a 4 MB copy ran
+# at 91 GB/s with 1 thread and 0.7 GB/s with 2. An idle machine gives a ratio near or below 1.
+BUSY_RATIO = 3.0
+PROBE_FLOATS = 1 << 20  # a 4 MB copy: large enough that ATen splits it over the threads, quick enough to repeat
+
+
+def _probe_times(threads: int, rounds: int) -> tuple[float, float]:
+    """Median seconds of a 4 MB tensor copy with 1 thread and with ``threads`` threads, interleaved.
+
+    The median, not the mean: a stall at most calls is the machine's state, a stall at one call is not.
+    """
+    src, dst = torch.ones(PROBE_FLOATS), torch.empty(PROBE_FLOATS)
+    old = torch.get_num_threads()
+    samples: dict[int, list[float]] = {1: [], threads: []}
+    try:
+        for i in range(rounds + 1):  # round 0 warms up both thread counts
+            for n in samples:
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                if i:
+                    samples[n].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return statistics.median(samples[1]), statistics.median(samples[threads])
+
+
+@dataclass(frozen=True)
+class BusyCheck:
+    """How much other work on this machine stalls torch's threads, measured (see :func:`busy_check`)."""
+
+    threads: int
+    one_thread_s: float
+    all_threads_s: float
+    load_per_core: float | None  # the 1-minute load average over the cores (None where the OS has none)
+
+    @property
+    def ratio(self) -> float:
+        return self.all_threads_s / self.one_thread_s
+
+    @property
+    def busy(self) -> bool:
+        return self.threads > 1 and self.ratio >= BUSY_RATIO
+
+    def __str__(self) -> str:
+        load = f"; load average {self.load_per_core:.1f} per core" if self.load_per_core is not None else ""
+        if self.threads == 1:
+            return (f"torch runs 1 thread: no thread waits for another "
+                    f"(a 4 MB copy took {self.one_thread_s * 1e3:.3f} ms{load})")
+        probe = (f"a 4 MB copy took {self.one_thread_s * 1e3:.3f} ms with 1 thread and "
+                 f"{self.all_threads_s * 1e3:.3f} ms with {self.threads} ({self.ratio:.1f}x){load}")
+        if not self.busy:
+            return f"quiet: torch's {self.threads} threads run together ({probe})"
+        return (f"BUSY MACHINE: {probe}. Other processes hold the cores, so every multi-threaded torch operation "
+                f"waits for its slowest thread: timings with {self.threads} threads come out several times too "
+                f"slow and small ops (attention, copies, norms) look far more expensive than they are. Close "
+                f"other work, or run torch.set_num_threads(1) before timing.")
+
+
+def busy_check(rounds: int = 15) -> BusyCheck:
+    """Time a small multi-threaded op with 1 thread and with torch's thread count, interleaved.
+
+    On an idle machine more threads are as fast or faster; a ratio of ``BUSY_RATIO`` or more means the threads
+    stall behind other processes, and timings taken with them measure the machine's load.
+    """
+    _check_count("rounds", rounds, 1)
+    threads = torch.get_num_threads()
+    one, many = _probe_times(threads, rounds)  # with 1 thread both are the same samples
+    load = os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else None
+    return BusyCheck(threads, one, many, load)

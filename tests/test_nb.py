@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from course_lib import load_model, nb
+from course_lib import load_model, nb, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 BARS = ("Loading weights", "Writing model shards")
@@ -80,3 +80,20 @@ def test_profiler_prints_no_usdt_lines():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "True", "the profiler must still record events"
     assert "USDT" not in r.stderr and "profiler_start" not in r.stderr, r.stderr
+
+
+def test_banner_warns_on_a_busy_machine(capsys, monkeypatch, restore_tqdm_hook):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(timing, "_probe_times", lambda threads, rounds: (0.09e-3, 11e-3))
+    info = nb.banner()
+    out = capsys.readouterr().out
+    assert info["machine_load"].startswith("busy")
+    assert "BUSY MACHINE" in out and "torch.set_num_threads(1)" in out and "Close other work" in out
+
+
+def test_banner_says_quiet_on_an_idle_machine(capsys, monkeypatch, restore_tqdm_hook):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(timing, "_probe_times", lambda threads, rounds: (0.09e-3, 0.06e-3))
+    nb.banner()
+    out = capsys.readouterr().out
+    assert "machine_load: quiet" in out and "BUSY" not in out

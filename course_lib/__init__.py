@@ -19,7 +19,7 @@ from .timing import benchmark
 # The one-call APIs of the compression chapters, imported on first use: `import course_lib` stays quick and
 # does not pull in Torch-Pruning until a learner asks for pruning.
 _LAZY = {
-    "QuantConfig": "quantization", "quantize_": "quantization",
+    "QuantConfig": "quantization", "quantize_": "quantization", "save_quantized": "quantization",
     "PruneConfig": "pruning", "prune_": "pruning", "pruned": "pruning",
     "DistillConfig": "distillation", "distill": "distillation", "make_student": "distillation",
     "speculative_generate": "speculative",

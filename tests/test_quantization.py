@@ -33,6 +33,7 @@ from course_lib.quantization import (
     gptq_quantize_weight,
     kernel_choice,
     kernels,
+    load_quantized,
     mse,
     pack_int4,
     qrange,
@@ -43,7 +44,7 @@ from course_lib.quantization import (
     unpack_int4,
 )
 from course_lib.quantization import calibration as walk
-from tests.conftest import make_tiny
+from tests.conftest import assert_readable_by_others, make_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -736,6 +737,120 @@ def test_untied_quantized_model_round_trips_and_float_weights_are_not_mixed_in(t
     make_tiny("qwen2").save_pretrained(tmp_path / "f")  # a float model's folder
     with pytest.raises(ValueError, match="already holds float weights"):
         save_quantized(model, tmp_path / "f")
+
+
+def _saved(folder, seed=0, cfg=None):
+    """A quantized tiny Llama saved to ``folder`` (int4 layers and an int8 embedding): (model, ids, logits)."""
+    model = make_tiny("llama", seed=seed)
+    quantize_(model, cfg or QuantConfig(bits=4, group_size=32))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    save_quantized(model, folder)
+    return model, ids, model(ids).logits
+
+
+def test_a_save_that_fails_half_way_leaves_the_previous_save_loadable(tmp_path, monkeypatch):
+    _, ids, before = _saved(tmp_path / "q")
+    other = make_tiny("llama", seed=1)
+    quantize_(other, QuantConfig(bits=8))
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Q.save, "save_file", disk_full)  # after config.json was written, before the marker
+    with pytest.raises(OSError, match="No space"):
+        save_quantized(other, tmp_path / "q", overwrite=True)
+    assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary folder left beside it
+    with pytest.raises(OSError, match="No space"):  # a first save that fails leaves no folder a load would trust
+        save_quantized(other, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_a_non_empty_folder_needs_overwrite_which_keeps_the_users_files(tmp_path):
+    model, ids, logits = _saved(tmp_path / "q")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.json").write_text("my own config")
+    with pytest.raises(ValueError, match=r"not empty \(config.json\).*overwrite=True"):
+        save_quantized(model, user)
+    assert (user / "config.json").read_text() == "my own config"
+    with pytest.raises(ValueError, match="overwrite=True"):  # the function API, and a second save over a save
+        save_quantized(model, tmp_path / "q")
+    # overwrite=True replaces the files a save writes, and nothing else, in the folder and beside it
+    (tmp_path / "q" / "notes.txt").write_text("keep")
+    (tmp_path / "beside.txt").write_text("keep too")
+    other = make_tiny("llama", seed=1)
+    quantize_(other, QuantConfig(bits=8))
+    assert save_quantized(other, tmp_path / "q", overwrite=True) == tmp_path / "q"
+    assert (tmp_path / "q" / "notes.txt").read_text() == "keep" and (tmp_path / "beside.txt").read_text() == "keep too"
+    assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, other(ids).logits)
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == sorted([*Q.QUANT_OUTPUTS, "notes.txt"])
+    with pytest.raises(ValueError, match="overwrite must be True or False"):
+        save_quantized(other, tmp_path / "q", overwrite="yes")
+
+
+def test_a_saved_quantized_model_is_readable_by_other_users(shared_dir):
+    _saved(shared_dir / "q")
+    assert_readable_by_others(shared_dir / "q")
+
+
+def test_quant_config_refuses_wrong_gptq_types_naming_the_field():
+    for kw, msg in [({"gptq_damp": "0.1"}, "gptq_damp must be a number"), ({"gptq_damp": None}, "gptq_damp"),
+                    ({"gptq_damp": True}, "gptq_damp"), ({"gptq_damp": float("nan")}, "gptq_damp"),
+                    ({"gptq_damp": 1.0}, "gptq_damp"), ({"gptq_block": True}, "gptq_block must be an int"),
+                    ({"gptq_block": 64.0}, "gptq_block"), ({"gptq_block": 0}, "gptq_block"),
+                    ({"compute_dtype": ["bfloat16"]}, "compute_dtype")]:
+        with pytest.raises(ValueError, match=msg):
+            QuantConfig(**kw)
+    assert QuantConfig(gptq_damp=0.1, gptq_block=64).gptq_block == 64
+
+
+def _edit_quant_file(folder, edit):
+    import json
+
+    meta = json.loads((folder / QUANT_FILE).read_text())
+    edit(meta)
+    (folder / QUANT_FILE).write_text(json.dumps(meta))
+
+
+LAYER = "model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda m: m.pop("aliases"), "'aliases' is missing"),
+    (lambda m: m.update(layers=[]), "'layers' has the wrong type"),
+    (lambda m: m["layers"][LAYER].update(group_size="32"), rf"layers\['{LAYER}'\]\['group_size'\] has the wrong"),
+    (lambda m: m["layers"][LAYER].pop("compute_dtype"), rf"layers\['{LAYER}'\]\['compute_dtype'\] is missing"),
+    (lambda m: m["layers"][LAYER].update(compute_dtype="int3"), r"\['compute_dtype'\] must be 'auto' or one of"),
+    (lambda m: m["layers"][LAYER].update(type="int2"), r"\['type'\] must be one of"),
+    (lambda m: m["layers"][LAYER].update(kernel="fastest"), rf"layers\['{LAYER}'\] cannot be rebuilt.*kernel"),
+    (lambda m: m["quant_config"].update(bits="8"), "quant_config is invalid: bits must be 8 or 4"),
+    (lambda m: m["quant_config"].pop("method"), r"quant_config\['method'\] is missing"),
+    (lambda m: m["quant_config"].update(skip="lm_head"), r"quant_config\['skip'\] has the wrong type"),
+    (lambda m: m["aliases"].update({"lm_head.weight_int8": "no.such.tensor"}), r"aliases\['lm_head.weight_int8'\]"),
+], ids=["no-aliases", "layers-list", "group-size-str", "no-compute-dtype", "bad-dtype", "bad-type", "bad-kernel",
+        "bits-str", "no-method", "skip-str", "alias-nowhere"])
+def test_a_tampered_quant_file_fails_naming_the_file_and_the_field(tmp_path, edit, field):
+    _saved(tmp_path / "q")
+    _edit_quant_file(tmp_path / "q", edit)
+    with pytest.raises(ValueError, match=field) as err:
+        load_quantized(tmp_path / "q")
+    assert str(tmp_path / "q" / QUANT_FILE) in str(err.value)
+
+
+def test_a_quant_file_from_a_newer_version_with_extra_fields_loads_with_a_warning(tmp_path, caplog):
+    def newer(meta):
+        meta["made_by"] = "course_lib 9.0"
+        meta["layers"][LAYER]["prefetch"] = True
+        meta["quant_config"]["sparsity"] = 0.5
+
+    _, ids, logits = _saved(tmp_path / "q")
+    _edit_quant_file(tmp_path / "q", newer)
+    with caplog.at_level("WARNING", logger="course_lib.quantization"):
+        loaded = load_quantized(tmp_path / "q")
+    assert torch.equal(loaded(ids).logits, logits)
+    for name in ("'made_by'", "'prefetch'", "'sparsity'"):
+        assert name in caplog.text and str(tmp_path / "q" / QUANT_FILE) in caplog.text
 
 
 # --- the CUDA paths (issue 16): run by tests/gpu_check.py where a GPU is lent, skipped without one ---------------

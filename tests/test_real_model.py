@@ -73,6 +73,144 @@ def test_failed_conversion_leaves_no_half_folder(fake_gguf, monkeypatch):
     monkeypatch.undo()  # nothing was left to mislead the next try
 
 
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _forget_sizes(out: Path) -> None:  # an entry converted before sizes were recorded
+    record = json.loads((out / real_model.SOURCE_FILE).read_text())
+    del record["files"]
+    (out / real_model.SOURCE_FILE).write_text(json.dumps(record))
+
+
+DAMAGES = {
+    "weights cut short": lambda out: _truncate(out / "model.safetensors"),
+    "weights cut short, no sizes recorded": lambda out: (_forget_sizes(out), _truncate(out / "model.safetensors")),
+    "weights missing": lambda out: (out / "model.safetensors").unlink(),
+    "tokenizer missing": lambda out: (out / "tokenizer.json").unlink(),
+    "tokenizer missing, no sizes recorded": lambda out: (_forget_sizes(out), (out / "tokenizer.json").unlink()),
+    "never finished": lambda out: (out / real_model.SOURCE_FILE).unlink(),
+    "record unreadable": lambda out: (out / real_model.SOURCE_FILE).write_text("{"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
+def test_a_damaged_cache_entry_is_reported_and_converted_again(fake_gguf, caplog, damage):
+    calls, _ = fake_gguf
+    out = real_model.convert()
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+    damage(out)
+    assert real_model.damage(out) is not None
+    with caplog.at_level("WARNING", logger="course_lib.real_model"):
+        assert real_model.convert() == out
+    assert len(calls) == 2 and f"{out} is damaged" in caplog.text
+    assert real_model.damage(out) is None and {p.name: p.read_bytes() for p in out.iterdir()} == good
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_a_complete_entry_is_trusted_even_from_before_sizes_were_recorded(fake_gguf):
+    calls, _ = fake_gguf
+    out = real_model.convert()
+    _forget_sizes(out)
+    assert real_model.damage(out) is None and real_model.convert() == out and len(calls) == 1
+
+
+def test_a_damaged_entry_without_the_wheel_says_which_folder(fake_gguf, monkeypatch):
+    out = real_model.convert()
+    (out / "model.safetensors").unlink()
+
+    def no_wheel():
+        raise ValueError("needs the wheel")
+
+    monkeypatch.setattr(real_model, "gguf_path", no_wheel)
+    with pytest.raises(ValueError, match=rf"{out} is damaged \(model.safetensors is missing\) and cannot be"):
+        real_model.convert()
+
+
+def test_a_foreign_non_empty_folder_is_not_replaced_without_overwrite(fake_gguf, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="overwrite=True"):
+        real_model.convert(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+KILLED = """
+import sys, time
+from pathlib import Path
+import transformers
+from course_lib import real_model
+transformers.AutoModelForCausalLM.from_pretrained = lambda *a, **k: time.sleep(600)  # killed while converting
+real_model.gguf_path = lambda: Path(sys.argv[1])
+real_model.hub_snapshot = lambda: None
+real_model.convert()
+"""
+
+
+def test_the_temp_folder_of_a_killed_conversion_is_removed_by_the_next(fake_gguf, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    calls, _ = fake_gguf
+    cache = real_model.cache_dir()
+    env = {**os.environ, "COURSE_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path / real_model.GGUF_FILE)], env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (cache.is_dir() and any(cache.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = list(cache.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(f".{real_model.converted_dir().name}.tmp-")
+    assert real_model.convert() == real_model.converted_dir() and calls == [real_model.GGUF_FILE]
+    assert [p.name for p in cache.iterdir()] == [real_model.converted_dir().name]
+
+
+def test_two_conversions_at_once_both_succeed_and_leave_one_folder(fake_gguf, monkeypatch):
+    import threading
+
+    import transformers
+
+    calls, tok = fake_gguf
+    fake = transformers.AutoModelForCausalLM.from_pretrained
+    both_started = threading.Barrier(2, timeout=60)
+
+    def together(*args, **kwargs):  # both have made their temporary folder: neither may remove the other's
+        both_started.wait()
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", together)
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(real_model.convert())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = real_model.converted_dir()
+    assert errors == [] and results == [out, out] and len(calls) == 2
+    assert real_model.damage(out) is None and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_the_converted_cache_is_readable_by_other_users(fake_gguf, monkeypatch, shared_dir):
+    from tests.conftest import assert_readable_by_others
+
+    monkeypatch.setenv("COURSE_CACHE", str(shared_dir / "cache"))
+    real_model.convert()
+    assert_readable_by_others(shared_dir / "cache")
+
+
 def test_missing_wheel_is_a_valueerror_that_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
     monkeypatch.setattr(real_model, "hub_snapshot", lambda: None)
@@ -128,6 +266,7 @@ def test_real_model_loads_from_the_cache_without_the_gguf(smollm2, monkeypatch):
     monkeypatch.setattr(real_model, "gguf_path", no_gguf)
     src = real_model.model_source()
     assert src.kind == "gguf-q4_1" and "Q4_1 rounding" in src.note
+    assert real_model.damage(real_model.converted_dir()) is None  # the real conversion records what it wrote
     again, _ = load_model("smollm2")
     assert Path(again.name_or_path) == real_model.converted_dir() and Path(src.path).parent == cache
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]

@@ -343,7 +343,7 @@ def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: boo
 
 
 def kernel_rows() -> list[dict]:
-    """One row per kernel choice the packed layers made in this process (see :mod:`course_lib.quantization.kernel_choice`)."""
+    """One row per kernel choice the packed layers made in this process (see :mod:`.quantization.kernel_choice`)."""
     rows = []
     for key, ch in kernel_choice.kernel_choices().items():
         if not (isinstance(key, tuple) and len(key) == 9):

@@ -65,14 +65,15 @@ from .primitives import (
     unpack_int4,
 )
 from .registry import Method, method_names, register
-from .save import QUANT_FILE, QUANT_WEIGHTS, load_quantized, save_quantized
+from .save import QUANT_FILE, QUANT_OUTPUTS, QUANT_WEIGHTS, load_quantized, save_quantized
 
 METHODS = method_names()  # the built-in methods (a method registered later is in method_names())
 
 __all__ = [
     "ACTIVATIONS", "AUTO_DTYPES", "AWQ_ALPHAS", "COMPUTE_DTYPES", "FLOAT", "GRANULARITIES", "INT4_CPU", "INT4_CUDA",
     "INT4_GROUP_SIZES", "INT4_MID", "INT8PACK", "INT8_KERNEL_ALIGN", "INT8_KERNEL_K_MULTIPLE", "INT_MM",
-    "KERNEL_REQUESTS", "MAX_CALIB_ROWS", "METHODS", "PACKED_LINEARS", "PRESETS", "QUANT_FILE", "QUANT_WEIGHTS",
+    "KERNEL_REQUESTS", "MAX_CALIB_ROWS", "METHODS", "PACKED_LINEARS", "PRESETS", "QUANT_FILE", "QUANT_OUTPUTS",
+    "QUANT_WEIGHTS",
     "REFERENCE", "REF_ROWS", "SHARED_INPUTS", "TORCH_OPS_ROWS", "Candidate", "Int4WeightOnlyLinear",
     "Int8DynamicLinear", "Int8Embedding", "Int8WeightOnlyLinear", "Method", "QuantConfig", "QuantReport", "Quantized",
     "awq_scales", "dequantize", "fake_quantize", "fake_quantize_model_", "gptq_quantize_weight", "is_quantized",

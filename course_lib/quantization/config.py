@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import check_int, check_number
 from .kernels import COMPUTE_DTYPES, FLOAT, INT4_CPU, INT4_CUDA, INT8PACK, INT_MM, KERNEL_REQUESTS
 from .registry import get_method, method_for, method_names, selected_methods
 
@@ -75,7 +76,8 @@ class QuantConfig:
                 method.check(self)
         if self.embeddings not in ("int8", "float"):
             raise ValueError(f"embeddings must be 'int8' or 'float', got {self.embeddings!r}")
-        if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
+        if self.compute_dtype != "auto" and (not isinstance(self.compute_dtype, str)
+                                             or self.compute_dtype not in COMPUTE_DTYPES):
             raise ValueError(f"compute_dtype must be 'auto' or one of {sorted(COMPUTE_DTYPES)}, "
                              f"got {self.compute_dtype!r}")
         named = (INT_MM,) if self.activations == "int8" else (INT8PACK,) if self.bits == 8 else (INT4_CPU, INT4_CUDA)
@@ -91,10 +93,9 @@ class QuantConfig:
             except re.error as e:
                 raise ValueError(f"skip pattern {pattern!r} is not a valid regular expression ({e}); "
                                  "escape special characters, e.g. skip=(r'layers\\.0\\.mlp',)") from e
-        if not 0 < self.gptq_damp < 1:
-            raise ValueError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
-        if not isinstance(self.gptq_block, int) or self.gptq_block < 1:
-            raise ValueError(f"gptq_block must be a positive int, got {self.gptq_block!r}")
+        check_number("gptq_damp", self.gptq_damp, "in (0, 1) (GPTQ's damping, a fraction of the mean diagonal; "
+                     "0.01 is usual)", lambda v: 0 < v < 1)
+        check_int("gptq_block", self.gptq_block, 1, " (columns per GPTQ block; 128 is usual)")
 
     @property
     def name(self) -> str:

@@ -62,6 +62,8 @@ class SavedLayer(nn.Module):
     """A layer :mod:`.save` can store: its ``KIND``, the settings to write, and how to rebuild it from them."""
 
     KIND = ""
+    SAVED_FIELDS: dict[str, tuple[type, bool]] = {}  # what saved_spec writes: {field: (JSON type, required)}
+    SAVED_TENSORS: tuple[str, ...] = ()  # the buffers a saved file must hold for this layer
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -91,6 +93,9 @@ class _PackedLinear(SavedLayer):
     out_features: int
     in_features: int
     _CAST_SOURCE = "scales"  # a buffer that tells the layer's device
+    SAVED_FIELDS = {"type": (str, True), "kernel": (str, True), "compute_dtype": (str, True),
+                    "float_dtype": (str, False)}  # float_dtype: absent from the first files saved
+    SAVED_TENSORS = ("weight_int8", "scales")
     _KERNELS: tuple[str, ...] = ()  # kernels a request may name (it then runs where safe, else the reference)
 
     def _init_choice(self, kernel: str, compute_dtype, float_dtype: torch.dtype | None,
@@ -345,6 +350,8 @@ class Int4WeightOnlyLinear(_PackedLinear):
     """
 
     KIND = "int4"
+    SAVED_FIELDS = {**_PackedLinear.SAVED_FIELDS, "group_size": (int, True)}
+    SAVED_TENSORS = ("weight_packed", "scales_and_zeros")
     _CAST_SOURCE = "scales_and_zeros"
     _KERNELS = (INT4_CPU, INT4_CUDA)
 
@@ -577,6 +584,8 @@ class Int8Embedding(SavedLayer):
     """Embedding lookup from int8 rows with a scale per row; can share storage with an int8 lm_head."""
 
     KIND = "int8_embedding"
+    SAVED_FIELDS = {"type": (str, True), "out_dtype": (str, True)}
+    SAVED_TENSORS = ("weight_int8", "scales")
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype):
         super().__init__()

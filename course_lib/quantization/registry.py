@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:  # annotations only: a method's functions take these, the registry never builds them
-    import torch
-    from torch import nn
-
-    from .config import QuantConfig, QuantReport
+# The registry sits below the config that validates against it: it knows a config only as an object with fields.
+Config = Any
 
 
 @dataclass(frozen=True)
@@ -33,9 +30,9 @@ class Method:
     """
 
     name: str
-    quantize_model: Callable[[nn.Module, dict[str, nn.Linear], QuantConfig, torch.Tensor | None, QuantReport], None]
+    quantize_model: Callable[..., None]  # (model, todo, cfg, calibration, report)
     needs_calibration: bool = False
-    check: Callable[[QuantConfig], None] | None = None
+    check: Callable[[Config], None] | None = None
     option: str | None = None
 
 
@@ -66,12 +63,12 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
-def selected_methods(cfg: QuantConfig) -> list[Method]:
+def selected_methods(cfg: Config) -> list[Method]:
     """The methods a config field selects (``option`` set), in registration order."""
     return [m for m in _METHODS.values() if m.option is not None and getattr(cfg, m.option, None) is not None]
 
 
-def method_for(cfg: QuantConfig) -> Method:
+def method_for(cfg: Config) -> Method:
     """The method that runs ``cfg``: one a config option selects, else ``cfg.method``."""
     chosen = selected_methods(cfg)
     return chosen[0] if chosen else get_method(cfg.method)

@@ -66,7 +66,7 @@ def test_every_real_model_method_builds_packed_layers_and_calibrated_ones_get_th
         seen[cfg.name] = calibration is not None
         return real(model, cfg, calibration=calibration)
 
-    monkeypatch.setattr(Q, "quantize_", spy)
+    monkeypatch.setattr(quant_real, "quantize_", spy)
     for method in quant_real.METHODS:
         model, info = quant_real._variant(method, base, calib)
         assert info["float_linears"] == 0, method

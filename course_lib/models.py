@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "course-tiny"
+# The integers of course_lib.quantization's packed layers (they have no `weight`): a folder whose weights hold these
+# but no course_quant.json was saved by transformers, which would load it as random float layers.
+PACKED_TENSORS = ("weight_int8", "weight_packed", "scales_and_zeros")
 
 # Named presets: embedded folders first, then short names for hub models.
 EMBEDDED = {
@@ -155,14 +158,21 @@ def _checked_folder(folder: Path) -> str:
 
     for f in sorted(folder.glob("*.safetensors")):
         try:
-            with safe_open(str(f), framework="pt"):  # reads and checks the header against the file size
-                pass
+            with safe_open(str(f), framework="pt") as sf:  # reads and checks the header against the file size
+                keys = list(sf.keys())
         except Exception as e:  # safetensors raises its own error type (SafetensorError), or OSError
             raise ValueError(
                 f"weights file {f} is damaged and cannot be read ({e}); it was probably cut short by an "
                 "interrupted save, copy or download: save the model again (model.save_pretrained) or copy "
                 "the folder again"
             ) from e
+        packed = [k for k in keys if k.rpartition(".")[2] in PACKED_TENSORS]
+        if packed and not (folder / "course_quant.json").is_file():  # transformers would load random float layers
+            raise ValueError(
+                f"{f} holds packed quantized layers ({packed[0]}, ...) saved by transformers' save_pretrained, "
+                "which cannot rebuild them; save the quantized model with "
+                "course_lib.quantization.save_quantized(model, folder) instead"
+            )
     return str(folder)
 
 

@@ -240,15 +240,14 @@ def test_the_kernel_table_lists_every_choice_with_its_candidates(tiny_loader, sr
 
 
 def test_decode_bytes_count_the_float_copy_not_the_integers_it_replaced(monkeypatch):
-    from course_lib import kernel_choice
     from course_lib.bench.quant import weight_bytes
-    from course_lib.quantization import FLOAT, Int8WeightOnlyLinear, quantize_
+    from course_lib.quantization import FLOAT, Int8WeightOnlyLinear, QuantConfig, kernel_choice, quantize_
 
     kernel_choice.clear_kernel_choices()
     monkeypatch.setattr(kernel_choice, "time_candidates",  # the float matmul "measured" fastest everywhere
                         lambda cands, *a, **k: {c.name: 0.1 if c.name == FLOAT else 1.0 for c in cands})
     model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
-    quantize_(model, engines.QuantConfig(bits=8, kernel="auto", embeddings="float"))
+    quantize_(model, QuantConfig(bits=8, kernel="auto", embeddings="float"))
     kernel_choice.clear_kernel_choices()
     layers = [m for m in model.modules() if isinstance(m, Int8WeightOnlyLinear)]
     assert layers and all(m.kernel == FLOAT for m in layers)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from course_lib import kernel_choice
 from course_lib import quantization as Q
 from course_lib.metrics import model_size_bytes
 from course_lib.quantization import (
@@ -27,11 +26,13 @@ from course_lib.quantization import (
     Int8Embedding,
     Int8WeightOnlyLinear,
     QuantConfig,
-    _cpu_int4_layout,
     dequantize,
     fake_quantize,
     fake_quantize_model_,
+    gptq,
     gptq_quantize_weight,
+    kernel_choice,
+    kernels,
     load_quantized,
     mse,
     pack_int4,
@@ -42,6 +43,7 @@ from course_lib.quantization import (
     sqnr_db,
     unpack_int4,
 )
+from course_lib.quantization import calibration as walk
 from tests.conftest import assert_readable_by_others, make_tiny
 
 
@@ -162,7 +164,7 @@ def test_cpu_int4_layout_is_a_permutation_we_can_invert():
     n, k = 48, 128
     q = torch.randint(0, 16, (n, k), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    where = _cpu_int4_layout(n, k)
+    where = kernels.cpu_int4_layout(n, k)
     assert torch.equal(torch.sort(where).values, torch.arange(n * k))
     nib = torch.stack([packed & 0xF, packed >> 4], -1).reshape(-1)
     back = torch.empty(n * k, dtype=torch.uint8)
@@ -372,12 +374,12 @@ def _gptq_by_rerunning(model, todo, cfg, calibration, report, stages):
     from course_lib import quantization as Q
 
     def stop(module, inputs, output):
-        raise Q._StopForward
+        raise walk.StopForward
 
     packed = {}
-    for block in Q._blocks(model, list(todo)):
+    for block in walk.blocks(model, list(todo)):
         for stage in stages(block):
-            hess = {n: Q._Hessian(todo[n].in_features) for n in stage}
+            hess = {n: gptq.Hessian(todo[n].in_features) for n in stage}
             handles = [todo[n].register_forward_hook(hess[n]) for n in stage]
             m = re.match(r"(.*layers\.\d+)\.", block[0])
             if m:
@@ -386,17 +388,26 @@ def _gptq_by_rerunning(model, todo, cfg, calibration, report, stages):
                 for row in calibration:
                     try:
                         model(input_ids=row[None])
-                    except Q._StopForward:
+                    except walk.StopForward:
                         pass
             finally:
                 for h in handles:
                     h.remove()
             for n in stage:  # float stand-ins until the end, as the library does
-                packed[n] = Q._quantize_linear(todo[n], cfg, hess[n].H)
-                Q._set_module(model, n, Q._float_stand_in(todo[n], packed[n]))
+                packed[n] = gptq.gptq_linear(todo[n], cfg, hess[n].H)
+                Q.layers.set_module(model, n, gptq.float_stand_in(todo[n], packed[n]))
     for n, new in packed.items():
-        Q._set_module(model, n, new)
+        Q.layers.set_module(model, n, new)
         report.quantized[n] = new.kernel
+
+
+def _replace_gptq(monkeypatch, quantize_model):
+    """Run ``method="gptq"`` through a reference implementation for the rest of the test."""
+    import dataclasses
+
+    from course_lib.quantization import registry
+
+    monkeypatch.setitem(registry._METHODS, "gptq", dataclasses.replace(gptq.GPTQ, quantize_model=quantize_model))
 
 
 @torch.no_grad()
@@ -425,14 +436,14 @@ def test_gptq_is_true_sequential_within_a_block(monkeypatch):
     w = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
     new, old = copy.deepcopy(model), copy.deepcopy(model)
     quantize_(new, cfg, calibration=cal)
-    monkeypatch.setattr(Q, "_gptq_model", _gptq_float_block_hessians)
+    _replace_gptq(monkeypatch, _gptq_float_block_hessians)
     quantize_(old, cfg, calibration=cal)
 
     # what o_proj saw during calibration: q/k/v as float stand-ins of the packed layers (the same in both)
     seen_by = copy.deepcopy(new)
     for p in ("q_proj", "k_proj", "v_proj"):
         name = f"model.layers.0.self_attn.{p}"
-        Q._set_module(seen_by, name, Q._float_stand_in(model.get_submodule(name), seen_by.get_submodule(name)))
+        Q.layers.set_module(seen_by, name, gptq.float_stand_in(model.get_submodule(name), seen_by.get_submodule(name)))
 
     def o_proj_inputs(rows):
         seen = []
@@ -443,10 +454,10 @@ def test_gptq_is_true_sequential_within_a_block(monkeypatch):
         handle.remove()
         return seen
 
-    hess = Q._Hessian(w.shape[1])
+    hess = gptq.Hessian(w.shape[1])
     for x in o_proj_inputs(cal):
         hess(None, (x,), None)
-    expected = Q._quantize_linear(model.model.layers[0].self_attn.o_proj, cfg, hess.H).dequantized_weight()
+    expected = gptq.gptq_linear(model.model.layers[0].self_attn.o_proj, cfg, hess.H).dequantized_weight()
     got = {m: v.model.layers[0].self_attn.o_proj.dequantized_weight() for m, v in (("new", new), ("old", old))}
     torch.testing.assert_close(got["new"], expected, atol=1e-6, rtol=0)
     assert (got["old"] != got["new"]).any()
@@ -461,7 +472,6 @@ def test_gptq_is_true_sequential_within_a_block(monkeypatch):
 def test_gptq_with_cached_block_inputs_equals_rerunning_the_model(course_tiny, monkeypatch):
     import copy
 
-    from course_lib import quantization as Q
     from course_lib.data import calibration_batches
 
     model, tok = course_tiny
@@ -470,7 +480,7 @@ def test_gptq_with_cached_block_inputs_equals_rerunning_the_model(course_tiny, m
     cfg = QuantConfig(bits=4, group_size=128, method="gptq", skip=(r"(k|v|o)_proj", r"(gate|up)_proj"))
     new, old = copy.deepcopy(model), copy.deepcopy(model)
     quantize_(new, cfg, calibration=cal)
-    monkeypatch.setattr(Q, "_gptq_model", _gptq_rerun_from_embedding)
+    _replace_gptq(monkeypatch, _gptq_rerun_from_embedding)
     quantize_(old, cfg, calibration=cal)
     a, b = new.state_dict(), old.state_dict()
     assert a.keys() == b.keys()
@@ -503,7 +513,6 @@ def test_gptq_cached_inputs_pass_through_blocks_left_in_float(monkeypatch):
     """A skipped first block still runs (in float) to make the next block's inputs: same result as re-running."""
     import copy
 
-    from course_lib import quantization as Q
 
     model = make_tiny("qwen2", layers=3)
     cal = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -511,7 +520,7 @@ def test_gptq_cached_inputs_pass_through_blocks_left_in_float(monkeypatch):
     new, old = copy.deepcopy(model), copy.deepcopy(model)
     report = quantize_(new, cfg, calibration=cal)
     assert not any(".layers.0." in n for n in report.quantized) and "model.layers.2.mlp.down_proj" in report.quantized
-    monkeypatch.setattr(Q, "_gptq_model", _gptq_rerun_from_embedding)
+    _replace_gptq(monkeypatch, _gptq_rerun_from_embedding)
     quantize_(old, cfg, calibration=cal)
     ids = cal[:1]
     torch.testing.assert_close(new(ids).logits, old(ids).logits, atol=1e-5, rtol=1e-5)
@@ -691,7 +700,7 @@ def test_a_group_size_that_leaves_most_layers_float_warns(caplog):
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(bits=8), QuantConfig(bits=4, group_size=64)], ids=["int8", "int4"])
-def test_quantized_course_tiny_round_trips_through_save_pretrained(course_tiny, cfg, tmp_path):
+def test_quantized_course_tiny_round_trips_through_save_quantized(course_tiny, cfg, tmp_path):
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -704,7 +713,7 @@ def test_quantized_course_tiny_round_trips_through_save_pretrained(course_tiny, 
     quantize_(model, cfg)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
-    model.save_pretrained(tmp_path)
+    save_quantized(model, tmp_path)
     tok.save_pretrained(tmp_path)
     assert (tmp_path / QUANT_FILE).is_file()
     loaded, _ = load_model(tmp_path)
@@ -713,7 +722,7 @@ def test_quantized_course_tiny_round_trips_through_save_pretrained(course_tiny, 
     assert loaded.model.embed_tokens.weight_int8.data_ptr() == loaded.lm_head.weight_int8.data_ptr()  # tied
     with pytest.raises(OSError):  # transformers alone must refuse, not build random float weights
         AutoModelForCausalLM.from_pretrained(tmp_path)
-    loaded.save_pretrained(tmp_path / "again")  # a loaded model saves the same way
+    save_quantized(loaded, tmp_path / "again")  # a loaded model saves the same way
     assert (tmp_path / "again" / QUANT_FILE).is_file()
 
 
@@ -723,11 +732,11 @@ def test_untied_quantized_model_round_trips_and_float_weights_are_not_mixed_in(t
     model = make_tiny("qwen2")  # q/k/v biases, untied head
     quantize_(model, QuantConfig(bits=4, group_size=32))
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(tmp_path / "q")
+    save_quantized(model, tmp_path / "q")
     assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, model(ids).logits)
     make_tiny("qwen2").save_pretrained(tmp_path / "f")  # a float model's folder
     with pytest.raises(ValueError, match="already holds float weights"):
-        model.save_pretrained(tmp_path / "f")
+        save_quantized(model, tmp_path / "f")
 
 
 def _saved(folder, seed=0, cfg=None):
@@ -747,13 +756,13 @@ def test_a_save_that_fails_half_way_leaves_the_previous_save_loadable(tmp_path, 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(Q, "save_file", disk_full)  # after config.json was written, before the marker
+    monkeypatch.setattr(Q.save, "save_file", disk_full)  # after config.json was written, before the marker
     with pytest.raises(OSError, match="No space"):
-        other.save_pretrained(tmp_path / "q", overwrite=True)
+        save_quantized(other, tmp_path / "q", overwrite=True)
     assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary folder left beside it
     with pytest.raises(OSError, match="No space"):  # a first save that fails leaves no folder a load would trust
-        other.save_pretrained(tmp_path / "new")
+        save_quantized(other, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
@@ -763,7 +772,7 @@ def test_a_non_empty_folder_needs_overwrite_which_keeps_the_users_files(tmp_path
     user.mkdir()
     (user / "config.json").write_text("my own config")
     with pytest.raises(ValueError, match=r"not empty \(config.json\).*overwrite=True"):
-        model.save_pretrained(user)
+        save_quantized(model, user)
     assert (user / "config.json").read_text() == "my own config"
     with pytest.raises(ValueError, match="overwrite=True"):  # the function API, and a second save over a save
         save_quantized(model, tmp_path / "q")
@@ -1078,7 +1087,7 @@ def test_w8a8_model_quantizes_saves_and_loads(tmp_path):
     assert all("skip pattern" in report.skipped[f"model.layers.{i}.mlp.down_proj"] for i in range(2))
     assert isinstance(model.lm_head, Int8WeightOnlyLinear)  # the head stays int8 weight-only
     assert sqnr_db(ref, out) > 20
-    model.save_pretrained(tmp_path / "q")
+    save_quantized(model, tmp_path / "q")
     back = load_quantized(tmp_path / "q")
     assert isinstance(back.model.layers[0].self_attn.q_proj, Int8DynamicLinear)
     with torch.no_grad():
@@ -1119,7 +1128,7 @@ def test_smoothquant_on_a_model_folds_into_the_norms_and_round_trips(tmp_path):
     with torch.no_grad():
         out = model(ids).logits
     assert sqnr_db(ref, out) > 20
-    model.save_pretrained(tmp_path / "sq")
+    save_quantized(model, tmp_path / "sq")
     back = load_quantized(tmp_path / "sq")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, out, rtol=1e-4, atol=1e-4)
@@ -1147,7 +1156,7 @@ def test_awq_layer_error_is_at_most_rtn_on_outlier_channels():
 def test_fold_into_norm_divides_the_output_and_refuses_a_norm_it_cannot_fold():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from course_lib.quantization import _fold_into_norm
+    from course_lib.quantization.awq import _fold_into_norm
 
     s = torch.rand(16) + 0.5
     x = torch.randn(3, 16)
@@ -1194,7 +1203,7 @@ def test_awq_model_keeps_logits_close_and_beats_rtn_on_its_calibration_data(tmp_
     assert awq.model.layers[0].self_attn.o_proj.input_scale is not None
     assert sqnr_db(ref, out_awq) > 15  # the model's logits stay close
     assert sqnr_db(ref, out_awq) >= sqnr_db(ref, out_rtn) - 0.5  # and no worse than RTN here
-    awq.save_pretrained(tmp_path / "awq")
+    save_quantized(awq, tmp_path / "awq")
     back = load_quantized(tmp_path / "awq")
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, out_awq, rtol=1e-4, atol=1e-4)
@@ -1281,7 +1290,91 @@ def test_gptq_shares_one_run_per_input_group_and_stops_early_with_the_same_resul
         return {k: v.clone() for k, v in model.state_dict().items()}, downs[0]
 
     grouped, grouped_calls = run()
-    monkeypatch.setattr(Q, "_input_groups", lambda names, prefix: [[n] for n in names])  # one run per layer
+    monkeypatch.setattr(walk, "input_groups", lambda names, prefix: [[n] for n in names])  # one run per layer
     single, single_calls = run()
     assert grouped.keys() == single.keys() and all(torch.equal(grouped[k], single[k]) for k in grouped)
     assert grouped_calls < single_calls
+
+
+# --- presets and the method registry: a format is a name, a method is one registration -----------------------
+
+
+def test_every_bench_format_is_a_preset_and_no_two_presets_are_one_format():
+    from course_lib.bench import engines, quant, quant_real
+
+    used = [*quant.PRESET_OF.values(), *(p for p, _ in engines.FORMATS.values()),
+            *(m for m in quant_real.METHODS if m not in ("fp32", "int4-per-channel-fake"))]
+    assert set(used) <= set(Q.PRESETS)
+    configs = {name: Q.preset(name) for name in Q.PRESETS}
+    assert len(set(configs.values())) == len(configs)
+    assert configs["int4-wo-g32"].group_size == 32 and configs["int4-wo-g128"].group_size == 128
+    assert Q.preset("int4-wo-g128", kernel="reference").kernel == "reference"
+    with pytest.raises(ValueError, match="no quantization preset 'int4-wo'"):
+        Q.preset("int4-wo")
+
+
+def _clip_then_round(model, todo, cfg, calibration, report):
+    """A toy method: each weight row clipped at 90% of its largest magnitude, then rounded to nearest."""
+    for name, lin in todo.items():
+        new = Q.layers.packed_linear(lin, cfg, weight=_clipped(lin.weight))
+        Q.layers.set_module(model, name, new)
+        report.quantized[name] = new.kernel
+
+
+def _clipped(w: torch.Tensor) -> torch.Tensor:
+    limit = 0.9 * w.detach().abs().amax(1, keepdim=True)
+    return torch.maximum(torch.minimum(w.detach(), limit), -limit)
+
+
+@pytest.fixture
+def clip_method(monkeypatch):
+    """The toy method, registered here and nowhere else, with a preset naming it."""
+    from course_lib.quantization import registry
+
+    method = registry.register(Q.Method("rtn-clip", _clip_then_round))
+    monkeypatch.setitem(Q.PRESETS, "clip-int8", dict(bits=8, method="rtn-clip", kernel="reference",
+                                                    compute_dtype="float32"))
+    yield method
+    registry.unregister("rtn-clip")
+
+
+def test_a_method_registered_in_one_place_quantizes_saves_loads_and_makes_a_bench_row(clip_method, tmp_path):
+    from course_lib.bench import quant, quant_real
+
+    cfg = Q.preset("clip-int8")
+    assert "rtn-clip" in Q.method_names() and cfg.name == "rtn-clip-int8-wo" and not cfg.needs_calibration
+    model = make_tiny("llama")
+    float_down = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    report = quantize_(model, cfg)
+    assert "model.layers.1.mlp.down_proj" in report.quantized
+    want = quantize(_clipped(float_down), 8, symmetric=True, granularity="per_channel").q
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight_int8, want)  # the method's integers, not RTN's
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    save_quantized(model, tmp_path / "clip")
+    back = Q.load_quantized(tmp_path / "clip")
+    assert back.course_quant_config == cfg
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    base = make_tiny("llama")
+    row_model, info = quant_real._variant("clip-int8", base, ids)
+    assert info == {"quantized_linears": len(report.quantized), "float_linears": 0}
+    assert torch.equal(row_model.model.layers[1].mlp.down_proj.weight_int8, want)
+    speed_model = quant._prepare("clip-int8", make_tiny("llama"), None)
+    assert torch.equal(speed_model.model.layers[1].mlp.down_proj.weight_int8, want)
+
+
+def test_config_lists_the_registered_methods_when_one_is_unknown():
+    with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'gptq', 'awq'\), got 'hqq'"):
+        QuantConfig(bits=4, group_size=32, method="hqq")
+
+
+def test_a_quantized_model_saved_by_transformers_is_refused_with_the_fix(course_tiny, tmp_path):
+    from course_lib import load_model
+
+    _, tok = course_tiny
+    model = make_tiny("llama")
+    quantize_(model, QuantConfig(bits=8))
+    model.save_pretrained(tmp_path)  # transformers' own save: packed buffers under names it cannot rebuild
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"save_pretrained.*save_quantized\(model, folder\)"):
+        load_model(tmp_path)

@@ -120,9 +120,9 @@ def run(quick: bool = False, device: str = "auto") -> dict:
         if method == "hf-generate int8-wo":
             # The quantization chapter's packed int8 layers (head included), bf16 activations, timed through
             # Hugging Face's decode loop (the scratch loops run them too; this row checks the roofline).
-            from ..quantization import QuantConfig, quantize_
+            from ..quantization import preset, quantize_
 
-            kernels = quantize_(model, QuantConfig(bits=8)).summary()  # which kernel each layer got, for the row
+            kernels = quantize_(model, preset("int8-wo")).summary()  # which kernel each layer got, for the row
             weight_bits, label = 8, "int8-wo (bf16 act.)"
             overhead = overheads["hf-generate"]  # same loop and depth; the overhead model has no weights to speak of
         else:

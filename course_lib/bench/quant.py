@@ -26,12 +26,15 @@ from ..device import course_device
 from ..machine import measure_bandwidth
 from ..metrics import model_size_bytes, perplexity
 from ..models import count_parameters, load_model, speed_lab_model
-from ..quantization import QuantConfig, quantize_
+from ..quantization import preset, quantize_
 
 log = logging.getLogger(__name__)
 
 SPEED_MODEL = "qwen2.5-0.5b"
 METHODS = ("fp32", "bf16", "int8-wo", "int4-wo", "gptq-int4", "torch-dynamic-int8", "torchao-int8-wo")
+# rows in course_lib's formats -> their preset (course_lib.quantization.PRESETS); group 128: the speed model's widths
+# all take it
+PRESET_OF = {"int8-wo": "int8-wo", "int4-wo": "int4-wo-g128", "gptq-int4": "gptq-int4-g128"}
 
 
 def _torchao_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -75,11 +78,10 @@ def _prepare(method: str, model: torch.nn.Module, calibration: torch.Tensor | No
     if method in ("bf16", "torchao-int8-wo"):
         model = model.to(torch.bfloat16)
         return model if method == "bf16" else _torchao_int8(model)
-    # Our packed layers cast their input to bf16 for the integer kernel and back; the rest of
-    # the model (norms, attention) stays fp32, which this AVX2 CPU runs faster than bf16.
-    cfg = {"int8-wo": QuantConfig(bits=8), "int4-wo": QuantConfig(bits=4, group_size=128),
-           "gptq-int4": QuantConfig(bits=4, group_size=128, method="gptq")}[method]
-    quantize_(model, cfg, calibration=calibration)
+    # Our packed layers cast their input to the compute dtype measured fastest for the kernel and back; the rest of
+    # the model (norms, attention) stays fp32. A name that is no row of this suite is taken as a preset's name.
+    cfg = preset(PRESET_OF.get(method, method))
+    quantize_(model, cfg, calibration=calibration if cfg.needs_calibration else None)
     return model
 
 

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..quantization import fake_quantize_model_, preset, quantize_
+
 log = logging.getLogger(__name__)
 
 MODEL = "smollm2-135m-instruct"
@@ -48,8 +50,6 @@ SIZES = {
 
 def _variant(method: str, base: nn.Module, calibration: torch.Tensor) -> tuple[nn.Module, dict]:
     """A compressed copy of ``base`` (fp32: ``base`` itself) and what was done to it."""
-    from ..quantization import QuantConfig, fake_quantize_model_, quantize_
-
     if method == "fp32":
         return base, {"float_linears": 0}
     model = copy.deepcopy(base)
@@ -57,15 +57,11 @@ def _variant(method: str, base: nn.Module, calibration: torch.Tensor) -> tuple[n
         n = fake_quantize_model_(model, 4, symmetric=False, granularity="per_channel")
         return model, {"quantized_linears": n, "float_linears": 0,
                        "note": "simulated (fake-quant, float storage); output head left in float"}
-    cfg = {"int8-wo": QuantConfig(bits=8), "w8a8": QuantConfig(bits=8, activations="int8"),
-           "w8a8-sq0.5": QuantConfig(bits=8, activations="int8", smooth=0.5),
-           "int4-wo-g32": QuantConfig(bits=4, group_size=GROUP),
-           "gptq-int4-g32": QuantConfig(bits=4, group_size=GROUP, method="gptq"),
-           "awq-int4-g32": QuantConfig(bits=4, group_size=GROUP, method="awq")}[method]
+    cfg = preset(method)  # each row of this suite is named by its preset (course_lib.quantization.PRESETS)
     report = quantize_(model, cfg, calibration=calibration if cfg.needs_calibration else None)
     head = {n for n, m in model.named_modules() if "lm_head" in n}
     float_linears = [n for n in report.skipped if n not in head]
-    if float_linears:  # the lie issue 13 found: "int4" with most projections silently left in float
+    if float_linears:  # "int4" with most projections silently left in float would be a row that lies
         log.warning("%s left %d projections in float: %s", method, len(float_linears), float_linears[:3])
     return model, {"quantized_linears": len(report.quantized), "float_linears": len(float_linears)}
 
@@ -124,11 +120,10 @@ def run(quick: bool = False) -> dict:
             r["code_ppl_vs_fp32"] = r["code_ppl"] / by["fp32"]["code_ppl"] - 1
     goals: dict = {**size, "source": str(source), "load_s": load_s}
     if source.kind == "gguf-q4_1":
-        # Measured: these weights sit exactly on a Q4_1 grid (blocks of 32, float scale and min), so a group-32
-        # quantizer with a float minimum would reproduce them with zero error; our RTN's integer zero point shifts
-        # each block off that grid. Its cost here is that misalignment, of which GPTQ wins back only part
-        # (measured, 2,048 calibration tokens, true-sequential GPTQ: 33% of RTN's prose gap, 59% of its code gap;
-        # 10% / 40% with the float block's Hessians; docs/quantization.md, "GPTQ on the real model").
+        # These weights sit exactly on a Q4_1 grid (blocks of 32, float scale and min), so a group-32 quantizer
+        # with a float minimum would reproduce them with zero error; our RTN's integer zero point shifts each block
+        # off that grid, and GPTQ wins back only part of that (measured: docs/quantization.md, "GPTQ on the real
+        # model").
         goals["baseline_note"] = ("fp32 baseline dequantized from Q4_1: its weights lie on a 4-bit grid of blocks "
                                   "of 32; int4 g32 costs measure the integer zero point's misalignment with it")
     rtn, gptq = by["int4-wo-g32"], by["gptq-int4-g32"]

@@ -11,7 +11,7 @@ reference, measured on this machine, at the decode shape (one row of activations
   passing proves nothing about a batch) and is compared with the reference output; one that raises, returns
   inf / NaN or differs by more than ``tol`` is rejected, with the reason kept. A kernel that *crashes the
   process* cannot be caught, so the layers never offer one on a shape where it is known to (see
-  ``quantization.INT8_KERNEL_K_MULTIPLE``).
+  ``quantization.kernels.INT8_KERNEL_K_MULTIPLE``).
 * **Then fastest.** The correct candidates are timed interleaved (every candidate once per round, so a change
   in the machine's state lands on all alike), a few rounds, median; candidates far slower than the best after
   the first round are dropped, so a shape costs well under a second even for a vocabulary-sized head.

@@ -7,6 +7,7 @@ plain ``v < 1`` or ``0 < v`` comparison lets through: ``bool`` (Python counts ``
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 
@@ -50,3 +51,18 @@ def check_output_path(path, flag: str) -> None:
                 raise ValueError(f"{flag} {path}: the folder {parent} is not writable by this user; choose a "
                                  "path in a folder you can write to")
             return
+
+
+def int_at_least(low: int, what: str = ""):
+    """An argparse ``type``: an int >= ``low``; argparse names the flag in its error and exits before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}{what}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse

@@ -32,7 +32,8 @@ import torch
 
 from ._checks import check_int, check_number
 from .device import device_of
-from .kv_cache import KVCache, ScratchLlama, naive_attention
+from .kv_cache import KVCache
+from .scratch_llama import ScratchLlama, naive_attention
 from .timing import benchmark
 
 log = logging.getLogger(__name__)

@@ -139,18 +139,17 @@ def cli_exit(capsys, *args):
 @pytest.fixture
 def no_work(monkeypatch):
     """Every command's first slow step fails the test: an argument must be refused before it."""
-    import course_lib.distillation
-    import course_lib.evaluate
-    import course_lib.train
+    import course_lib.cli.evaluate
+    import course_lib.cli.train
     from course_lib import bench
 
     def reached(what):
         return lambda *a, **k: pytest.fail(f"{what} started before the arguments were checked")
 
     monkeypatch.setattr(bench, "machine_info", reached("bench"))
-    monkeypatch.setattr(course_lib.evaluate, "load_model", reached("evaluate"))
-    monkeypatch.setattr(course_lib.train, "train_tokenizer", reached("train"))
-    monkeypatch.setattr(course_lib.distillation, "load_model", reached("the student trainer"))
+    monkeypatch.setattr(course_lib.cli.evaluate, "load_model", reached("evaluate"))
+    monkeypatch.setattr(course_lib.cli.train, "train_tokenizer", reached("train"))
+    monkeypatch.setattr(course_lib.cli.train, "load_model", reached("the student trainer"))
 
 
 @pytest.mark.parametrize("args,flag", [

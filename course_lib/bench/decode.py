@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .._checks import check_flag
 from ..decode_speed import overhead_model
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache, generate_no_cache
-from ..kv_cache import ScratchLlama
+from ..scratch_llama import ScratchLlama
 from ..machine import measure_machine
 from ..models import resolve_device, speed_lab_model
 from ..roofline import decode_cost, predict

@@ -19,24 +19,9 @@ import os
 from pathlib import Path
 
 from .._checks import check_output_path
+from ..nb import markdown_table  # the notebooks' table printer; the report's tables are the same
 
 log = logging.getLogger(__name__)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """One Markdown table over the union of the rows' keys (in first-seen order)."""
-    cols: list[str] = []
-    for r in rows:
-        cols.extend(k for k in r if k not in cols)
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _label(r: dict) -> str:

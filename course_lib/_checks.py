@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import os
+from pathlib import Path
 
 
 def check_number(name: str, value, allowed: str, ok) -> None:
@@ -38,9 +40,6 @@ def check_flag(name: str, value) -> None:
 def check_output_path(path, flag: str) -> None:
     """ValueError naming ``flag`` unless ``path`` could be created: no folder above it is a file, and the
     nearest existing one is writable. Checked before a long run, so its results are not lost at the end."""
-    import os
-    from pathlib import Path
-
     path = Path(path).expanduser().absolute()
     for parent in path.parents:
         if parent.exists():

@@ -246,8 +246,8 @@ class DistillConfig:
     checkpoint_every: int = 100  # with a checkpoint folder: save every this many steps (and at the end)
 
     def __post_init__(self) -> None:
-        # Every numeric field is checked: a wrong sign does not crash, it trains backwards (grad_clip=-1 took
-        # the held-out loss from 11 to 23), and a NaN weight silently poisons every step.
+        # Every numeric field is checked: a wrong sign does not crash, it trains backwards (docs/distillation.md),
+        # and a NaN weight silently poisons every step.
         check_temperature_alpha(self.temperature, self.alpha)
         if self.kind not in KL_KINDS:
             raise ValueError(f"kind must be one of {KL_KINDS}, got {self.kind!r}")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from ._checks import check_int, check_number
 from .device import device_of
@@ -351,7 +352,6 @@ def _allocated_mb(fn: Callable, dev: torch.device) -> float:
             fn()
             torch.cuda.synchronize(dev)
             return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-        from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()

@@ -85,8 +85,9 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-# The model's names were defined here before the model moved to scratch_llama.py; learners' notebooks may still
-# import them from this module. Looked up on first use: scratch_llama imports this module, not the other way.
+# The model's names were defined here before the model moved to scratch_llama.py. serving.py (being restructured
+# on another branch) and learners' older notebooks still import them from here: looked up on first use, since
+# scratch_llama imports this module. Remove once serving imports from scratch_llama.
 _MOVED_TO_SCRATCH_LLAMA = frozenset({"ATTENTION_KINDS", "FusedLinear", "ScratchLlama", "apply_rope", "fusable",
                                      "naive_attention", "repeat_kv", "rms_norm", "rope_tables", "sdpa_attention"})
 

@@ -13,6 +13,7 @@ Two kinds of model serve two purposes in this course:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -20,11 +21,13 @@ import socket
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import real_model
 from .device import course_device, pick_device
 from .nb import quiet_weight_bars
+from .quantization import load_quantized
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +143,6 @@ def _checked_folder(folder: Path) -> str:
         )
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        import json
-
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, AttributeError) as e:
@@ -150,7 +151,6 @@ def _checked_folder(folder: Path) -> str:
         if missing:
             raise ValueError(f"{index} lists weight files that are missing from {folder}: {missing}; copy the "
                              "whole folder again, or save the model again with save_pretrained")
-    from safetensors import safe_open
 
     for f in sorted(folder.glob("*.safetensors")):
         try:
@@ -202,7 +202,6 @@ def load_model(
     dev = resolve_device(device)
     path = resolve_model_path(name_or_path)
     if (Path(path) / "course_quant.json").is_file():  # saved by a quantized model's save_pretrained
-        from .quantization import load_quantized  # imported here: quantization stays a lazy import
 
         with quiet_weight_bars():
             model = load_quantized(path, torch_dtype)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from course_lib import pruning as P
-from course_lib.distillation import DistillConfig, distill, make_student
 from course_lib.cli.train import TrainConfig, train
+from course_lib.distillation import DistillConfig, distill, make_student
 from course_lib.training import fit, lr_schedule
 from tests.conftest import make_tiny
 

@@ -418,8 +418,8 @@ def test_fused_projections_give_the_unfused_logits(name):
 
 def test_a_quantized_or_hooked_projection_is_called_on_its_own():
     """Only plain float nn.Linear groups fuse: one int8 k_proj keeps that layer's q/k/v apart, the rest fuse."""
-    from course_lib.scratch_llama import fusable
     from course_lib.quantization import Int8WeightOnlyLinear
+    from course_lib.scratch_llama import fusable
 
     model = make_tiny("llama", layers=3)
     attn0 = model.model.layers[0].self_attn

@@ -84,8 +84,8 @@ def micro_student(monkeypatch):
 
     import torch
 
-    import course_lib.data
     import course_lib.cli.train as recipe
+    import course_lib.data
     import course_lib.distillation as dist
     from course_lib import load_tokenizer
     from tests.conftest import make_tiny

@@ -153,7 +153,7 @@ def no_work(monkeypatch):
 
 
 @pytest.mark.parametrize("args,flag", [
-    (["evaluate", "--functions", "0"], "--functions"),  # was: after the whole evaluation, naming `n`
+    (["evaluate", "--functions", "0"], "--functions"),  # before the evaluation, naming the flag
     (["evaluate", "--functions", "many"], "--functions"),
     (["train", "--steps", "0"], "--steps"),
     (["train", "--model", "course-tiny-student", "--steps", "-3"], "--steps"),
@@ -166,7 +166,7 @@ def test_numbers_are_refused_before_any_work_naming_the_flag(args, flag, capsys,
 
 
 def test_outputs_under_a_file_are_refused_before_any_work(tmp_path, capsys, no_work):
-    """`bench --json FILE/out.json` benchmarked for minutes and then lost the results; now it fails at once."""
+    """An output path under a file fails at once, naming its flag, before minutes of work whose results it loses."""
     f = tmp_path / "results.txt"
     f.write_text("mine")
     for args, flag in ((["bench", "--suite", "decode", "--json", str(f / "out.json")], "--json"),

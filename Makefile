@@ -52,7 +52,7 @@ bench: install
 
 # The figures under assets/ (taxonomy, roofline sketch, the recorded results plots), redrawn from course_lib
 assets: install
-	$(BIN)/python -m course_lib.plotting assets --out assets
+	$(BIN)/python -m course_lib assets --out assets
 
 # llama.cpp for `bench --suite engines`: llama-cpp-python builds llama.cpp from source (about 5 min on 2 cores).
 # GGML_NATIVE=ON compiles for this CPU's instruction set; pip's cache keeps the built wheel for the next venv.

@@ -5,6 +5,8 @@ Notebooks derive each technique by hand, then import it from here.
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 from . import real_model
@@ -34,8 +36,6 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'course_lib' has no attribute {name!r}")
 

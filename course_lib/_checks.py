@@ -7,8 +7,10 @@ plain ``v < 1`` or ``0 < v`` comparison lets through: ``bool`` (Python counts ``
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
+import os
 import tempfile
 from pathlib import Path
 
@@ -39,9 +41,6 @@ def check_flag(name: str, value) -> None:
 def check_output_path(path, flag: str) -> None:
     """ValueError naming ``flag`` unless ``path`` could be created: no folder above it is a file, and the
     nearest existing one is writable. Checked before a long run, so its results are not lost at the end."""
-    import os
-    from pathlib import Path
-
     path = Path(path).expanduser().absolute()
     for parent in path.parents:
         if parent.exists():
@@ -89,3 +88,18 @@ def writable_dir(folder, variable: str | None = None) -> Path:
     except OSError as e:
         raise ValueError(f"{where} is not writable ({e.strerror or e}); {fix}") from e
     return folder
+
+
+def int_at_least(low: int, what: str = ""):
+    """An argparse ``type``: an int >= ``low``; argparse names the flag in its error and exits before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}{what}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse

@@ -6,11 +6,14 @@ a profile of one decode step grouped into kinds of work.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from .device import device_of
+from .generation import hf_forward
 from .timing import synchronize
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -83,12 +86,6 @@ def profile_decode_step(model, context: int = 64, steps: int = 5) -> tuple[dict[
     The gap between the profiled total and the wall time of the same steps is
     Python and framework overhead, reported as its own kind.
     """
-    import time
-
-    from torch.profiler import ProfilerActivity, profile
-
-    from .generation import hf_forward
-
     if context < 1 or steps < 1:
         raise ValueError("context and steps must be >= 1")
     device = device_of(model)

@@ -21,6 +21,9 @@ import math
 from dataclasses import dataclass
 
 from ._checks import check_int, check_number
+from .decode_speed import time_generation
+from .roofline import decode_cost, predict, prefill_cost
+from .timing import BenchResult
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,6 @@ def interleaved_generation(models: dict, prompt, new_tokens: int, rounds: int = 
     p10-p90 spreads over ``rounds`` (each round's TPOT is that run's median gap), ready for
     :func:`course_lib.timing.speed_verdict`, and the last run's timing (for its token stamps).
     """
-    from .decode_speed import time_generation
-    from .timing import BenchResult
-
     check_int("rounds", rounds, 1)
     if not isinstance(models, dict) or not models:
         raise ValueError("models must be a non-empty dict {name: model}")
@@ -141,8 +141,6 @@ def roofline_timing(config, hw, weight_bits: float = 16, prompt_len: int = 256, 
     adds the per-step cost the roofline leaves out. With vendor figures and no
     overhead it is a best case.
     """
-    from .roofline import decode_cost, predict, prefill_cost
-
     # Compute in the narrowest float type the hardware has a figure for (int weights run in bf16).
     prefs = ("bf16", "fp16", "fp32") if weight_bits <= 16 else ("fp32",)
     compute = next((d for d in prefs if d in hw.gflops), "fp32")

@@ -20,21 +20,19 @@ student's intermediate layers towards chosen teacher layers.
 
 The student is built from the teacher by :func:`make_student`: fewer layers
 (layer dropping, as in DistilBERT) and/or a narrower MLP, initialised from the
-teacher's own weights or at random. :func:`distill` trains it: the loss above inside
-the one training loop of :mod:`course_lib.fit` (which recovery after pruning uses too, with this ``kd_loss``);
-``python -m course_lib train --model course-tiny-student`` runs the recipe that
-produced the shipped student (:func:`main_train_student`).
+teacher's own weights or at random. :func:`distill` trains it: the loss above
+(:func:`kd_loss`, kept in :mod:`course_lib.training` beside the one training loop, because recovery after
+pruning trains with it too) inside that loop. ``python -m course_lib train --model course-tiny-student``
+runs the recipe that produced the shipped student (:mod:`course_lib.cli.train`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import pickle
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,57 +43,28 @@ from . import data
 from ._checks import check_int as _check_int
 from ._checks import check_number as _check_number
 from ._checks import check_output_path
-from .fit import decay_groups, fit
 from .metrics import perplexity
-from .models import EMBEDDED, check_token_ids, context_length, count_parameters, load_model, resolve_model_path
-from .train import (
-    check_checkpoint_dir,
-    check_out_dir,
-    claim_checkpoint_dir,
-    release_checkpoint_dir,
+from .models import check_token_ids, context_length
+from .training import (
+    KL_KINDS,
+    check_temperature_alpha,
+    decay_groups,
+    fit,
+    kd_loss,
+    lr_schedule,
     remove_own_files,
+    save_checkpoint,
+)
+from .training import (
+    load_checkpoint as _load_checkpoint,
 )
 
 log = logging.getLogger(__name__)
 
-KL_KINDS = ("forward", "reverse")
 INITS = ("teacher", "random")
 
 
-# --- the loss ------------------------------------------------------------------
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None,
-            temperature: float = 2.0, alpha: float = 0.5, kind: str = "forward") -> torch.Tensor:
-    """Distillation loss on (..., V) logits: ``alpha * T^2 * KL + (1 - alpha) * CE``, mean over positions.
-
-    ``kind="forward"`` is KL(teacher || student) (Hinton's loss), ``"reverse"``
-    is KL(student || teacher). ``targets`` (token ids, shape ``logits.shape[:-1]``)
-    are needed unless ``alpha == 1``.
-    """
-    _check_temperature_alpha(temperature, alpha)
-    if kind not in KL_KINDS:
-        raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-            "differ: teacher and student must share the vocabulary (same tokenizer) and see the same batch"
-        )
-    vocab = student_logits.size(-1)
-    s = student_logits.float().reshape(-1, vocab)
-    t = teacher_logits.float().reshape(-1, vocab).detach()  # the teacher is a fixed target
-    log_ps = F.log_softmax(s / temperature, dim=-1)
-    log_pt = F.log_softmax(t / temperature, dim=-1)
-    if kind == "forward":  # sum_v p_t (log p_t - log p_s)
-        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
-    else:  # sum_v p_s (log p_s - log p_t)
-        kl = (log_ps.exp() * (log_ps - log_pt)).sum(-1).mean()
-    loss = alpha * temperature**2 * kl
-    if alpha < 1:
-        if targets is None:
-            raise ValueError("targets are needed when alpha < 1 (the cross-entropy part); pass the next-token ids")
-        loss = loss + (1 - alpha) * F.cross_entropy(s, targets.reshape(-1))
-    return loss
-
+# --- the loss (kd_loss itself lives in training.py) -----------------------------
 
 def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
                 projections: torch.nn.ModuleList | None = None) -> torch.Tensor:
@@ -116,11 +85,6 @@ def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
         ht = ht.detach().float()
         total = total + F.mse_loss(hs.float(), ht) / ht.pow(2).mean().clamp_min(1e-8)
     return total / len(student_hidden)
-
-
-def _check_temperature_alpha(temperature: float, alpha: float) -> None:
-    _check_number("temperature", temperature, "> 0 (typical: 1-4)", lambda v: 0 < v < math.inf)
-    _check_number("alpha", alpha, "in [0, 1] (0 = train from scratch, 1 = pure distillation)", lambda v: 0 <= v <= 1)
 
 
 # --- compatibility -------------------------------------------------------------
@@ -282,9 +246,9 @@ class DistillConfig:
     checkpoint_every: int = 100  # with a checkpoint folder: save every this many steps (and at the end)
 
     def __post_init__(self) -> None:
-        # Every numeric field is checked: a wrong sign does not crash, it trains backwards (grad_clip=-1 took
-        # the held-out loss from 11 to 23), and a NaN weight silently poisons every step.
-        _check_temperature_alpha(self.temperature, self.alpha)
+        # Every numeric field is checked: a wrong sign does not crash, it trains backwards (docs/distillation.md),
+        # and a NaN weight silently poisons every step.
+        check_temperature_alpha(self.temperature, self.alpha)
         if self.kind not in KL_KINDS:
             raise ValueError(f"kind must be one of {KL_KINDS}, got {self.kind!r}")
         _check_number("hidden_weight", self.hidden_weight, ">= 0 (0 = off, typical 0.1-1)",
@@ -308,11 +272,8 @@ class DistillConfig:
         return self.alpha > 0 or self.hidden_weight > 0
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to ``min_lr_frac * lr``."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+        """Linear warm-up, then cosine decay to ``min_lr_frac * lr`` (:func:`course_lib.training.lr_schedule`)."""
+        return lr_schedule(step, self.lr, self.steps, self.warmup_steps, self.min_lr_frac, "cosine")
 
 
 @dataclass
@@ -473,126 +434,14 @@ def _prepare_checkpoint(ckpt: Path, cfg, student, projections, opt, gen, overwri
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """The state a distillation checkpoint holds, read as tensors and plain Python values only.
-
-    ``weights_only=True`` refuses any other object *before* building it: a pickle can name any function to
-    call while it is read, so a planted ``checkpoint.pt`` would otherwise run its payload on resume.
-    """
-    path = Path(path)
-    try:
-        state = torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = re.search(r"WeightsUnpickler error: (.*?)(?: Please|\n|$)", str(e))
-        raise ValueError(
-            f"{path} holds objects other than tensors and plain values ({why[1] if why else 'not a torch file'}), "
-            "so course_lib did not write it; it was refused unread, because loading such a file can run code. "
-            "Delete it, or pass overwrite=True (--overwrite) to start afresh"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
-        raise ValueError(f"{path} is damaged or not a checkpoint ({e}); delete it, or pass overwrite=True "
-                         "(--overwrite) to start afresh") from e
-    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise ValueError(f"{path} is not a distillation checkpoint (no {missing}); delete it, or pass "
-                         "overwrite=True (--overwrite) to start afresh")
-    return state
+    """The state a distillation checkpoint holds, read as tensors and plain Python values only
+    (``weights_only=True``: a planted pickle is refused unread; see :func:`course_lib.training.load_checkpoint`)."""
+    return _load_checkpoint(path, CHECKPOINT_KEYS, "a distillation checkpoint")
 
 
 def _save_checkpoint(ckpt: Path, cfg, step, student, projections, opt, gen, history) -> None:
-    ckpt.mkdir(parents=True, exist_ok=True)
     state = {"config": _config_fingerprint(cfg), "step": step, "student": student.state_dict(),
              "projections": projections.state_dict() if projections is not None else None,
              "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
              "history": history}
-    tmp = ckpt / (CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(ckpt / CHECKPOINT)  # atomic: an interrupted save never corrupts the last good checkpoint
-
-
-# --- the shipped student -------------------------------------------------------
-
-@dataclass(frozen=True)
-class StudentRecipe:
-    """The shape and training of ``course-tiny-student`` (what ``train --model course-tiny-student`` runs)."""
-
-    num_layers: int = 2
-    intermediate_size: int = 384
-    init: str = "teacher"
-    # Sized for a shared 2-core CPU (about 10 minutes for both students); more steps give a better student.
-    distill: DistillConfig = DistillConfig(temperature=2.0, alpha=0.5, steps=120, batch_size=8, seq_len=128,
-                                           lr=3e-3, warmup_steps=10, seed=1234, eval_every=40,
-                                           eval_tokens=8192, checkpoint_every=40)
-    scratch_baseline: bool = True  # also train the same shape from random init, same tokens, for comparison
-    final_eval_tokens: int = 32768
-
-    def __post_init__(self) -> None:
-        _check_int("num_layers", self.num_layers, 1)
-        _check_int("intermediate_size", self.intermediate_size, 1)
-        _check_int("final_eval_tokens", self.final_eval_tokens, 2)
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if not isinstance(self.distill, DistillConfig):
-            raise ValueError(f"distill must be a DistillConfig, got {type(self.distill).__name__}")
-
-
-def main_train_student(args) -> int:
-    """``python -m course_lib train --model course-tiny-student [--out DIR] [--steps N] [--seed S] [--overwrite]``."""
-    recipe = StudentRecipe()
-    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    cfg = replace(recipe.distill, **overrides)
-    out = Path(args.out) if args.out else EMBEDDED["course-tiny-student"]
-    check_out_dir(out, args.overwrite)  # the same rules as course-tiny's trainer, before any work
-    # Resumable checkpoints beside the output, in a folder the library marks as its own: a run resumes
-    # from it, and only its checkpoint files (and the folders they leave empty) are removed at the end.
-    ckpt = out.parent / (out.name + ".ckpt")
-    ckpt_files = [f"{sub}/{name}" for sub in ("kd", "scratch") for name in CHECKPOINT_FILES]
-    check_checkpoint_dir(ckpt)
-    teacher_name = getattr(args, "teacher", None) or "course-tiny"  # a learner may distil their own teacher
-    try:
-        resolve_model_path(teacher_name)  # a mistyped teacher is named as the flag, before loading anything
-    except ValueError as e:
-        raise ValueError(f"--teacher: {e}") from e
-    teacher, tok = load_model(teacher_name)
-    t0 = time.perf_counter()
-    train_ids = data.encode_split(tok, "train")
-    held_ids = data.encode_split(tok, "heldout")
-    student = make_student(teacher, recipe.num_layers, recipe.intermediate_size, init=recipe.init, seed=cfg.seed)
-    claim_checkpoint_dir(ckpt, ckpt_files, args.overwrite)
-    kd = distill(student, teacher, train_ids, cfg, held_ids, checkpoint_dir=ckpt / "kd",
-                 overwrite=args.overwrite)
-
-    def ppl(m) -> float:
-        return perplexity(m, held_ids, max_tokens=recipe.final_eval_tokens, seq_len=256)
-
-    record = {
-        "recipe": {"num_layers": recipe.num_layers, "intermediate_size": recipe.intermediate_size,
-                   "init": recipe.init, "teacher": teacher_name},
-        "config": asdict(cfg),
-        "seed": cfg.seed,
-        "parameters": count_parameters(student),
-        "teacher_parameters": count_parameters(teacher),
-        "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
-        "heldout_ppl": {"teacher": ppl(teacher), "student_kd": ppl(kd.student)},
-        "heldout_eval_tokens": recipe.final_eval_tokens,
-        "history": {"student_kd": kd.history},
-        "seconds": {"student_kd": round(kd.seconds, 1)},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "corpus": {"train": data.corpus_spec("train")["sha256"], "heldout": data.corpus_spec("heldout")["sha256"]},
-    }
-    if recipe.scratch_baseline:
-        scratch = make_student(teacher, recipe.num_layers, recipe.intermediate_size, init="random", seed=cfg.seed)
-        sc = distill(scratch, None, train_ids, replace(cfg, alpha=0.0), held_ids,
-                     checkpoint_dir=ckpt / "scratch", overwrite=args.overwrite)
-        record["heldout_ppl"]["student_scratch"] = ppl(sc.student)
-        record["history"]["student_scratch"] = sc.history
-        record["seconds"]["student_scratch"] = round(sc.seconds, 1)
-    record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    kd.student.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(record, indent=2))
-    release_checkpoint_dir(ckpt, ckpt_files)
-    print(json.dumps({k: record[k] for k in ("parameters", "teacher_parameters", "heldout_ppl", "seconds")},
-                     indent=2))
-    return 0
+    save_checkpoint(state, ckpt / CHECKPOINT)  # through CHECKPOINT + ".tmp": listed in CHECKPOINT_FILES

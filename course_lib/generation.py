@@ -29,11 +29,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from ._checks import check_flag, check_int, check_number, check_text
 from .device import device_of
-from .kv_cache import KVCache, ScratchLlama, naive_attention
+from .kv_cache import KVCache
 from .models import check_prompt_ids
+from .scratch_llama import ScratchLlama, naive_attention
 from .timing import benchmark
 
 log = logging.getLogger(__name__)
@@ -368,7 +370,6 @@ def _allocated_mb(fn: Callable, dev: torch.device) -> float:
             fn()
             torch.cuda.synchronize(dev)
             return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-        from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import math
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -138,10 +140,6 @@ def function_prompts(n: int = 32, split: str = "heldout", min_lines: int = 4,
     the next line's indentation into one token, so a prompt ending in a bare
     newline would force a token boundary the model rarely saw in training.
     """
-    import ast
-    import textwrap
-
-
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     candidates: list[str] = []

@@ -13,6 +13,7 @@ Two kinds of model serve two purposes in this course:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -21,11 +22,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import real_model
 from .device import course_device, pick_device
 from .nb import quiet_weight_bars
+from .quantization import load_quantized
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +147,6 @@ def _checked_folder(folder: Path) -> str:
         )
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        import json
-
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, AttributeError) as e:
@@ -154,7 +155,6 @@ def _checked_folder(folder: Path) -> str:
         if missing:
             raise ValueError(f"{index} lists weight files that are missing from {folder}: {missing}; copy the "
                              "whole folder again, or save the model again with save_pretrained")
-    from safetensors import safe_open
 
     for f in sorted(folder.glob("*.safetensors")):
         try:
@@ -252,7 +252,6 @@ def load_model(
     dev = resolve_device(device)
     path = resolve_model_path(name_or_path)
     if (Path(path) / "course_quant.json").is_file():  # saved by a quantized model's save_pretrained
-        from .quantization import load_quantized  # imported here: quantization stays a lazy import
 
         with quiet_weight_bars():
             model = load_quantized(path, torch_dtype)
@@ -346,7 +345,7 @@ def check_token_ids(model, ids: torch.Tensor, what: str = "ids") -> None:
     """ValueError unless ``ids`` are integer token ids the model can embed (0 <= id < its vocabulary size).
 
     Ids from another tokenizer would otherwise fail as an IndexError deep in the embedding or the loss.
-    ``model`` is a Hugging Face model or a :class:`~course_lib.kv_cache.ScratchLlama` wrapping one.
+    ``model`` is a Hugging Face model or a :class:`~course_lib.scratch_llama.ScratchLlama` wrapping one.
     """
     model = getattr(model, "hf_model", model)
     if (not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex
@@ -370,7 +369,7 @@ def check_token_ids(model, ids: torch.Tensor, what: str = "ids") -> None:
 def context_length(model) -> int | None:
     """The most positions the model was made for (``config.max_position_embeddings``), or None if it has none.
 
-    ``model`` is a Hugging Face model or a :class:`~course_lib.kv_cache.ScratchLlama` wrapping one.
+    ``model`` is a Hugging Face model or a :class:`~course_lib.scratch_llama.ScratchLlama` wrapping one.
     """
     cfg = getattr(getattr(model, "hf_model", model), "config", None)
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)

@@ -1,10 +1,19 @@
-"""Small helpers every notebook calls first: quick mode, the version banner, and outputs without noise."""
+"""Notebook helpers: quick mode, the version banner, outputs without noise, and Markdown tables."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import platform
 from collections.abc import Iterator
+
+import torch
+import transformers
+from transformers.utils import logging as hf_logging
+
+from . import __version__
+from .timing import busy_check
 
 QUICK_ENV = "COURSE_QUICK"
 
@@ -16,19 +25,12 @@ SILENT_BARS = frozenset({"Loading weights", "Writing model shards"})
 # profile() call. With a CPU-only torch it has nothing else to say (CPU events come from torch itself), so its
 # log is off unless the learner set KINETO_LOG_LEVEL. It is read once, when the profiler first starts; a CUDA
 # build keeps kineto's log, where its errors (e.g. no permission to read GPU counters) matter.
-try:
-    import torch as _torch
-
-    if _torch.version.cuda is None and getattr(_torch.version, "hip", None) is None:
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above kineto's highest level (5, USDT): nothing
-except ImportError:  # pragma: no cover - torch is a dependency
-    pass
+if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above kineto's highest level (5, USDT): nothing
 
 
 def _silence_weight_bars():
     """Install the hook that drops the SILENT_BARS; return the hook it replaced (``None`` on old transformers)."""
-    from transformers.utils import logging as hf_logging
-
     if not hasattr(hf_logging, "set_tqdm_hook"):  # older transformers: nothing to hook, its bars stay
         return None
     previous = hf_logging.set_tqdm_hook(None)
@@ -53,8 +55,6 @@ def quiet_weight_bars() -> Iterator[None]:
     try:
         yield
     finally:
-        from transformers.utils import logging as hf_logging
-
         if hasattr(hf_logging, "set_tqdm_hook"):
             hf_logging.set_tqdm_hook(previous)
 
@@ -74,6 +74,26 @@ def pick(quick, full):
     return quick if quick_mode() else full
 
 
+def environment_report() -> dict:
+    """Versions, device and threads: what every notebook prints first (and ``python -m course_lib doctor``)."""
+    info = {
+        "course_lib": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    try:  # read from its install, not by importing it: Torch-Pruning is optional and slow to import
+        info["torch_pruning"] = importlib.metadata.version("torch-pruning")
+    except importlib.metadata.PackageNotFoundError:
+        info["torch_pruning"] = None
+    return info
+
+
 def banner() -> dict:
     """Print versions, device and threads (and return them): every notebook opens with this.
 
@@ -82,9 +102,6 @@ def banner() -> dict:
     It also hides transformers' weight-loading and -saving bars for the session (``hide_weight_bars``), so a
     notebook's own ``save_pretrained`` / ``from_pretrained`` cells print what they measured and nothing else.
     """
-    from .doctor import environment_report
-    from .timing import busy_check
-
     hide_weight_bars()
 
     info = environment_report()
@@ -97,3 +114,19 @@ def banner() -> dict:
     if check.busy:
         print(f"\n{check}")
     return info
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One Markdown table over the union of the rows' keys (in first-seen order); floats to 4 significant digits."""
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

@@ -118,7 +118,7 @@ class _Seq:
 class PagedKVCache:
     """Keys and values of many sequences in one pool of blocks, addressed through block tables.
 
-    Used with :class:`course_lib.kv_cache.ScratchLlama`: :meth:`begin` prepares one forward pass over some
+    Used with :class:`course_lib.scratch_llama.ScratchLlama`: :meth:`begin` prepares one forward pass over some
     sequences (allocating blocks for the new tokens and the gather/scatter indices), the model then calls
     :meth:`write` once per layer, and :meth:`commit` records the tokens. Rows are laid out right-aligned:
     every row's new tokens sit at the same slots, earlier slots of a shorter row are masked.

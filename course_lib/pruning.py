@@ -53,11 +53,10 @@ from tqdm.auto import tqdm
 
 from ._checks import check_int, check_number
 from .data import batches
-from .distillation import kd_loss
-from .fit import fit
-from .models import check_token_ids, context_length
+from .models import check_token_ids, context_length, count_parameters
 from .quantization import is_quantized
 from .roofline import ModelDims
+from .training import fit, kd_loss, lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -559,10 +558,6 @@ class PruneReport:
     seconds: float = 0.0
 
 
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None = None) -> PruneReport:
     """Prune ``model`` in place as ``cfg`` says; return a report. Use :func:`pruned` to keep the original.
 
@@ -578,10 +573,10 @@ def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None 
     if calibration is not None:  # a custom importance function gets checked ids too
         check_token_ids(model, calibration, "calibration")
     t0 = time.perf_counter()
-    before = _count(model)
+    before = count_parameters(model)
     if cfg.method == "unstructured":
         magnitude_prune_unstructured_(model, cfg.ratio, cfg.scope)
-        return PruneReport("unstructured", before, _count(model), sparsity(model),
+        return PruneReport("unstructured", before, count_parameters(model), sparsity(model),
                            seconds=time.perf_counter() - t0)
     p = plan(model, cfg)
     if isinstance(cfg.importance, str) and cfg.importance in NEEDS_CALIBRATION and calibration is None:
@@ -612,7 +607,7 @@ def prune_(model: nn.Module, cfg: PruneConfig, calibration: torch.Tensor | None 
             prune_hidden_(model, sorted(set(range(p.hidden_total)) - set(gone)))
             removed["hidden"] = gone
     _update_config(model, p, hd)
-    return PruneReport("structured", before, _count(model), sparsity(model), p, removed,
+    return PruneReport("structured", before, count_parameters(model), sparsity(model), p, removed,
                        time.perf_counter() - t0)
 
 
@@ -760,6 +755,11 @@ class RecoveryConfig:
             check_number("max_seconds", self.max_seconds, "> 0 or None (None or inf = no time limit)",
                          lambda v: v > 0)
 
+    def lr_at(self, step: int) -> float:
+        """10 steps of warm-up, then a straight line towards 0 from the first step
+        (:func:`course_lib.training.lr_schedule`, ``decay="linear"``)."""
+        return lr_schedule(step, self.lr, self.steps, warmup_steps=10, decay="linear")
+
 
 @dataclass(frozen=True)
 class RecoveryLog:
@@ -796,9 +796,6 @@ def recover_(model: nn.Module, train_ids: torch.Tensor, cfg: RecoveryConfig = Re
     if evaluate is not None:
         evals.append((0, float(evaluate(model))))
 
-    def lr_at(step: int) -> float:  # 10 steps of warm-up, then linear decay towards 0
-        return cfg.lr * (min(1.0, (step + 1) / 10) * (1 - step / cfg.steps))
-
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=x).logits
         if cfg.distill_alpha == 0:
@@ -814,7 +811,7 @@ def recover_(model: nn.Module, train_ids: torch.Tensor, cfg: RecoveryConfig = Re
             evals.append((done, float(evaluate(model))))
 
     t0 = time.perf_counter()
-    run = fit(model, batches(train_ids.flatten(), cfg.seq_len, cfg.batch_size, g), loss_fn, opt, cfg.steps, lr_at,
+    run = fit(model, batches(train_ids.flatten(), cfg.seq_len, cfg.batch_size, g), loss_fn, opt, cfg.steps, cfg.lr_at,
               on_step=on_step, max_seconds=cfg.max_seconds, desc="recovery", leave=False, postfix_every=1)
     if evaluate is not None:
         evals.append((run.steps_done, float(evaluate(model))))

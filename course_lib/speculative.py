@@ -60,6 +60,7 @@ from transformers import DynamicCache
 
 from .generation import encode_prompt
 from .models import check_prompt_ids
+from .timing import compare, speed_verdict
 
 
 @dataclass(frozen=True)
@@ -378,8 +379,6 @@ def sweep_k(target, draft, prompt_ids: torch.Tensor, ks: list[int], max_new_toke
     ``tokens_per_round`` measured and ``predicted_tokens_per_round`` from alpha, the median tokens/s with its
     p10-p90 range, and ``verdict``: :func:`course_lib.timing.speed_verdict` against the target alone.
     """
-    from .timing import compare, speed_verdict
-
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
     if not isinstance(ks, (list, tuple)) or not ks:
@@ -417,8 +416,6 @@ def verify_cost(model, n_positions: list[int], context: int = 64, repeat: int = 
     are read once either way), verification is nearly free. ``ratio`` is the
     median time relative to n = 1; the sizes are timed interleaved (``repeat`` rounds).
     """
-    from .timing import compare
-
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .device import device_of
+from .quantization import QuantConfig, quantize_
 from .timing import compare, speed_verdict
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,9 @@ def _variants(model, workdir: Path) -> dict:
             out["onnxruntime fp32"] = OrtModel(export_onnx(model, workdir / "model.onnx", overwrite=True))
         except Exception as e:  # an exporter failure is a result worth reporting, not a crash
             out["onnxruntime fp32"] = f"export failed: {type(e).__name__}: {str(e)[:160]}"
-    if importlib.util.find_spec("course_lib.quantization") is None:
-        out["course_lib int8-wo"] = "course_lib.quantization not in this install"
-    else:
-        from .quantization import QuantConfig, quantize_
-
-        q = copy.deepcopy(model)
-        quantize_(q, QuantConfig(bits=8, embeddings="float"))
-        out["course_lib int8-wo"] = _LogitsOnly(q)
+    q = copy.deepcopy(model)
+    quantize_(q, QuantConfig(bits=8, embeddings="float"))
+    out["course_lib int8-wo"] = _LogitsOnly(q)
     if importlib.util.find_spec("torchao") is None:
         out["torchao int8-wo"] = "not installed (pip install torchao)"
     else:

@@ -9,7 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from course_lib import plotting  # noqa: E402
+from course_lib.cli import assets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -23,8 +23,8 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_assets_are_redrawn_by_one_command(tmp_path):
-    first = plotting.write_assets(tmp_path / "a")
-    second = plotting.write_assets(tmp_path / "b")
+    first = assets.write_assets(tmp_path / "a")
+    second = assets.write_assets(tmp_path / "b")
     names = sorted(p.name for p in first)
     assert names == sorted(p.name for p in second)
     assert {"taxonomy.png", "roofline_sketch.png", "pareto.png", "decode_roofline.png"} <= set(names)
@@ -46,7 +46,7 @@ def test_results_markdown_reads_back_into_rows(tmp_path):
                   "| suite | method | bytes | decode_tok_s | ppl | note |\n|---|---|---|---|---|---|\n"
                   "| quant | fp32 | 1260336896 | 9.982 | 54.7 |  |\n"
                   "| quant | int8-wo | 3.158e+08 | 22.07 | 54.64 | x |\n")
-    got = plotting.read_results_markdown(md)
+    got = assets.read_results_markdown(md)
     assert got["machine"] == {"bandwidth_gbs": 24.38}
     assert got["rows"] == [
         {"suite": "quant", "method": "fp32", "bytes": 1260336896.0, "decode_tok_s": 9.982, "ppl": 54.7},

@@ -139,22 +139,21 @@ def cli_exit(capsys, *args):
 @pytest.fixture
 def no_work(monkeypatch):
     """Every command's first slow step fails the test: an argument must be refused before it."""
-    import course_lib.distillation
-    import course_lib.evaluate
-    import course_lib.train
+    import course_lib.cli.evaluate
+    import course_lib.cli.train
     from course_lib import bench
 
     def reached(what):
         return lambda *a, **k: pytest.fail(f"{what} started before the arguments were checked")
 
     monkeypatch.setattr(bench, "machine_info", reached("bench"))
-    monkeypatch.setattr(course_lib.evaluate, "load_model", reached("evaluate"))
-    monkeypatch.setattr(course_lib.train, "train_tokenizer", reached("train"))
-    monkeypatch.setattr(course_lib.distillation, "load_model", reached("the student trainer"))
+    monkeypatch.setattr(course_lib.cli.evaluate, "load_model", reached("evaluate"))
+    monkeypatch.setattr(course_lib.cli.train, "train_tokenizer", reached("train"))
+    monkeypatch.setattr(course_lib.cli.train, "load_model", reached("the student trainer"))
 
 
 @pytest.mark.parametrize("args,flag", [
-    (["evaluate", "--functions", "0"], "--functions"),  # was: after the whole evaluation, naming `n`
+    (["evaluate", "--functions", "0"], "--functions"),  # before the evaluation, naming the flag
     (["evaluate", "--functions", "many"], "--functions"),
     (["train", "--steps", "0"], "--steps"),
     (["train", "--model", "course-tiny-student", "--steps", "-3"], "--steps"),
@@ -167,7 +166,7 @@ def test_numbers_are_refused_before_any_work_naming_the_flag(args, flag, capsys,
 
 
 def test_outputs_under_a_file_are_refused_before_any_work(tmp_path, capsys, no_work):
-    """`bench --json FILE/out.json` benchmarked for minutes and then lost the results; now it fails at once."""
+    """An output path under a file fails at once, naming its flag, before minutes of work whose results it loses."""
     f = tmp_path / "results.txt"
     f.write_text("mine")
     for args, flag in ((["bench", "--suite", "decode", "--json", str(f / "out.json")], "--json"),

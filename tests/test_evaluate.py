@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from course_lib.evaluate import evaluate_model, read_training_record, training_summary
+from course_lib.cli.evaluate import evaluate_model, read_training_record, training_summary
 from course_lib.models import EMBEDDED
 
 
@@ -38,7 +38,7 @@ def test_training_summary_of_each_shipped_record(name):
 def test_a_damaged_record_or_bad_arguments_fail_before_the_evaluation(tmp_path, monkeypatch):
     import shutil
 
-    import course_lib.evaluate as ev
+    import course_lib.cli.evaluate as ev
 
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("loaded the model before the checks"))
     folder = tmp_path / "m"

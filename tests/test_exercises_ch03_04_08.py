@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.exercises import ch03, ch04, ch08
-from course_lib.kv_cache import repeat_kv
+from course_lib.scratch_llama import repeat_kv
 
 
 def _stub(*args):

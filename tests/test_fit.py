@@ -1,18 +1,20 @@
 """One training loop for training, distillation and recovery: each trainer's losses pinned step by step.
 
-The golden losses were recorded from the three separate loops before they became one (``course_lib.fit``): the
-same seed must give the same losses (a float tolerance: another CPU rounds matmuls differently), so a change in
+The golden losses were recorded from the three trainers' own loops, before they shared ``course_lib.training``:
+the same seed must give the same losses (a float tolerance: another CPU rounds matmuls differently), so a change in
 the schedule, the clipping, the loss's reduction or the order of the random draws shows up here.
 """
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
 from course_lib import pruning as P
+from course_lib.cli.train import TrainConfig, train
 from course_lib.distillation import DistillConfig, distill, make_student
-from course_lib.train import TrainConfig, train
+from course_lib.training import fit, lr_schedule
 from tests.conftest import make_tiny
 
 TOL = dict(rel=1e-4)
@@ -74,8 +76,6 @@ def _linear_problem(seed: int = 0):
 
 
 def test_fit_trains_sets_the_lr_and_calls_back():
-    from course_lib.fit import fit
-
     model, batches, loss_fn = _linear_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     lrs, seen = [], []
@@ -89,8 +89,6 @@ def test_fit_trains_sets_the_lr_and_calls_back():
 
 
 def test_fit_resumes_at_start_and_stops_on_its_time_budget():
-    from course_lib.fit import fit
-
     model, batches, loss_fn = _linear_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = []
@@ -107,10 +105,23 @@ def test_fit_resumes_at_start_and_stops_on_its_time_budget():
                                            (dict(grad_clip=0), "grad_clip"), (dict(max_seconds=0), "max_seconds"),
                                            (dict(postfix_every=0), "postfix_every")])
 def test_fit_refuses_bad_arguments(kwargs, match):
-    from course_lib.fit import fit
-
     model, batches, loss_fn = _linear_problem()
     args = {"steps": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
         fit(model, batches, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), args.pop("steps"),
             lambda s: 0.1, progress=False, **args)
+
+
+# --- the one schedule -------------------------------------------------------------------------------------------
+
+def test_one_schedule_gives_each_trainer_its_curve():
+    """Cosine (training, distillation) waits for the warm-up; linear (recovery) decays from the first step."""
+    cosine = [lr_schedule(s, 1.0, 10, warmup_steps=2, min_lr_frac=0.1) for s in range(10)]
+    assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0])  # warm-up, then the top of the cosine
+    assert cosine[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(cosine[1:], cosine[2:]))
+    linear = [lr_schedule(s, 1.0, 20, warmup_steps=10, decay="linear") for s in range(20)]
+    assert linear[:2] == pytest.approx([0.1, 0.2 * 0.95]) and linear[10] == pytest.approx(0.5)
+    assert lr_schedule(3, 2e-3, 10, decay="linear") == pytest.approx(2e-3 * 0.7)  # no warm-up
+    with pytest.raises(ValueError, match="decay must be one of"):
+        lr_schedule(0, 1.0, 10, decay="step")

@@ -17,7 +17,8 @@ from course_lib.generation import (
     sample_next,
     stream_generate,
 )
-from course_lib.kv_cache import KVCache, LlamaShape, ScratchLlama, apply_rope, naive_attention, rms_norm, sdpa_attention
+from course_lib.kv_cache import KVCache, LlamaShape
+from course_lib.scratch_llama import ScratchLlama, apply_rope, naive_attention, rms_norm, sdpa_attention
 from tests.conftest import make_tiny
 
 
@@ -88,7 +89,7 @@ def test_building_blocks():
     torch.testing.assert_close(rms_norm(x, w, 1e-6), want)
     # RoPE is a rotation: it keeps each head vector's length
     q = torch.randn(1, 2, 5, 8)
-    from course_lib.kv_cache import rope_tables
+    from course_lib.scratch_llama import rope_tables
 
     cos, sin = rope_tables(torch.arange(5)[None], 8, 10000.0, torch.float32)
     torch.testing.assert_close(apply_rope(q, cos, sin).norm(dim=-1), q.norm(dim=-1))
@@ -375,7 +376,7 @@ def test_attention_cost_measures_gpu_memory():
     assert rows and all(r["ms"] > 0 and r["alloc_mb"] >= 0 for r in rows), rows
 
 
-# --- q/k/v and gate/up as one matmul each (issue 14 item 1) ---------------------------------------------
+# --- q/k/v and gate/up as one matmul each ----------------------------------------------------------------
 
 def _both_ways(model, ids):
     """Logits of the fused and the unfused forward: the whole prompt, then prefill + one-token decode steps."""
@@ -417,8 +418,8 @@ def test_fused_projections_give_the_unfused_logits(name):
 
 def test_a_quantized_or_hooked_projection_is_called_on_its_own():
     """Only plain float nn.Linear groups fuse: one int8 k_proj keeps that layer's q/k/v apart, the rest fuse."""
-    from course_lib.kv_cache import fusable
     from course_lib.quantization import Int8WeightOnlyLinear
+    from course_lib.scratch_llama import fusable
 
     model = make_tiny("llama", layers=3)
     attn0 = model.model.layers[0].self_attn

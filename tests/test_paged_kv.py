@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib.kv_cache import ScratchLlama
 from course_lib.paged_kv import BlockAllocator, OutOfBlocks, PagedKVCache
+from course_lib.scratch_llama import ScratchLlama
 
 from .conftest import make_tiny
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from course_lib import load_model
-from course_lib.train import TrainConfig, lr_at, train
+from course_lib.cli.train import TrainConfig, train
 
 MICRO = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
              num_kv_heads=2, seq_len=32, batch_size=4, steps=30, warmup_steps=5, eval_every=15,
@@ -39,13 +39,13 @@ def test_config_accepts_the_edges_of_every_range():
 
     cfg = TrainConfig(**{**MICRO, "warmup_steps": 0, "weight_decay": 0.0, "min_lr_frac": 1, "seed": 0,
                          "corpus_chars": None, "steps": np.int64(30), "lr": np.float32(1e-2)})
-    assert lr_at(0, cfg) == pytest.approx(1e-2) == pytest.approx(lr_at(29, cfg))
+    assert cfg.lr_at(0) == pytest.approx(1e-2) == pytest.approx(cfg.lr_at(29))
 
 
 def test_schedule_warms_up_then_decays():
     cfg = TrainConfig(**MICRO)
-    assert lr_at(0, cfg) < lr_at(4, cfg) == pytest.approx(cfg.lr)
-    assert lr_at(cfg.steps - 1, cfg) < cfg.lr / 2
+    assert cfg.lr_at(0) < cfg.lr_at(4) == pytest.approx(cfg.lr)
+    assert cfg.lr_at(cfg.steps - 1) < cfg.lr / 2
 
 
 def test_micro_training_learns_and_saves_a_loadable_model(tmp_path):
@@ -78,19 +78,20 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path):
 
 @pytest.fixture
 def micro_student(monkeypatch):
-    """``main_train_student`` on a tiny random teacher, a short random token stream and 4 steps: seconds."""
+    """``train_student`` on a tiny random teacher, a short random token stream and 4 steps: seconds."""
     import argparse
     import functools
 
     import torch
 
+    import course_lib.cli.train as recipe
     import course_lib.data
     import course_lib.distillation as dist
     from course_lib import load_tokenizer
     from tests.conftest import make_tiny
 
     tok = load_tokenizer("course-tiny")
-    real_recipe = dist.StudentRecipe
+    real_recipe = recipe.StudentRecipe
     teacher = make_tiny(vocab=len(tok), hidden=32, intermediate=64, layers=2)
     ids = torch.randint(0, len(tok), (6000,), generator=torch.Generator().manual_seed(0))
     cfg = dist.DistillConfig(temperature=2.0, alpha=0.5, steps=4, batch_size=2, seq_len=16, lr=5e-3,
@@ -98,13 +99,13 @@ def micro_student(monkeypatch):
 
     def run(out, overwrite=False):
         # Patched on call, so a test may run course-tiny's real trainer before.
-        monkeypatch.setattr(dist, "load_model", lambda name: (teacher, tok))  # where main_train_student calls it
+        monkeypatch.setattr(recipe, "load_model", lambda name: (teacher, tok))  # where train_student calls it
         monkeypatch.setattr(course_lib.data, "encode_split", lambda tok, split, **kw: ids)
-        monkeypatch.setattr(dist, "StudentRecipe", functools.partial(
+        monkeypatch.setattr(recipe, "StudentRecipe", functools.partial(
             real_recipe, num_layers=1, intermediate_size=32, distill=cfg, final_eval_tokens=128))
         args = argparse.Namespace(model="course-tiny-student", out=str(out), steps=None, seed=None,
                                   overwrite=overwrite, teacher=None)
-        return dist.main_train_student(args)
+        return recipe.train_student(args)
 
     return run
 
@@ -141,22 +142,23 @@ def test_student_never_touches_a_ckpt_folder_it_did_not_make(tmp_path, micro_stu
 def test_student_resumes_its_own_checkpoint_and_removes_only_its_files(tmp_path, micro_student, monkeypatch, caplog):
     import logging
 
+    import course_lib.cli.train as recipe
     import course_lib.distillation as dist
 
-    real_make_student = dist.make_student
+    real_make_student = recipe.make_student
 
     def interrupted(*a, init="teacher", **kw):  # the scratch baseline is built after the KD stage: stop there
         if init == "random":
             raise KeyboardInterrupt
         return real_make_student(*a, init=init, **kw)
 
-    monkeypatch.setattr(dist, "make_student", interrupted)
+    monkeypatch.setattr(recipe, "make_student", interrupted)
     with pytest.raises(KeyboardInterrupt):
         micro_student(tmp_path / "student")
     ckpt = tmp_path / "student.ckpt"
     assert (ckpt / "kd" / dist.CHECKPOINT).is_file()
     (ckpt / "mine.txt").write_text("dropped here by the learner")
-    monkeypatch.setattr(dist, "make_student", real_make_student)
+    monkeypatch.setattr(recipe, "make_student", real_make_student)
     with caplog.at_level(logging.INFO, logger="course_lib"):
         assert micro_student(tmp_path / "student") == 0
     assert "resuming from step 4" in caplog.text  # the KD stage was not trained again
@@ -165,7 +167,7 @@ def test_student_resumes_its_own_checkpoint_and_removes_only_its_files(tmp_path,
 
 
 def test_checkpoint_folder_helpers(tmp_path):
-    from course_lib.train import CHECKPOINT_MARKER, claim_checkpoint_dir, release_checkpoint_dir
+    from course_lib.training import CHECKPOINT_MARKER, claim_checkpoint_dir, release_checkpoint_dir
 
     ckpt, files = tmp_path / "run.ckpt", ["kd/checkpoint.pt"]
     claim_checkpoint_dir(ckpt, files, overwrite=False)
@@ -187,7 +189,7 @@ def test_student_trainer_refuses_a_planted_checkpoint_unread(tmp_path, micro_stu
     """DIR.ckpt/kd/checkpoint.pt is read on resume; a pickle planted there (with the marker anyone can write)
     is refused by the library and by `python -m course_lib train`, and its payload never runs."""
     from course_lib.__main__ import main
-    from course_lib.train import CHECKPOINT_MARKER
+    from course_lib.training import CHECKPOINT_MARKER
     from tests.test_untrusted_files import plant_pickle
 
     ckpt = tmp_path / "student.ckpt"
@@ -206,23 +208,23 @@ def test_student_trainer_refuses_a_planted_checkpoint_unread(tmp_path, micro_stu
 
 def test_student_overwrite_keeps_the_learners_files_beside_every_checkpoint(tmp_path, micro_student, monkeypatch):
     """--overwrite on an interrupted run starts afresh, removing only the checkpoint files it wrote."""
-    import course_lib.distillation as dist
+    import course_lib.cli.train as recipe
 
-    real_make_student = dist.make_student
+    real_make_student = recipe.make_student
 
     def interrupted(*a, init="teacher", **kw):
         if init == "random":
             raise KeyboardInterrupt
         return real_make_student(*a, init=init, **kw)
 
-    monkeypatch.setattr(dist, "make_student", interrupted)
+    monkeypatch.setattr(recipe, "make_student", interrupted)
     with pytest.raises(KeyboardInterrupt):
         micro_student(tmp_path / "student")
     ckpt = tmp_path / "student.ckpt"
     mine = [ckpt / "mine.txt", ckpt / "kd" / "mine.txt", ckpt / "kd" / "checkpoint.pt.bak"]
     for f in mine:
         f.write_text("the learner's")
-    monkeypatch.setattr(dist, "make_student", real_make_student)
+    monkeypatch.setattr(recipe, "make_student", real_make_student)
     assert micro_student(tmp_path / "student", overwrite=True) == 0
     assert all(f.read_text() == "the learner's" for f in mine)
     left = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())

@@ -15,6 +15,12 @@ import platform
 import tempfile
 from pathlib import Path
 
+import torch
+
+from .._checks import check_flag
+from ..device import course_device
+from .report import check_outputs, update_readme, write_report
+
 log = logging.getLogger(__name__)
 
 SUITES = ("decode", "quant", "prune", "distill", "serve", "engines")
@@ -22,10 +28,6 @@ SUITES = ("decode", "quant", "prune", "distill", "serve", "engines")
 
 def machine_info() -> dict:
     """What the numbers were measured on."""
-    import torch
-
-    from ..device import course_device
-
     dev = course_device()  # the device every suite puts its models on
     return {
         "platform": platform.platform(),
@@ -48,8 +50,6 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
     Every output is checked before the first suite starts: colliding paths, and existing files unless
     ``overwrite`` (the README's bench block is rewritten in place, as ``readme`` asks).
     """
-    from .._checks import check_flag
-
     check_flag("quick", quick)
     if isinstance(suites, str):  # run_bench("decode") means that one suite, not the letters d, e, c, ...
         suites = [suites]
@@ -60,7 +60,6 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
     missing = [s for s in chosen if s not in available_suites()]
     if missing:
         raise ValueError(f"suite(s) {missing} are not implemented yet; available: {available_suites()}")
-    from .report import check_outputs
 
     check_outputs(json_path, report_dir, readme, overwrite)  # before the run, not after minutes of benchmarking
     result = {"machine": machine_info(), "quick": quick, "rows": []}
@@ -84,10 +83,6 @@ def _write_outputs(result: dict, json_path, report_dir, readme, overwrite: bool)
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2))
     if report_dir:
-        from .report import write_report
-
         write_report(result, Path(report_dir), overwrite=overwrite)
     if readme:
-        from .report import update_readme
-
         update_readme(Path(readme), result, Path(report_dir) if report_dir else None)

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from .._checks import check_flag
 from ..decode_speed import overhead_model
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache, generate_no_cache
-from ..kv_cache import ScratchLlama
 from ..machine import measure_machine
 from ..models import resolve_device, speed_lab_model
+from ..quantization import preset, quantize_
 from ..roofline import decode_cost, predict
+from ..scratch_llama import ScratchLlama
 from ..timing import time_tokens
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,6 @@ def run(quick: bool = False, device: str = "auto") -> dict:
         if method == "hf-generate int8-wo":
             # The quantization chapter's packed int8 layers (head included), bf16 activations, timed through
             # Hugging Face's decode loop (the scratch loops run them too; this row checks the roofline).
-            from ..quantization import preset, quantize_
-
             kernels = quantize_(model, preset("int8-wo")).summary()  # which kernel each layer got, for the row
             weight_bits, label = 8, "int8-wo (bf16 act.)"
             overhead = overheads["hf-generate"]  # same loop and depth; the overhead model has no weights to speak of

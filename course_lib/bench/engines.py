@@ -53,11 +53,11 @@ from tqdm.auto import tqdm
 from .._checks import check_flag
 from ..device import release_memory
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
-from ..kv_cache import ScratchLlama
 from ..machine import measure_bandwidth
 from ..quantization import FLOAT, PACKED_LINEARS, Int8Embedding, kernel_choice, preset, quantize_
 from ..real_model import cache_dir
 from ..real_model import gguf_path as shipped_gguf  # the wheel's GGUF, located the one way the course does it
+from ..scratch_llama import ScratchLlama
 from ..timing import time_tokens
 from .quant import weight_bytes
 

@@ -14,8 +14,7 @@ costs a pretrained model as it stands: parameters, size, prose perplexity on the
 ``pydoc_data.topics``, answer agreement with the unpruned model on :mod:`course_lib.prompts`, and decode
 speed against the dense model, timed interleaved. Channels and KV groups are ranked by Taylor importance
 on train-split prose; one row ranks by weight magnitude instead, because on this model that choice
-alone decides between a small loss and a broken model (measured: MLP -8% by magnitude took prose
-perplexity from 17 to ~4,700, by Taylor to 19).
+alone decides between a small loss and a broken model (the figures: docs/pruning.md, "Benchmark").
 
 Methods are timed *interleaved* (dense, pruned, dense, ...) so a machine whose
 load changes during the run slows all of them alike; ratios are what to read.
@@ -28,9 +27,8 @@ The full run also times decode through the compiled static-cache loop
 structured-50 and structured-50-hidden models, where most of the per-step
 Python overhead is gone, and repeats dense vs structured-50 on Llama-3.2-1B's shapes:
 there 50% of the heads is exactly half (8 KV groups; SmolLM2's 3 round to one
-removed) and the unpruned head is a smaller share. Memory: 11.3 GB at peak,
-measured (the 1B model in float32, copied once to prune it); time: 16 minutes
-on 2 cores (compiling: 35-80 s per model).
+removed) and the unpruned head is a smaller share. Its memory and time (the 1B model in float32, copied
+once to prune it) are in docs/pruning.md, "Benchmark".
 """
 
 from __future__ import annotations
@@ -41,10 +39,13 @@ from dataclasses import replace
 import torch
 
 from .._checks import check_flag
+from ..data import calibration_batches, encode_prose, encode_split, prose_calibration_batches
 from ..decode_speed import decode_speed
 from ..metrics import answer_agreement, greedy_answers, model_size_bytes, perplexity, prose_perplexity
 from ..models import count_parameters, load_model, speed_lab_model
+from ..prompts import prompts
 from ..pruning import PruneConfig, RecoveryConfig, pruned, recover_, speedup_ceiling, taylor_importance
+from ..real_model import is_real_model, model_source
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,6 @@ def real_rows(quick: bool, model_name: str = REAL_MODEL) -> list[dict]:
     Quality: prose perplexity on the fixed slice and answer agreement with the dense model's greedy
     answers; speed: every model's decode timed interleaved against the dense one, with its byte ceiling.
     """
-    from ..data import encode_prose, prose_calibration_batches
-    from ..prompts import prompts
-    from ..real_model import is_real_model, model_source
-
     i = 0 if quick else 1
     dense, tok = load_model(model_name)
     source = model_source().kind if is_real_model(model_name) else model_name
@@ -183,7 +180,6 @@ def run(quick: bool = False) -> dict:
     teacher, tok = load_model(QUALITY_MODEL)
     ppl_tokens = 8192 if quick else 32768
     ev = lambda m: perplexity(m, tok, max_tokens=ppl_tokens)  # noqa: E731
-    from ..data import calibration_batches, encode_split
 
     calib = calibration_batches(tok, n=8, seq_len=128)
     qmodels = {"dense": teacher}

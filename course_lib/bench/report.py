@@ -18,25 +18,13 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure
+
 from .._checks import check_output_path
+from ..nb import markdown_table  # the notebooks' table printer; the report's tables are the same
 
 log = logging.getLogger(__name__)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """One Markdown table over the union of the rows' keys (in first-seen order)."""
-    cols: list[str] = []
-    for r in rows:
-        cols.extend(k for k in r if k not in cols)
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _label(r: dict) -> str:
@@ -57,8 +45,6 @@ def _num(v) -> bool:
 
 def _new_axes():
     """A Figure without pyplot: no GUI backend needed, and a notebook's backend is left alone."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(7, 4.5))
     return fig, fig.add_subplot()
 
@@ -97,8 +83,6 @@ def plot_pareto(rows: list[dict], speed: str = "decode_tok_s", quality: str = "p
 
 def plot_decode_roofline(rows: list[dict], bandwidth_gbs: float | None, ax=None):
     """Decode tokens/s vs weight bytes per token, log-log, with the memory roof. None if no data."""
-    import numpy as np
-
     pts = _roofline_points(rows)
     if not pts:
         return None

@@ -1,1 +1,1 @@
-"""Course commands that are more than a call into the library: the editions of the notebooks, grading."""
+"""The command line's subcommands, one module each: ``add_arguments(parser)`` and ``run(args) -> exit code``."""

@@ -273,3 +273,22 @@ def write_editions(source: Path, out: Path, overwrite: bool = False) -> dict[str
         written[name] = {"instructor": folder / path.name, "student": out / "release" / name / path.name}
         log.info("%s: %d graded checks", name, len(find_exercises(nbformat.read(path, as_version=4))))
     return written
+
+
+# --- the command: python -m course_lib editions ---------------------------------
+
+HELP = "student and instructor editions of the notebooks (an nbgrader course folder)"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"  # the single source, in a checkout
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", required=True, help="folder for the editions: source/ (instructor), release/ (student)")
+    p.add_argument("--source", default=str(NOTEBOOKS), help="the source notebooks (default: this checkout's)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild the editions in a non-empty --out folder")
+
+
+def run(args) -> int:
+    written = write_editions(Path(args.source), Path(args.out), overwrite=args.overwrite)
+    print(f"{len(written)} notebooks: instructor edition in {Path(args.out) / 'source'}, student edition in "
+          f"{Path(args.out) / 'release'} (nbgrader course folder {args.out})")
+    return 0

@@ -24,7 +24,8 @@ from pathlib import Path
 import nbformat
 from nbformat import NotebookNode
 
-from .editions import instructor_edition
+from ..bench.report import check_new_file
+from .editions import NOTEBOOKS, instructor_edition
 
 
 @dataclass(frozen=True)
@@ -241,3 +242,26 @@ def _run_one(src: str, dst: str, cell_timeout_s: str, pid_file: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(_run_one(*sys.argv[1:5]))
+
+
+# --- the command: python -m course_lib grade ------------------------------------
+
+HELP = "grade submitted notebooks into a CSV and Markdown gradebook"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("submissions", help="folder with one folder per learner: LEARNER/NN_name.ipynb")
+    p.add_argument("--out", default="gradebook.csv", help="the CSV to write (the Markdown goes beside it)")
+    p.add_argument("--source", default=str(NOTEBOOKS), help="the source notebooks (default: this checkout's)")
+    p.add_argument("--notebook-timeout", type=float, default=900.0, help="seconds per notebook")
+    p.add_argument("--cell-timeout", type=float, default=300.0, help="seconds per cell")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def run(args) -> int:
+    check_new_file(Path(args.out), "--out", args.overwrite)
+    cfg = GradeConfig(notebook_timeout_s=args.notebook_timeout, cell_timeout_s=args.cell_timeout)
+    scores = grade_submissions(Path(args.submissions), Path(args.source), cfg)
+    out_csv, out_md = write_gradebook(scores, Path(args.out))
+    print(f"{len({s.learner for s in scores})} learners, {len(scores)} graded checks: {out_csv}, {out_md}")
+    return 0

@@ -8,6 +8,7 @@ must pass on the reference solution and say *what* is wrong otherwise
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,8 +77,6 @@ def attempt(fn: Callable[..., Any], *args: Any, what: str | None = None, **kwarg
 
 def checked(check: Callable[..., Feedback]) -> Callable[..., Feedback]:
     """Decorator for ``check_*`` functions that call the learner's code through :func:`attempt`."""
-    import functools
-
     @functools.wraps(check)
     def wrapper(*args: Any, **kwargs: Any) -> Feedback:
         try:

@@ -7,6 +7,7 @@ import random
 import statistics
 from collections.abc import Callable, Sequence
 
+from ..timing import stream_timing
 from . import Feedback, attempt, checked, fail, not_done, ok
 
 
@@ -33,8 +34,6 @@ def _close(a: float, b: float) -> bool:
 @checked
 def check_stream_timing(fn: Callable[[Sequence[float]], tuple[float, float]]) -> Feedback:
     """``fn(token_times) -> (ttft_s, decode_tokens_per_s)``, as :func:`course_lib.timing.stream_timing` reports."""
-    from ..timing import stream_timing
-
     for times in _timelines():
         got = attempt(fn, list(times))
         if not isinstance(got, (tuple, list)) or len(got) != 2:

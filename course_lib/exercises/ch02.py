@@ -6,14 +6,14 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from . import Feedback, attempt, checked, fail, ok
 
 
 def llama_configs():
     """A few Llama-family configs of varied shape: grouped-query attention, explicit head_dim, tied or not."""
-    from transformers import LlamaConfig
-
     shapes = [  # hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied
         (256, 768, 6, 8, 2, 32, 4096, True),  # course-tiny's shape
         (576, 1536, 3, 9, 3, 64, 1000, False),
@@ -27,8 +27,6 @@ def llama_configs():
 
 def true_parameter_count(cfg) -> int:
     """The count of the real thing: build the model on the meta device (shapes, no memory) and count."""
-    from transformers import LlamaForCausalLM
-
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
@@ -97,8 +95,6 @@ def _attend(q, k, v, mask=None, scale=True, dim=-1):
 @checked
 def check_causal_attention(fn: Callable) -> Feedback:
     """``fn(q, k, v) -> out``: softmax(q k^T / sqrt(d), future masked) v, checked against torch's SDPA."""
-    import torch.nn.functional as F
-
     for q, k, v in _attention_cases():
         got = attempt(fn, q.clone(), k.clone(), v.clone())
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..scratch_llama import repeat_kv
 from . import Feedback, attempt, checked, fail, ok
 
 
@@ -70,8 +71,6 @@ def check_decode_step(fn: Callable) -> Feedback:
 @checked
 def check_repeat_kv(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Feedback:
     """``fn(x, n_rep)`` must turn (B, n_kv, S, D) into (B, n_kv * n_rep, S, D), each KV head repeated in place."""
-    from ..kv_cache import repeat_kv
-
     g = torch.Generator().manual_seed(4)
     for shape, n_rep in (((2, 2, 3, 4), 3), ((1, 3, 5, 2), 2), ((1, 4, 2, 8), 1), ((2, 1, 4, 4), 4)):
         x = torch.randn(shape, generator=g)

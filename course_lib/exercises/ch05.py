@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..quantization import QuantConfig, dequantize, gptq_quantize_weight, quantize
 from . import Feedback, attempt, checked, fail, ok
 
 QuantizeFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -40,8 +41,6 @@ def _group_cases() -> list[tuple[torch.Tensor, int, int]]:
 
 
 def _grouped_ref(w: torch.Tensor, bits: int, group_size: int):
-    from ..quantization import quantize
-
     qt = quantize(w, bits, symmetric=False, granularity="per_group", group_size=group_size)
     n, k = w.shape
     return qt, qt.scale.reshape(n, k // group_size), qt.zero_point.reshape(n, k // group_size)
@@ -82,8 +81,6 @@ def check_group_quantize(quantize_fn: QuantizeFn, dequantize_fn: DequantizeFn) -
     ``q = clamp(round(w / scale) + zero, 0, 2^b - 1)`` with q shaped like ``w`` (N, K), scale and zero shaped
     (N, K // group_size); ``w_hat = (q - zero) * scale``.
     """
-    from ..quantization import dequantize
-
     for w, bits, gs in _group_cases():
         n, k = w.shape
         qt, ref_scale, ref_zero = _grouped_ref(w, bits, gs)
@@ -183,8 +180,6 @@ def _inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
 
 def _row_rounder(w: torch.Tensor, bits: int = 4) -> Callable[[torch.Tensor], torch.Tensor]:
     """Asymmetric rounding of one column with each row's scale and zero (from the whole of ``w``)."""
-    from ..quantization import quantize
-
     qt = quantize(w, bits, symmetric=False, granularity="per_channel")
     s, z = qt.scale.reshape(-1), qt.zero_point.reshape(-1)
     return lambda col: (torch.clamp(torch.round(col / s) + z, 0, 2**bits - 1) - z) * s
@@ -237,8 +232,6 @@ def check_gptq_column(fn: ColumnFn) -> Feedback:
     :func:`course_lib.quantization.gptq_quantize_weight`. Checked one step at a time on random cases, then as
     a whole left-to-right loop against the library's GPTQ.
     """
-    from ..quantization import QuantConfig, dequantize, gptq_quantize_weight
-
     for n, k, seed, cols in ((6, 16, 0, (0, 5, 15)), (10, 24, 1, (3, 22))):
         w, h = _hessian_cases(n, k, seed)
         _, hinv = _inverse_factor(h)

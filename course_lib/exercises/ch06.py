@@ -19,13 +19,13 @@ from __future__ import annotations
 import copy
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..pruning import magnitude_importance, prune_mlp_channels_
 from . import Feedback, attempt, checked, fail, first_failure, ok
 
 
 def _tiny_llama(seed: int, hidden: int = 32, inter: int = 48):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     cfg = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
     torch.manual_seed(seed)
@@ -60,8 +60,6 @@ def check_magnitude_mask(fn) -> Feedback:
 @checked
 def check_mlp_channel_scores(fn) -> Feedback:
     """Check ``fn(layer) -> (intermediate,)`` scores against the library's magnitude importance."""
-    from ..pruning import magnitude_importance
-
     for seed in (6, 7):
         model = _tiny_llama(seed)
         layer = model.model.layers[0]
@@ -85,8 +83,6 @@ def check_mlp_channel_scores(fn) -> Feedback:
 @checked
 def check_prune_mlp(fn) -> Feedback:
     """Check ``fn(mlp, remove)`` (in place or returning the MLP) against the library's ``prune_mlp_channels_``."""
-    from ..pruning import prune_mlp_channels_
-
     g = torch.Generator().manual_seed(16)
     for seed, n_remove in ((1, 12), (2, 1), (3, 40)):
         model = _tiny_llama(seed)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..training import kd_loss
 from . import Feedback, attempt, checked, fail, ok
 
 
@@ -22,8 +23,6 @@ def _kd_cases():
 @checked
 def check_kd_loss(fn: Callable) -> Feedback:
     """``fn(student_logits, teacher_logits, targets, T, alpha) -> scalar`` must equal the library's kd_loss."""
-    from ..distillation import kd_loss
-
     for s, t, y, T, alpha in _kd_cases():
         out = attempt(fn, s, t, y, T, alpha)
         if out is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from ..models import speed_lab_config
+from ..roofline import VENDOR_PRESETS, Hardware, ModelDims, decode_cost, predict
 from . import Feedback, attempt, checked, fail, not_done, ok
 
 
@@ -32,8 +34,6 @@ def check_article_ratio(answer) -> Feedback:
 
 def _cases():
     """(model, hardware, batch, context, weight bits, compute dtype): memory-bound and compute-bound steps."""
-    from ..roofline import VENDOR_PRESETS, Hardware
-
     laptop = Hardware("a laptop CPU (made up)", 60.0, {"fp32": 300.0, "bf16": 600.0}, "an example")
     h100 = VENDOR_PRESETS["NVIDIA H100 SXM (vendor spec)"]
     t4 = VENDOR_PRESETS["NVIDIA T4 (vendor spec)"]
@@ -63,9 +63,6 @@ def check_decode_time(fn: Callable) -> Feedback:
     Checked against the library's roofline (``predict(decode_cost(...))``, which also counts the activations and
     attention's FLOPs, a few per cent in these cases) within 5 %, and the bound must match.
     """
-    from ..models import speed_lab_config
-    from ..roofline import ModelDims, decode_cost, predict
-
     for name, hw, batch, context, bits, dtype in _cases():
         dims = ModelDims.from_config(speed_lab_config(name))
         got = attempt(fn, dims, hw, batch, context, bits, dtype)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..metrics import matched_prefix
 from . import Feedback, attempt, checked, fail, not_done, ok
 
 UNANSWERED = ("", "?", None)
@@ -157,8 +158,6 @@ def _agreement_cases(rng: torch.Generator) -> list[tuple[torch.Tensor, torch.Ten
 @checked
 def check_matched_prefix(fn: Callable) -> Feedback:
     """The learner's ``fn(reference, answers) -> (P,) tensor``: leading tokens equal, per prompt."""
-    from ..metrics import matched_prefix
-
     for ref, got in _agreement_cases(torch.Generator().manual_seed(11)):
         want = matched_prefix(ref, got)
         out = attempt(fn, ref.clone(), got.clone(), what="`my_matched_prefix`")

@@ -12,9 +12,11 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import ipywidgets as w
 import torch
 import torch.nn.functional as F
 
+from ..timing import BenchResult, speed_verdict
 from . import Feedback, attempt, checked, fail, ok
 
 
@@ -103,8 +105,6 @@ def check_quiz(qid: str, choice: int | None) -> Feedback:
 
 def quiz_panel(qid: str):
     """An ipywidgets quiz: radio buttons and instant feedback. Returns (widget, update(choice))."""
-    import ipywidgets as w
-
     q = QUIZ[qid]
     radio = w.RadioButtons(options=[(o, i) for i, o in enumerate(q.options)], value=None,
                            layout=w.Layout(width="max-content"))
@@ -166,8 +166,6 @@ VERDICTS = ("a faster", "b faster", "no measurable difference")
 
 def reference_verdict(a: list[float], b: list[float]) -> str:
     """The course's rule, through :func:`course_lib.timing.speed_verdict`: p10-p90 ranges that overlap are noise."""
-    from ..timing import BenchResult, speed_verdict
-
     ra, rb = BenchResult.from_times(list(a), "given"), BenchResult.from_times(list(b), "given")
     text = speed_verdict(("a", ra), ("b", rb))  # "a is 1.4x faster/slower than b here (...)" or "no measurable..."
     return "no measurable difference" if text.startswith("no measurable") else (

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_flag, check_int, check_number
-from ..kv_cache import ScratchLlama
 from ..models import check_token_ids
+from ..scratch_llama import ScratchLlama
 from .scheduler import PagedBatch, Row, blocks_needed
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import check_int
-from ..kv_cache import ScratchLlama
 from ..paged_kv import PagedKVCache
+from ..scratch_llama import ScratchLlama
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ Two scheduling policies, run on the same requests and the same model:
   requests leave and waiting ones join. Slots never idle while work waits.
 
 Everything runs for real: each prefill and decode step is a forward pass of
-the model (the from-scratch :class:`~course_lib.kv_cache.ScratchLlama`), timed
+the model (the from-scratch :class:`~course_lib.scratch_llama.ScratchLlama`), timed
 with ``perf_counter``. Only the *clock* is virtual: requests "arrive" on a
 simulated timeline and the clock advances by the measured duration of each
 forward pass, so a run of a few seconds can simulate a busy minute without
@@ -42,7 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_flag, check_int, check_number
-from ..kv_cache import KVCache, ScratchLlama
+from ..kv_cache import KVCache
+from ..scratch_llama import ScratchLlama
 from .scheduler import PagedBatch, Row, blocks_needed
 
 log = logging.getLogger(__name__)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
 
-from ._checks import check_flag, check_int
-from .generation import generate
-from .metrics import compile_rate, next_token_accuracy, perplexity
-from .models import count_parameters, load_model, resolve_model_path
+from .._checks import check_flag, check_int, int_at_least
+from ..bench.report import check_new_file
+from ..generation import generate
+from ..metrics import compile_rate, next_token_accuracy, perplexity
+from ..models import count_parameters, load_model, resolve_model_path
+
+HELP = "held-out perplexity, accuracy, compile rate and samples of a model"
 
 SAMPLE_PROMPTS = (
     "def is_prime(n):",
@@ -35,8 +39,8 @@ def read_training_record(folder: str | Path) -> dict | None:
 def training_summary(record: dict) -> dict:
     """The training figures a card shows, from the record of either trainer.
 
-    ``course-tiny``'s trainer (:func:`course_lib.train.train`) records ``train_seconds`` and the corpus token
-    counts; the student trainer (``distillation.main_train_student``) records per-stage ``seconds``, its
+    ``course-tiny``'s trainer (:func:`course_lib.cli.train.train`) records ``train_seconds`` and the corpus token
+    counts; the student trainer (:func:`course_lib.cli.train.train_student`) records per-stage ``seconds``, its
     teacher and the corpus hashes only. A figure a record does not hold is None, never a KeyError.
     """
     corpus = record.get("corpus") if isinstance(record.get("corpus"), dict) else {}
@@ -76,3 +80,26 @@ def evaluate_model(name: str = "course-tiny", max_tokens: int | None = None, n_f
     if record is not None:
         card["training"] = training_summary(record)
     return card
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="course-tiny")
+    p.add_argument("--functions", type=int_at_least(1), default=64,
+                   help="held-out functions for the compile rate")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_new_file(Path(args.json), "--json", args.overwrite)  # before the evaluation, not after it
+    try:
+        resolve_model_path(args.model)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from e
+    card = evaluate_model(args.model, n_functions=args.functions)
+    print(json.dumps(card, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(card, indent=2))
+    return 0

@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import platform
+import argparse
 import time
 
+from .. import real_model
+from ..machine import measure_bandwidth
+from ..metrics import perplexity
+from ..models import DEFAULT_MODEL, count_parameters, load_model
+from ..nb import environment_report
 
-def environment_report() -> dict:
-    """Versions, device and threads: what every notebook prints first."""
-    import torch
-    import transformers
+HELP = "versions, device, bandwidth, and whether the embedded model loads"
 
-    from . import __version__
 
-    info = {
-        "course_lib": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-    try:
-        import torch_pruning
-
-        info["torch_pruning"] = torch_pruning.__version__
-    except ImportError:
-        info["torch_pruning"] = None
-    return info
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """doctor takes no arguments."""
 
 
 def run_doctor() -> int:
     """Print the report, measure bandwidth, load the embedded model; 0 when all is well."""
-    from .machine import measure_bandwidth
-    from .metrics import perplexity
-    from .models import DEFAULT_MODEL, count_parameters, load_model
-
     ok = True
     for k, v in environment_report().items():
         print(f"{k:>16}: {v}")
@@ -54,8 +34,6 @@ def run_doctor() -> int:
         ok = False
         print(f"{'embedded model':>16}: FAILED - {e}")
     try:  # the real chat model: the first load converts its GGUF into the cache (once, ~20 s)
-        from . import real_model
-
         t0 = time.perf_counter()
         model, tok = load_model(real_model.NAME)
         print(f"{'real model':>16}: {real_model.NAME} loads, {count_parameters(model) / 1e6:.1f}M parameters "
@@ -65,3 +43,7 @@ def run_doctor() -> int:
         print(f"{'real model':>16}: FAILED - {e}")
     print("all good" if ok else "problems found (see above)")
     return 0 if ok else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_doctor()

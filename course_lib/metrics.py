@@ -127,6 +127,26 @@ def model_size_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+def stored_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's weights take as stored, including torch's packed dynamic-quantized Linear and torchao
+    tensor subclasses (what a model holds, unlike :func:`course_lib.anatomy.weight_bytes`: a count times a format)."""
+    total = 0
+    for m in model.modules():
+        packed = getattr(m, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            w, b = packed._weight_bias()
+            total += w.numel() * 1 + (0 if b is None else b.numel() * b.element_size())
+            total += w.q_per_channel_scales().numel() * 8 if w.qscheme() != torch.per_tensor_affine else 8
+    try:
+        from torchao.utils import get_model_size_in_bytes
+
+        if any(type(p).__module__.startswith("torchao") for p in model.parameters()):
+            return total + get_model_size_in_bytes(model)
+    except ImportError:
+        pass
+    return total + model_size_bytes(model)
+
+
 # --- a task metric: does the model's completion of a held-out function still compile? -----------
 
 

@@ -240,7 +240,7 @@ def test_the_kernel_table_lists_every_choice_with_its_candidates(tiny_loader, sr
 
 
 def test_decode_bytes_count_the_float_copy_not_the_integers_it_replaced(monkeypatch):
-    from course_lib.bench.quant import weight_bytes
+    from course_lib.metrics import stored_weight_bytes
     from course_lib.quantization import FLOAT, Int8WeightOnlyLinear, QuantConfig, kernel_choice, quantize_
 
     kernel_choice.clear_kernel_choices()
@@ -252,7 +252,7 @@ def test_decode_bytes_count_the_float_copy_not_the_integers_it_replaced(monkeypa
     layers = [m for m in model.modules() if isinstance(m, Int8WeightOnlyLinear)]
     assert layers and all(m.kernel == FLOAT for m in layers)
     ints = sum(m.weight_int8.numel() for m in layers)
-    assert engines.decode_bytes(model) == weight_bytes(model) - ints
+    assert engines.decode_bytes(model) == stored_weight_bytes(model) - ints
 
 
 def test_goals_take_each_kinds_best_course_lib_row_against_its_llama_cpp_file():

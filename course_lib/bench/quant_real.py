@@ -29,6 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import real_model
+from ..data import prose_calibration_batches
+from ..metrics import answer_agreement, code_perplexity, greedy_answers, prose_perplexity, stored_weight_bytes
+from ..models import count_parameters, load_model
+from ..prompts import prompts
 from ..quantization import fake_quantize_model_, preset, quantize_
 
 log = logging.getLogger(__name__)
@@ -68,13 +73,6 @@ def _variant(method: str, base: nn.Module, calibration: torch.Tensor) -> tuple[n
 
 def run(quick: bool = False) -> dict:
     """One row per format on the real model (errors kept in their row), and the two goals."""
-    from .. import real_model
-    from ..data import prose_calibration_batches
-    from ..metrics import answer_agreement, code_perplexity, greedy_answers, prose_perplexity
-    from ..models import count_parameters, load_model
-    from ..prompts import prompts
-    from .quant import weight_bytes
-
     size = SIZES[bool(quick)]
     prose_tokens, code_tokens, per_kind, n_tokens = (size[k] for k in ("prose_tokens", "code_tokens", "per_kind",
                                                                       "n_tokens"))
@@ -97,7 +95,7 @@ def run(quick: bool = False) -> dict:
         try:
             t0 = time.perf_counter()
             model, info = _variant(method, base, calibration)
-            row.update(info, build_s=time.perf_counter() - t0, bytes=weight_bytes(model))
+            row.update(info, build_s=time.perf_counter() - t0, bytes=stored_weight_bytes(model))
             with torch.inference_mode():
                 row["prose_ppl"] = prose_perplexity(model, tok, max_tokens=prose_tokens)
                 row["code_ppl"] = code_perplexity(model, tok, max_tokens=code_tokens)

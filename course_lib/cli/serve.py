@@ -7,6 +7,7 @@ import argparse
 from .._checks import int_at_least
 from ..models import load_model
 from ..quantization import preset, quantize_
+from ..serving.engine import EngineConfig
 
 HELP = "serve a model over an OpenAI-compatible HTTP API (the course's engine)"
 QUANT_PRESETS = {"int8": "int8-wo", "int4": "int4-wo-g32"}  # --quant -> the preset table's name
@@ -24,7 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # The HTTP stack (FastAPI, uvicorn, sse-starlette) is the `serve` extra: only this command needs it.
-    from ..serving.engine import EngineConfig
     from ..serving.server import serve_forever
 
     cfg = EngineConfig(max_batch=args.max_batch, max_waiting=args.max_waiting)  # checked before the model loads

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import check_int
+from ..generation import sample_next
 from ..paged_kv import PagedKVCache
 from ..scratch_llama import ScratchLlama
 
@@ -226,8 +227,6 @@ class PagedBatch:
 
     def _pick(self, row: Row, logits: torch.Tensor) -> int:
         if row.temperature > 0:
-            from ..generation import sample_next
-
             return int(sample_next(logits, row.temperature, None, row.generator))
         return int(logits.argmax())
 

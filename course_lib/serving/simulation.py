@@ -42,8 +42,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .._checks import check_flag, check_int, check_number
+from ..generation import hf_forward
 from ..kv_cache import KVCache
 from ..scratch_llama import ScratchLlama
+from ..timing import BenchResult, compare
 from .scheduler import PagedBatch, Row, blocks_needed
 
 log = logging.getLogger(__name__)
@@ -501,8 +503,6 @@ def interleaved_runs(model, requests: list[Request], configs: dict[str, ServeCon
 def spread(values: list[float]):
     """Median and p10-p90 of per-round values (seconds on the simulated clock) as a timing BenchResult,
     so :func:`course_lib.timing.speed_verdict` can judge them."""
-    from ..timing import BenchResult
-
     return BenchResult.from_times(list(values), "simulated clock")
 
 
@@ -546,9 +546,6 @@ def batch_sweep(model, batch_sizes: list[int], context: int = 64, warmup: int = 
     matrix-matrix product (GEMM) with another kernel, and per-row work (attention over each row's cache,
     activations, the output head's logits) grows with the batch.
     """
-    from ..generation import hf_forward
-    from ..timing import compare
-
     if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1
                               for b in batch_sizes):
         raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes!r}")

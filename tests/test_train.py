@@ -1,6 +1,8 @@
 """The training command: validated config, a real (tiny) run that learns, no silent overwrite."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -125,6 +127,29 @@ def test_overwrite_keeps_other_files_for_both_models(tmp_path, micro_student):
         assert json.loads((out / "training.json").read_text())["config"], name  # replaced by this run's record
         load_model(str(out))
     assert not (tmp_path / "student.ckpt").exists()  # the student's checkpoints are removed once it finished
+
+
+def test_saved_models_are_readable_by_others_under_umask_022_and_other_files_keep_their_modes(tmp_path,
+                                                                                             micro_student):
+    """A class shares its trained models: every file a trainer saves gets the umask's mode (safetensors writes
+    0600 whatever the umask); a learner's own file in the folder keeps the mode it had."""
+    old = os.umask(0o022)
+    try:
+        for name in ("tiny", "student"):
+            out = tmp_path / name
+            out.mkdir()
+            (out / "private.txt").write_text("learner's notes")
+            (out / "private.txt").chmod(0o600)
+            if name == "tiny":
+                train(TrainConfig(**{**MICRO, "steps": 2, "eval_every": 2}), out, overwrite=True)
+            else:
+                assert micro_student(out, overwrite=True) == 0
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+            assert modes.pop("private.txt") == 0o600, name
+            assert "model.safetensors" in modes and "tokenizer.json" in modes, (name, modes)
+            assert all(m == 0o644 for m in modes.values()), (name, {k: oct(m) for k, m in modes.items()})
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .. import data
 from .._checks import check_int, check_number, int_at_least
+from .._files import apply_umask
 from ..distillation import CHECKPOINT_FILES, INITS, DistillConfig, distill, make_student
 from ..metrics import perplexity
 from ..models import EMBEDDED, count_parameters, load_model, resolve_model_path
@@ -144,6 +145,22 @@ def _eval_loss(model, ids: torch.Tensor, seq_len: int) -> float:
     return math.log(perplexity(model, ids, seq_len=seq_len))
 
 
+def _save_model(model, tokenizer, out: Path) -> None:
+    """Save a trained model and its tokenizer into ``out``, every file they write with the mode the umask gives
+    (safetensors writes 0600 whatever the umask: a class's shared model would be its owner's only). A
+    learner's other files in ``out`` keep their modes."""
+    def files() -> dict[Path, tuple[int, int, int]]:
+        return {p: (s.st_ino, s.st_mtime_ns, s.st_size) for p in out.iterdir() for s in [p.lstat()]}
+
+    out.mkdir(parents=True, exist_ok=True)
+    before = files()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for path, key in files().items():
+        if before.get(path) != key:  # new, or rewritten by this save
+            apply_umask(path)
+
+
 def train(cfg: TrainConfig, out_dir: str | Path, overwrite: bool = False) -> dict:
     """Train tokenizer and model, save both to ``out_dir``; return the training record.
 
@@ -180,9 +197,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, overwrite: bool = False) -> dic
         cfg.lr_at, on_step=on_step, desc="training course-tiny")
     train_time = time.perf_counter() - t1
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_model(model, tokenizer, out)
     record = {
         "config": asdict(cfg),
         "parameters": count_parameters(model),
@@ -279,9 +294,7 @@ def train_student(args: argparse.Namespace) -> int:
         record["history"]["student_scratch"] = sc.history
         record["seconds"]["student_scratch"] = round(sc.seconds, 1)
     record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    kd.student.save_pretrained(out)
-    tok.save_pretrained(out)
+    _save_model(kd.student, tok, out)
     (out / "training.json").write_text(json.dumps(record, indent=2))
     release_checkpoint_dir(ckpt, ckpt_files)
     print(json.dumps({k: record[k] for k in ("parameters", "teacher_parameters", "heldout_ppl", "seconds")},

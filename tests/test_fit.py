@@ -31,7 +31,8 @@ def test_train_losses_are_pinned(tmp_path):
     hist = train(cfg, tmp_path / "m")["history"]
     assert [r["step"] for r in hist] == [1, 2, 3, 4]
     assert [r["train_loss"] for r in hist] == pytest.approx([5.712205, 5.662303, 5.346539, 5.125375], **TOL)
-    assert [r["heldout_loss"] for r in hist] == pytest.approx([5.622827, 5.369381, 5.095162, 4.968862], **TOL)
+    # held-out loss scores every target of the held-out slice, the last partial window's too (see metrics.perplexity)
+    assert [r["heldout_loss"] for r in hist] == pytest.approx([5.621134, 5.367364, 5.092004, 4.966996], **TOL)
 
 
 MICRO = DistillConfig(temperature=2.0, alpha=0.5, steps=4, batch_size=4, seq_len=16, lr=5e-3, warmup_steps=2,

@@ -10,7 +10,10 @@ Two OpenAI-compatible servers on 127.0.0.1, each on a free port:
   floats, computed at the same precision. ``--interrupt_requests False``: by default that server *ends* a
   running stream as soon as another request waits, which would count cut answers as served ones.
 
-Both get the same number of CPU threads. The load (:mod:`course_lib.serving.loadgen`: Poisson arrivals,
+Both get the same number of CPU threads: one by default (``threads=N`` for more). The comparison is about
+scheduling, not about how kernels scale with threads; and on a CPU shared with other work, threads that wait
+for each other at every step collapse (llama.cpp with 2 threads on a busy 2-core machine took minutes for what
+1 thread did in seconds: see docs/serving.md). The load (:mod:`course_lib.serving.loadgen`: Poisson arrivals,
 streaming chat requests from the course's prompts behind a shared system prompt) runs at each rate against one
 server, then the other, rate after rate (A r1, B r1, A r2, ...), so a change in the machine's load lands on
 both alike. The rates are multiples of llama.cpp's *serial capacity* (one over its time for one whole answer,
@@ -25,7 +28,7 @@ rate two servers that both meet the budget have nearly the same goodput, the rat
 far the load can grow before the budget breaks.)
 
 Cost: ``--quick`` (2 rates, 6 requests of at most 16 tokens) about a minute on 2 cores; the full run (4 rates,
-24 requests of at most 64 tokens) ten minutes or more. Without ``llama-cpp-python`` the llama.cpp rows say
+16 requests of at most 64 tokens) ten minutes or more. Without ``llama-cpp-python`` the llama.cpp rows say
 how to install it and the course's rows still run.
 """
 
@@ -58,7 +61,7 @@ BUDGET = "customer service"
 MEETS_SHARE = 0.9  # a run meets the budget when this share of its requests did
 GOAL_RATIO = 2.0  # the course's sustained goodput over llama.cpp's
 QUICK = dict(factors=(0.5, 2.0), requests=6, max_tokens=16)
-FULL = dict(factors=(0.5, 1.0, 2.0, 4.0), requests=24, max_tokens=64)
+FULL = dict(factors=(0.5, 1.0, 2.0, 4.0), requests=16, max_tokens=64)
 LATENCY_COLUMNS = tuple(f"{m}_p{q}_ms" for m in ("ttft", "tpot", "itl") for q in (50, 90, 99))
 COLUMNS = ("suite", "method", "engine", "model", "weights", "rate_req_s", "requests", "errors", "max_tokens",
            *LATENCY_COLUMNS, "throughput_req_s", "throughput_tok_s", "met_budget", "goodput_req_s",
@@ -228,14 +231,15 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None,
         servers: dict[str, ServerFactory] | None = None, rates: list[float] | None = None,
         requests: int | None = None, max_tokens: int | None = None, threads: int | None = None,
         gguf: Path | None = None) -> dict:
-    """Run the suite. ``servers`` (engine name -> server factory) and ``loader`` replace the real servers and
-    model for tests; ``rates`` (requests/s) replace the ones derived from llama.cpp's serial capacity."""
+    """Run the suite with ``threads`` CPU threads per server (default 1). ``servers`` (engine name -> server
+    factory) and ``loader`` replace the real servers and model for tests; ``rates`` (requests/s) replace the ones
+    derived from llama.cpp's serial capacity."""
     check_flag("quick", quick)  # before loading anything
     size = QUICK if quick else FULL
     requests = requests or size["requests"]
     max_tokens = max_tokens or size["max_tokens"]
     before = torch.get_num_threads()
-    threads = threads or before
+    threads = threads or 1
     torch.set_num_threads(threads)  # the course's engine computes in this process
     try:
         return _run(quick, loader, servers, rates, requests, max_tokens, threads, gguf, size)

@@ -14,7 +14,7 @@ from course_lib import bench
 def test_every_suite_refuses_a_quick_that_is_not_a_bool(suite, quick):
     # quick="no" is truthy: it ran the quick suite without a word
     with pytest.raises(ValueError, match="quick must be True or False"):
-        importlib.import_module(f"course_lib.bench.{suite}").run(quick=quick)
+        importlib.import_module(bench.suite_module(suite)).run(quick=quick)
 
 
 def test_run_bench_checks_quick_and_takes_one_suite_name(monkeypatch):

@@ -1,6 +1,7 @@
 """``python -m course_lib bench``: every headline number, reproducible, as JSON.
 
-Each suite lives in its own module ``course_lib/bench/<suite>.py`` and exposes
+Each suite lives in its own module ``course_lib/bench/<suite>.py`` (``-`` in a suite's name is ``_`` in its
+module's: ``serve-real`` is ``serve_real.py``) and exposes
 ``run(quick: bool) -> dict`` returning ``{"machine": {...}, "rows": [...]}``.
 Suites whose module is not there yet are reported as missing, not faked.
 """
@@ -23,7 +24,7 @@ from .report import check_outputs, update_readme, write_report
 
 log = logging.getLogger(__name__)
 
-SUITES = ("decode", "quant", "prune", "distill", "serve", "engines")
+SUITES = ("decode", "quant", "prune", "distill", "serve", "engines", "serve-real")
 
 
 def machine_info() -> dict:
@@ -38,9 +39,14 @@ def machine_info() -> dict:
     }
 
 
+def suite_module(suite: str) -> str:
+    """The module of a suite: ``course_lib.bench.serve_real`` for ``serve-real``."""
+    return f"{__name__}.{suite.replace('-', '_')}"
+
+
 def available_suites() -> list[str]:
     """Suites whose module exists in this install."""
-    return [s for s in SUITES if importlib.util.find_spec(f"{__name__}.{s}") is not None]
+    return [s for s in SUITES if importlib.util.find_spec(suite_module(s)) is not None]
 
 
 def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: str | None = None,
@@ -65,7 +71,7 @@ def run_bench(suites: list[str] | None = None, quick: bool = False, json_path: s
     result = {"machine": machine_info(), "quick": quick, "rows": []}
     for name in chosen:
         log.info("running suite %s (quick=%s)", name, quick)
-        out = importlib.import_module(f"{__name__}.{name}").run(quick=quick)
+        out = importlib.import_module(suite_module(name)).run(quick=quick)
         result["machine"].update(out.get("machine", {}))
         result["rows"].extend(out["rows"])
     try:

@@ -51,6 +51,8 @@ import torch
 
 from .._checks import check_flag
 from ..real_model import gguf_path as shipped_gguf
+from ..serving import start_server
+from ..serving.loadgen import LoadConfig, run_load
 from .engines import LLAMA_INSTALL_HINT, MODEL_NAME, gguf_variant, load_engine_model
 
 log = logging.getLogger(__name__)
@@ -135,16 +137,12 @@ def llama_server(gguf: Path, threads: int, n_ctx: int = 2048, model_alias: str =
 @contextlib.contextmanager
 def course_server(model, tokenizer, model_name: str = MODEL_NAME, config=None) -> Iterator[str]:
     """The course's server in this process on a free port; yields its URL, stops it on exit."""
-    from ..serving import start_server
-
     with start_server(model, tokenizer, port=0, model_name=model_name, config=config) as h:
         yield h.url
 
 
 def serial_seconds(url: str, max_tokens: int, requests: int = 2) -> float:
     """Median seconds for one whole answer, one request at a time (the first, a warm-up, not counted)."""
-    from ..serving.loadgen import LoadConfig, run_load
-
     row = run_load(url, LoadConfig(requests=requests + 1, concurrency=1, max_tokens=max_tokens, seed=99))
     if row["errors"]:
         raise RuntimeError(f"{url}: {row['errors']} of {requests + 1} requests failed: {row.get('first_error')}")
@@ -164,8 +162,6 @@ def side_by_side(urls: dict[str, str], rates: list[float], requests: int, max_to
     Each rate gets its own seed, the same for every server: they all answer the same requests at the same
     moments. ``keep_results`` keeps each request's own figures (``"results"``) to judge other budgets later.
     """
-    from ..serving.loadgen import LoadConfig, run_load
-
     rows = []
     for i, rate in enumerate(rates):
         for name, url in urls.items():

@@ -106,3 +106,15 @@ def assert_readable_by_others(folder) -> None:
     files = [str(p) for p in paths if p.is_file()]
     res = subprocess.run(["cat", *files], user=nobody, capture_output=True)
     assert res.returncode == 0, res.stderr.decode()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The module computes with one torch thread (restored after): the engine's thread and the offline references
+    share the cores, and oversubscribed OpenMP threads stall each other (see timing.busy_check)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,16 +16,7 @@ PROMPTS = ["def parse(", "import os\n\n\nclass Reader:\n    def __init__(self, p
            "    for i in range(10):\n        if i % 2 == 0:\n            print("]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Offline references run in this thread: on a shared 2-core machine two OpenMP threads spin against other
-    jobs and were ~30x slower than one (measured under load 20), so this module computes with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def offline(model, tok, text: str, n: int) -> list[int]:

@@ -28,16 +28,7 @@ NAME = "course-tiny"
 PROMPTS = ["def parse(", "import os\n\n\nclass Reader:\n    def __init__(self, path):\n        self.path", "x = "]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Offline references run in this thread: on a shared 2-core machine two OpenMP threads spin against other
-    jobs and were ~30x slower than one (measured under load 20), so this module computes with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

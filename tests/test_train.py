@@ -170,16 +170,7 @@ def test_student_resumes_its_own_checkpoint_and_removes_only_its_files(tmp_path,
     import course_lib.cli.train as recipe
     import course_lib.distillation as dist
 
-    real_make_student = recipe.make_student
-
-    def interrupted(*a, init="teacher", **kw):  # the scratch baseline is built after the KD stage: stop there
-        if init == "random":
-            raise KeyboardInterrupt
-        return real_make_student(*a, init=init, **kw)
-
-    monkeypatch.setattr(recipe, "make_student", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        micro_student(tmp_path / "student")
+    real_make_student = _stop_after_the_kd_stage(monkeypatch, tmp_path, micro_student)
     ckpt = tmp_path / "student.ckpt"
     assert (ckpt / "kd" / dist.CHECKPOINT).is_file()
     (ckpt / "mine.txt").write_text("dropped here by the learner")
@@ -235,6 +226,23 @@ def test_student_overwrite_keeps_the_learners_files_beside_every_checkpoint(tmp_
     """--overwrite on an interrupted run starts afresh, removing only the checkpoint files it wrote."""
     import course_lib.cli.train as recipe
 
+    real_make_student = _stop_after_the_kd_stage(monkeypatch, tmp_path, micro_student)
+    ckpt = tmp_path / "student.ckpt"
+    mine = [ckpt / "mine.txt", ckpt / "kd" / "mine.txt", ckpt / "kd" / "checkpoint.pt.bak"]
+    for f in mine:
+        f.write_text("the learner's")
+    monkeypatch.setattr(recipe, "make_student", real_make_student)
+    assert micro_student(tmp_path / "student", overwrite=True) == 0
+    assert all(f.read_text() == "the learner's" for f in mine)
+    left = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    assert left == ["kd/checkpoint.pt.bak", "kd/mine.txt", "mine.txt"], left
+
+
+def _stop_after_the_kd_stage(monkeypatch, tmp_path, micro_student):
+    """Run the micro student recipe into tmp_path/student and interrupt it where the scratch baseline is built
+    (after the KD stage), leaving its checkpoint folder behind; returns the real make_student, to put back."""
+    import course_lib.cli.train as recipe
+
     real_make_student = recipe.make_student
 
     def interrupted(*a, init="teacher", **kw):
@@ -245,12 +253,4 @@ def test_student_overwrite_keeps_the_learners_files_beside_every_checkpoint(tmp_
     monkeypatch.setattr(recipe, "make_student", interrupted)
     with pytest.raises(KeyboardInterrupt):
         micro_student(tmp_path / "student")
-    ckpt = tmp_path / "student.ckpt"
-    mine = [ckpt / "mine.txt", ckpt / "kd" / "mine.txt", ckpt / "kd" / "checkpoint.pt.bak"]
-    for f in mine:
-        f.write_text("the learner's")
-    monkeypatch.setattr(recipe, "make_student", real_make_student)
-    assert micro_student(tmp_path / "student", overwrite=True) == 0
-    assert all(f.read_text() == "the learner's" for f in mine)
-    left = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
-    assert left == ["kd/checkpoint.pt.bak", "kd/mine.txt", "mine.txt"], left
+    return real_make_student

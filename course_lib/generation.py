@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from ._checks import check_flag, check_int, check_number, check_text
 from .device import device_of
 from .kv_cache import KVCache
+from .kv_quant import KVQuantConfig
 from .models import check_prompt_ids
 from .scratch_llama import ScratchLlama, naive_attention
 from .timing import benchmark
@@ -193,12 +194,14 @@ def generate_no_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int) -> t
 
 @torch.inference_mode()
 def generate_kv_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int,
-                      attention: str = "sdpa") -> torch.Tensor:
-    """Greedy decoding with the from-scratch KV cache: one prefill, then one token per step."""
+                      attention: str = "sdpa", kv_quant: KVQuantConfig | None = None) -> torch.Tensor:
+    """Greedy decoding with the from-scratch KV cache: one prefill, then one token per step.
+
+    ``kv_quant`` stores the cache in 8 or 4 bits (:mod:`course_lib.kv_quant`)."""
     _check_new_tokens(max_new_tokens)
     scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model, attention)
     ids = _as_ids(scratch, prompt_ids, max_new_tokens, scratch.device)
-    cache = scratch.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    cache = scratch.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens, kv_quant=kv_quant)
     nxt = scratch(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # prefill
     new = [nxt]
     for _ in range(max_new_tokens - 1):

@@ -10,7 +10,8 @@ Each decode step then runs the model on *one* token and reads the cache.
 The cache here is **static**: one preallocated tensor per layer for K and for V, filled position by position.
 Fixed shapes are what ``torch.compile`` (and CUDA graphs) need, and no memory is reallocated during decoding.
 The model that fills it, written from scratch, is :class:`course_lib.scratch_llama.ScratchLlama`; the paged
-cache of the serving engine is :mod:`course_lib.paged_kv`.
+cache of the serving engine is :mod:`course_lib.paged_kv`; the same caches storing 8 or 4 bits per number are
+in :mod:`course_lib.kv_quant`.
 """
 
 from __future__ import annotations
@@ -81,4 +82,16 @@ class KVCache:
             raise ValueError(f"KV cache full: {end} tokens > max_len={self.max_len}; make a larger cache")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return self._read(self.k[layer][:, :, :end]), self._read(self.v[layer][:, :, :end])
+
+    def write_slot(self, layer: int, slot: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, n_kv, 1, D) keys/values at slot ``slot`` (a 0-d tensor: the static, compilable path);
+        return every slot (the caller masks the empty ones)."""
+        self.k[layer].index_copy_(2, slot.view(1), k)
+        self.v[layer].index_copy_(2, slot.view(1), v)
+        return self._read(self.k[layer]), self._read(self.v[layer])
+
+    def _read(self, t):
+        """What attention reads from stored slots: the tensor itself here; the quantized cache dequantizes."""
+        return t

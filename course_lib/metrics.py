@@ -14,6 +14,7 @@ from ._checks import check_text
 from .chat import chat_prompt
 from .data import PROSE_EVAL_TOKENS, encode_prose, encode_split, load_documents
 from .generation import generate
+from .kv_quant import KVQuantConfig, cache_kwargs
 from .models import check_token_ids, context_length
 from .prompts import prompts as default_prompts
 
@@ -63,11 +64,14 @@ def _last_window(n_ids: int, seq_len: int) -> tuple[int, int] | None:
 
 
 @torch.inference_mode()
-def _nll_and_correct(model, ids: torch.Tensor, seq_len: int, batch_size: int) -> tuple[float, int, int]:
+def _nll_and_correct(model, ids: torch.Tensor, seq_len: int, batch_size: int,
+                     kv_quant: KVQuantConfig | None = None) -> tuple[float, int, int]:
     """Sum of next-token NLL, correct top-1 predictions and count, over every target of ``ids``.
 
     Non-overlapping windows of ``seq_len`` targets, then one window ending at the last id for the targets
-    left over (:func:`_last_window`): the count is always ``ids.numel() - 1``.
+    left over (:func:`_last_window`): the count is always ``ids.numel() - 1``. With ``kv_quant`` every window
+    reads its keys and values through a fresh quantized cache (:mod:`course_lib.kv_quant`): each token attends
+    to rounded K/V, its own included, as it would decoding token by token from that cache.
     """
     device = next(model.parameters()).device
     n_windows = max(1, (ids.numel() - 1) // seq_len)
@@ -77,7 +81,7 @@ def _nll_and_correct(model, ids: torch.Tensor, seq_len: int, batch_size: int) ->
         chunk = windows[b : b + batch_size]
         length = min(len(w) for w in chunk)
         x = torch.stack([w[:length] for w in chunk]).to(device)
-        logits = model(input_ids=x[:, :-1]).logits.float()
+        logits = model(input_ids=x[:, :-1], **cache_kwargs(model, kv_quant)).logits.float()
         targets = x[:, 1:]
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
@@ -89,7 +93,7 @@ def _nll_and_correct(model, ids: torch.Tensor, seq_len: int, batch_size: int) ->
     if last is not None:  # run on its own: the full windows' batches (and numbers) stay as they were
         start, skip = last
         x = ids[start : start + seq_len + 1].to(device)
-        logits = model(input_ids=x[None, :-1]).logits[0, skip:].float()
+        logits = model(input_ids=x[None, :-1], **cache_kwargs(model, kv_quant)).logits[0, skip:].float()
         targets = x[1 + skip :]
         total_nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(-1) == targets).sum().item()
@@ -98,16 +102,17 @@ def _nll_and_correct(model, ids: torch.Tensor, seq_len: int, batch_size: int) ->
 
 
 def perplexity(model, tokenizer_or_ids, split: str = "heldout", max_tokens: int | None = 32768,
-               seq_len: int = 256, batch_size: int = 8) -> float:
+               seq_len: int = 256, batch_size: int = 8, kv_quant: KVQuantConfig | None = None) -> float:
     """exp(mean next-token NLL) over every next-token target of the ids, in windows of ``seq_len``.
 
     ``tokenizer_or_ids`` is either a tokenizer (the held-out split is encoded
     with it) or a 1-D tensor of token ids. N ids give N - 1 targets, all scored: non-overlapping windows of
     ``seq_len`` targets, and for the targets left over a last window that ends at the last id (its earlier
     targets, scored already, are skipped). ``seq_len`` longer than the model's context is refused.
+    ``kv_quant``: read keys and values through a quantized KV cache (a Hugging Face model only).
     """
     ids = _as_ids(model, tokenizer_or_ids, split, max_tokens, seq_len, batch_size)
-    nll, _, count = _nll_and_correct(model, ids, seq_len, batch_size)
+    nll, _, count = _nll_and_correct(model, ids, seq_len, batch_size, kv_quant)
     return math.exp(nll / count)
 
 
@@ -214,13 +219,14 @@ def compile_rate(model, tokenizer, n: int = 32, max_new_tokens: int = 96, prompt
 
 
 def prose_perplexity(model, tokenizer, split: str = "heldout", max_tokens: int | None = None,
-                     seq_len: int = 512, batch_size: int = 4) -> float:
+                     seq_len: int = 512, batch_size: int = 4, kv_quant: KVQuantConfig | None = None) -> float:
     """Perplexity on English prose: the fixed slice of CPython's ``pydoc_data.topics`` (first 8,192 tokens).
 
-    ``max_tokens`` below 8,192 measures a shorter prefix of the same slice (quick mode).
+    ``max_tokens`` below 8,192 measures a shorter prefix of the same slice (quick mode); ``kv_quant`` reads
+    keys and values through a quantized KV cache.
     """
     ids = encode_prose(tokenizer, split, max_tokens=max_tokens or PROSE_EVAL_TOKENS)
-    return perplexity(model, ids, max_tokens=None, seq_len=seq_len, batch_size=batch_size)
+    return perplexity(model, ids, max_tokens=None, seq_len=seq_len, batch_size=batch_size, kv_quant=kv_quant)
 
 
 def code_perplexity(model, tokenizer, max_tokens: int = 8192, seq_len: int = 512, batch_size: int = 4) -> float:
@@ -237,12 +243,12 @@ def _chat_rows(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 @torch.inference_mode()
 def greedy_answers(model, tokenizer, prompts: list[tuple[str, str]] | list[str] | None = None,
-                   n_tokens: int = 16, batch_size: int = 16) -> torch.Tensor:
+                   n_tokens: int = 16, batch_size: int = 16, kv_quant: KVQuantConfig | None = None) -> torch.Tensor:
     """The first ``n_tokens`` greedy answer tokens to each prompt, (P, n_tokens); after EOS, EOS repeats.
 
     Prompts are left-padded into batches and run through the model's own ``generate``, so a quantized or
     pruned model (whose layers were swapped) answers through the same code. Default prompts:
-    :func:`course_lib.prompts.prompts` (50, fixed).
+    :func:`course_lib.prompts.prompts` (50, fixed). ``kv_quant``: decode from a quantized KV cache.
     """
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
@@ -262,7 +268,7 @@ def greedy_answers(model, tokenizer, prompts: list[tuple[str, str]] | list[str] 
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk], device=device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos)[:, width:].cpu()
+                             pad_token_id=pad, eos_token_id=eos, **cache_kwargs(model, kv_quant))[:, width:].cpu()
         # Rows that ended early are padded (and all rows stop when every one has): make the tail EOS.
         gen = torch.cat([gen, torch.full((gen.shape[0], n_tokens - gen.shape[1]), eos)], 1)
         ended = (gen == eos).long().cumsum(1) > 0
@@ -298,11 +304,12 @@ def matched_prefix(reference: torch.Tensor, answers: torch.Tensor) -> torch.Tens
 
 
 def answer_agreement(model, tokenizer, reference, prompts: list[tuple[str, str]] | list[str] | None = None,
-                     n_tokens: int = 16, batch_size: int = 16) -> Agreement:
+                     n_tokens: int = 16, batch_size: int = 16, kv_quant: KVQuantConfig | None = None) -> Agreement:
     """Compare ``model``'s greedy answers with ``reference``'s (a model, or its :func:`greedy_answers`).
 
     Pass the reference's answers once and compare many compressed copies against them; perplexity can
-    barely move while answers already change, which is what a user notices.
+    barely move while answers already change, which is what a user notices. ``kv_quant``: ``model`` decodes
+    from a quantized KV cache (pass the same model as the float reference to judge the cache alone).
     """
     pairs = prompts if prompts is not None else default_prompts()
     pairs = [("", p) if isinstance(p, str) else tuple(p) for p in pairs]
@@ -312,7 +319,7 @@ def answer_agreement(model, tokenizer, reference, prompts: list[tuple[str, str]]
         raise ValueError(f"reference answers have shape {tuple(ref.shape)}; expected ({len(pairs)}, >= {n_tokens}): "
                          "compute them with greedy_answers(reference_model, tokenizer, same prompts, n_tokens)")
     ref = ref[:, :n_tokens]
-    got = greedy_answers(model, tokenizer, pairs, n_tokens, batch_size)
+    got = greedy_answers(model, tokenizer, pairs, n_tokens, batch_size, kv_quant)
     same = got == ref
     matched = matched_prefix(ref, got)
     rows = tuple(dict(kind=k, prompt=p, matched_tokens=int(m), first_token=bool(s[0]), exact=bool(s.all()),

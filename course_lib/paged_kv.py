@@ -18,7 +18,9 @@ part: its keys and values are already there.
 Attention here gathers each sequence's blocks into a padded batch before the
 usual SDPA call (``index_select`` through the block tables); vLLM's kernel reads
 the blocks in place instead. The gather costs an extra copy of the cache per
-step, the bookkeeping is the same.
+step, the bookkeeping is the same. With ``kv_quant`` the blocks hold 8- or 4-bit codes and their scales
+(:mod:`course_lib.kv_quant`): a block holds the same tokens in a fraction of the bytes, and the gathered rows
+are dequantized before attention.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_int
+from .kv_quant import KVQuantConfig, QuantizedKV, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +127,23 @@ class PagedKVCache:
     every row's new tokens sit at the same slots, earlier slots of a shorter row are masked.
     """
 
-    def __init__(self, shape, num_blocks: int, block_size: int, dtype: torch.dtype, device, prefix_cache: bool = True):
+    def __init__(self, shape, num_blocks: int, block_size: int, dtype: torch.dtype, device, prefix_cache: bool = True,
+                 kv_quant: KVQuantConfig | None = None):
         self.alloc = BlockAllocator(num_blocks, block_size)
         self.block_size = block_size
         self.prefix_cache = prefix_cache
+        self.dtype, self.kv_quant = dtype, kv_quant
         size = (num_blocks * block_size, shape.n_kv_heads, shape.head_dim)
-        self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
-        self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
-        elem = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = shape.n_layers * 2 * shape.n_kv_heads * shape.head_dim * elem
+        if kv_quant is None:
+            self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
+            self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
+        else:  # blocks of 8- or 4-bit codes with their scales; dequantized after the gather
+            if not isinstance(kv_quant, KVQuantConfig):
+                raise ValueError(f"kv_quant must be a KVQuantConfig (e.g. KVQuantConfig(bits=8)) or None, got "
+                                 f"{kv_quant!r}")
+            self.k = [QuantizedKV.empty(size, kv_quant, device) for _ in range(shape.n_layers)]
+            self.v = [QuantizedKV.empty(size, kv_quant, device) for _ in range(shape.n_layers)]
+        self.bytes_per_token = kv_bytes_per_token(shape, kv_quant, dtype)
         self.seqs: dict[int, _Seq] = {}
         self.length = 0  # what ScratchLlama reads as "slots before the new tokens" during a pass
         self._pass: tuple | None = None
@@ -204,7 +215,10 @@ class PagedKVCache:
         gather, scatter, b, t = self._pass
         self.k[layer].index_copy_(0, scatter, k.transpose(1, 2).reshape(b * t, *k.shape[1:2], k.shape[-1]))
         self.v[layer].index_copy_(0, scatter, v.transpose(1, 2).reshape(b * t, *v.shape[1:2], v.shape[-1]))
-        return self.k[layer][gather].transpose(1, 2), self.v[layer][gather].transpose(1, 2)
+        return self._read(self.k[layer][gather]).transpose(1, 2), self._read(self.v[layer][gather]).transpose(1, 2)
+
+    def _read(self, t):
+        return t if self.kv_quant is None else t.dequantize(self.dtype)
 
     def commit(self, sids: list[int], new_tokens: list[list[int]]) -> None:
         """The pass ran: record each row's new tokens and index the blocks that became full."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kv_cache import KVCache, LlamaShape
+from .kv_quant import KVQuantConfig, QuantizedKVCache
 
 ATTENTION_KINDS = ("sdpa", "naive")
 # Model families whose decoder is model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj} with
@@ -273,9 +274,12 @@ class ScratchLlama:
         """The activations' dtype (the norms stay in the model's float dtype even when layers are quantized)."""
         return self.final_norm.dtype
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache sized for ``max_len`` tokens (prompt plus new tokens)."""
-        return KVCache(self.shape, batch, max_len, self.dtype, self.device)
+    def new_cache(self, batch: int, max_len: int, kv_quant: KVQuantConfig | None = None) -> KVCache:
+        """An empty cache sized for ``max_len`` tokens (prompt plus new tokens); ``kv_quant`` stores it in 8 or
+        4 bits (:mod:`course_lib.kv_quant`)."""
+        if kv_quant is None:
+            return KVCache(self.shape, batch, max_len, self.dtype, self.device)
+        return QuantizedKVCache(self.shape, batch, max_len, kv_quant, self.dtype, self.device)
 
     def _block(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache | None,
                mask: torch.Tensor | None, slot: torch.Tensor | None) -> torch.Tensor:
@@ -291,9 +295,7 @@ class ScratchLlama:
         v = v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slot is not None:  # static path: write in place at a tensor index, attend over all slots
-            cache.k[i].index_copy_(2, slot.view(1), k)
-            cache.v[i].index_copy_(2, slot.view(1), v)
-            k, v = cache.k[i], cache.v[i]
+            k, v = cache.write_slot(i, slot, k, v)
         elif cache is not None:  # keep this step's K/V, then attend over everything so far
             k, v = cache.write(i, k, v)
         rep = s.n_heads // s.n_kv_heads

@@ -8,7 +8,9 @@
 * ``decode_speed`` - several models compared fairly: interleaved, round after round, eager or compiled;
 * ``measure_decode_step`` - one cached decode step at a fixed context, and ``measure_step_overhead``: the same
   step on a model of the same depth but almost no width, whose time is the per-step overhead (Python, the
-  framework, kernel launches) that the roofline model of :mod:`course_lib.roofline` does not contain.
+  framework, kernel launches) that the roofline model of :mod:`course_lib.roofline` does not contain;
+* ``kv_cache_step_times`` - the same decode step at a long context with the KV cache stored in float, 8 or
+  4 bits (:mod:`course_lib.kv_quant`), interleaved.
 
 Every timing runs on the model's own device: the prompt is moved there and each measurement synchronizes it.
 """
@@ -25,7 +27,9 @@ from transformers import AutoModelForCausalLM
 from ._checks import check_int
 from .device import device_of
 from .generation import CompiledDecoder, hf_forward, stream_generate
-from .timing import GenerationTiming, benchmark, synchronize, time_tokens
+from .kv_quant import KVQuantConfig
+from .scratch_llama import ScratchLlama
+from .timing import BenchResult, GenerationTiming, benchmark, compare, synchronize, time_tokens
 
 
 def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens: int = 32,
@@ -166,3 +170,29 @@ def measure_step_overhead(config, dtype: torch.dtype = torch.float32, device: st
     """Seconds of a decode step that moves almost no bytes: Python and framework cost per step."""
     model = overhead_model(config, dtype, device)
     return measure_decode_step(model, context=context, repeat=repeat).median
+
+
+def kv_cache_step_times(model, context: int, kv_quants: dict[str, KVQuantConfig | None], batch: int = 1,
+                        rounds: int = 5, warmup: int = 1) -> dict[str, BenchResult]:
+    """One decode step at ``context`` cached tokens, per KV-cache format, timed interleaved (a BenchResult each).
+
+    ``kv_quants`` maps a name to a :class:`~course_lib.kv_quant.KVQuantConfig` (None: the float cache). The
+    from-scratch static step (:meth:`~course_lib.scratch_llama.ScratchLlama.decode_static`) runs on a cache
+    whose ``context`` slots hold random keys and values (a step's time does not depend on their values, and
+    a prefill of thousands of tokens would cost more than the timing); every sample rewrites the same slot.
+    """
+    check_int("context", context, 1, " (tokens in the cache before the timed step)")
+    check_int("batch", batch, 1)
+    scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, scratch.shape.vocab, (batch, 1), generator=g).to(scratch.device)
+    slot = torch.tensor(context, device=scratch.device)
+    steps = {}
+    for name, cfg in kv_quants.items():
+        cache = scratch.new_cache(batch, context + 1, kv_quant=cfg)
+        for layer in range(scratch.shape.n_layers):
+            for store in (cache.k[layer], cache.v[layer]):
+                filled = torch.randn(*store.shape[:2], context, store.shape[-1], generator=g).to(scratch.dtype)
+                store[:, :, :context] = filled.to(scratch.device)
+        steps[name] = (lambda c: lambda: scratch.decode_static(tok, slot, c))(cache)
+    return compare(steps, rounds=rounds, warmup=warmup, device=scratch.device)

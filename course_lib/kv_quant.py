@@ -185,13 +185,14 @@ class QuantizedKV:
         *lead, _ = self.codes.shape
         d, groups = self.head_dim, self.scale.shape[-1]
         if self.config.bits == 8:
-            q = self.codes.float()
+            q = self.codes.to(dtype)
         else:  # unpack: the low nibble is the even channel, the high one the odd channel
-            q = torch.stack([self.codes & 15, self.codes >> 4], dim=-1).reshape(*lead, d).float()
-        x = q.reshape(*lead, groups, d // groups) * self.scale.float()[..., None]
+            q = torch.stack([self.codes & 15, self.codes >> 4], dim=-1).to(dtype)
+        # one new tensor, scaled (and shifted) in place: this runs over the whole cache at every step
+        x = q.reshape(*lead, groups, d // groups).mul_(self.scale.to(dtype)[..., None])
         if self.zero is not None:
-            x = x + self.zero.float()[..., None]
-        return x.reshape(*lead, d).to(dtype)
+            x.add_(self.zero.to(dtype)[..., None])
+        return x.reshape(*lead, d)
 
     def nbytes(self) -> int:
         """Memory held: codes, scales and minimums."""

@@ -250,3 +250,26 @@ def test_ch08_decode_time_right_wrong_and_stub():
     assert not always_compute, "a fixed answer must not pass"
     bits = ch08.check_decode_time(lambda d, hw, b, c, w, dt: _decode_time(d, hw, b, c, w * 8, dt))
     assert not bits and "b / 8" in bits.message
+
+
+# --- 08: bytes per token of a quantized KV cache ----------------------------------------------------------
+
+def _kv_bytes(dims, bits, group_size, *, k_and_v=2, scale_bytes=2, minimum=True, scales=True, bits_per_byte=8):
+    codes = dims.head_dim * bits // bits_per_byte
+    if bits == 16:
+        return dims.layers * k_and_v * dims.kv_heads * codes
+    groups = dims.head_dim // (group_size or dims.head_dim)
+    meta = groups * scale_bytes * (2 if bits == 4 and minimum else 1) if scales else 0
+    return dims.layers * k_and_v * dims.kv_heads * (codes + meta)
+
+
+def test_ch08_kv_bytes_right_wrong_and_stub():
+    assert ch08.check_kv_bytes(_kv_bytes)
+    assert _not_done(ch08.check_kv_bytes(_stub))
+    assert "*and* a value" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, k_and_v=1)).message
+    assert "float16 scale" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, scales=False)).message
+    assert "not 4" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, scale_bytes=4)).message
+    assert "minimum" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, minimum=False)).message
+    assert "b / 8" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, bits_per_byte=1)).message
+    assert not ch08.check_kv_bytes(lambda d, b, g: 1000), "a fixed answer must not pass"
+    assert not ch08.check_kv_bytes(lambda d, b, g: True)

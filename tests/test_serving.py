@@ -157,15 +157,30 @@ def test_batch_sweep_refuses_a_bool_batch(model):
 def test_serve_bench_suite_rows(monkeypatch):
     """The suite's row shape, on a tiny stand-in model so the test stays fast."""
     from course_lib.bench import serve as suite
+    from course_lib.models import load_model
 
+    tiny = dict(vocab=128, hidden=128, num_heads=2, num_kv_heads=1)  # head_dim 64, as SmolLM2's (int4 groups of 32)
     monkeypatch.setattr(suite, "speed_lab_model", lambda name, num_layers=None: (
-        make_tiny("llama", vocab=128), make_tiny("llama", vocab=128).config))
+        make_tiny("llama", **tiny), make_tiny("llama", **tiny).config))
+    monkeypatch.setattr(suite, "load_model", lambda name: load_model("course-tiny"))  # the real model's stand-in
     out = suite.run(quick=True)
     methods = [r["method"] for r in out["rows"]]
+    kv = ["kv-fp32", "kv-bf16", "kv-int8", "kv-int4-g32"]
     assert methods == ["batch-1", "batch-2", "batch-4", "batch-8", "static-b8", "continuous-b8", "paged-b8",
-                       "prefix-off", "prefix-on", "chunk-none", "chunk-32"]
-    assert all(r["suite"] == "serve" and r["throughput_tok_s"] > 0 for r in out["rows"])
+                       "prefix-off", "prefix-on", "chunk-none", "chunk-32", *kv, "paged-kv-fp32-budget",
+                       "paged-kv-int8-budget"]
+    assert all(r["suite"] == "serve" and r["throughput_tok_s"] > 0 for r in out["rows"] if r["method"] not in kv)
     rows = {r["method"]: r for r in out["rows"]}
+    # the KV-cache formats: fewer bytes, a bigger batch in the same memory, quality read through the cache
+    assert [rows[m]["kv_bytes_per_token"] for m in kv] == sorted((rows[m]["kv_bytes_per_token"] for m in kv),
+                                                                 reverse=True)
+    assert rows["kv-int8"]["batch_vs_bf16"] >= 1.8 and out["machine"]["kv_quant_goals"]["met_batch"]
+    assert all(rows[m]["step_ms"] > 0 and rows[m]["step_p10_ms"] <= rows[m]["step_p90_ms"]
+               for m in ("kv-fp32", "kv-int8", "kv-int4-g32"))
+    assert rows["kv-fp32"]["ppl_vs_fp32"] == 0 and rows["kv-int8"]["prose_ppl"] != rows["kv-fp32"]["prose_ppl"]
+    assert 0 <= rows["kv-int4-g32"]["agree_prefix"] <= 1 and "prose_ppl" not in rows["kv-bf16"]
+    assert rows["paged-kv-int8-budget"]["kv_blocks"] > 3 * rows["paged-kv-fp32-budget"]["kv_blocks"]
+    assert rows["paged-kv-int8-budget"]["mean_batch"] > rows["paged-kv-fp32-budget"]["mean_batch"]
     assert rows["paged-b8"]["kv_paged_peak_mb"] < rows["paged-b8"]["kv_contiguous_peak_mb"]
     assert rows["prefix-off"]["prefill_tokens_skipped"] == 0 < rows["prefix-on"]["prefill_tokens_skipped"]
     assert all(rows[m]["rounds"] >= 3 for m in ("prefix-on", "chunk-none", "chunk-32"))  # medians, not one sample

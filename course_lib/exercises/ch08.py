@@ -1,10 +1,14 @@
-"""Exercises of notebook 08 (math model): the article's formula, and a roofline prediction by hand."""
+"""Exercises of notebook 08 (math model): the article's formula, a roofline prediction by hand, the bytes of a
+quantized KV cache."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 
+import torch
+
+from ..kv_quant import KVQuantConfig, kv_bytes_per_token
 from ..models import speed_lab_config
 from ..roofline import VENDOR_PRESETS, Hardware, ModelDims, decode_cost, predict
 from . import Feedback, attempt, checked, fail, not_done, ok
@@ -100,3 +104,63 @@ def check_decode_time(fn: Callable) -> Feedback:
                         f"longer: memory {p.memory_s * 1e3:.3f} ms vs compute {p.compute_s * 1e3:.3f} ms")
     return ok("Correct on every case, memory- and compute-bound alike: your roofline agrees with "
               "course_lib.roofline.predict within a few per cent (it also counts activations and attention).")
+
+
+# --- exercise 3: bytes per token of a quantized KV cache ------------------------------------------------------
+
+def _kv_cases():
+    """(model, bits, group_size): float16, int8 per head and in groups, 4-bit in groups, on three GQA shapes."""
+    return [("smollm2-135m", 16, None), ("smollm2-135m", 8, None), ("smollm2-135m", 4, 32),
+            ("qwen2.5-0.5b", 8, 32), ("qwen2.5-0.5b", 4, 16), ("llama-3.2-1b", 8, None), ("llama-3.2-1b", 4, None)]
+
+
+def _kv_simple(dims: ModelDims, bits: int, group: int | None, *, k_and_v: int = 2, meta_bytes: int = 2,
+               meta_per_group: int | None = None, bits_as_bytes: bool = False) -> float:
+    """The counting exercise 3 asks for, with one classic mistake switched on (used to name it)."""
+    codes = dims.head_dim * (bits if bits_as_bytes else bits / 8)
+    if bits == 16:
+        per_vector = codes
+    else:
+        groups = dims.head_dim // (group or dims.head_dim)
+        per_group = meta_per_group if meta_per_group is not None else (1 if bits == 8 else 2)
+        per_vector = codes + groups * per_group * meta_bytes
+    return dims.layers * k_and_v * dims.kv_heads * per_vector
+
+
+@checked
+def check_kv_bytes(fn: Callable) -> Feedback:
+    """``fn(dims, bits, group_size) -> bytes`` of KV cache one token takes in every layer.
+
+    ``bits=16``: a float16 cache. ``bits=8``: int8 codes and one float16 scale per group of ``group_size``
+    channels of a head (None: the whole head). ``bits=4``: two codes per byte and a float16 scale and minimum
+    per group. Checked exactly against :func:`course_lib.kv_quant.kv_bytes_per_token`.
+    """
+    for name, bits, group in _kv_cases():
+        dims = ModelDims.from_config(speed_lab_config(name))
+        got = attempt(fn, dims, bits, group)
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or not got > 0:
+            return fail(f"return the bytes as a positive number, got {got!r}")
+        cfg = None if bits == 16 else KVQuantConfig(bits=bits, group_size=group)
+        want = kv_bytes_per_token(speed_lab_config(name), cfg, torch.float16)
+        case = f"{name} ({dims.layers} layers, {dims.kv_heads} KV heads of {dims.head_dim}), {bits} bits" + (
+            "" if bits == 16 else f", group_size={group}")
+        if math.isclose(got, want, rel_tol=1e-9):
+            continue
+        variants = [
+            (dict(k_and_v=1), "a token stores a key *and* a value in every layer: count both"),
+            (dict(bits_as_bytes=True), "bits, not bytes: a code of b bits takes b / 8 bytes"),
+            (dict(meta_per_group=0), "the codes alone cannot be read back: every group also stores its float16 "
+                                     "scale (and, at 4 bits, its minimum)"),
+            (dict(meta_bytes=4), "the scales are stored as float16: 2 bytes each, not 4"),
+            (dict(meta_per_group=1), "4-bit groups are asymmetric: a scale *and* a minimum each, two float16 numbers"),
+            (dict(meta_per_group=2), "int8 groups are symmetric: one float16 scale each, no minimum"),
+        ]
+        for mistake, hint in variants:
+            if math.isclose(got, _kv_simple(dims, bits, group, **mistake), rel_tol=1e-9):
+                return fail(f"{case}: {hint}")
+        if math.isclose(got, want / dims.layers, rel_tol=1e-9):
+            return fail(f"{case}: that is one layer; every layer keeps its own keys and values")
+        return fail(f"{case}: expected {want:,} bytes, got {got:,}. Per layer: K and V x KV heads x (codes of "
+                    "head_dim channels + the float16 numbers of each group)")
+    return ok("Correct on every shape and format: int8 with one scale per head stores a token in about half the "
+              "bytes of float16, 4-bit in groups of 32 in about 30%.")

@@ -28,6 +28,7 @@ import torch
 
 from .._checks import check_int
 from ..generation import sample_next
+from ..kv_quant import KVQuantConfig
 from ..paged_kv import PagedKVCache
 from ..scratch_llama import ScratchLlama
 
@@ -154,10 +155,12 @@ class PagedBatch:
 
     def __init__(self, scratch: ScratchLlama, max_batch: int, num_blocks: int, block_size: int,
                  prefix_cache: bool, prefill_chunk: int | None, clock: Callable[[float], float],
-                 on_token: Callable[[Row, int], None] | None = None, on_free: Callable[[Row], None] | None = None):
+                 on_token: Callable[[Row, int], None] | None = None, on_free: Callable[[Row], None] | None = None,
+                 kv_quant: KVQuantConfig | None = None):
         self.scratch = scratch
         self.sched = Scheduler(max_batch, num_blocks)
-        self.cache = PagedKVCache(scratch.shape, num_blocks, block_size, scratch.dtype, scratch.device, prefix_cache)
+        self.cache = PagedKVCache(scratch.shape, num_blocks, block_size, scratch.dtype, scratch.device, prefix_cache,
+                                  kv_quant)
         self.block_size, self.prefill_chunk = block_size, prefill_chunk
         self.clock = clock
         self.on_token, self.on_free = on_token, on_free

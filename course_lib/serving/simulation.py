@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from .._checks import check_flag, check_int, check_number
 from ..generation import hf_forward
 from ..kv_cache import KVCache
+from ..kv_quant import KVQuantConfig
 from ..scratch_llama import ScratchLlama
 from ..timing import BenchResult, compare
 from .scheduler import PagedBatch, Row, blocks_needed
@@ -80,7 +81,8 @@ class ServeConfig:
     (:mod:`course_lib.paged_kv`; ``kv_blocks`` of them, default: enough for ``max_batch`` requests of the
     longest length), with ``prefix_cache`` reusing the blocks of a shared prompt prefix and
     ``prefill_chunk`` splitting each prompt's prefill into chunks of that many tokens, one chunk between
-    two decode steps (None: a prompt is prefilled whole as soon as it is admitted).
+    two decode steps (None: a prompt is prefilled whole as soon as it is admitted), and ``kv_quant`` storing
+    the blocks in 8 or 4 bits (:mod:`course_lib.kv_quant`: more tokens in the same ``kv_blocks`` bytes).
     """
 
     policy: str = "continuous"
@@ -90,6 +92,7 @@ class ServeConfig:
     kv_blocks: int | None = None
     prefix_cache: bool = False
     prefill_chunk: int | None = None
+    kv_quant: KVQuantConfig | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -103,8 +106,11 @@ class ServeConfig:
         if self.prefill_chunk is not None:
             check_int("prefill_chunk", self.prefill_chunk, 1, " (prompt tokens per chunk), or None for whole")
         check_flag("prefix_cache", self.prefix_cache)
+        if self.kv_quant is not None and not isinstance(self.kv_quant, KVQuantConfig):
+            raise ValueError(f"kv_quant must be a KVQuantConfig (e.g. KVQuantConfig(bits=8)) or None, got "
+                             f"{self.kv_quant!r}")
         paged_only = [n for n, on in (("prefix_cache", self.prefix_cache), ("prefill_chunk", self.prefill_chunk),
-                                      ("kv_blocks", self.kv_blocks)) if on]
+                                      ("kv_blocks", self.kv_blocks), ("kv_quant", self.kv_quant)) if on]
         if self.kv != "paged" and paged_only:
             raise ValueError(f"{', '.join(paged_only)} need the paged KV cache: ServeConfig(kv='paged', ...)")
         if self.kv == "paged" and self.policy != "continuous":
@@ -435,7 +441,7 @@ def _serve_paged(scratch: ScratchLlama, requests: list[Request], cfg: ServeConfi
         bar.update(1)
 
     batch = PagedBatch(scratch, cfg.max_batch, n_blocks, bs, cfg.prefix_cache, cfg.prefill_chunk, advance,
-                       on_free=finished)
+                       on_free=finished, kv_quant=cfg.kv_quant)
     cache = batch.cache
 
     def measure() -> None:

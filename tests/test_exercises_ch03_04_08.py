@@ -254,7 +254,8 @@ def test_ch08_decode_time_right_wrong_and_stub():
 
 def test_ch08_decode_time_names_the_kv_cache_and_min_mistakes():
     def kv_once(dims, hw, batch, context, weight_bits, dtype):  # the cache counted once, as if shared
-        memory_s = (dims.decode_params * weight_bits / 8 + dims.kv_bytes_per_token(16) * context) / (hw.bandwidth_gbs * 1e9)
+        bytes_ = dims.decode_params * weight_bits / 8 + dims.kv_bytes_per_token(16) * context
+        memory_s = bytes_ / (hw.bandwidth_gbs * 1e9)
         compute_s = 2 * dims.decode_params * batch / (hw.peak(dtype) * 1e9)
         return max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute"
 

@@ -35,7 +35,7 @@ def _tiny_llama(seed: int, hidden: int = 32, inter: int = 48):
 def _diagnose_mask(w: torch.Tensor, mask: torch.Tensor) -> Feedback:
     """Why a mask with the right number of zeros drops a weight larger in |w| than one it keeps."""
     a = w.abs()
-    if bool((a[mask].max() <= a[~mask].min())):
+    if bool(a[mask].max() <= a[~mask].min()):
         return fail("your mask keeps the smallest weights and drops the largest: True means *keep*, so the "
                     "mask is True where |w| is above the threshold")
     signed = w[~mask].max() <= w[mask].min()

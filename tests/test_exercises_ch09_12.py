@@ -151,6 +151,10 @@ def test_ch12_perplexity_check():
     assert ch12.check_perplexity(_ppl_right)
     no_shift = lambda lg, ids: F.cross_entropy(lg.reshape(-1, lg.size(-1)), ids.reshape(-1)).exp()  # noqa: E731
     assert "t + 1" in ch12.check_perplexity(no_shift).message
+    backwards = lambda lg, ids: F.cross_entropy(lg[:, 1:].reshape(-1, lg.size(-1)), ids[:, :-1].reshape(-1)).exp()  # noqa: E731
+    assert "the token *before* it" in ch12.check_perplexity(backwards).message
+    own = lambda lg, ids: F.cross_entropy(lg[:, :-1].reshape(-1, lg.size(-1)), ids[:, :-1].reshape(-1)).exp()  # noqa: E731
+    assert "against its own token" in ch12.check_perplexity(own).message
     assert "exp() of it" in ch12.check_perplexity(lambda lg, ids: math.log(_ppl_right(lg, ids))).message
     assert "base 2" in ch12.check_perplexity(lambda lg, ids: 2 ** math.log(_ppl_right(lg, ids))).message
 

@@ -120,7 +120,14 @@ def test_ch12_quiz_answers_and_hints(qid):
         if i != q.answer:
             fb = ch12.check_quiz(qid, i)
             assert not fb and q.chapter in fb.message
-    assert not ch12.check_quiz(qid, None)
+    unpicked = ch12.check_quiz(qid, None)
+    assert not unpicked and not unpicked.done  # shown before any click: a prompt, not a wrong answer
+
+
+def test_ch12_panel_opens_without_a_red_cross():
+    panel, update = ch12.quiz_panel("int8")
+    update(None)  # what the notebook shows before the learner clicks
+    assert "❌" not in panel.children[2].value and "Pick an option" in panel.children[2].value
 
 
 def test_ch12_batching_answer_is_not_tpot_unchanged():

@@ -94,8 +94,8 @@ def check_quiz(qid: str, choice: int | None) -> Feedback:
     if qid not in QUIZ:
         raise ValueError(f"unknown question {qid!r}; choose from {sorted(QUIZ)}")
     q = QUIZ[qid]
-    if choice is None:
-        return fail("Pick an option first.")
+    if choice is None:  # nothing picked yet: a prompt, not a wrong answer (no red cross before the first click)
+        return Feedback(False, "Pick an option.", done=False)
     if not 0 <= choice < len(q.options):
         return fail(f"choice must be between 0 and {len(q.options) - 1}")
     if choice == q.answer:

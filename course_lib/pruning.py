@@ -782,6 +782,10 @@ def recover_(model: nn.Module, train_ids: torch.Tensor, cfg: RecoveryConfig = Re
     """
     if cfg.distill_alpha > 0 and teacher is None:
         raise ValueError("distill_alpha > 0 needs teacher= (the unpruned model)")
+    if cfg.distill_alpha == 0 and teacher is not None:  # a teacher the loss never reads is a recipe gone wrong
+        raise ValueError("teacher= is only used with RecoveryConfig(distill_alpha > 0); with distill_alpha=0 the "
+                         "fine-tune is plain cross-entropy. Set distill_alpha (e.g. 0.5) to distil from the "
+                         "teacher, or drop teacher=")
     for m, name in ((model, "model"), (teacher, "teacher")):
         if m is None or (name == "teacher" and cfg.distill_alpha == 0):
             continue

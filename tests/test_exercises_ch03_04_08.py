@@ -273,3 +273,29 @@ def test_ch08_kv_bytes_right_wrong_and_stub():
     assert "b / 8" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, bits_per_byte=1)).message
     assert not ch08.check_kv_bytes(lambda d, b, g: 1000), "a fixed answer must not pass"
     assert not ch08.check_kv_bytes(lambda d, b, g: True)
+
+
+def test_ch08_decode_time_names_the_kv_cache_and_min_mistakes():
+    def kv_once(dims, hw, batch, context, weight_bits, dtype):  # the cache counted once, as if shared
+        bytes_ = dims.decode_params * weight_bits / 8 + dims.kv_bytes_per_token(16) * context
+        memory_s = bytes_ / (hw.bandwidth_gbs * 1e9)
+        compute_s = 2 * dims.decode_params * batch / (hw.peak(dtype) * 1e9)
+        return max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute"
+
+    def kv_at_weight_bits(dims, hw, batch, context, weight_bits, dtype):  # a 4-bit model's cache taken as 4-bit
+        kv = batch * dims.kv_bytes_per_token(weight_bits) * context
+        memory_s = (dims.decode_params * weight_bits / 8 + kv) / (hw.bandwidth_gbs * 1e9)
+        compute_s = 2 * dims.decode_params * batch / (hw.peak(dtype) * 1e9)
+        return max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute"
+
+    def smaller(dims, hw, batch, context, weight_bits, dtype):
+        bytes_ = dims.decode_params * weight_bits / 8 + batch * dims.kv_bytes_per_token(16) * context
+        memory_s, compute_s = bytes_ / (hw.bandwidth_gbs * 1e9), 2 * dims.decode_params * batch / (hw.peak(dtype) * 1e9)
+        return min(memory_s, compute_s), "memory" if memory_s <= compute_s else "compute"
+
+    once = ch08.check_decode_time(kv_once)
+    assert not once and "its own KV cache" in once.message
+    low = ch08.check_decode_time(kv_at_weight_bits)
+    assert not low and "stays 16-bit" in low.message
+    small = ch08.check_decode_time(smaller)
+    assert not small and "slower roof" in small.message

@@ -68,6 +68,11 @@ def test_mask_mistakes_are_named():
     off_by = ch06.check_magnitude_mask(lambda w, s: w.abs() >= w.abs().flatten().kthvalue(
         int(s * w.numel())).values)  # keeps the k-th smallest: drops one too few
     assert not off_by and "should be dropped" in off_by.message
+    inverted = ch06.check_magnitude_mask(lambda w, s: ~ref_mask(w, s))  # True = drop: the right count, wrong end
+    assert not inverted and "True means *keep*" in inverted.message
+    per_row = ch06.check_magnitude_mask(  # each row loses its own smallest half: not the matrix's smallest
+        lambda w, s: w.abs() > w.abs().kthvalue(int(s * w.shape[1]), dim=1, keepdim=True).values)
+    assert not per_row and "one threshold for the whole matrix" in per_row.message
     crash = ch06.check_magnitude_mask(lambda w, s: 1 / 0)
     assert not crash and crash.done and "raised ZeroDivisionError" in crash.message
 

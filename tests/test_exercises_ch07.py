@@ -30,6 +30,16 @@ def test_kd_check():
         kl = (ps * (ps.log() - log_pt)).sum(-1).mean()
         return a * T * T * kl + (1 - a) * reference_kd(s, t, y, T, 0.0)
     assert "KL(student" in check_kd_loss(reverse).message
+    assert "the factor is T**2" in check_kd_loss(lambda s, t, y, T, a: a * reference_kd(s, t, y, T, 1.0) / T
+                                                 + (1 - a) * reference_kd(s, t, y, T, 0.0)).message
+
+    def kl_div(reduction):  # torch's F.kl_div on the 3-D logits, as a learner would first write it
+        def fn(s, t, y, T, a):
+            kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction=reduction)
+            return a * T * T * kl + (1 - a) * reference_kd(s, t, y, T, 0.0)
+        return fn
+    assert "divided by the batch size" in check_kd_loss(kl_div("batchmean")).message
+    assert "averaged over the vocabulary" in check_kd_loss(kl_div("mean")).message
     assert "raised" in check_kd_loss(lambda *a: 1 / 0).message
     assert "None" in check_kd_loss(lambda *a: None).message
     done = check_kd_loss(stub)
@@ -63,6 +73,11 @@ def test_verify_check():
     assert not fb and "residual" in fb.message and "draw from p" in fb.message
     fb = check_verify_sampled(deterministic)
     assert not fb and "only when p(x) >= q(x)" in fb.message
+    def bonus_from_q(p, q, guesses, g):  # the bonus drawn from the draft's last row instead of p[k]
+        kept, n = verify_sampled(p, q, guesses, g)
+        return (kept[:-1] + [int(torch.multinomial(q[-1], 1, generator=g))], n) if n == len(guesses) else (kept, n)
+    fb = check_verify_sampled(bonus_from_q)
+    assert not fb and "bonus token" in fb.message and "p[k]" in fb.message
     assert "exactly one more token" in check_verify_sampled(lambda p, q, gs, g: (list(gs), len(gs))).message
     assert "pair" in check_verify_sampled(lambda p, q, gs, g: list(gs)).message
     done = check_verify_sampled(stub)

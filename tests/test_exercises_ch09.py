@@ -33,6 +33,12 @@ def test_ch09_pareto_reference_is_the_library():
     assert "raised" in ch09.check_pareto(lambda pts: 1 / 0).message
     assert not ch09.check_pareto(lambda pts: [max(pts)])  # fastest only
     assert "list of" in ch09.check_pareto(lambda pts: None).message
+
+    def equal_dominates(pts):  # "at least as good on both" without "strictly better on one": twins kill each other
+        return [p for i, p in enumerate(pts)
+                if not any(o[0] >= p[0] and o[1] <= p[1] for j, o in enumerate(pts) if j != i)]
+    twins = ch09.check_pareto(equal_dominates)
+    assert not twins and "strictly better" in twins.message
     s = ch09.check_pareto(stub)
     assert not s and not s.done
 
@@ -71,5 +77,10 @@ def test_ch09_pick_under_budget():
         fits = [r for r in rows if r["p90_ms"] <= b]
         return min(fits, key=lambda r: (r["ppl"], -r["median_ms"]))["method"] if fits else None
     assert "tie" in ch09.check_pick_under_budget(slower_tie).message
+    def strictly_under(rows, b):  # p90 < budget: a row exactly at the budget is wrongly left out
+        fits = [r for r in rows if r["p90_ms"] < b]
+        return min(fits, key=lambda r: (r["ppl"], r["median_ms"]))["method"] if fits else None
+    edge = ch09.check_pick_under_budget(strictly_under)
+    assert not edge and "not <" in edge.message
     s = ch09.check_pick_under_budget(stub)
     assert not s and not s.done and "Not done yet" in s.message

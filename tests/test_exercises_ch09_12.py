@@ -32,6 +32,8 @@ def test_ch11():
     assert "continuous batching" in ch11.check_tool_choice(wrong).message
     stub = ch11.check_tool_choice({s: "" for s in ch11.SCENARIOS})  # the notebook's unfilled answers
     assert not stub and not stub.done
+    spelled = dict(zip(ch11.SCENARIOS, ["vllm", "llama-cpp", "onnxruntime", "BitsAndBytes"]))
+    assert ch11.check_tool_choice(spelled)  # the same tools, written as pip or a learner spells them
     half = dict(good, **{first: ""})
     assert "missing" in ch11.check_tool_choice(half).message and ch11.check_tool_choice(half).done
     rows = [dict(tool="eager", seq_len=1, ms=10.0, max_abs_diff=0.0),
@@ -86,6 +88,9 @@ def test_ch11_interleaved_timing():
     assert "clock" in ch11.check_interleaved(_compare_own_timer).message
     short = ch11.check_interleaved(lambda fns, rounds, clock: _compare_right(fns, rounds - 1, clock))
     assert "one sample per round" in short.message
+    in_ms = ch11.check_interleaved(lambda fns, rounds, clock: {
+        n: [1e3 * t for t in ts] for n, ts in _compare_right(fns, rounds, clock).items()})
+    assert not in_ms and "milliseconds" in in_ms.message
     stub = ch11.check_interleaved(_stub)
     assert not stub and not stub.done and "my_compare" in stub.message
 
@@ -99,6 +104,8 @@ def test_ch11_matched_prefix():
     assert "fraction" in ch11.check_matched_prefix(
         lambda r, a: (r == a).long().cumprod(1).sum(1) / r.shape[1]).message
     assert "dim 1" in ch11.check_matched_prefix(lambda r, a: (r == a).long().cumprod(0).sum(0)).message
+    by_argmax = ch11.check_matched_prefix(lambda r, a: (r != a).long().argmax(1))  # 0 where a row matches fully
+    assert not by_argmax and "matches all" in by_argmax.message
     stub = ch11.check_matched_prefix(_stub)
     assert not stub and not stub.done
     with pytest.raises(ValueError, match="one shape"):
@@ -113,7 +120,14 @@ def test_ch12_quiz_answers_and_hints(qid):
         if i != q.answer:
             fb = ch12.check_quiz(qid, i)
             assert not fb and q.chapter in fb.message
-    assert not ch12.check_quiz(qid, None)
+    unpicked = ch12.check_quiz(qid, None)
+    assert not unpicked and not unpicked.done  # shown before any click: a prompt, not a wrong answer
+
+
+def test_ch12_panel_opens_without_a_red_cross():
+    panel, update = ch12.quiz_panel("int8")
+    update(None)  # what the notebook shows before the learner clicks
+    assert "❌" not in panel.children[2].value and "Pick an option" in panel.children[2].value
 
 
 def test_ch12_batching_answer_is_not_tpot_unchanged():
@@ -144,6 +158,10 @@ def test_ch12_perplexity_check():
     assert ch12.check_perplexity(_ppl_right)
     no_shift = lambda lg, ids: F.cross_entropy(lg.reshape(-1, lg.size(-1)), ids.reshape(-1)).exp()  # noqa: E731
     assert "t + 1" in ch12.check_perplexity(no_shift).message
+    backwards = lambda lg, ids: F.cross_entropy(lg[:, 1:].reshape(-1, lg.size(-1)), ids[:, :-1].reshape(-1)).exp()  # noqa: E731
+    assert "the token *before* it" in ch12.check_perplexity(backwards).message
+    own = lambda lg, ids: F.cross_entropy(lg[:, :-1].reshape(-1, lg.size(-1)), ids[:, :-1].reshape(-1)).exp()  # noqa: E731
+    assert "against its own token" in ch12.check_perplexity(own).message
     assert "exp() of it" in ch12.check_perplexity(lambda lg, ids: math.log(_ppl_right(lg, ids))).message
     assert "base 2" in ch12.check_perplexity(lambda lg, ids: 2 ** math.log(_ppl_right(lg, ids))).message
 

@@ -196,6 +196,8 @@ def test_recovery_lowers_loss_and_distills():
     assert kd.steps_done == 3
     with pytest.raises(ValueError, match="teacher"):
         P.recover_(small, ids, RecoveryConfig(distill_alpha=0.5))
+    with pytest.raises(ValueError, match="only used with RecoveryConfig"):  # a teacher the loss would ignore
+        P.recover_(small, ids, RecoveryConfig(steps=1, batch_size=2, seq_len=16), teacher)
     with pytest.raises(ValueError, match="lr"):
         RecoveryConfig(lr=0)
 

@@ -32,6 +32,24 @@ def _tiny_llama(seed: int, hidden: int = 32, inter: int = 48):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def _diagnose_mask(w: torch.Tensor, mask: torch.Tensor) -> Feedback:
+    """Why a mask with the right number of zeros drops a weight larger in |w| than one it keeps."""
+    a = w.abs()
+    if bool(a[mask].max() <= a[~mask].min()):
+        return fail("your mask keeps the smallest weights and drops the largest: True means *keep*, so the "
+                    "mask is True where |w| is above the threshold")
+    signed = w[~mask].max() <= w[mask].min()
+    if signed:
+        return fail("your mask drops the most negative weights, not the smallest in magnitude: compare |w|, "
+                    "not w (a large negative weight matters too)")
+    per_row = all(bool(r[~m].max() <= r[m].min()) for r, m in zip(a, mask) if m.any() and (~m).any())
+    if per_row:
+        return fail("each row drops its own smallest weights: use one threshold for the whole matrix "
+                    "(kthvalue over w.abs().flatten()), so a row of large weights may lose none")
+    return fail("your mask drops a weight that is larger in magnitude than one it keeps: drop the "
+                "int(sparsity * w.numel()) smallest |w| of the whole matrix")
+
+
 @checked
 def check_magnitude_mask(fn) -> Feedback:
     """Check ``fn(w, sparsity) -> bool mask`` (True = keep) on a few random matrices."""
@@ -52,8 +70,7 @@ def check_magnitude_mask(fn) -> Feedback:
                                f"your mask drops {got_zero}"))
             continue
         if (~mask).any() and mask.any() and w.abs()[~mask].max() > w.abs()[mask].min():
-            checks.append(fail("your mask drops a weight that is larger in magnitude than one it keeps: "
-                               "compare |w|, not w (a large negative weight matters too)"))
+            checks.append(_diagnose_mask(w, mask))
     return first_failure(*checks, success="Correct: the smallest |w| go, the exact fraction is dropped.")
 
 

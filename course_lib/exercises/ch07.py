@@ -48,9 +48,21 @@ def check_kd_loss(fn: Callable) -> Feedback:
         if math.isclose(got, swapped, rel_tol=1e-4):
             return fail("alpha weights the wrong term: alpha multiplies the soft (teacher) term, 1 - alpha the "
                         "cross-entropy")
+        if T != 1 and math.isclose(got, alpha * T * kl_part + (1 - alpha) * ce_part, rel_tol=1e-4):
+            return fail(f"at T={T} you multiplied the KL by T; the factor is T**2 (the softened gradient shrinks "
+                        "like 1/T twice: once from logits / T, once from the flatter distributions)")
         summed = alpha * T**2 * kl_part * s.shape[0] * s.shape[1] + (1 - alpha) * ce_part
         if math.isclose(got, summed, rel_tol=1e-4):
             return fail("the KL is summed over positions; average it over positions (like the cross-entropy)")
+        per_batch = alpha * T**2 * kl_part * s.shape[1] + (1 - alpha) * ce_part
+        if math.isclose(got, per_batch, rel_tol=1e-4):
+            return fail(f"the KL is divided by the batch size ({s.shape[0]}) only, so it still sums the "
+                        f"{s.shape[1]} positions of each sequence (F.kl_div's reduction='batchmean' does that on "
+                        "3-D logits): average over every position, e.g. flatten to (batch * positions, vocab) first")
+        per_entry = alpha * T**2 * kl_part / s.shape[-1] + (1 - alpha) * ce_part
+        if math.isclose(got, per_entry, rel_tol=1e-4):
+            return fail(f"the KL is averaged over the vocabulary too (F.kl_div's reduction='mean' divides by all "
+                        f"{s.shape[-1]} entries of each row): sum over the vocabulary, average over positions")
         ce_soft = alpha * T**2 * kl_part + (1 - alpha) * torch.nn.functional.cross_entropy(
             (s / T).reshape(-1, s.shape[-1]), y.reshape(-1)).item()
         if T != 1 and math.isclose(got, ce_soft, rel_tol=1e-4):
@@ -119,6 +131,14 @@ def check_verify_sampled(fn: Callable) -> Feedback:
         if res[1] != 2:
             return fail("with q == p every guess must be accepted (min(1, p/q) = 1), and the round adds a bonus "
                         "token drawn from the last row of p")
+    half, last = torch.tensor([0.4, 0.6, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+    res, bad = _call_verify(fn, torch.stack([half, half, last]), torch.stack([half, half]), [0, 1], g, 2)
+    if bad is not None:
+        return bad
+    if res[1] == 2 and res[0][2] != 2:  # after 2 accepted guesses only p[2] = [0, 0, 1] can give the bonus
+        return fail("the bonus token after all k guesses are accepted is drawn from the last row of p, p[k] (the "
+                    "target's distribution after the last guess; q has no row for it): here that is always token "
+                    f"2, you returned {res[0][2]}")
     p0, q0 = torch.tensor([[0.0, 1.0, 0.0], [0.3, 0.3, 0.4]]), torch.tensor([[1.0, 0.0, 0.0]])
     for _ in range(10):  # the target gives the guess probability 0: always rejected, replaced by token 1
         res, bad = _call_verify(fn, p0, q0, [0], g, 1)

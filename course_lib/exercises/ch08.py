@@ -49,11 +49,12 @@ def _cases():
 
 
 def _simple(dims, hw, batch, context, weight_bits, dtype, *, weights_per_seq=False, kv=True, bits_as_bytes=False,
-            flops_per_seq=False, combine=max):
+            flops_per_seq=False, combine=max, kv_once=False, kv_at_weight_bits=False):
     """The counting the exercise asks for, with one classic mistake switched on (used to name it)."""
     per_weight = weight_bits if bits_as_bytes else weight_bits / 8
     weights = dims.decode_params * per_weight * (batch if weights_per_seq else 1)
-    kv_bytes = batch * dims.kv_bytes_per_token(16) * context if kv else 0.0
+    per_token = dims.kv_bytes_per_token(weight_bits if kv_at_weight_bits else 16)
+    kv_bytes = (1 if kv_once else batch) * per_token * context if kv else 0.0
     flops = 2 * dims.decode_params * (1 if flops_per_seq else batch)
     memory_s = (weights + kv_bytes) / (hw.bandwidth_gbs * 1e9)
     compute_s = flops / (hw.peak(dtype) * 1e9)
@@ -88,6 +89,11 @@ def check_decode_time(fn: Callable) -> Feedback:
                 (dict(flops_per_seq=True), "the FLOPs grow with the batch: 2 per weight for *each* sequence"),
                 (dict(combine=lambda a, b: a + b), "the memory traffic and the arithmetic overlap: the step takes "
                                                    "the *larger* of the two times, not their sum"),
+                (dict(combine=min), "the step takes the *larger* of the two times: the slower roof sets the pace"),
+                (dict(kv_once=True), "every sequence of the batch reads its own KV cache: multiply the cache bytes "
+                                     "by the batch (the weights, not the cache, are shared)"),
+                (dict(kv_at_weight_bits=True), "the KV cache stays 16-bit when the weights are quantized: "
+                                               "dims.kv_bytes_per_token(16), whatever weight_bits is"),
             ]
             for mistake, hint in variants:
                 if math.isclose(seconds, _simple(dims, hw, batch, context, bits, dtype, **mistake)[0], rel_tol=1e-3):

@@ -59,6 +59,9 @@ def check_pareto(fn) -> Feedback:
             extra, missing = got - want, want - got
             if any(p[0] == 5 for p in extra):
                 return fail("(5 tok/s, ppl 6.0) is slower *and* worse than (10, 5.0): it is dominated.")
+            if (10, 5.0) in missing and pts.count((10, 5.0)) > 1:
+                return fail("two equal points (10, 5.0) do not beat each other: a point is dominated only by one "
+                            "at least as good on both axes *and strictly better* on one, so keep one copy of it.")
             if (10, 5.0) in missing and len(pts) > 1 and (20, 4.0) not in pts:
                 return fail("Lower perplexity is better: (10, 5.0) has the best quality, so nothing dominates it.")
             return fail(f"for {pts} expected {sorted(want)}, got {sorted(got)}. A point is dominated when another "
@@ -83,6 +86,7 @@ def _budget_cases() -> list[tuple[list[dict], float]]:
                    dict(method="int4", median_ms=20.0, p90_ms=24.0, ppl=12.5),
                    dict(method="prune", median_ms=33.0, p90_ms=34.0, ppl=11.0)], 35.0))
     cases.append((cases[0][0], 10.0))  # nothing fits
+    cases.append((cases[0][0], 34.0))  # prune's p90 equals the budget: it meets it
     cases.append(([dict(method="a", median_ms=20.0, p90_ms=22.0, ppl=9.0),  # a tie in quality: the faster one
                    dict(method="b", median_ms=15.0, p90_ms=21.0, ppl=9.0)], 30.0))
     for _ in range(5):
@@ -120,6 +124,9 @@ def check_pick_under_budget(fn) -> Feedback:
                         f"{g['p90_ms']} ms or more. A latency budget must hold for the slow tokens: compare p90_ms.")
         if g["p90_ms"] > budget:
             return fail(f"{got!r} does not meet the budget: its p90 is {g['p90_ms']} ms > {budget} ms")
+        if by_name[want]["p90_ms"] == budget:
+            return fail(f"{want!r} has a p90 of exactly {budget} ms, the budget: it meets it (p90_ms <= budget_ms, "
+                        "not <)")
         fastest = min((r for r in rows if r["p90_ms"] <= budget), key=lambda r: r["median_ms"])["method"]
         if got == fastest and g["ppl"] > by_name[want]["ppl"]:
             return fail(f"{got!r} is the fastest that fits, but {want!r} also fits and has lower perplexity: "

@@ -33,6 +33,8 @@ def check_max_batch(answer, sweep_rows: list[dict], tpot_target_ms: float) -> Fe
     """The largest measured batch whose time per output token stays within ``tpot_target_ms``."""
     if answer == "?":
         return not_done("`my_batch` (a batch size from the sweep)")
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        return fail(f"give the batch size as a number (like {sweep_rows[-1]['batch']}), not {answer!r}")
     fits = [r["batch"] for r in sweep_rows if r["tpot_ms"] <= tpot_target_ms]
     want = max(fits) if fits else 0
     if answer == want:
@@ -50,6 +52,8 @@ def check_required_tokens_per_s(answer, words_per_min: float, tokens_per_word: f
     """Streaming must keep up with a speaker: tokens/s = words per minute / 60 x tokens per word."""
     if answer == "?":
         return not_done("`tokens_per_s`")
+    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
+        return fail(f"give tokens per second as a number (a Python expression is fine), not {answer!r}")
     want = words_per_min / 60 * tokens_per_word
     if abs(answer - want) <= 0.02 * want:
         return ok(f"Correct: {want:.2f} tokens/s; any faster is invisible to the listener.")
@@ -125,6 +129,16 @@ def check_schedule_step(fn) -> Feedback:
             w = wrong(running, waiting, max_batch, free)
             if (got[0], got[1], got[2]) == (list(w[0]), list(w[1]), w[2]) and w != want:
                 return fail(f"{hint} (case {case})")
+        if any(isinstance(r, (tuple, list)) for r in got[1]):
+            return fail(f"return the still-waiting request *ids*, not their (rid, blocks_needed) pairs (case {case})")
+        if len(got[0]) > max_batch:
+            return fail(f"the batch may hold at most max_batch = {max_batch} rows; you returned {len(got[0])} "
+                        f"(case {case})")
+        joined = dict(waiting)
+        taken = sum(joined[r] for r in want[0] if r in joined)  # the blocks the newcomers took from the pool
+        if got[0] == want[0] and got[1] == want[1] and got[2] == want[2] + taken:
+            return fail(f"a newcomer takes its blocks from the pool: subtract its blocks_needed from the free blocks "
+                        f"when it joins (case {case})")
         if sorted(got[0]) == sorted(want[0]) and got[0] != want[0]:
             return fail(f"right requests, wrong order: keep the running ones first, in order, then the newcomers in "
                         f"arrival order (case {case})")

@@ -8,6 +8,7 @@ count that says whether a faster variant still answers the same.
 from __future__ import annotations
 
 import random
+import re
 import statistics
 from collections.abc import Callable
 
@@ -31,8 +32,13 @@ SCENARIOS = {
 }
 
 
+def _tool_key(name) -> str:
+    """A tool name compared without case, spaces or punctuation: "vllm", "llama-cpp" and "onnxruntime" count."""
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
 def check_tool_choice(answers: dict) -> Feedback:
-    """``answers`` maps each scenario of :data:`SCENARIOS` to a tool name."""
+    """``answers`` maps each scenario of :data:`SCENARIOS` to a tool name (any case or punctuation)."""
     if not isinstance(answers, dict):
         return fail("answers must be a dict {scenario: tool name}")
     if all(answers.get(s) in UNANSWERED for s in SCENARIOS):
@@ -41,7 +47,7 @@ def check_tool_choice(answers: dict) -> Feedback:
     if missing:
         return fail(f"answer every scenario; missing: {missing[0]!r}")
     for scenario, (good, why) in SCENARIOS.items():
-        if answers[scenario] not in good:
+        if _tool_key(answers[scenario]) not in {_tool_key(g) for g in good}:
             return fail(f"{scenario!r}: not {answers[scenario]!r} - {why}; think of {' or '.join(sorted(good))}.")
     return ok("Correct: the workload picks the tool, not the other way round.")
 
@@ -125,6 +131,9 @@ def check_interleaved(fn: Callable) -> Feedback:
         samples = [t for n in names for t in got[n]]
         if not all(isinstance(t, (int, float)) and t > 0 for t in samples):
             return fail("every sample must be a positive number of seconds: clock() after the call minus before")
+        if min(samples) > 0.5:  # the fake calls take 10-100 ms of the fake clock
+            return fail("your samples look like milliseconds (or a clock reading, not a difference): return "
+                        "seconds, clock() after the call minus clock() just before it")
         if max(samples) < 1e-3:
             return fail("your samples are microseconds: time with the `clock` argument, not your own timer "
                         "(the check's functions only advance that clock)")
@@ -175,6 +184,12 @@ def check_matched_prefix(fn: Callable) -> Feedback:
         if torch.equal(out.long(), want + 1) or torch.equal(out.long(), (want - 1).clamp(min=0)):
             return fail("off by one: a row whose first token differs has 0 matched tokens, and a row equal "
                         "everywhere has all N")
-        return fail(f"for reference {ref[0].tolist()} and answer {got[0].tolist()} expected {int(want[0])}, got "
-                    f"{out[0].item()}")
+        whole = want == ref.shape[1]
+        if whole.any() and torch.equal(out.long()[~whole], want[~whole]):
+            return fail(f"right wherever the answer differs somewhere, wrong where it matches all {ref.shape[1]} "
+                        "tokens: such a row has no first difference (argmax over `reference != answers` returns 0 "
+                        "there), and its count is all N")
+        row = int((out.long() != want).nonzero()[0])  # the first prompt you got wrong
+        return fail(f"for reference {ref[row].tolist()} and answer {got[row].tolist()} expected {int(want[row])}, "
+                    f"got {out[row].item()}")
     return ok("Correct: this is course_lib.metrics.matched_prefix, the 'agree_prefix' of the agreement tables.")

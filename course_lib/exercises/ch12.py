@@ -94,8 +94,8 @@ def check_quiz(qid: str, choice: int | None) -> Feedback:
     if qid not in QUIZ:
         raise ValueError(f"unknown question {qid!r}; choose from {sorted(QUIZ)}")
     q = QUIZ[qid]
-    if choice is None:
-        return fail("Pick an option first.")
+    if choice is None:  # nothing picked yet: a prompt, not a wrong answer (no red cross before the first click)
+        return Feedback(False, "Pick an option.", done=False)
     if not 0 <= choice < len(q.options):
         return fail(f"choice must be between 0 and {len(q.options) - 1}")
     if choice == q.answer:
@@ -146,6 +146,15 @@ def check_perplexity(fn: Callable) -> Feedback:
         if math.isclose(got, no_shift, rel_tol=1e-4):
             return fail("the logits at position t predict token t + 1: compare logits[:, :-1] with ids[:, 1:] "
                         "(you scored each position against its own token)")
+        misaligned = {  # the two other ways to pair a shifted slice with an unshifted one
+            "logits[:, 1:] with ids[:, :-1] (each position scored against the token *before* it)":
+                (logits[:, 1:], ids[:, :-1]),
+            "logits[:, :-1] with ids[:, :-1] (each position scored against its own token)":
+                (logits[:, :-1], ids[:, :-1])}
+        for pairing, (lg, tg) in misaligned.items():
+            if math.isclose(got, math.exp(F.cross_entropy(lg.reshape(-1, v), tg.reshape(-1)).item()), rel_tol=1e-4):
+                return fail(f"you compared {pairing}; the logits at position t predict token t + 1: compare "
+                            "logits[:, :-1] with ids[:, 1:]")
         if math.isclose(got, nll, rel_tol=1e-4):
             return fail("that is the mean negative log-likelihood; perplexity is exp() of it")
         if any(math.isclose(got, x, rel_tol=1e-4) for x in (2 ** nll, math.exp(nll / math.log(2)))):

@@ -7,6 +7,7 @@ count that says whether a faster variant still answers the same.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..metrics import matched_prefix
+from ..roofline import expected_experts
 from . import Feedback, attempt, checked, fail, not_done, ok
 
 UNANSWERED = ("", "?", None)
@@ -178,3 +180,28 @@ def check_matched_prefix(fn: Callable) -> Feedback:
         return fail(f"for reference {ref[0].tolist()} and answer {got[0].tolist()} expected {int(want[0])}, got "
                     f"{out[0].item()}")
     return ok("Correct: this is course_lib.metrics.matched_prefix, the 'agree_prefix' of the agreement tables.")
+
+
+@checked
+def check_expected_experts(fn: Callable[[int, int, int], float]) -> Feedback:
+    """``fn(experts, top_k, tokens)``: distinct experts ``tokens`` tokens touch on average, each routed uniformly
+    to ``top_k`` of ``experts``."""
+    for e, k, b in ((64, 8, 1), (64, 8, 16), (8, 2, 4), (128, 8, 32), (64, 8, 0), (8, 8, 3)):
+        got = attempt(fn, e, k, b)
+        want = expected_experts(e, k, b)
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or math.isnan(got):
+            return fail(f"return a number (the expected count), got {got!r}")
+        if math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
+            continue
+        case = f"E={e}, k={k}, B={b}"
+        if math.isclose(got, k * b):
+            return fail(f"{case}: k x B = {k * b} counts an expert twice when two tokens pick it (and exceeds E "
+                        f"= {e} for big batches). Count the experts *no* token picks: E x (1 - k/E)^B")
+        if math.isclose(got, e * (1 - (1 - 1 / e) ** (k * b))):
+            return fail(f"{case}: close, but that treats a token's k picks as independent draws that may repeat. A "
+                        "token picks k *different* experts, so it misses a given one with probability 1 - k/E")
+        if math.isclose(got, e * (1 - k / e) ** b):
+            return fail(f"{case}: that is the number of experts *no* token picks; the batch reads the others")
+        return fail(f"{case}: got {got:.4g}, expected {want:.4g}")
+    return ok("Correct: one token reads its k experts; a batch reads the union, which nears all E quickly (64 "
+              "experts, top-8: 8 for one token, 56 for 16 tokens).")

@@ -1,5 +1,4 @@
-"""Exercises of notebook 03 (algorithm optimization): a KV-cache decode step, GQA, attention tile by tile, and the
-KV bytes per token of attention variants."""
+"""Exercises of notebook 03 (algorithm optimization): a KV-cache decode step, GQA, tiled attention, KV bytes per token."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..attention_variants import PUBLISHED, kv_layout
+from ..kv_memory import PUBLISHED, kv_layout
 from ..scratch_llama import repeat_kv
 from . import Feedback, attempt, checked, fail, ok
 

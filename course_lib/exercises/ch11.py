@@ -1,8 +1,9 @@
 """Exercises of notebook 11 (tools and trends): pick the tool, read a side-by-side table, build the harness.
 
-11.1 and 11.2 are answers (a choice, a reading of the measured table); 11.3 and 11.4 are functions the
-learner writes: the interleaved timing loop every comparison in the course runs on, and the matched-prefix
-count that says whether a faster variant still answers the same.
+11.1 and 11.2 are answers (a choice, a reading of the measured table); 11.3 to 11.5 are functions the
+learner writes: the interleaved timing loop every comparison in the course runs on, the matched-prefix
+count that says whether a faster variant still answers the same, and the number of distinct experts a batch of
+tokens reads from a mixture-of-experts layer.
 """
 
 from __future__ import annotations

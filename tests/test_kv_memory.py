@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib.attention_variants import (
+from course_lib.kv_memory import (
     PUBLISHED,
     KVLayout,
     attention_table,

@@ -14,6 +14,10 @@ allows, so a step takes at least
 * **prefill** (the whole prompt at once) does T times more arithmetic for the
   same weight read: compute-bound for prompts of more than a few hundred tokens.
 
+* a **mixture of experts** reads at each step only the experts its tokens were routed to: k per layer for one
+  token, the union for a batch (:func:`expected_experts`), so its bytes per step grow with the batch from the
+  active parameters toward the total (:func:`moe_decode_cost`).
+
 This module is the arithmetic only: a machine's two figures (:class:`Hardware`, measured or from a spec
 sheet) and their ridge point, the bytes and FLOPs of a step counted from a model config, and the predicted step
 latency. Nothing here runs a timing. The figures of *this* machine are measured by :mod:`course_lib.machine`

@@ -1,4 +1,4 @@
-"""Exercises of notebook 03 (algorithm optimization): a KV-cache decode step, GQA, tiled attention, KV bytes per token."""
+"""Exercises of notebook 03 (algorithms): a KV-cache decode step, GQA, tiled attention, KV bytes per token."""
 
 from __future__ import annotations
 

@@ -261,5 +261,5 @@ def transformers_cache_bytes(config, context: int, batch: int = 1, dtype: torch.
     ids = torch.zeros(batch, context, dtype=torch.long, device="meta")
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    return cache_nbytes(cache)
+    cache = getattr(out, "cache", None)  # transformers 5.x names it `cache`, earlier versions past_key_values
+    return cache_nbytes(out.past_key_values if cache is None else cache)

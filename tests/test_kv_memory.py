@@ -14,6 +14,7 @@ from course_lib.kv_memory import (
     published_config,
     transformers_cache_bytes,
 )
+from course_lib.generation import hf_forward
 from course_lib.models import count_parameters, load_model, speed_lab_config, speed_lab_model
 from course_lib.scratch_llama import ScratchLlama
 
@@ -81,12 +82,12 @@ def test_the_course_models_measured_caches_match_the_table():
     scratch = ScratchLlama(model)
     assert cache_nbytes(scratch.new_cache(2, 24)) == lay.bytes(24, batch=2, kv_bits=32)  # fp32 cache
     with torch.inference_mode():
-        hf = model(input_ids=ids, use_cache=True).past_key_values
+        _, hf = hf_forward(model, ids)
     assert cache_nbytes(hf) == lay.bytes(24, batch=2, kv_bits=32)
     # SmolLM2-135M (the real model's shapes), two of its 30 layers, bf16: the table's row per layer
     speed, cfg = speed_lab_model("smollm2-135m", dtype="bf16", num_layers=2, device="cpu")
     with torch.inference_mode():
-        hf = speed(input_ids=ids, use_cache=True).past_key_values
+        _, hf = hf_forward(speed, ids)
     row = kv_layout(PUBLISHED["SmolLM2-135M"].config)
     assert cache_nbytes(hf) == row.bytes(24, batch=2) * 2 / 30
     assert kv_layout(speed_lab_config("smollm2-135m")) == row

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from course_lib.generation import hf_forward
 from course_lib.models import MOE_PUBLISHED_PARAMS, SPEED_LAB_MOE_CONFIGS, count_parameters, speed_lab_model
 from course_lib.moe import count_active_parameters, decode_sweep, distinct_experts, routed_experts
 from course_lib.roofline import MoEDims
@@ -49,7 +50,7 @@ def test_routed_experts_are_the_router_s_top_k_and_leave_the_cache_as_it_was():
     model = tiny_moe()
     ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        past = model(input_ids=ids, use_cache=True).past_key_values
+        _, past = hf_forward(model, ids)
     step = torch.randint(0, 128, (3, 1), generator=torch.Generator().manual_seed(2))
     routed = routed_experts(model, step, past)
     assert past.get_seq_length() == 5  # the routing pass was cropped off again

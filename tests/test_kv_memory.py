@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from course_lib.generation import hf_forward
 from course_lib.kv_memory import (
     PUBLISHED,
     KVLayout,
@@ -14,7 +15,6 @@ from course_lib.kv_memory import (
     published_config,
     transformers_cache_bytes,
 )
-from course_lib.generation import hf_forward
 from course_lib.models import count_parameters, load_model, speed_lab_config, speed_lab_model
 from course_lib.scratch_llama import ScratchLlama
 

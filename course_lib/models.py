@@ -295,12 +295,45 @@ SPEED_LAB_CONFIGS: dict[str, dict] = {
 }
 
 
+# Mixture-of-experts shapes, from each model's config.json: every MLP is `num_experts` SwiGLU experts of which a
+# token uses `num_experts_per_tok`. Built from transformers' own MoE classes (OlmoeForCausalLM, ...).
+SPEED_LAB_MOE_CONFIGS: dict[str, dict] = {
+    "olmoe-1b-7b": dict(  # allenai/OLMoE-1B-7B-0924
+        model_type="olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        vocab_size=50304, max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
+    "qwen3-30b-a3b": dict(  # Qwen/Qwen3-30B-A3B
+        model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960,
+        rope_theta=1000000.0, tie_word_embeddings=False,
+    ),
+    "mixtral-8x7b": dict(  # mistralai/Mixtral-8x7B-v0.1
+        model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        vocab_size=32000, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False,
+    ),
+}
+# What each model's authors publish as its parameter count (billions), and where: tests check the shapes above.
+MOE_PUBLISHED_PARAMS: dict[str, dict] = {
+    "olmoe-1b-7b": dict(total_b=6.9, active_b=1.3, source="Muennighoff et al. 2024, 'OLMoE: Open Mixture-of-"
+                        "Experts Language Models' (arXiv:2409.02060): 6.9B total, 1.3B active parameters"),
+    "qwen3-30b-a3b": dict(total_b=30.5, active_b=3.3, source="Qwen3-30B-A3B model card (Qwen/Qwen3-30B-A3B): "
+                          "30.5B in total and 3.3B activated"),
+    "mixtral-8x7b": dict(total_b=46.7, active_b=12.9, source="Mistral AI, 'Mixtral of experts' (announcement, "
+                         "Dec 2023): 46.7B total parameters, 12.9B used per token"),
+}
+
+
 def speed_lab_config(name: str, num_layers: int | None = None):
-    """The Hugging Face config of a speed-lab architecture (optionally fewer layers)."""
-    key = name.lower()
-    if key not in SPEED_LAB_CONFIGS:
-        raise ValueError(f"unknown speed-lab model {name!r}; choose one of {sorted(SPEED_LAB_CONFIGS)}")
-    spec = dict(SPEED_LAB_CONFIGS[key])
+    """The Hugging Face config of a speed-lab architecture, dense or mixture-of-experts (optionally fewer layers)."""
+    key = name.lower() if isinstance(name, str) else None
+    known = {**SPEED_LAB_CONFIGS, **SPEED_LAB_MOE_CONFIGS}
+    if key not in known:
+        raise ValueError(f"unknown speed-lab model {name!r}; choose one of {sorted(SPEED_LAB_CONFIGS)} (dense) "
+                         f"or {sorted(SPEED_LAB_MOE_CONFIGS)} (mixture of experts)")
+    spec = dict(known[key])
     model_type = spec.pop("model_type")
     rope_theta = spec.pop("rope_theta")
     if num_layers is not None:

@@ -14,6 +14,10 @@ allows, so a step takes at least
 * **prefill** (the whole prompt at once) does T times more arithmetic for the
   same weight read: compute-bound for prompts of more than a few hundred tokens.
 
+* a **mixture of experts** reads at each step only the experts its tokens were routed to: k per layer for one
+  token, the union for a batch (:func:`expected_experts`), so its bytes per step grow with the batch from the
+  active parameters toward the total (:func:`moe_decode_cost`).
+
 This module is the arithmetic only: a machine's two figures (:class:`Hardware`, measured or from a spec
 sheet) and their ridge point, the bytes and FLOPs of a step counted from a model config, and the predicted step
 latency. Nothing here runs a timing. The figures of *this* machine are measured by :mod:`course_lib.machine`
@@ -198,6 +202,123 @@ def prefill_cost(config, batch: int = 1, prompt_len: int = 128, weight_bits: flo
     attn_flops = m.layers * 2 * m.heads * m.head_dim * t * (t + 1)  # causal: half of the T x T pairs
     flops = batch * (2 * t * m.layers * m.layer_matmul_params + 2 * m.vocab * m.hidden + attn_flops)
     return StepCost("prefill", batch, t, 0, weight_bytes, kv_bytes, act_bytes, flops)
+
+
+# --- mixture of experts: the bytes a step reads depend on the batch ------------------
+
+def expected_experts(experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts that ``tokens`` tokens touch in one layer, on average, when each picks ``top_k`` of
+    ``experts`` uniformly at random: E * (1 - (1 - k/E)^B).
+
+    One token leaves a given expert out with probability 1 - k/E; B independent tokens all leave it out with
+    probability (1 - k/E)^B. One token reads k experts; a large batch reads nearly all E.
+    """
+    check_int("experts", experts, 1, " (experts per MoE layer)")
+    check_int("top_k", top_k, 1, " (experts each token is routed to)")
+    if top_k > experts:
+        raise ValueError(f"top_k ({top_k}) must be <= experts ({experts}): a token cannot pick more experts than "
+                         "the layer has")
+    check_int("tokens", tokens, 0, " (tokens in the step: the batch at decode)")
+    return experts * (1 - (1 - top_k / experts) ** tokens)
+
+
+@dataclass(frozen=True)
+class MoEDims:
+    """Shapes of a mixture-of-experts decoder whose every MLP is ``experts`` SwiGLU experts, ``top_k`` per token.
+
+    Read from a transformers config (OlmoeConfig, Qwen3MoeConfig, MixtralConfig); models with shared experts
+    or with dense MLP layers between the MoE ones are refused (their bytes would be counted wrong).
+    """
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    experts: int
+    top_k: int
+    expert_intermediate: int
+
+    def __post_init__(self):
+        for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab", "experts", "top_k",
+                     "expert_intermediate"):
+            check_int(name, getattr(self, name), 1)
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= experts ({self.experts})")
+
+    @classmethod
+    def from_config(cls, cfg) -> MoEDims:
+        experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+        if not experts:
+            raise ValueError(f"{type(cfg).__name__} has no experts (num_experts / num_local_experts): use "
+                             "ModelDims.from_config for a dense model")
+        if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+            raise ValueError("this config mixes dense MLP layers with MoE layers (mlp_only_layers / "
+                             "decoder_sparse_step); MoEDims counts every layer as MoE")
+        if getattr(cfg, "shared_expert_intermediate_size", 0) or getattr(cfg, "n_shared_experts", 0):
+            raise ValueError("this config has shared experts, which MoEDims does not count")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size  # Qwen3-MoE names it apart
+        return cls(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+                   cfg.num_key_value_heads or cfg.num_attention_heads, head_dim, cfg.vocab_size, experts,
+                   cfg.num_experts_per_tok, inter)
+
+    @property
+    def attention_params(self) -> int:
+        """q, k, v, o projections of one layer."""
+        d, hd = self.hidden, self.head_dim
+        return d * self.heads * hd * 2 + d * self.kv_heads * hd * 2
+
+    @property
+    def expert_params(self) -> int:
+        """One expert: gate, up and down projections."""
+        return 3 * self.hidden * self.expert_intermediate
+
+    def decode_params(self, experts_read: float) -> float:
+        """Weights one decode step reads when each layer reads ``experts_read`` distinct experts (router, norms
+        and output head included; the embedding is one row per token and is left out, as in ModelDims)."""
+        per_layer = self.attention_params + self.experts * self.hidden + experts_read * self.expert_params
+        return self.layers * (per_layer + 2 * self.hidden) + self.vocab * self.hidden + self.hidden
+
+    @property
+    def active_decode_params(self) -> float:
+        """Weights a single token reads: top_k experts per layer."""
+        return self.decode_params(self.top_k)
+
+    @property
+    def all_decode_params(self) -> float:
+        """Weights a step reads when its tokens touch every expert (what a large batch converges to)."""
+        return self.decode_params(self.experts)
+
+    def kv_bytes_per_token(self, kv_bits: int = 16) -> float:
+        """Cache bytes one token adds: K and V, every layer, every KV head."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * kv_bits / 8
+
+
+def moe_decode_cost(config, batch: int = 1, context: int = 128, weight_bits: float = 16, kv_bits: float = 16,
+                    act_bits: float = 16, experts_read: float | None = None) -> StepCost:
+    """One decode step of a mixture-of-experts model: like :func:`decode_cost`, but each layer reads only the
+    experts the batch's tokens are routed to.
+
+    ``experts_read`` is the number of distinct experts per layer the step reads; None is the expectation under
+    uniform routing, :func:`expected_experts` (experts, top_k, batch). Pass a count measured from the router to
+    predict one real step.
+    """
+    m = config if isinstance(config, MoEDims) else MoEDims.from_config(config)
+    _check(batch, weight_bits, kv_bits, act_bits)
+    check_int("context", context, 0, " (tokens already cached)")
+    if experts_read is None:
+        experts_read = expected_experts(m.experts, m.top_k, batch)
+    check_number("experts_read", experts_read, f"between 1 and experts ({m.experts}) per layer",
+                 lambda v: 1 <= v <= m.experts)
+    weight_bytes = m.decode_params(experts_read) * weight_bits / 8
+    kv_bytes = batch * m.kv_bytes_per_token(kv_bits) * (context + 1)
+    act_bytes = batch * (m.layers * (10 * m.hidden + 4 * m.top_k * m.expert_intermediate) + m.vocab) * act_bits / 8
+    attn_flops = m.layers * 4 * m.heads * m.head_dim * (context + 1)
+    # every token still computes only its own top_k experts: the FLOPs follow the active weights
+    flops = batch * (2 * (m.active_decode_params - m.layers * 2 * m.hidden - m.hidden) + attn_flops)
+    return StepCost("decode", batch, 1, context, weight_bytes, kv_bytes, act_bytes, flops)
 
 
 # --- predicting ------------------------------------------------------------------

@@ -105,6 +105,38 @@ def test_ch03_tiled_attention_right_wrong_and_stub():
     assert not unscaled and "sqrt(head_dim)" in unscaled.message
 
 
+def _kv_bytes(cfg):
+    if "kv_lora_rank" in cfg:
+        return cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 2
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    return cfg["num_hidden_layers"] * 2 * kv * head_dim * 2
+
+
+def test_ch03_kv_bytes_per_token_right_wrong_and_stub():
+    assert ch03.check_kv_bytes_per_token(_kv_bytes)
+    assert _not_done(ch03.check_kv_bytes_per_token(_stub))
+    k_only = ch03.check_kv_bytes_per_token(lambda c: _kv_bytes(c) / 2)
+    assert not k_only and "both K and V" in k_only.message
+
+    def query_heads(c):
+        return _kv_bytes({**c, "num_key_value_heads": c["num_attention_heads"]})
+
+    assert "key/value heads" in ch03.check_kv_bytes_per_token(query_heads).message
+
+    def no_head_dim(c):
+        return _kv_bytes({k: v for k, v in c.items() if k != "head_dim"})
+
+    assert "use head_dim" in ch03.check_kv_bytes_per_token(no_head_dim).message
+
+    def mla_as_mha(c):
+        return _kv_bytes({k: v for k, v in c.items() if k != "kv_lora_rank"})
+
+    assert "latent" in ch03.check_kv_bytes_per_token(mla_as_mha).message
+    no_rope = ch03.check_kv_bytes_per_token(lambda c: _kv_bytes({**c, "qk_rope_head_dim": 0}))
+    assert "RoPE" in no_rope.message
+
+
 # --- 04: the timing loop and the interleaved comparison ------------------------------------------------
 
 def _timer(work, sync, clock, warmup, repeat):

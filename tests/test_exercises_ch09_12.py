@@ -112,6 +112,16 @@ def test_ch11_matched_prefix():
         matched_prefix(torch.zeros(2, 3), torch.zeros(3, 2))
 
 
+def test_ch11_expected_experts():
+    assert ch11.check_expected_experts(lambda e, k, b: e * (1 - (1 - k / e) ** b))
+    assert "counts an expert twice" in ch11.check_expected_experts(lambda e, k, b: k * b).message
+    repeats = ch11.check_expected_experts(lambda e, k, b: e * (1 - (1 - 1 / e) ** (k * b)))
+    assert not repeats and "different" in repeats.message
+    assert "*no* token" in ch11.check_expected_experts(lambda e, k, b: e * (1 - k / e) ** b).message
+    stub = ch11.check_expected_experts(_stub)
+    assert not stub and not stub.done
+
+
 @pytest.mark.parametrize("qid", sorted(ch12.QUIZ))
 def test_ch12_quiz_answers_and_hints(qid):
     q = ch12.QUIZ[qid]

@@ -144,3 +144,79 @@ def test_decode_at_batch_1_is_memory_bound_left_of_the_ridge():
     matplotlib.use("Agg")
     fig = plot_roofline(hw, [], "bf16")  # the roof, plus a dashed line for what the GEMV achieved
     assert any("GEMV" in line.get_label() for line in fig.axes[0].lines)
+
+
+# --- mixture of experts ------------------------------------------------------------------------------------
+
+def test_expected_experts_matches_a_simulation_of_uniform_routing():
+    import torch
+
+    from course_lib.roofline import expected_experts
+
+    g = torch.Generator().manual_seed(0)
+    for experts, top_k, tokens in ((64, 8, 1), (64, 8, 4), (8, 2, 3), (128, 8, 16)):
+        trials = 2000
+        # each token picks top_k distinct experts uniformly: the top_k of random scores
+        picks = torch.rand(trials, tokens, experts, generator=g).topk(top_k, dim=-1).indices
+        hit = torch.zeros(trials, experts, dtype=torch.bool)
+        hit.scatter_(1, picks.reshape(trials, -1), True)
+        simulated = hit.sum(1).float().mean().item()
+        assert simulated == pytest.approx(expected_experts(experts, top_k, tokens), rel=0.02), (experts, top_k, tokens)
+    assert expected_experts(64, 8, 1) == pytest.approx(8)  # one token: exactly its k experts
+    assert expected_experts(64, 8, 0) == 0
+    assert expected_experts(8, 2, 1000) == pytest.approx(8)  # a big batch touches them all
+    assert expected_experts(8, 8, 1) == pytest.approx(8)  # k = E: a dense layer
+
+
+@pytest.mark.parametrize("args, match", [((8, 9, 1), "top_k"), ((0, 1, 1), "experts"), ((8, 2, -1), "tokens"),
+                                         ((8, 2.0, 1), "top_k"), ((8, 2, True), "tokens")])
+def test_expected_experts_refuses_impossible_arguments(args, match):
+    from course_lib.roofline import expected_experts
+
+    with pytest.raises(ValueError, match=match):
+        expected_experts(*args)
+
+
+def test_moe_decode_bytes_follow_the_active_experts_at_batch_1_and_all_of_them_at_large_batch():
+    from course_lib.roofline import MoEDims, expected_experts, moe_decode_cost
+
+    cfg = speed_lab_config("olmoe-1b-7b")
+    m = MoEDims.from_config(cfg)
+    assert (m.experts, m.top_k, m.expert_intermediate, m.kv_heads) == (64, 8, 1024, 16)
+    d, L, V = 2048, 16, 50304
+    attn, expert, router = 4 * d * d, 3 * d * 1024, 64 * d
+    one = moe_decode_cost(cfg, batch=1, context=0)
+    assert one.weight_bytes == (L * (attn + router + 8 * expert + 2 * d) + V * d + d) * 2  # by hand, bf16
+    assert one.weight_bytes == m.active_decode_params * 2
+    big = moe_decode_cost(cfg, batch=256, context=0)
+    assert big.weight_bytes == pytest.approx(m.all_decode_params * 2, rel=1e-6)
+    b16 = moe_decode_cost(cfg, batch=16, context=0)
+    assert b16.weight_bytes == pytest.approx(m.decode_params(expected_experts(64, 8, 16)) * 2)
+    assert one.weight_bytes < b16.weight_bytes < big.weight_bytes
+    # FLOPs follow the active weights per token, whatever the batch reads
+    assert b16.flops == pytest.approx(16 * one.flops)
+    # a measured expert count replaces the expectation
+    assert moe_decode_cost(cfg, batch=16, experts_read=64).weight_bytes == m.all_decode_params * 2
+    with pytest.raises(ValueError, match="experts_read"):
+        moe_decode_cost(cfg, batch=16, experts_read=65)
+
+
+def test_an_moe_with_every_expert_active_costs_what_the_same_dense_model_costs():
+    from course_lib.roofline import MoEDims, moe_decode_cost
+
+    moe = MoEDims(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=100, experts=4, top_k=4,
+                  expert_intermediate=32)
+    dense = ModelDims(hidden=64, intermediate=4 * 32, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=100)
+    router = 2 * 4 * 64  # the only weights the dense model lacks
+    for batch, context in ((1, 0), (8, 50)):
+        a, b = moe_decode_cost(moe, batch, context), decode_cost(dense, batch, context)
+        assert a.weight_bytes == b.weight_bytes + router * 2
+        assert a.kv_bytes == b.kv_bytes and a.act_bytes == b.act_bytes
+        assert a.flops == b.flops + batch * 2 * router
+
+
+def test_moe_dims_refuse_a_dense_config():
+    from course_lib.roofline import MoEDims
+
+    with pytest.raises(ValueError, match="no experts"):
+        MoEDims.from_config(speed_lab_config("smollm2-135m"))

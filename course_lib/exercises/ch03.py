@@ -1,4 +1,4 @@
-"""Exercises of notebook 03 (algorithm optimization): a KV-cache decode step, GQA, attention tile by tile."""
+"""Exercises of notebook 03 (algorithms): a KV-cache decode step, GQA, tiled attention, KV bytes per token."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..kv_memory import PUBLISHED, kv_layout
 from ..scratch_llama import repeat_kv
 from . import Feedback, attempt, checked, fail, ok
 
@@ -139,3 +140,49 @@ def check_tiled_attention(fn: Callable) -> Feedback:
                     "scaled_dot_product_attention. Per tile: scores, new max, rescale old sums, add this tile")
     return ok("Correct: tile by tile, never holding a whole row of scores, you get exactly SDPA's answer. That "
               "running max and rescaled sum is the heart of FlashAttention.")
+
+
+# The configs the KV-bytes check runs on: each catches a different slip (Gemma-2's head_dim is not
+# hidden_size / heads; DeepSeek-V3 caches a latent; Falcon's multi_query flag is trivia and left out).
+KV_CASES = ("Llama-2-7B", "Llama-3-8B", "SmolLM2-135M", "Gemma-2-9B", "DeepSeek-V3")
+
+
+@checked
+def check_kv_bytes_per_token(fn: Callable[[dict], float]) -> Feedback:
+    """``fn(config) -> bytes`` one token adds to a bf16 KV cache, from a dict of config.json fields."""
+    for name in KV_CASES:
+        cfg = dict(PUBLISHED[name].config)
+        want = kv_layout(cfg).bytes_per_token(16)
+        got = attempt(fn, dict(cfg))
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            return fail(f"return a number of bytes, got {type(got).__name__}")
+        if math.isclose(got, want, rel_tol=1e-9):
+            continue
+        layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads", heads)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        if "kv_lora_rank" in cfg:
+            latent = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+            if math.isclose(got, want * cfg["kv_lora_rank"] / latent):
+                return fail(f"{name}: MLA also caches the decoupled RoPE key, qk_rope_head_dim = "
+                            f"{cfg['qk_rope_head_dim']} values per layer, beside the kv_lora_rank latent")
+            return fail(f"{name} uses multi-head latent attention (it has kv_lora_rank): each layer caches one "
+                        f"latent of kv_lora_rank + qk_rope_head_dim = {latent} values per token, shared by all "
+                        f"{heads} heads (no separate K and V); got {got:,.0f}, expected {want:,.0f} bytes")
+        if math.isclose(got, want / 2):
+            return fail(f"{name}: half the expected {want:,.0f} bytes. Count both K and V, and 2 bytes per bf16 value")
+        if math.isclose(got, want / 2 / 2):
+            return fail(f"{name}: a quarter of the expected bytes: count K *and* V, and 2 bytes per bf16 value")
+        if math.isclose(got, want * heads / kv):
+            return fail(f"{name}: you counted all {heads} query heads; with GQA only the {kv} key/value heads "
+                        "are cached (num_key_value_heads)")
+        if math.isclose(got, want / layers):
+            return fail(f"{name}: that is one layer's worth; every one of the {layers} layers has its own cache")
+        if "head_dim" in cfg and math.isclose(got, want * (cfg["hidden_size"] // heads) / head_dim):
+            return fail(f"{name} states head_dim = {head_dim}, which is not hidden_size / heads = "
+                        f"{cfg['hidden_size'] // heads}: use head_dim when the config gives it")
+        return fail(f"{name}: got {got:,.0f} bytes, expected {want:,.0f} = layers x 2 (K, V) x KV heads x head_dim "
+                    "x 2 bytes")
+    return ok("Correct: the same three fields decide the cache of every dense model, and MLA replaces them with "
+              "one latent. Compare DeepSeek-V3's bytes per token with Llama-2-7B's: a 671B model caches less "
+              "per token than a 7B one.")

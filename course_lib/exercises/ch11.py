@@ -1,12 +1,14 @@
 """Exercises of notebook 11 (tools and trends): pick the tool, read a side-by-side table, build the harness.
 
-11.1 and 11.2 are answers (a choice, a reading of the measured table); 11.3 and 11.4 are functions the
-learner writes: the interleaved timing loop every comparison in the course runs on, and the matched-prefix
-count that says whether a faster variant still answers the same.
+11.1 and 11.2 are answers (a choice, a reading of the measured table); 11.3 to 11.5 are functions the
+learner writes: the interleaved timing loop every comparison in the course runs on, the matched-prefix
+count that says whether a faster variant still answers the same, and the number of distinct experts a batch of
+tokens reads from a mixture-of-experts layer.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import statistics
@@ -15,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..metrics import matched_prefix
+from ..roofline import expected_experts
 from . import Feedback, attempt, checked, fail, not_done, ok
 
 UNANSWERED = ("", "?", None)
@@ -193,3 +196,28 @@ def check_matched_prefix(fn: Callable) -> Feedback:
         return fail(f"for reference {ref[row].tolist()} and answer {got[row].tolist()} expected {int(want[row])}, "
                     f"got {out[row].item()}")
     return ok("Correct: this is course_lib.metrics.matched_prefix, the 'agree_prefix' of the agreement tables.")
+
+
+@checked
+def check_expected_experts(fn: Callable[[int, int, int], float]) -> Feedback:
+    """``fn(experts, top_k, tokens)``: distinct experts ``tokens`` tokens touch on average, each routed uniformly
+    to ``top_k`` of ``experts``."""
+    for e, k, b in ((64, 8, 1), (64, 8, 16), (8, 2, 4), (128, 8, 32), (64, 8, 0), (8, 8, 3)):
+        got = attempt(fn, e, k, b)
+        want = expected_experts(e, k, b)
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or math.isnan(got):
+            return fail(f"return a number (the expected count), got {got!r}")
+        if math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9):
+            continue
+        case = f"E={e}, k={k}, B={b}"
+        if math.isclose(got, k * b):
+            return fail(f"{case}: k x B = {k * b} counts an expert twice when two tokens pick it (and exceeds E "
+                        f"= {e} for big batches). Count the experts *no* token picks: E x (1 - k/E)^B")
+        if math.isclose(got, e * (1 - (1 - 1 / e) ** (k * b))):
+            return fail(f"{case}: close, but that treats a token's k picks as independent draws that may repeat. A "
+                        "token picks k *different* experts, so it misses a given one with probability 1 - k/E")
+        if math.isclose(got, e * (1 - k / e) ** b):
+            return fail(f"{case}: that is the number of experts *no* token picks; the batch reads the others")
+        return fail(f"{case}: got {got:.4g}, expected {want:.4g}")
+    return ok("Correct: one token reads its k experts; a batch reads the union, which nears all E quickly (64 "
+              "experts, top-8: 8 for one token, 56 for 16 tokens).")

@@ -22,8 +22,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ._checks import check_flag, check_int, check_number, check_text
-from .device import device_of
+from .device import compile_supported, device_of
 from .kv_cache import KVCache
 from .models import check_prompt_ids
 from .scratch_llama import ScratchLlama, naive_attention
@@ -215,18 +213,6 @@ def generate_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) 
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
     return out[:, ids.shape[1]:]
-
-
-def compile_supported(device: str | torch.device = "cpu") -> tuple[bool, str]:
-    """Can ``torch.compile`` (inductor) build kernels here? (ok, reason when not)."""
-    dev = torch.device(device)
-    if sys.platform == "win32":
-        return False, "torch.compile's inductor backend is not supported on Windows"
-    if dev.type == "cpu" and not (shutil.which("gcc") or shutil.which("g++") or shutil.which("clang")):
-        return False, "torch.compile on CPU needs a C++ compiler (gcc or clang) on PATH"
-    if dev.type == "mps":
-        return False, "torch.compile's inductor backend for MPS is experimental; skipped"
-    return True, ""
 
 
 class CompiledDecoder:

@@ -176,7 +176,7 @@ class _PackedLinear(SavedLayer):
         fallback = next(c for c in cands if c.kernel == REFERENCE)  # every layer type offers one
         if self.kernel_request == "auto":
             cands.append(self._float_candidate())
-        elif self.kernel_request not in ("packed", REFERENCE, STREAM_REQUEST):  # one named kernel, where it is safe and correct
+        elif self.kernel_request not in ("packed", REFERENCE, STREAM_REQUEST):  # one named kernel, where safe + correct
             cands = [c for c in cands if c.kernel == self.kernel_request] or [fallback]
         probes = kernel_choice.Probes(self._reference(device), self.in_features, device)
         names = {c.name: c for c in cands}

@@ -44,6 +44,7 @@ STREAM = "streaming reduction (compiled)"  # the kernel's name in the choice tab
 STREAM_REQUEST = "stream"  # kernel= request: the packed candidates plus these
 STREAM_ROWS = 2  # the reduction reads the weight once per row: beyond this many rows the layer's other path runs
 LINEAR = "F.linear"
+PROFILE_EVENT = "course_lib.streaming"  # what a call from eager code is recorded as, when a profiler runs
 
 
 # --- the kernels (plain torch: what inductor compiles) -------------------------------------
@@ -90,6 +91,9 @@ def run(kind: str, *args) -> torch.Tensor:
     compiled = _COMPILED.get(kind)
     if compiled is None:
         compiled = _COMPILED[kind] = torch.compile(fn, dynamic=True, fullgraph=True)
+    if torch.autograd.profiler._is_profiler_enabled:  # named in a profile (anatomy.profile_step); free otherwise
+        with torch.profiler.record_function(f"{PROFILE_EVENT} {kind}"):
+            return compiled(*args)
     return compiled(*args)
 
 
@@ -163,7 +167,9 @@ class StreamingLinear(nn.Linear):
         def reference(x):
             return F.linear(x.float(), ref_w, ref_b)
 
-        key = ("StreamingLinear", self.out_features, self.in_features, self.bias is not None, dt, dev.type, dev.index)
+        # the packed layers' key shape (type, N, K, group, request, compute, float dtype, device): one choice table
+        key = ("StreamingLinear", self.out_features, self.in_features, None, STREAM_REQUEST, str(dt), dt, dev.type,
+               dev.index)
         probes = kernel_choice.Probes(reference, self.in_features, dev)
         with torch.no_grad():
             self.choice = kernel_choice.choose(key, cands, probes, self.in_features, dev)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernel_choice
+from . import kernel_choice, streaming
 from .kernel_choice import Candidate
 from .kernels import (
     COMPUTE_DTYPES,
@@ -44,8 +44,6 @@ from .kernels import (
 )
 from .primitives import Quantized, pack_int4, quantize, quantize_activations, unpack_int4
 from .streaming import STREAM, STREAM_REQUEST, STREAM_ROWS, pack_int4_halves, unpack_int4_halves
-from .streaming import available as streaming_available
-from .streaming import run as run_streaming
 
 if TYPE_CHECKING:  # annotations only: the config module does not build layers, and layers read a config's fields
     from .config import QuantConfig
@@ -153,7 +151,7 @@ class _PackedLinear(SavedLayer):
         """Offer the streaming kernel? Asked for (``kernel="stream"``) and available here."""
         if self.kernel_request != STREAM_REQUEST:
             return False
-        ok, why = streaming_available(device)
+        ok, why = streaming.available(device)
         if not ok:
             log.info("%d x %d layer: no streaming kernel (%s)", self.out_features, self.in_features, why)
         return ok
@@ -345,7 +343,7 @@ class Int8WeightOnlyLinear(_PackedLinear):
 
     def _stream_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= STREAM_ROWS:
-            return run_streaming("int8", x2, self.weight_int8, self.scales)
+            return streaming.run("int8", x2, self.weight_int8, self.scales)
         return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales.to(x2.dtype)
 
     def _apply_choice(self, cand):
@@ -494,7 +492,7 @@ class Int4WeightOnlyLinear(_PackedLinear):
 
     def _stream_matmul(self, x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= STREAM_ROWS:
-            return run_streaming("int4", x2, packed, sz, self.group_size)
+            return streaming.run("int4", x2, packed, sz, self.group_size)
         return F.linear(x2, self._dequant(unpack_int4_halves(packed, self.group_size), sz).to(x2.dtype))
 
     def _apply_choice(self, cand):

@@ -28,6 +28,7 @@ compiled decode step) they are traced into the step's own graph.
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 
 import torch
@@ -80,17 +81,29 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
 
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {"float": float_gemv, "int8": int8_gemv, "int4": int4_gemv}
-_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+_COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+
+def _compiled(key: tuple) -> Callable[..., torch.Tensor]:
+    """The compiled kernel for one (kind, dtypes, grad mode): each gets its own copy of the function's code, since
+    dynamo keeps at most ``recompile_limit`` (8) graphs per code object and fails (fullgraph) beyond; one copy per
+    key leaves each with a few (one row or several, weights that require grad or not)."""
+    fn = KERNELS[key[0]]
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, dynamic=True, fullgraph=True)
 
 
 def run(kind: str, *args) -> torch.Tensor:
-    """Run kernel ``kind`` (of :data:`KERNELS`): traced into the caller's graph when compiling, else compiled once."""
-    fn = KERNELS[kind]
+    """Run kernel ``kind`` (of :data:`KERNELS`): traced into the caller's graph when compiling, else compiled once
+    per kind, dtypes and grad mode (dynamic shapes: a layer of a new shape reuses the graph)."""
     if torch.compiler.is_compiling():
-        return fn(*args)
-    compiled = _COMPILED.get(kind)
+        return KERNELS[kind](*args)
+    key = (kind, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+           *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = _COMPILED[kind] = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled = _COMPILED[key] = _compiled(key)
     if torch.autograd.profiler._is_profiler_enabled:  # named in a profile (anatomy.profile_step); free otherwise
         with torch.profiler.record_function(f"{PROFILE_EVENT} {kind}"):
             return compiled(*args)
@@ -177,7 +190,7 @@ class StreamingLinear(nn.Linear):
         return self.choice
 
     def _rows(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] <= STREAM_ROWS:
+        if x2.shape[0] <= STREAM_ROWS and not (torch.is_grad_enabled() and self.weight.requires_grad):
             return self._stream(x2).to(x2.dtype)
         return F.linear(x2, self.weight, self.bias)
 

@@ -134,10 +134,11 @@ _NOT_A_MATVEC = ("mean", "amax", "exp", "softmax", "rsqrt", "pow", "max", "argma
 def is_matrix_kernel(name: str) -> bool:
     """Does a profiler event name a weight matmul: an ATen matmul, a streaming kernel called from eager code
     (``course_lib.streaming ...``), or a kernel inductor generated for a reduction that is a matrix-vector product
-    (``cpp_fused_..._sum_N`` without a norm's or a softmax's ops)?"""
+    (``graph_N_cpp_fused_..._sum_M``, named in a profile when compiled with inductor's
+    ``cpp.enable_kernel_profile``, without a norm's or a softmax's ops)?"""
     if name in WEIGHT_MATMULS or name.startswith(STREAM_EVENT):
         return True
-    return name.startswith("cpp_fused") and "_sum" in name and not any(k in name for k in _NOT_A_MATVEC)
+    return "cpp_fused" in name and "_sum" in name and not any(k in name for k in _NOT_A_MATVEC)
 
 
 @torch.inference_mode()

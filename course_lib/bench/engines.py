@@ -52,6 +52,7 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from tqdm.auto import tqdm
 
 from .. import real_model
@@ -232,12 +233,13 @@ def _eager_step(scratch: ScratchLlama, prompt: torch.Tensor) -> Callable[[], obj
 def _compiled_step(dec: CompiledDecoder, prompt: torch.Tensor, max_len: int) -> Callable[[], object]:
     start = prompt.shape[-1]
     slot = torch.tensor(start)
-    tok = prompt[:, -1:]
-    cache = dec.scratch.new_cache(1, max_len)  # the timed calls' size: the same compiled graph
+    state: dict = {}
 
     def step():
+        if not state:  # the timed calls' cache size: the same compiled graph
+            state["cache"] = dec.scratch.new_cache(1, max_len)
         slot.fill_(start)  # the graph advances it: rewrite the same slot every profiled step
-        return dec.next_token(tok, slot, cache)
+        return dec.next_token(prompt[:, -1:], slot, state["cache"])
     return step
 
 
@@ -655,8 +657,11 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
     ours = [p.row["method"] for p in paths if p.row["engine"] == "course_lib"]
     reference = next((m for f in ("fp32", "bf16", *FORMATS) for m in ours if m == f"course_lib eager {f}"),
                      ours[0] if ours else None)
-    measure(paths, new_tokens, rounds, reference=reference)
-    profile_rows(paths)
+    # compiled kernels named in the profile (an event per kernel call: a few µs per step), so the matrix share of a
+    # compiled row can tell the streaming reductions from the rest
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        measure(paths, new_tokens, rounds, reference=reference)
+        profile_rows(paths)
     if not bandwidth_gbs:  # again at the end: the machine's state drifts; the rows' shares use the median
         readings += [measure_bandwidth(size_mb=bw_mb, kind="read") for _ in range(BW_READINGS)]
     bw = statistics.median(readings)

@@ -129,6 +129,16 @@ def test_stream_refuses_what_it_cannot_take():
         stream_(nn.Sequential(nn.Linear(4, 4)), cold="yes")
 
 
+def test_streaming_linear_hands_the_kernel_a_plain_tensor_not_its_parameter(monkeypatch):
+    # dynamo compiles a Parameter's shape statically: one graph per layer shape, and a model has more than its
+    # recompile limit of them (SmolLM2's bf16-stream failed to build so)
+    seen = []
+    monkeypatch.setattr(streaming, "run", lambda kind, *args: seen.append(args) or streaming.KERNELS[kind](*args))
+    monkeypatch.setattr(streaming, "available", lambda device: (True, ""))
+    StreamingLinear.from_linear(nn.Linear(32, 16))
+    assert seen and all(not isinstance(a, nn.Parameter) for args in seen for a in args)
+
+
 def test_without_a_compiler_no_streaming_kernel_is_offered(monkeypatch):
     monkeypatch.setattr(streaming, "compile_supported", lambda device: (False, "no compiler here"))
     lin = nn.Linear(64, 32)

@@ -160,7 +160,9 @@ class StreamingLinear(nn.Linear):
         return new
 
     def _stream(self, x2: torch.Tensor) -> torch.Tensor:
-        y = run("float", x2, self.weight)
+        # detached: dynamo gives a Parameter static shapes (force_parameter_static_shapes), so every layer shape
+        # would compile its own graph and the ninth would hit the recompile limit
+        y = run("float", x2, self.weight.detach())
         return y if self.bias is None else y + self.bias.float()
 
     def select(self) -> kernel_choice.Choice:

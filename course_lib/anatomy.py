@@ -1,19 +1,22 @@
 """Where the parameters are and where the time goes: the anatomy of a decoder LM.
 
 Used by the core-concepts chapter: parameters -> bytes -> FLOPs per token, and
-a profile of one decode step grouped into kinds of work.
+a profile of one decode step grouped into kinds of work; the engines bench: ATen calls per step and the share of
+a step in weight matmuls (:func:`profile_step`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .device import device_of
 from .generation import hf_forward
+from .quantization.streaming import PROFILE_EVENT as STREAM_EVENT
 from .timing import synchronize
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -120,3 +123,45 @@ def profile_decode_step(model, context: int = 64, steps: int = 5) -> tuple[dict[
     by_kind["python / framework"] = max(0.0, wall * 1e3 / steps - sum(by_kind.values()))
     ops.sort(key=lambda x: -x[1])
     return dict(by_kind), ops[:12]
+
+
+# The kernels that multiply by a weight matrix: ATen's (self time) and the streaming reductions (their own events)
+WEIGHT_MATMULS = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
+                  "aten::_weight_int4pack_mm", "aten::_int_mm")
+_NOT_A_MATVEC = ("mean", "amax", "exp", "softmax", "rsqrt", "pow", "max", "argmax")
+
+
+def is_matrix_kernel(name: str) -> bool:
+    """Does a profiler event name a weight matmul: an ATen matmul, a streaming kernel called from eager code
+    (``course_lib.streaming ...``), or a kernel inductor generated for a reduction that is a matrix-vector product
+    (``graph_N_cpp_fused_..._sum_M``, named in a profile when compiled with inductor's
+    ``cpp.enable_kernel_profile``, without a norm's or a softmax's ops)?"""
+    if name in WEIGHT_MATMULS or name.startswith(STREAM_EVENT):
+        return True
+    return "cpp_fused" in name and "_sum" in name and not any(k in name for k in _NOT_A_MATVEC)
+
+
+@torch.inference_mode()
+def profile_step(step: Callable[[], object], steps: int = 3) -> dict[str, float]:
+    """Profile ``steps`` calls of one decode step (after one unprofiled call): ATen calls per step, the step's
+    milliseconds under the profiler, the part in weight matmuls (:func:`is_matrix_kernel`) and its share.
+
+    The profiler adds a cost per recorded call, so the shares of a step made of many small calls lean towards
+    "everything else"; the ATen count is exact.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t0
+    events = prof.events()
+    aten = sum(1 for e in events if e.name.startswith("aten::"))
+    matrix_us = sum(e.cpu_time_total if not e.name.startswith("aten::") else e.self_cpu_time_total
+                    for e in events if is_matrix_kernel(e.name))
+    step_ms = wall * 1e3 / steps
+    matrix_ms = min(matrix_us / 1e3 / steps, step_ms)
+    return {"aten_calls": aten / steps, "step_ms": step_ms, "matrix_ms": matrix_ms,
+            "matrix_share": matrix_ms / step_ms if step_ms > 0 else 0.0}

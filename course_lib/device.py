@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
 
 import torch
 
@@ -87,3 +89,15 @@ def release_memory() -> None:
         except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
             return
         trim(0)
+
+
+def compile_supported(device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """Can ``torch.compile`` (inductor) build kernels here? (ok, reason when not)."""
+    dev = torch.device(device)
+    if sys.platform == "win32":
+        return False, "torch.compile's inductor backend is not supported on Windows"
+    if dev.type == "cpu" and not (shutil.which("gcc") or shutil.which("g++") or shutil.which("clang")):
+        return False, "torch.compile on CPU needs a C++ compiler (gcc or clang) on PATH"
+    if dev.type == "mps":
+        return False, "torch.compile's inductor backend for MPS is experimental; skipped"
+    return True, ""

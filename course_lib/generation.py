@@ -22,8 +22,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ._checks import check_flag, check_int, check_number, check_text
-from .device import device_of
+from .device import compile_supported, device_of
 from .kv_cache import KVCache
 from .kv_quant import KVQuantConfig
 from .models import check_prompt_ids
@@ -220,18 +218,6 @@ def generate_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) 
     return out[:, ids.shape[1]:]
 
 
-def compile_supported(device: str | torch.device = "cpu") -> tuple[bool, str]:
-    """Can ``torch.compile`` (inductor) build kernels here? (ok, reason when not)."""
-    dev = torch.device(device)
-    if sys.platform == "win32":
-        return False, "torch.compile's inductor backend is not supported on Windows"
-    if dev.type == "cpu" and not (shutil.which("gcc") or shutil.which("g++") or shutil.which("clang")):
-        return False, "torch.compile on CPU needs a C++ compiler (gcc or clang) on PATH"
-    if dev.type == "mps":
-        return False, "torch.compile's inductor backend for MPS is experimental; skipped"
-    return True, ""
-
-
 class CompiledDecoder:
     """A static-cache decode step compiled once with ``torch.compile``, reused across calls.
 
@@ -257,8 +243,16 @@ class CompiledDecoder:
         self.cuda_graphs = dev.type == "cuda" and backend == "inductor" and self.mode in ("reduce-overhead",
                                                                                               "max-autotune")
         self.scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+        # both lazy: only the one a caller uses is ever compiled. step -> logits; next_token -> the greedy token,
+        # argmax and the slot's advance inside the graph (no ATen call of its own per token)
         self.step: Callable = torch.compile(self.scratch.decode_static, mode=mode, fullgraph=True, backend=backend)
+        self.next_token: Callable = torch.compile(self._next_token, mode=mode, fullgraph=True, backend=backend)
         self._caches: dict[tuple[int, int], KVCache] = {}
+
+    def _next_token(self, tok: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        nxt = self.scratch.decode_static(tok, slot, cache).argmax(-1, keepdim=True)
+        slot.add_(1)  # in place: the next call sees the same tensor, so the graph is reused
+        return nxt
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
         if not self.cuda_graphs:
@@ -282,10 +276,12 @@ class CompiledDecoder:
         new = [nxt]
         slot = torch.tensor(ids.shape[1], device=s.device)
         for _ in range(max_new_tokens - 1):
-            if self.cuda_graphs:
+            if self.cuda_graphs:  # a graph replay must not mutate an input it does not own: advance outside
                 torch.compiler.cudagraph_mark_step_begin()  # each step is a new replay; last step's output is read
-            nxt = self.step(nxt, slot, cache).argmax(-1, keepdim=True)
-            slot += 1  # in place: the compiled graph sees the same tensor, no recompile
+                nxt = self.step(nxt, slot, cache).argmax(-1, keepdim=True)
+                slot += 1
+            else:
+                nxt = self.next_token(nxt, slot, cache)
             new.append(nxt)
         return torch.cat(new, dim=1)
 

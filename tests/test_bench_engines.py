@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from course_lib.bench import engines
+from course_lib.quantization import streaming
 
 from .conftest import make_tiny
 
@@ -105,8 +106,13 @@ def test_rows_have_every_column_and_every_engine_is_measured(tiny_loader, src, t
         assert r["bandwidth_gbs"] == pytest.approx(r["bytes"] * r["decode_tok_s"] / 1e9)
         assert r["read_bw_frac"] == pytest.approx(r["bandwidth_gbs"] / 10.0)
         assert r["kernels"]
-    # quick mode lists what it skipped instead of dropping the rows
-    for m in ("hf-generate fp32", "course_lib compiled int8-wo", "torch dynamic int8"):
+    # one profiled step per course_lib / HF row: its ATen calls and the share in weight matmuls
+    for m in measured[:8]:
+        assert rows[m]["aten_calls"] > 10 and 0 < rows[m]["matrix_share"] <= 1, (m, rows[m]["matrix_share"])
+    assert rows["llama.cpp Q8_0"]["aten_calls"] is None
+    # quick mode lists what it skipped instead of dropping the rows (the streaming rows compile: skipped too)
+    for m in ("hf-generate fp32", "course_lib compiled int8-wo", "torch dynamic int8", "course_lib eager bf16-stream",
+              "course_lib eager int4-stream"):
         assert "skipped in --quick" in rows[m]["note"] and rows[m]["decode_tok_s"] is None
     # the packed layers' own kernel choice is reported; int4 weights are fewer bytes than int8, int8 than bf16
     assert "Int8WeightOnlyLinear:" in rows["course_lib eager int8-wo"]["kernels"]
@@ -148,6 +154,7 @@ def test_a_failing_compile_keeps_its_error_and_the_other_rows(tiny_loader, src, 
 
     monkeypatch.setattr(engines, "CompiledDecoder", BrokenCompile)
     monkeypatch.setattr(engines, "compile_supported", lambda device: (True, ""))
+    monkeypatch.setattr(streaming, "compile_supported", lambda device: (False, "not in this test"))  # no compiling
     out = engines.run(quick=False, loader=tiny_loader, gguf=src, llama_cpp=None, new_tokens=3, rounds=1,
                       bandwidth_gbs=10.0)
     rows = by_method(out)
@@ -155,6 +162,10 @@ def test_a_failing_compile_keeps_its_error_and_the_other_rows(tiny_loader, src, 
         r = rows[f"course_lib compiled {fmt}"]
         assert r["error"] == "RuntimeError: inductor exploded" and r["decode_tok_s"] is None
         assert rows[f"course_lib eager {fmt}"]["decode_tok_s"] > 0
+    for fmt in ("bf16-stream", "int8-stream", "int4-stream"):  # no compiler: they run the other kernels, and say so
+        assert rows[f"course_lib eager {fmt}"]["decode_tok_s"] > 0
+        assert "streaming" not in rows[f"course_lib eager {fmt}"]["kernels"]
+    assert "StreamingLinear:F.linear" in rows["course_lib eager bf16-stream"]["kernels"]
     for m in ("hf-generate fp32", "hf-generate bf16", "torch dynamic int8"):
         assert rows[m]["error"] is None and rows[m]["decode_tok_s"] > 0, rows[m]
     assert "quantized.dynamic.Linear:" in rows["torch dynamic int8"]["kernels"]
@@ -210,13 +221,16 @@ def test_a_variant_llama_cpp_cannot_make_keeps_its_error_and_the_shipped_file_st
         assert "failed with code 1" in r["error"] and r["decode_tok_s"] is None and r["bytes"] is None
 
 
-def test_read_bandwidth_is_the_better_of_a_reading_before_and_after_the_rounds(tiny_loader, src, monkeypatch):
-    readings = iter([4.0, 6.0])
+def test_read_bandwidth_is_the_median_of_readings_before_and_after_the_rounds(tiny_loader, src, monkeypatch):
+    readings = iter([4.0, 9.0, 5.0, 6.0, 7.0, 3.0])
     monkeypatch.setattr(engines, "measure_bandwidth", lambda **kw: next(readings))
-    out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=None, new_tokens=3, rounds=1)
-    assert out["machine"]["read_bandwidth_gbs"] == 6.0 and out["machine"]["read_bandwidth_gbs_start"] == 4.0
+    out = engines.run(quick=True, loader=tiny_loader, gguf=src, llama_cpp=None, new_tokens=3, rounds=1,
+                      formats=("fp32",), gguf_types=("Q8_0",), loops=("eager",))
+    m = out["machine"]
+    assert m["read_bandwidth_readings"] == [4.0, 9.0, 5.0, 6.0, 7.0, 3.0]
+    assert m["read_bandwidth_gbs"] == 5.5 and (m["read_bandwidth_gbs_min"], m["read_bandwidth_gbs_max"]) == (3.0, 9.0)
     r = by_method(out)["course_lib eager fp32"]
-    assert r["read_bw_frac"] == pytest.approx(r["bandwidth_gbs"] / 6.0)
+    assert r["read_bw_frac"] == pytest.approx(r["bandwidth_gbs"] / 5.5)
 
 
 def test_the_kernel_table_lists_every_choice_with_its_candidates(tiny_loader, src):

@@ -16,9 +16,13 @@ same prompt tokens:
 Rounds are interleaved (every path once per round) so a change in the machine's state lands on all paths
 alike; each row reports the median decode tokens/s and its min / max over rounds, prefill time, the weight
 bytes one decode step reads (the file size for llama.cpp rows, the model's parameter bytes for course_lib
-rows), the bandwidth that implies and its fraction of this machine's measured *read* bandwidth (the better of
-one reading before and one after the rounds), the kernels used, and how many greedy tokens agree with the
-course_lib fp32 reference. Decode tokens/s is (N - 1) / (time for N tokens - time for 1 token), so the prompt's
+rows), the bandwidth that implies and its fraction of this machine's measured *read* bandwidth (the median of
+:data:`BW_READINGS` readings before and as many after the rounds; their min and max are reported), the kernels
+used, how many greedy tokens agree with the course_lib fp32 reference, and, from one profiled step of each
+course_lib and HF row, the ATen calls per token and the share of the step spent in weight matmuls
+(:func:`course_lib.anatomy.profile_step`). The ``-stream`` rows run the compiled streaming kernels of
+:mod:`course_lib.quantization.streaming` where they measure faster (bf16 model; skipped in ``--quick``, since
+they compile). Decode tokens/s is (N - 1) / (time for N tokens - time for 1 token), so the prompt's
 prefill is not counted. A second table (suite ``engines-kernels``) lists every kernel choice the packed layers
 made: per layer shape the candidate kernels' times (µs per call at one row, interleaved, median), the ones
 rejected as wrong, and the winner (:mod:`course_lib.quantization.kernel_choice`).
@@ -48,16 +52,18 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from tqdm.auto import tqdm
 
 from .. import real_model
 from .._checks import check_flag
+from ..anatomy import profile_step
 from ..device import release_memory
-from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache
+from ..generation import CompiledDecoder, compile_supported, generate_hf, generate_kv_cache, hf_forward
 from ..machine import measure_bandwidth
 from ..metrics import stored_weight_bytes
 from ..models import load_model
-from ..quantization import FLOAT, PACKED_LINEARS, Int8Embedding, kernel_choice, preset, quantize_
+from ..quantization import FLOAT, PACKED_LINEARS, Int8Embedding, kernel_choice, preset, quantize_, stream_
 from ..real_model import cache_dir
 from ..real_model import gguf_path as shipped_gguf  # the wheel's GGUF, located the one way the course does it
 from ..scratch_llama import ScratchLlama
@@ -75,9 +81,9 @@ LLAMA_INSTALL_HINT = ("llama-cpp-python is not installed; install the optional e
 PROMPT = "Explain in a few sentences why a KV cache makes text generation faster."
 COLUMNS = ("suite", "method", "engine", "loop", "weights", "model", "new_tokens", "rounds", "decode_tok_s",
            "decode_tok_s_min", "decode_tok_s_max", "prefill_ms", "bytes", "bandwidth_gbs", "read_bw_frac",
-           "kernels", "threads", "agree_tokens", "note", "error")
-KERNEL_COLUMNS = ("suite", "method", "layer", "shape", "request", "compute", "device", "chosen", "candidates_us",
-                  "rejected")
+           "kernels", "threads", "agree_tokens", "aten_calls", "matrix_share", "note", "error")
+KERNEL_COLUMNS = ("suite", "method", "layer", "shape", "request", "compute", "device", "timing", "chosen",
+                  "candidates_us", "rejected")
 # the course_lib formats: name -> (its preset in course_lib.quantization.PRESETS, the weights column)
 FORMATS = {
     "int8-wo": ("int8-wo-bf16", "int8 weight-only (bf16 act.)"),
@@ -85,7 +91,12 @@ FORMATS = {
     "int8-auto": ("int8-wo-auto", "int8 weight-only, kernel + dtype measured"),
     "int4-auto": ("int4-wo-g32-auto", "int4 weight-only g32, kernel + dtype measured"),
     "w8a8": ("w8a8-auto", "int8 W8A8 (per-token act.), kernel measured"),
+    "int8-stream": ("int8-wo-stream", "int8 weight-only, streaming kernels among those measured (bf16 model)"),
+    "int4-stream": ("int4-wo-g32-stream", "int4 weight-only g32, streaming kernels among those measured (bf16 model)"),
 }
+BW_READINGS = 3  # read-bandwidth readings before the rounds and again after: the median is the machine's figure
+STREAM_FORMATS = ("bf16-stream", "int8-stream", "int4-stream")  # compile their kernels: not in --quick
+STREAM_WEIGHTS = "bf16, F.linear or the streaming kernel, measured per shape"
 
 
 # --- the model and its GGUF files ---------------------------------------------------------
@@ -200,6 +211,62 @@ class DecodePath:
     run: Callable[[int], list[int]] | None = None  # n -> the n greedy tokens
     time: Callable[[int], tuple[float, float]] | None = None  # n -> (first s, decode tok/s)
     samples: list[tuple[float, float]] = field(default_factory=list)
+    step: Callable[[], object] | None = None  # one decode step (the token chosen), for the profile
+
+
+# One decode step of each loop, with its token chosen, for anatomy.profile_step: the cache is filled once by a
+# prefill made on the first call (lazily: a path that never runs costs nothing) and each step rewrites one slot.
+
+
+def _eager_step(scratch: ScratchLlama, prompt: torch.Tensor) -> Callable[[], object]:
+    state: dict = {}
+
+    def step():
+        if not state:
+            state["cache"] = scratch.new_cache(1, prompt.shape[-1] + 1)
+            state["tok"] = scratch(prompt, state["cache"], last_only=True)[:, -1].argmax(-1, keepdim=True)
+        state["cache"].length = prompt.shape[-1]
+        return scratch(state["tok"], state["cache"])[:, -1].argmax(-1)
+    return step
+
+
+def _compiled_step(dec: CompiledDecoder, prompt: torch.Tensor, max_len: int) -> Callable[[], object]:
+    start = prompt.shape[-1]
+    slot = torch.tensor(start)
+    state: dict = {}
+
+    def step():
+        if not state:  # the timed calls' cache size: the same compiled graph
+            state["cache"] = dec.scratch.new_cache(1, max_len)
+        slot.fill_(start)  # the graph advances it: rewrite the same slot every profiled step
+        return dec.next_token(prompt[:, -1:], slot, state["cache"])
+    return step
+
+
+def _hf_step(model: torch.nn.Module, prompt: torch.Tensor) -> Callable[[], object]:
+    state: dict = {}
+
+    def step():
+        if not state:
+            logits, state["past"] = hf_forward(model, prompt)
+            state["tok"] = logits.argmax(-1, keepdim=True)
+        logits, state["past"] = hf_forward(model, state["tok"], state["past"])
+        return logits.argmax(-1)
+    return step
+
+
+def profile_rows(paths: list[DecodePath]) -> None:
+    """Each measured course_lib / HF row gets its ATen calls per token and the share of a step in weight matmuls
+    (:func:`course_lib.anatomy.profile_step`, one profiled step after the rounds); a failure leaves them empty."""
+    for p in paths:
+        if p.step is None or p.row["error"] is not None or not p.row["decode_tok_s"]:
+            continue
+        try:
+            prof = profile_step(p.step, steps=1)
+        except Exception as e:  # the profile explains a row; it must not cost one
+            log.warning("%s: profile failed: %s", p.row["method"], e)
+            continue
+        p.row.update(aten_calls=round(prof["aten_calls"]), matrix_share=prof["matrix_share"])
 
 
 def blank_row(method: str, **cols) -> dict:
@@ -249,7 +316,7 @@ def decode_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-TORCH_FORMATS = ("fp32", "bf16", *FORMATS, "dynamic-int8")
+TORCH_FORMATS = ("fp32", "bf16", "bf16-stream", *FORMATS, "dynamic-int8")
 FROM_FP32 = {"fp32", "int8-auto", "int4-auto", "w8a8", "dynamic-int8"}  # built from the fp32 model
 LOOPS = ("hf", "eager", "compiled")  # HF generate, generate_kv_cache, CompiledDecoder
 
@@ -272,11 +339,20 @@ def _torch_variants(base: torch.nn.Module, quick: bool,
 
     in_bf16 = next(base.parameters()).dtype == torch.bfloat16  # loaded in bf16: it is the bf16 format itself
     make("bf16", lambda: base if in_bf16 else copy.deepcopy(base).to(torch.bfloat16))
+    if quick:
+        formats = tuple(f for f in formats if f not in STREAM_FORMATS)
+
+    def streamed():
+        bf16 = out.get("bf16")
+        m = copy.deepcopy(bf16) if isinstance(bf16, torch.nn.Module) else copy.deepcopy(base).to(torch.bfloat16)
+        stream_(m)
+        return m
+    make("bf16-stream", streamed)
     for name, (preset_name, _) in FORMATS.items():
         def quantized(preset_name=preset_name, name=name):
             # -wo: bf16 activations between the packed layers, as before; -auto / w8a8: the fp32 model, each layer's
             # kernel and dtype measured (the float candidate is the fp32 layer it replaced)
-            if name.endswith("-wo"):  # from the bf16 copy when there is one: half the bytes to copy
+            if name.endswith(("-wo", "-stream")):  # from the bf16 copy when there is one: half the bytes to copy
                 bf16 = out.get("bf16")
                 m = copy.deepcopy(bf16) if isinstance(bf16, torch.nn.Module) else copy.deepcopy(base).to(torch.bfloat16)
             else:
@@ -295,9 +371,10 @@ def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: boo
     """HF generate, course_lib eager and course_lib compiled paths over the built models (those asked for)."""
     specs = [("hf-generate fp32", "hf-transformers", "generate (eager)", "fp32", not quick, "hf"),
              ("hf-generate bf16", "hf-transformers", "generate (eager)", "bf16", True, "hf")]
-    fmts = ("fp32", "bf16", *FORMATS)
+    fmts = ("fp32", "bf16", "bf16-stream", *FORMATS)
     for fmt in fmts:
-        specs.append((f"course_lib eager {fmt}", "course_lib", "generate_kv_cache (eager)", fmt, True, "eager"))
+        specs.append((f"course_lib eager {fmt}", "course_lib", "generate_kv_cache (eager)", fmt,
+                      not (quick and fmt in STREAM_FORMATS), "eager"))
     for fmt in fmts:
         specs.append((f"course_lib compiled {fmt}", "course_lib", "CompiledDecoder (static cache)", fmt, not quick,
                       "compiled"))
@@ -306,7 +383,7 @@ def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: boo
     threads = torch.get_num_threads()
     paths = []
     for method, engine, loop, fmt, wanted in specs:
-        weights = {**{k: w for k, (_, w) in FORMATS.items()},
+        weights = {**{k: w for k, (_, w) in FORMATS.items()}, "bf16-stream": STREAM_WEIGHTS,
                    "dynamic-int8": "int8 W8A8 dynamic (fp32 act.)"}.get(fmt, fmt)
         row = blank_row(method, engine=engine, loop=loop, weights=weights, model=model_name,
                         new_tokens=new_tokens, threads=threads)
@@ -328,11 +405,14 @@ def _torch_paths(models: dict, prompt: torch.Tensor, new_tokens: int, quick: boo
                 dec = CompiledDecoder(model)
                 max_len = prompt.shape[-1] + new_tokens  # one cache size for every call: it compiles once
                 gen = lambda q, n, d=dec, L=max_len: d(q, n, max_len=L)  # noqa: E731
+                p.step = _compiled_step(dec, prompt, max_len)
             elif engine == "course_lib":
                 scratch = ScratchLlama(model)
                 gen = lambda q, n, s=scratch: generate_kv_cache(s, q, n)  # noqa: E731
+                p.step = _eager_step(scratch, prompt)
             else:
                 gen = lambda q, n, m=model: generate_hf(m, q, n)  # noqa: E731
+                p.step = _hf_step(model, prompt)
         except Exception as e:
             row["error"] = _err(e)
             continue
@@ -352,7 +432,7 @@ def kernel_rows() -> list[dict]:
         times = sorted(ch.times_us.items(), key=lambda kv: kv[1])
         row.update(suite="engines-kernels", method=f"{layer} {n}x{k}" + (f" g{group}" if group else ""),
                    layer=layer, shape=f"{n} out x {k} in", request=request, compute=compute,
-                   device=dev if index is None else f"{dev}:{index}", chosen=ch.name,
+                   device=dev if index is None else f"{dev}:{index}", timing=ch.timing, chosen=ch.name,
                    candidates_us="; ".join(f"{name} {t:.1f}" for name, t in times),
                    rejected="; ".join(f"{name}: {why}" for name, why in ch.rejected.items()) or None)
         rows.append(row)
@@ -446,9 +526,9 @@ def measure(paths: list[DecodePath], new_tokens: int, rounds: int, reference: st
 
 
 # issue 14's goals: course_lib's best row of a kind against llama.cpp's row on the same weights (tok/s ratio)
-GOALS = {"bf16": (("bf16",), "llama.cpp BF16", 0.8),
-         "int8": (("int8-wo", "int8-auto", "w8a8"), "llama.cpp Q8_0", 1.0),
-         "int4": (("int4-wo", "int4-auto"), "llama.cpp Q4_0", 0.6)}
+GOALS = {"bf16": (("bf16", "bf16-stream"), "llama.cpp BF16", 0.8),
+         "int8": (("int8-wo", "int8-auto", "w8a8", "int8-stream"), "llama.cpp Q8_0", 1.0),
+         "int4": (("int4-wo", "int4-auto", "int4-stream"), "llama.cpp Q4_0", 0.6)}
 GOAL_READ_BW = 0.6  # the best row's share of the measured read bandwidth
 
 
@@ -558,7 +638,9 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
     except ValueError as e:  # without the weights no row can run: one row says why, the other suites go on
         log.warning("%s", e)
         return {"machine": {}, "rows": [blank_row("all paths", model=MODEL_NAME, error=str(e))]}
-    bw = bandwidth_gbs or measure_bandwidth(size_mb=128 if quick else 256, kind="read")
+    bw_mb = 128 if quick else 256
+    readings = [bandwidth_gbs] if bandwidth_gbs else [measure_bandwidth(size_mb=bw_mb, kind="read")
+                                                      for _ in range(BW_READINGS)]
     # formats made from the fp32 model need it; the others start from bf16 (half the memory)
     dtype = torch.float32 if set(formats) & FROM_FP32 else torch.bfloat16
     model, tok = loader() if loader else load_engine_model(dtype)
@@ -575,10 +657,14 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
     ours = [p.row["method"] for p in paths if p.row["engine"] == "course_lib"]
     reference = next((m for f in ("fp32", "bf16", *FORMATS) for m in ours if m == f"course_lib eager {f}"),
                      ours[0] if ours else None)
-    measure(paths, new_tokens, rounds, reference=reference)
-    bw_start = bw
-    if not bandwidth_gbs:  # again at the end: on a busy machine one reading undercounts; the better one is nearer
-        bw = max(bw, measure_bandwidth(size_mb=128 if quick else 256, kind="read"))  # what the machine can do
+    # compiled kernels named in the profile (an event per kernel call: a few µs per step), so the matrix share of a
+    # compiled row can tell the streaming reductions from the rest
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        measure(paths, new_tokens, rounds, reference=reference)
+        profile_rows(paths)
+    if not bandwidth_gbs:  # again at the end: the machine's state drifts; the rows' shares use the median
+        readings += [measure_bandwidth(size_mb=bw_mb, kind="read") for _ in range(BW_READINGS)]
+    bw = statistics.median(readings)
     rows = [p.row for p in paths]
     for r in rows:
         if r["decode_tok_s"] and r["bytes"]:
@@ -589,7 +675,9 @@ def run(quick: bool = False, *, loader: Callable[[], tuple] | None = None, gguf:
     del paths, models
     release_memory()  # the models and llama.cpp's files are gone: give their memory back to the caller
     log.info("engines suite took %.0f s", time.perf_counter() - t0)
-    return {"machine": {"read_bandwidth_gbs": bw, "read_bandwidth_gbs_start": bw_start, "engines_model": MODEL_NAME,
+    return {"machine": {"read_bandwidth_gbs": bw, "read_bandwidth_gbs_min": min(readings),
+                        "read_bandwidth_gbs_max": max(readings), "read_bandwidth_readings": readings,
+                        "engines_model": MODEL_NAME,
                         "engines_goals": engine_goals, "engines_reference": reference,
                         "engines_prompt_tokens": len(tokens),
                         "llama_cpp": getattr(llama_cpp, "__version__", None) if llama_cpp else None},

@@ -5,7 +5,7 @@ and each token gets cheaper. The package, read in this order:
 
 * :mod:`.primitives` - what chapter 05 derives by hand: quantize / dequantize, the error, int4 packing;
 * :mod:`.kernels`, :mod:`.kernel_choice`, :mod:`.layers` - packed int8 / int4 / W8A8 layers whose kernel is
-  measured on this machine;
+  measured on this machine; :mod:`.streaming` - compiled decode kernels that read each weight once;
 * :mod:`.config` - :class:`QuantConfig` and :data:`PRESETS`, the named formats the suites and notebooks use;
 * :mod:`.registry` and the methods - :mod:`.rtn`, :mod:`.gptq`, :mod:`.awq` (AWQ and SmoothQuant), the
   calibrated ones sharing one walk over the decoder blocks (:mod:`.calibration`);
@@ -66,6 +66,7 @@ from .primitives import (
 )
 from .registry import Method, method_names, register
 from .save import QUANT_FILE, QUANT_OUTPUTS, QUANT_WEIGHTS, load_quantized, save_quantized
+from .streaming import STREAM, STREAM_ROWS, StreamingLinear, stream_
 
 METHODS = method_names()  # the built-in methods (a method registered later is in method_names())
 
@@ -74,7 +75,8 @@ __all__ = [
     "INT4_GROUP_SIZES", "INT4_MID", "INT8PACK", "INT8_KERNEL_ALIGN", "INT8_KERNEL_K_MULTIPLE", "INT_MM",
     "KERNEL_REQUESTS", "MAX_CALIB_ROWS", "METHODS", "PACKED_LINEARS", "PRESETS", "QUANT_FILE", "QUANT_OUTPUTS",
     "QUANT_WEIGHTS",
-    "REFERENCE", "REF_ROWS", "SHARED_INPUTS", "TORCH_OPS_ROWS", "Candidate", "Int4WeightOnlyLinear",
+    "REFERENCE", "REF_ROWS", "SHARED_INPUTS", "STREAM", "STREAM_ROWS", "StreamingLinear", "stream_",
+    "TORCH_OPS_ROWS", "Candidate", "Int4WeightOnlyLinear",
     "Int8DynamicLinear", "Int8Embedding", "Int8WeightOnlyLinear", "Method", "QuantConfig", "QuantReport", "Quantized",
     "awq_scales", "dequantize", "fake_quantize", "fake_quantize_model_", "gptq_quantize_weight", "is_quantized",
     "kernel_choice", "load_quantized", "method_names", "mse", "pack_int4", "preset", "qrange", "quantize",

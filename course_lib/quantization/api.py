@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import kernel_choice
 from .config import INT4_GROUP_SIZES, QuantConfig, QuantReport
 from .kernels import INT8PACK, KERNEL_REQUESTS
 from .layers import Int8Embedding, Int8WeightOnlyLinear, is_quantized, set_module
 from .primitives import quantize
 from .registry import method_for
+from .streaming import streams_from_memory
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,10 @@ def quantize_(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor | No
         if isinstance(lin, Conv1D):  # same numbers, Linear layout: RTN and GPTQ then treat it like any Linear
             todo[name] = _conv1d_as_linear(lin)
             set_module(model, name, todo[name])
-    method.quantize_model(model, todo, cfg, calibration, report)
-    _quantize_embeddings(model, head, emb, cfg, report)
+    # a model bigger than the last-level cache is read from memory by every decode step: its kernels are timed so
+    with kernel_choice.timed_cold(streams_from_memory(model)):
+        method.quantize_model(model, todo, cfg, calibration, report)
+        _quantize_embeddings(model, head, emb, cfg, report)
     model.course_quant_config = cfg  # what save_quantized records
     log.info("quantize_ %s: %s", cfg.name, report.summary())
     return report

@@ -33,7 +33,9 @@ class QuantConfig:
     compute_dtype: the activations' dtype for the kernel, or "auto": measured per layer shape on this machine.
     kernel: "packed" (default: the fastest correct kernel measured here among those that keep the integers),
         "auto" (the same, with the float matmul of the layer it replaced among the candidates, so no layer is
-        slower than before; a layer that picks it holds a float copy, and the model gets no smaller), "reference"
+        slower than before; a layer that picks it holds a float copy, and the model gets no smaller), "stream"
+        (the packed candidates plus the compiled streaming reductions of :mod:`.streaming`, fast at decode's
+        one row; compiling them takes seconds to a minute once per process), "reference"
         (dequantize + F.linear), or one kernel by name (e.g. "aten._weight_int8pack_mm"), used where it is safe.
     skip: regular expressions of module names left in float (``re.search``), the output head and the
         input embedding included (``skip=("lm_head",)``); checked when the config is created.
@@ -154,6 +156,9 @@ PRESETS: dict[str, dict] = {
     "int8-wo-auto": dict(bits=8, kernel="auto"),
     "int4-wo-g32-auto": dict(bits=4, group_size=32, kernel="auto"),
     "w8a8-auto": dict(bits=8, activations="int8", kernel="auto"),
+    # the packed kernels and the compiled streaming reductions, measured (:mod:`.streaming`)
+    "int8-wo-stream": dict(bits=8, kernel="stream"),
+    "int4-wo-g32-stream": dict(bits=4, group_size=32, kernel="stream"),
 }
 
 

@@ -17,6 +17,11 @@ reference, measured on this machine, at the decode shape (one row of activations
   the first round are dropped, so a shape costs well under a second even for a vocabulary-sized head.
 * **A tie keeps the preferred one.** A candidate marked ``preferred`` (one that keeps the weights packed) wins
   unless another is at least :data:`MARGIN` faster: memory is saved for sure, a few percent of speed is noise.
+* **Cold or hot.** A decode step streams the whole model from memory, so a kernel timed alone, repeatedly, sits
+  in the last-level cache and looks 2-3x faster than it is there; cache-hot timings can pick the wrong kernel.
+  Inside :func:`timed_cold` (``quantize_`` enters it for a model bigger than the last-level cache) every timed
+  call finds the weights in memory: :func:`time_cold` reads a buffer twice the cache's size before each one.
+  The choice records which (``Choice.timing``).
 * **Once per process.** The choice is cached by a key the layer builds (its type, shape, dtypes, device), so a
   model with 30 identical blocks measures each shape once; :func:`kernel_choices` lists what was chosen and
   every candidate's time - the table the ``engines`` benchmark prints.
@@ -27,10 +32,12 @@ timing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import statistics
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +49,9 @@ MARGIN = 1.1  # a non-preferred candidate must be this much faster to win
 ROUNDS = 3  # interleaved timing rounds (median)
 TARGET_SAMPLE_S = 2e-4  # each timed sample repeats a fast call until it takes about this long
 DROP_FACTOR = 2.0  # after round one, candidates this much slower than the best are not timed further
+COLD_SAMPLES = 3  # cold timing: single calls per candidate per round, each after the caches were flushed
+LLC_FALLBACK_BYTES = 32 << 20  # where the last-level cache's size cannot be read
+TIMINGS = ("hot", "cold")
 
 
 @dataclass(frozen=True)
@@ -70,12 +80,50 @@ class Choice:
     dtype: torch.dtype
     times_us: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    timing: str = "hot"  # "cold": each timed call read its weights from memory (:func:`timed_cold`)
 
     def as_row(self) -> dict:
-        return {"chosen": self.name, "times_us": dict(self.times_us), "rejected": dict(self.rejected)}
+        return {"chosen": self.name, "times_us": dict(self.times_us), "rejected": dict(self.rejected),
+                "timing": self.timing}
 
 
 _CHOICES: dict[Hashable, Choice] = {}
+_TIMING = ["hot"]  # a stack: the innermost timed_cold() wins
+
+
+def timing() -> str:
+    """How choices made now are timed: "hot" (the default) or "cold" (inside :func:`timed_cold`)."""
+    return _TIMING[-1]
+
+
+@contextlib.contextmanager
+def timed_cold(cold: bool = True) -> Iterator[None]:
+    """Time the choices made inside with cold caches (``cold=False``: hot), as a decode step that streams a model
+    bigger than the last-level cache runs them. Choices already cached keep the timing they were made with."""
+    if not isinstance(cold, bool):
+        raise ValueError(f"cold must be True or False, got {cold!r}")
+    _TIMING.append("cold" if cold else "hot")
+    try:
+        yield
+    finally:
+        _TIMING.pop()
+
+
+def last_level_cache_bytes(device: torch.device | None = None) -> int:
+    """The last-level cache's size: the GPU's L2, or the CPU's largest cache (Linux sysfs); 32 MiB if unknown."""
+    if device is not None and device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or LLC_FALLBACK_BYTES)
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or LLC_FALLBACK_BYTES
 
 
 def kernel_choices() -> dict[Hashable, Choice]:
@@ -144,7 +192,10 @@ def _time_once(run: Callable, x: torch.Tensor, inner: int, device: torch.device)
 
 def time_candidates(cands: list[Candidate], in_features: int, device: torch.device,
                     rounds: int = ROUNDS) -> dict[str, float]:
-    """Median seconds of one call at one row for each candidate, timed in interleaved rounds."""
+    """Median seconds of one call at one row for each candidate, timed in interleaved rounds (cold inside
+    :func:`timed_cold`)."""
+    if timing() == "cold":
+        return time_cold(cands, in_features, device, rounds)
     xs = {c.name: torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(device).to(c.dtype)
           for c in cands}
     inner: dict[str, int] = {}
@@ -161,6 +212,35 @@ def time_candidates(cands: list[Candidate], in_features: int, device: torch.devi
             if r == 0 and len(live) > 1:
                 best = min(samples[c.name][0] for c in live)
                 live = [c for c in live if samples[c.name][0] <= DROP_FACTOR * best]
+    return {name: statistics.median(s) for name, s in samples.items() if s}
+
+
+def time_cold(cands: list[Candidate], in_features: int, device: torch.device,
+              rounds: int = ROUNDS) -> dict[str, float]:
+    """Like :func:`time_candidates`, with every timed call finding its weights in memory, not in a cache.
+
+    Before each call a buffer twice the last-level cache's size is read (evicting whatever a candidate left
+    there, its weights and any another candidate shares), then the one call is timed alone; each candidate
+    gets :data:`COLD_SAMPLES` such calls per round, interleaved, and the median is kept. This is the time a
+    layer costs inside a decode step, which streams the whole model from memory.
+    """
+    flush = torch.ones(2 * last_level_cache_bytes(device) // 4, device=device)
+    xs = {c.name: torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(device).to(c.dtype)
+          for c in cands}
+    samples: dict[str, list[float]] = {c.name: [] for c in cands}
+    with torch.no_grad():
+        for c in cands:  # warm-up (first-call costs: compiling, allocating)
+            c.run(xs[c.name])
+        live = list(cands)
+        for r in range(rounds):
+            for c in live:
+                for _ in range(COLD_SAMPLES):
+                    flush.sum()  # reads every byte: the weights are out of the caches afterwards
+                    samples[c.name].append(_time_once(c.run, xs[c.name], 1, device))
+            if r == 0 and len(live) > 1:
+                best = min(statistics.median(samples[c.name]) for c in live)
+                live = [c for c in live if statistics.median(samples[c.name]) <= DROP_FACTOR * best]
+    del flush
     return {name: statistics.median(s) for name, s in samples.items() if s}
 
 
@@ -193,8 +273,8 @@ def choose(key: Hashable, cands: list[Candidate], reference: Callable[[torch.Ten
             runner_up = min(pref, key=lambda c: times[c.name])
             if times[runner_up.name] <= MARGIN * times[best.name]:
                 best = runner_up
-    choice = Choice(best.name, best.kernel, best.dtype, {n: t * 1e6 for n, t in times.items()}, rejected)
+    choice = Choice(best.name, best.kernel, best.dtype, {n: t * 1e6 for n, t in times.items()}, rejected, timing())
     _CHOICES[key] = choice
-    log.info("%s: chose %s (%s)", key, best.name,
+    log.info("%s: chose %s (%s, %s)", key, best.name, choice.timing,
              ", ".join(f"{n} {t * 1e6:.0f} us" for n, t in sorted(times.items(), key=lambda kv: kv[1])))
     return choice

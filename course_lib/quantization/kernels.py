@@ -31,7 +31,7 @@ INT8PACK = "aten._weight_int8pack_mm"
 INT_MM = "torch._int_mm"  # int8 x int8 -> int32 (W8A8)
 REFERENCE = "reference"  # dequantize (unpack, scale) + F.linear in the compute dtype, every call
 FLOAT = "F.linear (float copy)"  # the float layer it replaced: dequantized once, held in float
-KERNEL_REQUESTS = ("auto", "packed", "reference")
+KERNEL_REQUESTS = ("auto", "packed", "reference", "stream")  # "stream": packed + .streaming's kernels
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernel_choice
+from . import kernel_choice, streaming
 from .kernel_choice import Candidate
 from .kernels import (
     COMPUTE_DTYPES,
@@ -43,6 +43,7 @@ from .kernels import (
     nibbles,
 )
 from .primitives import Quantized, pack_int4, quantize, quantize_activations, unpack_int4
+from .streaming import STREAM, STREAM_REQUEST, STREAM_ROWS, pack_int4_halves, unpack_int4_halves
 
 if TYPE_CHECKING:  # annotations only: the config module does not build layers, and layers read a config's fields
     from .config import QuantConfig
@@ -146,6 +147,15 @@ class _PackedLinear(SavedLayer):
         return (type(self).__name__, self.out_features, self.in_features, getattr(self, "group_size", None),
                 self.kernel_request, str(self.compute_request), self.float_dtype, d.type, d.index)
 
+    def _streaming(self, device: torch.device) -> bool:
+        """Offer the streaming kernel? Asked for (``kernel="stream"``) and available here."""
+        if self.kernel_request != STREAM_REQUEST:
+            return False
+        ok, why = streaming.available(device)
+        if not ok:
+            log.info("%d x %d layer: no streaming kernel (%s)", self.out_features, self.in_features, why)
+        return ok
+
     def _float_candidate(self) -> Candidate:
         store = self._float_store = {}
 
@@ -164,7 +174,7 @@ class _PackedLinear(SavedLayer):
         fallback = next(c for c in cands if c.kernel == REFERENCE)  # every layer type offers one
         if self.kernel_request == "auto":
             cands.append(self._float_candidate())
-        elif self.kernel_request not in ("packed", REFERENCE):  # one named kernel, where it is safe and correct
+        elif self.kernel_request not in ("packed", REFERENCE, STREAM_REQUEST):  # one named kernel, where safe + correct
             cands = [c for c in cands if c.kernel == self.kernel_request] or [fallback]
         probes = kernel_choice.Probes(self._reference(device), self.in_features, device)
         names = {c.name: c for c in cands}
@@ -326,7 +336,15 @@ class Int8WeightOnlyLinear(_PackedLinear):
             # dequantize + F.linear; under torch.compile the int8 -> float conversion fuses into the matmul
             out.append(Candidate(f"{REFERENCE} {dtype_name(dt)}", REFERENCE, dt,
                                  lambda x, s=s, dt=dt: F.linear(x, w.to(dt)) * s, probe_rows=TORCH_OPS_ROWS))
+        if self._streaming(device):  # reads x in the model's dtype: no cast before or after the layer
+            out.append(Candidate(f"{STREAM} {dtype_name(self.float_dtype)}", STREAM, self.float_dtype,
+                                 self._stream_matmul))
         return out
+
+    def _stream_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= STREAM_ROWS:
+            return streaming.run("int8", x2, self.weight_int8, self.scales)
+        return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales.to(x2.dtype)
 
     def _apply_choice(self, cand):
         if cand.kernel == INT8PACK and self.scales.dtype != cand.dtype:
@@ -337,6 +355,8 @@ class Int8WeightOnlyLinear(_PackedLinear):
             return F.linear(x2, self.weight_float)
         if self.kernel == INT8PACK:
             return int8pack_mm(x2, self.weight_int8, self.scales)
+        if self.kernel == STREAM:
+            return self._stream_matmul(x2)
         return F.linear(x2, self.weight_int8.to(x2.dtype)) * self.scales.to(x2.dtype)
 
 
@@ -354,6 +374,7 @@ class Int4WeightOnlyLinear(_PackedLinear):
     SAVED_TENSORS = ("weight_packed", "scales_and_zeros")
     _CAST_SOURCE = "scales_and_zeros"
     _KERNELS = (INT4_CPU, INT4_CUDA)
+    _LAYOUTS = (INT4_CPU, INT4_CUDA, STREAM)  # kernels that read their own byte layout (not pack_int4's)
 
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None, compute_dtype: torch.dtype | str = "auto", kernel: str = "packed",
@@ -401,15 +422,19 @@ class Int4WeightOnlyLinear(_PackedLinear):
         """(N, K) integers -> the bytes ``kernel`` reads."""
         if kernel == INT4_CUDA:
             return cuda_int4pack(q)
+        if kernel == STREAM:
+            return pack_int4_halves(q, self.group_size)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
 
     def _in_kernel_layout(self) -> bool:
-        return self.kernel in (INT4_CPU, INT4_CUDA)
+        return self.kernel in self._LAYOUTS
 
     def int_weight(self) -> torch.Tensor:
         """The (N, K) integers in [0, 15], whatever layout the bytes are in."""
         if not self._in_kernel_layout():
             return unpack_int4(self.weight_packed)
+        if self.kernel == STREAM:
+            return unpack_int4_halves(self.weight_packed, self.group_size)
         if self.kernel == INT4_CUDA:
             where = cuda_int4_layout(self.out_features, self.in_features, self.weight_packed.device)
             q = torch.empty(self.out_features * self.in_features, dtype=torch.uint8, device=where.device)
@@ -454,11 +479,28 @@ class Int4WeightOnlyLinear(_PackedLinear):
             out.append(Candidate(f"{REFERENCE} {dtype_name(dt)}", REFERENCE, dt,
                                  lambda x, sz=sz: F.linear(x, self._dequant(unpack_int4(portable), sz).to(x.dtype)),
                                  probe_rows=TORCH_OPS_ROWS))
+        if self._streaming(device):
+            def prepare_stream():
+                if "sp" not in store:
+                    store["sp"] = pack_int4_halves(unpack_int4(portable), g)
+
+            sz0 = self.scales_and_zeros
+            out.append(Candidate(f"{STREAM} {dtype_name(self.float_dtype)}", STREAM, self.float_dtype,
+                                 lambda x: self._stream_matmul(x, store["sp"], sz0), prepare=prepare_stream))
         self._store = store
         return out
 
+    def _stream_matmul(self, x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= STREAM_ROWS:
+            return streaming.run("int4", x2, packed, sz, self.group_size)
+        return F.linear(x2, self._dequant(unpack_int4_halves(packed, self.group_size), sz).to(x2.dtype))
+
     def _apply_choice(self, cand):
-        if cand.kernel in (INT4_CPU, INT4_CUDA):
+        if cand.kernel == STREAM:
+            if "sp" not in self._store:
+                cand.prepare()
+            self.weight_packed = self._store["sp"]
+        elif cand.kernel in (INT4_CPU, INT4_CUDA):
             if "kp" not in self._store:
                 cand.prepare()
             self.weight_packed = self._store["kp"]
@@ -479,6 +521,8 @@ class Int4WeightOnlyLinear(_PackedLinear):
             return torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, sz)
         if self.kernel == INT4_CPU:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size, sz)
+        if self.kernel == STREAM:
+            return self._stream_matmul(x2, self.weight_packed, sz)
         return F.linear(x2, self._dequant(unpack_int4(self.weight_packed), sz).to(x2.dtype))
 
     # The state dict holds the portable layout, so a file saved on an AVX-512

@@ -1,0 +1,245 @@
+"""Decode kernels that stream: a matrix-vector product written as one reduction that inductor compiles.
+
+At one row of activations (a decode step) a matmul is a matrix-vector product: every weight is read once and
+used for one multiply-add, so the kernel's speed is the speed it reads the weights at. The ATen kernels a CPU
+decode step calls for it (``F.linear``, ``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are tuned for
+many rows and read a weight matrix well below the memory's bandwidth at one. The same product written as a
+broadcast multiply and a sum over the input dimension, ``(x.float()[:, None, :] * w.float()).sum(-1)``, is one
+reduction that ``torch.compile`` (inductor) turns into a single vectorized loop: each weight is loaded once,
+converted in registers and accumulated in float32; int8 weights are scaled after the sum (one scale per output
+channel), int4 nibbles are unpacked in registers and each group's scale and offset applied to its partial sum.
+gpt-fast's GPU form ``F.linear(x, w.to(dtype)) * scale`` does the opposite on a CPU: it writes the whole float
+weight first.
+
+The kernels here are *candidates* of the measured kernel choice (:mod:`.kernel_choice`), never assumed faster:
+
+* the packed layers offer them for ``kernel="stream"`` (:func:`int8_gemv`, :func:`int4_gemv`; int4 in
+  :func:`pack_int4_halves` layout, where the two nibbles of a byte are the two halves of a group, so each
+  half of the activations is read contiguously);
+* :func:`stream_` swaps a float model's ``nn.Linear`` layers for :class:`StreamingLinear`, which measures
+  ``F.linear`` against :func:`float_gemv` per shape.
+
+The reduction re-reads the weight for every row, so it only serves up to :data:`STREAM_ROWS` rows; more rows
+(a prompt's prefill) take the layer's other path. Outside a compiled region the kernels run through one
+``torch.compile`` per kernel (dynamic shapes: a layer of a new shape does not recompile); inside one (the
+compiled decode step) they are traced into the step's own graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..device import compile_supported
+from . import kernel_choice
+from .kernel_choice import Candidate
+
+log = logging.getLogger(__name__)
+
+STREAM = "streaming reduction (compiled)"  # the kernel's name in the choice table and layer.kernel
+STREAM_REQUEST = "stream"  # kernel= request: the packed candidates plus these
+STREAM_ROWS = 2  # the reduction reads the weight once per row: beyond this many rows the layer's other path runs
+LINEAR = "F.linear"
+PROFILE_EVENT = "course_lib.streaming"  # what a call from eager code is recorded as, when a profiler runs
+
+
+# --- the kernels (plain torch: what inductor compiles) -------------------------------------
+
+
+def float_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(R, K) x (N, K) float weights -> (R, N) float32, as one reduction over K."""
+    return (x.float()[:, None, :] * w.float()).sum(-1)
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(R, K) x (N, K) int8 with a scale per output channel -> (R, N) float32; the scale multiplies the sum."""
+    return (x.float()[:, None, :] * q.float()).sum(-1) * scales.float()
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(R, K) x int4 weights -> (R, N) float32.
+
+    ``packed``: (N, K/2) uint8 in :func:`pack_int4_halves` layout; ``scales_and_zeros``: (K/g, N, 2), the weight
+    being ``(q - 8) * scale + zero`` per group (the layer's convention). Per group: the partial sum of x times
+    ``q - 8``, times the group's scale, plus the zero times the group's sum of x.
+    """
+    r, n, half = x.shape[0], packed.shape[0], group_size // 2
+    groups = x.shape[1] // group_size
+    xg = x.float().reshape(r, 1, groups, 2, half)
+    p = packed.reshape(n, groups, half)
+    lo = (p & 15).float() - 8
+    hi = (p >> 4).float() - 8
+    part = (xg[:, :, :, 0] * lo + xg[:, :, :, 1] * hi).sum(-1)  # (R, N, groups)
+    scale = scales_and_zeros[..., 0].float().t()  # (N, groups)
+    zero = scales_and_zeros[..., 1].float().t()
+    return (part * scale).sum(-1) + (xg.sum((-1, -2)) * zero).sum(-1)
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"float": float_gemv, "int8": int8_gemv, "int4": int4_gemv}
+_COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+
+def _compiled(key: tuple) -> Callable[..., torch.Tensor]:
+    """The compiled kernel for one (kind, dtypes, grad mode): each gets its own copy of the function's code, since
+    dynamo keeps at most ``recompile_limit`` (8) graphs per code object and fails (fullgraph) beyond; one copy per
+    key leaves each with a few (one row or several, weights that require grad or not)."""
+    fn = KERNELS[key[0]]
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, dynamic=True, fullgraph=True)
+
+
+def run(kind: str, *args) -> torch.Tensor:
+    """Run kernel ``kind`` (of :data:`KERNELS`): traced into the caller's graph when compiling, else compiled once
+    per kind, dtypes and grad mode (dynamic shapes: a layer of a new shape reuses the graph)."""
+    if torch.compiler.is_compiling():
+        return KERNELS[kind](*args)
+    key = (kind, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+           *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _COMPILED[key] = _compiled(key)
+    if torch.autograd.profiler._is_profiler_enabled:  # named in a profile (anatomy.profile_step); free otherwise
+        with torch.profiler.record_function(f"{PROFILE_EVENT} {kind}"):
+            return compiled(*args)
+    return compiled(*args)
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    """Can the streaming kernels be offered here? CPU with inductor's C++ backend only (other devices: not tested)."""
+    if device.type != "cpu":
+        return False, f"the streaming kernels are offered on the CPU only (not {device.type})"
+    return compile_supported(device)
+
+
+# --- the int4 layout they read ---------------------------------------------------------------
+
+
+def pack_int4_halves(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) integers in [0, 15] -> (N, K/2) uint8: in each group the low nibbles hold its first half, the high
+    nibbles its second half (so each half of a group's activations is one contiguous run)."""
+    n, k = q.shape
+    if group_size % 2 or k % group_size:
+        raise ValueError(f"group_size must be even and divide in_features ({k}), got {group_size}")
+    g = q.to(torch.uint8).reshape(n, k // group_size, 2, group_size // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4_halves(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_halves`: (N, K/2) uint8 -> (N, K) uint8 in [0, 15]."""
+    n, half = packed.shape[0], group_size // 2
+    p = packed.reshape(n, -1, half)
+    return torch.stack([p & 15, p >> 4], 2).reshape(n, -1)
+
+
+# --- float layers ------------------------------------------------------------------------------
+
+
+class StreamingLinear(nn.Linear):
+    """An ``nn.Linear`` whose few-row kernel is measured here: ``F.linear`` or the streaming reduction.
+
+    Same parameters (shared with the layer it replaced, so tied weights stay tied), same state dict; only the
+    kernel differs, and only at up to :data:`STREAM_ROWS` rows. ``choice`` holds every candidate's time.
+    """
+
+    kernel: str = LINEAR
+    choice: kernel_choice.Choice | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> StreamingLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.weight, new.bias = lin.weight, lin.bias  # the same Parameters
+        new.select()
+        return new
+
+    def _stream(self, x2: torch.Tensor) -> torch.Tensor:
+        # detached: dynamo gives a Parameter static shapes (force_parameter_static_shapes), so every layer shape
+        # would compile its own graph and the ninth would hit the recompile limit
+        y = run("float", x2, self.weight.detach())
+        return y if self.bias is None else y + self.bias.float()
+
+    def select(self) -> kernel_choice.Choice:
+        """Measure (or take the cached choice for this shape and dtype) and keep the fastest correct kernel."""
+        w, dev = self.weight, self.weight.device
+        dt = w.dtype
+        name = str(dt).removeprefix("torch.")
+        cands = [Candidate(f"{LINEAR} {name}", LINEAR, dt, lambda x: F.linear(x, self.weight, self.bias))]
+        ok, why = available(dev)
+        if ok:
+            cands.append(Candidate(f"{STREAM} {name}", STREAM, dt, lambda x: self._rows(x), preferred=False))
+        else:
+            log.info("%d x %d layer: no streaming kernel (%s)", self.out_features, self.in_features, why)
+        ref_w = w.detach()[:64].float()
+        ref_b = None if self.bias is None else self.bias.detach()[:64].float()
+
+        def reference(x):
+            return F.linear(x.float(), ref_w, ref_b)
+
+        # the packed layers' key shape (type, N, K, group, request, compute, float dtype, device): one choice table
+        key = ("StreamingLinear", self.out_features, self.in_features, None, STREAM_REQUEST, str(dt), dt, dev.type,
+               dev.index)
+        probes = kernel_choice.Probes(reference, self.in_features, dev)
+        with torch.no_grad():
+            self.choice = kernel_choice.choose(key, cands, probes, self.in_features, dev)
+        self.kernel = self.choice.kernel
+        return self.choice
+
+    def _rows(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= STREAM_ROWS and not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return self._stream(x2).to(x2.dtype)
+        return F.linear(x2, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != STREAM:
+            return F.linear(x, self.weight, self.bias)
+        y = self._rows(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel={self.kernel}"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each tensor counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def streams_from_memory(model: nn.Module) -> bool:
+    """Is the model bigger than the last-level cache (so a decode step reads it from memory: time kernels cold)?"""
+    dev = next((t.device for t in model.parameters()), torch.device("cpu"))
+    return weight_bytes(model) > kernel_choice.last_level_cache_bytes(dev)
+
+
+def stream_(model: nn.Module, cold: bool | None = None) -> dict[str, str]:
+    """Swap every plain ``nn.Linear`` of a float model for a :class:`StreamingLinear`, in place; name -> kernel.
+
+    Each shape's kernel is measured once (``F.linear`` or the streaming reduction, whichever is faster at one
+    row), timed cold when ``cold`` is True, or, with ``cold=None``, when the model is bigger than the
+    last-level cache. Compiling the reduction takes seconds to a minute the first time in a process.
+    """
+    if cold is not None and not isinstance(cold, bool):
+        raise ValueError(f"cold must be True, False or None (decide from the model's size), got {cold!r}")
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    if not targets:
+        raise ValueError("the model has no plain nn.Linear layer to stream (stream_ takes float nn.Linear layers; "
+                         "a quantized model streams through quantize_(model, preset('int8-wo-stream')))")
+    out = {}
+    with kernel_choice.timed_cold(streams_from_memory(model) if cold is None else cold):
+        for name, lin in targets:
+            new = StreamingLinear.from_linear(lin)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, new)
+            out[name] = new.kernel
+    return out

@@ -60,7 +60,7 @@ from transformers import DynamicCache
 
 from .generation import encode_prompt
 from .models import check_prompt_ids
-from .timing import compare, speed_verdict
+from .timing import BenchResult, compare, speed_verdict
 
 
 @dataclass(frozen=True)
@@ -654,3 +654,60 @@ def prompt_lookup_sample(target, prompt, max_new_tokens: int = 32, k: int = 5, m
 
     return _lookup_speculate(target, ids, max_new_tokens, k, max_ngram, min_ngram, _eos_id(tokenizer, stop_at_eos),
                              verify)
+
+
+def lookup_speedup(target, groups: dict[str, list[torch.Tensor]], max_new_tokens: int = 64, k: int = 5,
+                   max_ngram: int = 3, min_ngram: int = 2, repeat: int = 3, tokenizer=None) -> list[dict]:
+    """Decode speed of prompt lookup against plain greedy decoding, per group of prompts, timed interleaved.
+
+    ``groups`` maps a name ("quoting", "other") to prompts as (1, T) id tensors. Each round times, for every
+    group, the plain loop (:func:`greedy_reference`), prompt lookup, and a prefill (the same loop asked for one
+    token), all interleaved (:func:`course_lib.timing.compare`, one warm-up round). Decode time is a method's
+    time minus the prefill's in the same round, so a long quoted prompt's prefill does not dilute the ratio.
+    Each row: decode tok/s of both (median), ``speedup`` (median of the per-round ratios) with its p10-p90,
+    ``verdict`` (:func:`course_lib.timing.speed_verdict`), acceptance (accepted / proposed and per-guess
+    ``alpha``), ``tokens_per_pass`` and ``drafted_frac`` (passes that verified a draft), and ``identical``.
+    """
+    _check_lookup(k, max_ngram, min_ngram)
+    _check_new_tokens(max_new_tokens)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(v, (list, tuple)) and v
+                                                            for v in groups.values()):
+        raise ValueError("groups must be a non-empty dict {name: [prompt ids, ...]}, e.g. {'quoting': [ids1, ids2]}")
+    results, fns = {}, {}
+    for name, prompts in groups.items():
+        ref = [greedy_reference(target, p, max_new_tokens, tokenizer=tokenizer)[0] for p in prompts]
+        res = [prompt_lookup_generate(target, p, max_new_tokens, k, max_ngram, min_ngram, tokenizer=tokenizer)
+               for p in prompts]
+        results[name] = (ref, res)
+        fns[f"{name}/greedy"] = lambda ps=prompts: [greedy_reference(target, p, max_new_tokens, tokenizer=tokenizer)
+                                                    for p in ps]
+        fns[f"{name}/lookup"] = lambda ps=prompts: [
+            prompt_lookup_generate(target, p, max_new_tokens, k, max_ngram, min_ngram, tokenizer=tokenizer)
+            for p in ps]
+        fns[f"{name}/prefill"] = lambda ps=prompts: [greedy_reference(target, p, 1, tokenizer=tokenizer) for p in ps]
+    times = compare(fns, rounds=repeat, warmup=1, device=next(target.parameters()).device)
+    rows = []
+    for name, (ref, res) in results.items():
+        pre = times[f"{name}/prefill"].times
+        # clamp at a microsecond: on a noisy machine a short decode can time below its prefill
+        dec = {m: BenchResult.from_times([max(t - p, 1e-6) for t, p in zip(times[f"{name}/{m}"].times, pre)],
+                                         "perf_counter") for m in ("greedy", "lookup")}
+        ratios = sorted(g / max(lk, 1e-6) for g, lk in zip(dec["greedy"].times, dec["lookup"].times))
+        spread = BenchResult.from_times(ratios, "ratio")
+        n_dec = sum(len(r) - 1 for r in ref)  # the first token of each answer comes with its prefill
+        passes = sum(r.rounds for r in res)
+        rows.append({
+            "group": name, "prompts": len(ref), "new_tokens": sum(len(r) for r in ref), "k": k,
+            "max_ngram": max_ngram, "min_ngram": min_ngram,
+            "greedy_tok_s": n_dec / dec["greedy"].median, "lookup_tok_s": n_dec / dec["lookup"].median,
+            "speedup": spread.median, "speedup_p10": spread.p10, "speedup_p90": spread.p90,
+            "acceptance_rate": sum(r.accepted for r in res) / max(1, sum(r.proposed for r in res)),
+            "alpha": sum(r.accepted for r in res) / max(1, sum(r.evaluated for r in res)),
+            "tokens_per_pass": sum(len(r.tokens) for r in res) / passes,
+            "drafted_frac": sum(r.drafted_rounds for r in res) / passes,
+            "identical": all(r.tokens == want for r, want in zip(res, ref)),
+            "verdict": speed_verdict(("prompt lookup", dec["lookup"]), ("plain greedy", dec["greedy"])),
+        })
+    return rows

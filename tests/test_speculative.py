@@ -500,3 +500,21 @@ def test_course_tiny_prompt_lookup_is_exact_on_code_that_repeats(course_tiny):
     res = prompt_lookup_generate(teacher, prompt, 32, k=5, tokenizer=tok)
     assert prompt + tok.decode(res.tokens) == generate(teacher, tok, prompt, 32)
     assert res.accepted > 0
+
+
+def test_lookup_speedup_reports_each_group(pair):
+    from course_lib.speculative import lookup_speedup
+
+    target, _ = pair
+    groups = {"repeats": [torch.tensor([[8, 9, 10, 11] * 3])], "distinct": [torch.arange(10, 22)[None]]}
+    rows = lookup_speedup(target, groups, max_new_tokens=12, k=4, repeat=1)
+    assert [r["group"] for r in rows] == ["repeats", "distinct"]
+    for r in rows:
+        assert r["identical"] and r["greedy_tok_s"] > 0 and r["lookup_tok_s"] > 0 and r["new_tokens"] == 12
+        assert r["speedup_p10"] <= r["speedup"] <= r["speedup_p90"] and 1 <= r["tokens_per_pass"] <= 5
+        assert 0 <= r["acceptance_rate"] <= r["alpha"] <= 1 and 0 <= r["drafted_frac"] <= 1
+        assert "faster" in r["verdict"] or "slower" in r["verdict"] or "no measurable" in r["verdict"]
+    for bad, match in ((dict(groups={}), "groups"), (dict(groups={"a": []}), "groups"), (dict(repeat=0), "repeat"),
+                       (dict(k=0), "k must")):
+        with pytest.raises(ValueError, match=match):
+            lookup_speedup(target, **({"groups": groups, "max_new_tokens": 4} | bad))

@@ -94,7 +94,8 @@ QUOTING: tuple[str, ...] = (
     f"{_POLICY}\n\nA customer asks: can I get my shipping costs back? Reply politely and quote the sentence of "
     "the policy that answers the question.",
     "Add a docstring to this Python function and write out the whole function:\n\n"
-    "def average(numbers):\n    total = 0\n    for n in numbers:\n        total += n\n    return total / len(numbers)\n",
+    "def average(numbers):\n    total = 0\n    for n in numbers:\n        total += n\n"
+    "    return total / len(numbers)\n",
     "Rename the variable `x` to `count` in this code and write out the whole code:\n\n"
     "def count_words(text):\n    x = 0\n    for word in text.split():\n        x += 1\n    return x\n",
     "Fix the spelling mistakes in this paragraph and write out the corrected paragraph:\n\n"

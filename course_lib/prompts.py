@@ -105,3 +105,11 @@ QUOTING: tuple[str, ...] = (
     "Rewrite this function so that it uses a list comprehension, and write out the whole function:\n\n"
     "def squares(numbers):\n    result = []\n    for n in numbers:\n        result.append(n * n)\n    return result\n",
 )
+
+
+def lookup_prompts(per_kind: int = 2) -> dict[str, list[str]]:
+    """Prompt-lookup's two groups: ``quoting`` (the first 3 * ``per_kind`` of :data:`QUOTING`) and ``other``
+    (the first ``per_kind`` of each of the three kinds above, answers that do not quote)."""
+    if isinstance(per_kind, bool) or not isinstance(per_kind, int) or not 1 <= per_kind <= len(QUOTING) // 3:
+        raise ValueError(f"per_kind must be an int from 1 to {len(QUOTING) // 3}, got {per_kind!r}")
+    return {"quoting": list(QUOTING[:3 * per_kind]), "other": [p for _, p in prompts(per_kind)]}

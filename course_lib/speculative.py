@@ -45,6 +45,10 @@ them as rejections undercounts alpha. With alpha, a round yields
 
 Both models keep their Hugging Face KV cache; rejected guesses are removed from
 the caches with ``DynamicCache.crop``.
+
+Prompt lookup (:func:`prompt_lookup_generate`, :func:`prompt_lookup_sample`) drafts without a draft model:
+the guesses are the tokens that followed the latest earlier occurrence of the sequence's last few tokens
+(:class:`NgramIndex`), verified by the same rules; a looked-up guess is a point mass for the sampling rule.
 """
 
 from __future__ import annotations

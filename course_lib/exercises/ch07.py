@@ -1,5 +1,4 @@
-"""Chapter 07 exercises: the distillation loss, the sampling acceptance rule, the per-guess acceptance rate,
-the prompt-lookup draft."""
+"""Chapter 07 exercises: the distillation loss, the sampling acceptance rule, the per-guess rate, the lookup draft."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ _LAZY = {
     "QuantConfig": "quantization", "quantize_": "quantization", "save_quantized": "quantization",
     "PruneConfig": "pruning", "prune_": "pruning", "pruned": "pruning",
     "DistillConfig": "distillation", "distill": "distillation", "make_student": "distillation",
-    "speculative_generate": "speculative",
+    "speculative_generate": "speculative", "prompt_lookup_generate": "speculative",
 }
 
 __all__ = [

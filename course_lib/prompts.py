@@ -80,3 +80,36 @@ def prompts(per_kind: int | None = None, kinds: tuple[str, ...] = KINDS) -> list
     if unknown:
         raise ValueError(f"unknown prompt kinds {unknown}; choose from {KINDS}")
     return [(k, p) for k in kinds for p in ALL[k][:per_kind]]
+
+
+# Prompts whose answers quote their input: extraction, editing a given piece of code, a reply that cites a
+# policy. Prompt-lookup decoding (chapter 07) drafts from the prompt, so these are where it should pay; the
+# three kinds above are answers that mostly do not quote, where it must not cost. Not part of KINDS: the
+# agreement numbers recorded for the 50 prompts above stay as they are.
+_POLICY = ("Returns policy: Items can be returned within 30 days of delivery for a full refund. Items must be "
+           "unused and in their original packaging. Refunds are issued to the original payment method within "
+           "5 business days after we receive the item. Shipping costs are not refunded.")
+
+QUOTING: tuple[str, ...] = (
+    f"{_POLICY}\n\nA customer asks: can I get my shipping costs back? Reply politely and quote the sentence of "
+    "the policy that answers the question.",
+    "Add a docstring to this Python function and write out the whole function:\n\n"
+    "def average(numbers):\n    total = 0\n    for n in numbers:\n        total += n\n"
+    "    return total / len(numbers)\n",
+    "Rename the variable `x` to `count` in this code and write out the whole code:\n\n"
+    "def count_words(text):\n    x = 0\n    for word in text.split():\n        x += 1\n    return x\n",
+    "Fix the spelling mistakes in this paragraph and write out the corrected paragraph:\n\n"
+    "Our store is open from Monday to Friday. We recieve new products every week, and our staff is always "
+    "happy to help you find what you are looking for. Please contact us if you have any questions.",
+    f"{_POLICY}\n\nCopy the sentence of this policy that says how refunds are paid, word for word.",
+    "Rewrite this function so that it uses a list comprehension, and write out the whole function:\n\n"
+    "def squares(numbers):\n    result = []\n    for n in numbers:\n        result.append(n * n)\n    return result\n",
+)
+
+
+def lookup_prompts(per_kind: int = 2) -> dict[str, list[str]]:
+    """Prompt-lookup's two groups: ``quoting`` (the first 3 * ``per_kind`` of :data:`QUOTING`) and ``other``
+    (the first ``per_kind`` of each of the three kinds above, answers that do not quote)."""
+    if isinstance(per_kind, bool) or not isinstance(per_kind, int) or not 1 <= per_kind <= len(QUOTING) // 3:
+        raise ValueError(f"per_kind must be an int from 1 to {len(QUOTING) // 3}, got {per_kind!r}")
+    return {"quoting": list(QUOTING[:3 * per_kind]), "other": [p for _, p in prompts(per_kind)]}

@@ -45,6 +45,10 @@ them as rejections undercounts alpha. With alpha, a round yields
 
 Both models keep their Hugging Face KV cache; rejected guesses are removed from
 the caches with ``DynamicCache.crop``.
+
+Prompt lookup (:func:`prompt_lookup_generate`, :func:`prompt_lookup_sample`) drafts without a draft model:
+the guesses are the tokens that followed the latest earlier occurrence of the sequence's last few tokens
+(:class:`NgramIndex`), verified by the same rules; a looked-up guess is a point mass for the sampling rule.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from transformers import DynamicCache
 
 from .generation import encode_prompt
 from .models import check_prompt_ids
-from .timing import compare, speed_verdict
+from .timing import BenchResult, compare, speed_verdict
 
 
 @dataclass(frozen=True)
@@ -471,3 +475,243 @@ def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_ratio
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
             raise ValueError(f"{name} must be a finite number > 0 (a cost relative to one target step), got {v!r}")
     return expected_tokens_per_round(acceptance, k) / (k * draft_cost + verify_ratio)
+
+
+# --- prompt lookup: drafting without a draft model --------------------------------
+#
+# An answer that quotes its input (an extraction, an edited piece of code, a reply that cites a policy) repeats
+# runs of tokens the model has already read. Prompt-lookup decoding (Saxena 2023; transformers'
+# ``prompt_lookup_num_tokens``, llama.cpp's n-gram drafting) drafts from the text itself: find the latest
+# earlier occurrence of the sequence's last n tokens and propose the tokens that followed it. The target checks
+# them exactly as it checks a draft model's guesses, so greedy output and the sampling distribution are the
+# target's own. The draft costs a dictionary lookup, not a forward pass; where nothing matches the round is a
+# plain one-token step, so the only price is the wider verification pass of a draft that turns out wrong.
+
+def _check_lookup(k, max_ngram, min_ngram) -> None:
+    for name, v in (("k", k), ("max_ngram", max_ngram), ("min_ngram", min_ngram)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1 (k: tokens drafted per round, e.g. 5; max_ngram / "
+                             f"min_ngram: the longest / shortest tail to look up, e.g. 3 and 2), got {v!r}")
+    if min_ngram > max_ngram:
+        raise ValueError(f"min_ngram ({min_ngram}) must be <= max_ngram ({max_ngram}): the lookup tries the tail "
+                         "lengths max_ngram, max_ngram - 1, ..., min_ngram; swap the two")
+
+
+class NgramIndex:
+    """A growing token sequence and, for each n-gram, the position right after its latest occurrence.
+
+    Only occurrences with at least one token after them are indexed, so the sequence's own last n-gram never
+    matches itself. Appending a token costs one dict write per n in [min_ngram, max_ngram]; a lookup costs at
+    most that many dict reads, instead of a scan of the whole context every decode step.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, tokens=()) -> None:
+        _check_lookup(1, max_ngram, min_ngram)
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.tokens: list[int] = []
+        self._after: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+        self.extend(tokens)
+
+    def extend(self, tokens) -> None:
+        """Append ``tokens`` (ints) to the sequence."""
+        for t in tokens:
+            j = len(self.tokens)  # the n-grams ending just before position j now have a continuation
+            for n, after in self._after.items():
+                if j >= n:
+                    after[tuple(self.tokens[j - n:j])] = j  # later occurrences overwrite earlier ones
+            self.tokens.append(int(t))
+
+    def draft(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest matching tail ([] if none)."""
+        end = len(self.tokens)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if end >= n:
+                start = self._after[n].get(tuple(self.tokens[end - n:]))
+                if start is not None:
+                    return self.tokens[start:start + k]
+        return []
+
+
+def ngram_draft(tokens, k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
+    """The prompt-lookup draft for a whole sequence: the tokens after the latest earlier match of its tail.
+
+    Tail lengths are tried from ``max_ngram`` down to ``min_ngram``; the first length that occurs earlier in
+    ``tokens`` wins, and its latest occurrence gives up to ``k`` following tokens. ``[]`` when nothing matches.
+    """
+    _check_lookup(k, max_ngram, min_ngram)
+    return NgramIndex(max_ngram, min_ngram, [int(t) for t in tokens]).draft(k)
+
+
+@dataclass(frozen=True)
+class PromptLookupResult(SpeculativeResult):
+    """A :class:`SpeculativeResult` whose guesses came from the text; ``rounds`` counts every target pass."""
+
+    max_ngram: int = 3
+    min_ngram: int = 2
+    per_round: tuple[tuple[int, int], ...] = field(default=(), repr=False)  # (accepted, drafted) of each pass
+
+    @property
+    def drafted_rounds(self) -> int:
+        """Target passes that verified a draft; the others were plain one-token steps (no match)."""
+        return sum(1 for _, d in self.per_round if d)
+
+
+def _lookup_speculate(target, ids: torch.Tensor, max_new_tokens: int, k: int, max_ngram: int, min_ngram: int,
+                      eos: int | None, verify) -> PromptLookupResult:
+    """The prompt-lookup loop: draft from the text, score pending + draft in one target pass, keep what verify keeps.
+
+    ``verify(target_logits (d+1, V), guesses (d,)) -> (kept tokens, accepted)``, as in :func:`_speculate`; d may
+    be 0 (no match), and then the pass is an ordinary decode step.
+    """
+    device = ids.device
+    t0 = time.perf_counter()
+    index = NgramIndex(max_ngram, min_ngram, ids[0].tolist())
+    cache = DynamicCache()
+    if ids.shape[1] > 1:  # the same invariant as _speculate: the cache holds every token but `pending`
+        _step(target, ids[:, :-1], cache)
+    pending = ids[:, -1:]
+    new: list[int] = []
+    per_round: list[tuple[int, int]] = []
+    accepted = evaluated = 0
+    while len(new) < max_new_tokens:
+        # a round yields its accepted guesses plus one token: never guess past the last token asked for
+        guesses = index.draft(min(k, max_new_tokens - len(new) - 1))
+        n_ctx = cache.get_seq_length()
+        chunk = torch.cat([pending, torch.tensor([guesses], dtype=pending.dtype, device=device)], dim=1) \
+            if guesses else pending
+        kept, n = verify(_step(target, chunk, cache)[0], guesses)
+        per_round.append((n, len(guesses)))
+        looked_at = n + 1 if n < len(guesses) else len(guesses)
+        if eos is not None and eos in kept:
+            cut = kept.index(eos) + 1  # plain decoding stops here: drop what follows EOS
+            accepted += min(n, cut)
+            evaluated += min(looked_at, cut)
+            new.extend(kept[:cut])
+            break
+        accepted += n
+        evaluated += looked_at
+        new.extend(kept)
+        index.extend(kept)
+        _rollback(cache, n_ctx + 1 + n)  # forget the rejected guesses; the last kept token becomes pending
+        pending = torch.tensor([[kept[-1]]], dtype=pending.dtype, device=device)
+    return PromptLookupResult(new[:max_new_tokens], k, len(per_round), sum(d for _, d in per_round), accepted,
+                              time.perf_counter() - t0, evaluated, max_ngram, min_ngram, tuple(per_round))
+
+
+def _lookup_ids(target, prompt, tokenizer, max_new_tokens, k, max_ngram, min_ngram, name: str) -> torch.Tensor:
+    _check_lookup(k, max_ngram, min_ngram)
+    _check_new_tokens(max_new_tokens)
+    ids = _prompt_ids((target,), tokenizer, prompt, next(target.parameters()).device, max_new_tokens)
+    if ids.shape[0] != 1:
+        raise ValueError(f"{name} handles one prompt at a time (batch size 1); got {ids.shape[0]} rows: "
+                         "call it once per prompt")
+    return ids
+
+
+@torch.inference_mode()
+def prompt_lookup_generate(target, prompt, max_new_tokens: int = 32, k: int = 5, max_ngram: int = 3,
+                           min_ngram: int = 2, tokenizer=None, stop_at_eos: bool = True) -> PromptLookupResult:
+    """Greedy prompt-lookup decoding (batch size 1): the target's greedy tokens, drafted from the text itself.
+
+    Each round looks up the last ``max_ngram`` .. ``min_ngram`` tokens of prompt + answer so far, drafts up to
+    ``k`` tokens that followed their latest earlier occurrence (:class:`NgramIndex`), and has the target check
+    them in one forward pass with the draft-model path's verifier; no match is a plain one-token step.
+    ``prompt``, ``tokenizer`` and EOS as in :func:`speculative_generate`; in float32 the tokens are those of
+    greedy ``generate``.
+    """
+    ids = _lookup_ids(target, prompt, tokenizer, max_new_tokens, k, max_ngram, min_ngram, "prompt_lookup_generate")
+    return _lookup_speculate(target, ids, max_new_tokens, k, max_ngram, min_ngram, _eos_id(tokenizer, stop_at_eos),
+                             lambda logits, guesses: _greedy_verify(logits, guesses, None))
+
+
+def point_mass(guesses, vocab_size: int, device=None) -> torch.Tensor:
+    """(d, V) rows that each put all their probability on one guess: the "distribution" a lookup draft comes from.
+
+    Fed to :func:`verify_sampled` as ``q``, guess x is accepted with probability min(1, p(x) / 1) = p(x), and a
+    rejection draws from max(0, p - q) = p with x removed, renormalised.
+    """
+    q = torch.zeros(len(guesses), vocab_size, device=device)
+    if len(guesses):
+        q[torch.arange(len(guesses), device=device), torch.as_tensor(list(guesses), device=device)] = 1.0
+    return q
+
+
+@torch.inference_mode()
+def prompt_lookup_sample(target, prompt, max_new_tokens: int = 32, k: int = 5, max_ngram: int = 3,
+                         min_ngram: int = 2, temperature: float = 1.0, seed: int = 0,
+                         generator: torch.Generator | None = None, tokenizer=None,
+                         stop_at_eos: bool = True) -> PromptLookupResult:
+    """Sampling prompt-lookup decoding: samples from the target's distribution, drafts from the text.
+
+    A looked-up draft is a point mass (:func:`point_mass`), so :func:`verify_sampled` accepts guess x with
+    probability p(x) and, on a rejection, samples from p with x removed: every token keeps the target's
+    distribution (a test checks it over many samples). Arguments as in :func:`prompt_lookup_generate` and
+    :func:`speculative_sample`.
+    """
+    _check_temperature(temperature)
+    ids = _lookup_ids(target, prompt, tokenizer, max_new_tokens, k, max_ngram, min_ngram, "prompt_lookup_sample")
+    gen = _generator(seed, generator, ids.device)
+
+    def verify(logits, guesses):
+        p = torch.softmax(logits.float() / temperature, -1)
+        return verify_sampled(p, point_mass(guesses, p.shape[-1], p.device), guesses, gen)
+
+    return _lookup_speculate(target, ids, max_new_tokens, k, max_ngram, min_ngram, _eos_id(tokenizer, stop_at_eos),
+                             verify)
+
+
+def lookup_speedup(target, groups: dict[str, list[torch.Tensor]], max_new_tokens: int = 64, k: int = 5,
+                   max_ngram: int = 3, min_ngram: int = 2, repeat: int = 3, tokenizer=None) -> list[dict]:
+    """Decode speed of prompt lookup against plain greedy decoding, per group of prompts, timed interleaved.
+
+    ``groups`` maps a name ("quoting", "other") to prompts as (1, T) id tensors. Each round times, for every
+    group, the plain loop (:func:`greedy_reference`), prompt lookup, and a prefill (the same loop asked for one
+    token), all interleaved (:func:`course_lib.timing.compare`, one warm-up round). Decode time is a method's
+    time minus the prefill's in the same round, so a long quoted prompt's prefill does not dilute the ratio.
+    Each row: decode tok/s of both (median), ``speedup`` (median of the per-round ratios) with its p10-p90,
+    ``verdict`` (:func:`course_lib.timing.speed_verdict`), acceptance (accepted / proposed and per-guess
+    ``alpha``), ``tokens_per_pass`` and ``drafted_frac`` (passes that verified a draft), and ``identical``.
+    """
+    _check_lookup(k, max_ngram, min_ngram)
+    _check_new_tokens(max_new_tokens)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(v, (list, tuple)) and v
+                                                            for v in groups.values()):
+        raise ValueError("groups must be a non-empty dict {name: [prompt ids, ...]}, e.g. {'quoting': [ids1, ids2]}")
+    results, fns = {}, {}
+    for name, prompts in groups.items():
+        ref = [greedy_reference(target, p, max_new_tokens, tokenizer=tokenizer)[0] for p in prompts]
+        res = [prompt_lookup_generate(target, p, max_new_tokens, k, max_ngram, min_ngram, tokenizer=tokenizer)
+               for p in prompts]
+        results[name] = (ref, res)
+        fns[f"{name}/greedy"] = lambda ps=prompts: [greedy_reference(target, p, max_new_tokens, tokenizer=tokenizer)
+                                                    for p in ps]
+        fns[f"{name}/lookup"] = lambda ps=prompts: [
+            prompt_lookup_generate(target, p, max_new_tokens, k, max_ngram, min_ngram, tokenizer=tokenizer)
+            for p in ps]
+        fns[f"{name}/prefill"] = lambda ps=prompts: [greedy_reference(target, p, 1, tokenizer=tokenizer) for p in ps]
+    times = compare(fns, rounds=repeat, warmup=1, device=next(target.parameters()).device)
+    rows = []
+    for name, (ref, res) in results.items():
+        pre = times[f"{name}/prefill"].times
+        # clamp at a microsecond: on a noisy machine a short decode can time below its prefill
+        dec = {m: BenchResult.from_times([max(t - p, 1e-6) for t, p in zip(times[f"{name}/{m}"].times, pre)],
+                                         "perf_counter") for m in ("greedy", "lookup")}
+        ratios = sorted(g / max(lk, 1e-6) for g, lk in zip(dec["greedy"].times, dec["lookup"].times))
+        spread = BenchResult.from_times(ratios, "ratio")
+        n_dec = sum(len(r) - 1 for r in ref)  # the first token of each answer comes with its prefill
+        passes = sum(r.rounds for r in res)
+        rows.append({
+            "group": name, "prompts": len(ref), "new_tokens": sum(len(r) for r in ref), "k": k,
+            "max_ngram": max_ngram, "min_ngram": min_ngram,
+            "greedy_tok_s": n_dec / dec["greedy"].median, "lookup_tok_s": n_dec / dec["lookup"].median,
+            "speedup": spread.median, "speedup_p10": spread.p10, "speedup_p90": spread.p90,
+            "acceptance_rate": sum(r.accepted for r in res) / max(1, sum(r.proposed for r in res)),
+            "alpha": sum(r.accepted for r in res) / max(1, sum(r.evaluated for r in res)),
+            "tokens_per_pass": sum(len(r.tokens) for r in res) / passes,
+            "drafted_frac": sum(r.drafted_rounds for r in res) / passes,
+            "identical": all(r.tokens == want for r, want in zip(res, ref)),
+            "verdict": speed_verdict(("prompt lookup", dec["lookup"]), ("plain greedy", dec["greedy"])),
+        })
+    return rows

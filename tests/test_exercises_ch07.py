@@ -93,3 +93,42 @@ def test_alpha_check():
     assert "one number" in check_alpha(lambda r: "?").message
     done = check_alpha(stub)
     assert not done and not done.done
+
+
+def test_ngram_draft_check():
+    from course_lib.exercises.ch07 import check_ngram_draft
+    from course_lib.speculative import ngram_draft
+
+    assert check_ngram_draft(ngram_draft)
+
+    def scan(tokens, k, hi, lo, order=None, latest=True, self_ok=False):
+        for n in order or range(hi, lo - 1, -1):
+            tail = tokens[len(tokens) - n:]
+            last = len(tokens) - n if self_ok else len(tokens) - n - 1
+            for s in (range(last, -1, -1) if latest else range(last + 1)):
+                if tokens[s:s + n] == tail:
+                    return tokens[s + n:s + n + k]
+        return []
+
+    assert check_ngram_draft(lambda t, k, hi, lo: scan(t, k, hi, lo))  # a plain scan is a right answer too
+    fb = check_ngram_draft(lambda t, k, hi, lo: scan(t, k, hi, lo, latest=False))
+    assert not fb and "earliest occurrence" in fb.message
+    fb = check_ngram_draft(lambda t, k, hi, lo: scan(t, k, hi, lo, order=range(lo, hi + 1)))
+    assert not fb and "shortest tail first" in fb.message
+    fb = check_ngram_draft(lambda t, k, hi, lo: scan(t, k, hi, lo, self_ok=True))
+    assert not fb and "matched itself" in fb.message
+    fb = check_ngram_draft(lambda t, k, hi, lo: scan(t, k + 2, hi, lo))
+    assert not fb and "at most k" in fb.message
+    assert "list of token ids" in check_ngram_draft(lambda *a: 3).message
+    done = check_ngram_draft(stub)
+    assert not done and not done.done
+
+
+def test_ngram_draft_check_names_a_returned_match():
+    from course_lib.exercises.ch07 import check_ngram_draft
+    from course_lib.speculative import ngram_draft
+
+    def the_match(t, k, hi, lo):  # the tail itself, whenever there is a draft to return
+        return list(t[len(t) - hi:]) if ngram_draft(t, k, hi, hi) else ngram_draft(t, k, hi, lo)
+    fb = check_ngram_draft(the_match)
+    assert not fb and "FOLLOW" in fb.message

@@ -320,3 +320,201 @@ def test_greedy_alpha_predicts_tokens_per_round(pair):
     with_alpha = expected_tokens_per_round(res.alpha, 4)
     with_rate = expected_tokens_per_round(res.acceptance_rate, 4)
     assert abs(with_alpha - res.tokens_per_round) < abs(with_rate - res.tokens_per_round)
+
+
+# --- prompt lookup: drafting from the text itself -------------------------------------
+
+from course_lib.speculative import (  # noqa: E402
+    NgramIndex,
+    ngram_draft,
+    point_mass,
+    prompt_lookup_generate,
+    prompt_lookup_sample,
+)
+
+
+def test_ngram_draft_takes_the_longest_tail_and_its_latest_occurrence():
+    #        0  1  2  3  4  5  6  7  8  9
+    seq = [7, 1, 2, 3, 9, 1, 2, 4, 5, 1, 2]
+    # tail (1, 2) occurs at 1-2 and 5-6: the latest one (5-6) gives 4, 5, 1, ...
+    assert ngram_draft(seq, 3, max_ngram=2, min_ngram=1) == [4, 5, 1]
+    # the 3-gram (5, 1, 2) has no earlier occurrence, so the lookup falls back to 2
+    assert ngram_draft(seq, 2, max_ngram=3, min_ngram=2) == [4, 5]
+    assert ngram_draft([3, 1, 2, 8, 1, 2, 3, 1, 2], 4, max_ngram=3, min_ngram=2) == [8, 1, 2, 3]  # (3, 1, 2) wins
+    # the continuation stops where the sequence does: (5, 5) last occurred at 1-2, followed by one token
+    assert ngram_draft([4, 5, 5, 5], 6, max_ngram=2, min_ngram=2) == [5]
+    assert ngram_draft(list(range(20)), 5, max_ngram=3, min_ngram=1) == []  # no repeats, no draft
+    assert ngram_draft([1, 2], 5, max_ngram=3, min_ngram=3) == []  # shorter than any n-gram
+    assert ngram_draft(torch.tensor([6, 6]), 2, max_ngram=1, min_ngram=1) == [6]  # the tail never matches itself
+    # growing the index token by token gives the same drafts as building it at once
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, 6, (80,), generator=g).tolist()
+    idx = NgramIndex(3, 1)
+    for i, t in enumerate(toks):
+        idx.extend([t])
+        assert idx.draft(4) == ngram_draft(toks[: i + 1], 4, 3, 1)
+
+
+def test_ngram_draft_matches_a_brute_force_scan():
+    def brute(seq, k, hi, lo):
+        for n in range(hi, lo - 1, -1):
+            if len(seq) < n:
+                continue
+            tail = seq[len(seq) - n:]
+            for s in range(len(seq) - n - 1, -1, -1):  # latest first, with at least one token after it
+                if seq[s:s + n] == tail:
+                    return seq[s + n:s + n + k]
+        return []
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        seq = torch.randint(0, 4 + trial % 5, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        hi = 1 + trial % 4
+        lo = 1 + trial % hi
+        assert ngram_draft(seq, 1 + trial % 6, hi, lo) == brute(seq, 1 + trial % 6, hi, lo), (seq, hi, lo)
+
+
+@pytest.mark.parametrize("k,max_ngram,min_ngram", [(1, 1, 1), (4, 3, 2), (8, 4, 1)])
+def test_prompt_lookup_greedy_is_identical_to_the_target(pair, k, max_ngram, min_ngram):
+    target, _ = pair
+    no_repeats = torch.arange(10, 40)[None]
+    prompts = (torch.tensor([[5]]), torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]),
+               torch.tensor([[8, 9, 10, 11, 12, 13] * 4]), no_repeats)
+    drafted = 0
+    for prompt in prompts:
+        ref = target_greedy(target, prompt, 40)
+        res = prompt_lookup_generate(target, prompt, 40, k=k, max_ngram=max_ngram, min_ngram=min_ngram)
+        assert res.tokens == ref
+        assert res.rounds == len(res.per_round) and res.proposed == sum(d for _, d in res.per_round)
+        assert len(res.tokens) == sum(a + 1 for a, _ in res.per_round)  # every pass: its accepted guesses + 1
+        assert all(a <= d <= k for a, d in res.per_round) and res.accepted <= res.evaluated <= res.proposed
+        drafted += res.accepted
+    assert drafted > 0  # the verifier kept guesses, so the accept path was exercised, not only plain steps
+    first = prompt_lookup_generate(target, no_repeats, 1, k=k, max_ngram=max_ngram, min_ngram=min_ngram)
+    assert first.per_round == ((0, 0),)  # nothing to look up: one plain step, no draft paid for
+
+
+def test_prompt_lookup_copies_a_repeated_stretch_in_few_passes(pair):
+    """A target that continues a repeating pattern is drafted exactly by the lookup: many tokens per pass."""
+    target, _ = pair
+    prompt = torch.tensor([[8, 9, 10, 11, 12, 13] * 4])
+    ref = target_greedy(target, prompt, 40)
+    res = prompt_lookup_generate(target, prompt, 40, k=6)
+    assert res.tokens == ref
+    plain = sum(1 for _, d in res.per_round if d == 0)
+    assert res.drafted_rounds + plain == res.rounds
+    if ref[:12] == [8, 9, 10, 11, 12, 13] * 2:  # the random target does continue the pattern: then it pays
+        assert res.tokens_per_round > 2.5 and res.alpha > 0.7
+
+
+def test_prompt_lookup_stops_at_eos_like_generate(pair):
+    target, _ = pair
+    prompt = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4]])
+    free = target_greedy(target, prompt, 30)
+    eos = free[9]
+    tok = eos_tokenizer(eos)
+    want = [s.token_id for s in stream_generate(target, tok, prompt, 30)]
+    res = prompt_lookup_generate(target, prompt, 30, k=4, min_ngram=1, tokenizer=tok)
+    assert res.tokens == want and want[-1] == eos
+    assert prompt_lookup_generate(target, prompt, 30, k=4, min_ngram=1, tokenizer=tok, stop_at_eos=False).tokens == free
+
+
+def test_prompt_lookup_refuses_bad_input(pair):
+    target, _ = pair
+    p = torch.tensor([[1, 2, 1]])
+    for kw, match in ((dict(k=0), "k must"), (dict(k=2.0), "k must"), (dict(max_ngram=0), "max_ngram"),
+                      (dict(min_ngram=True), "min_ngram"), (dict(max_ngram=2, min_ngram=3), "swap"),
+                      (dict(max_new_tokens=0), "max_new_tokens")):
+        for fn in (prompt_lookup_generate, prompt_lookup_sample):
+            with pytest.raises(ValueError, match=match):
+                fn(target, p, **({"max_new_tokens": 4} | kw))
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        prompt_lookup_generate(target, torch.tensor([[1, 2], [3, 4]]), 4)
+    with pytest.raises(ValueError, match="tokenizer="):
+        prompt_lookup_generate(target, "some text", 4)
+    with pytest.raises(ValueError, match="vocabulary of 128"):
+        prompt_lookup_generate(target, torch.tensor([[1, 500]]), 4)
+    with pytest.raises(ValueError, match="temperature"):
+        prompt_lookup_sample(target, p, 4, temperature=0.0)
+    with pytest.raises(ValueError, match="min_ngram"):
+        NgramIndex(1, 2)
+
+
+def test_point_mass_verification_accepts_with_p_and_resamples_without_the_guess():
+    """One round with a looked-up guess: the first emitted token must follow p, whatever the text proposed."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.stack([P0, torch.full((5,), 0.2)])
+    for guess, n in ((1, 4000), (0, 4000)):  # a guess p finds unlikely (0.05) and one it finds likely (0.5)
+        counts, accepted = torch.zeros(5), 0
+        for _ in range(n):
+            kept, a = verify_sampled(p, point_mass([guess], 5), [guess], g)
+            counts[kept[0]] += 1
+            accepted += a
+        assert tv(counts / n, P0) < 0.03 and accepted / n == pytest.approx(float(P0[guess]), abs=0.02)
+    wrong = first_token_of(resample_from_p, p, 0, 2000, g)  # P(0) = 0.5 + 0.5 * 0.5: the guess counted twice
+    assert tv(wrong, P0) > 0.2
+    assert point_mass([], 5).shape == (0, 5) and point_mass([2, 0], 3).tolist() == [[0, 0, 1], [1, 0, 0]]
+
+
+def first_token_of(verify, p, guess, n, g):
+    counts = torch.zeros(p.shape[1])
+    for _ in range(n):
+        counts[verify(p, point_mass([guess], p.shape[1]), [guess], g)[0][0]] += 1
+    return counts / n
+
+
+def test_prompt_lookup_sampling_has_the_targets_distribution(sampling_pair, monkeypatch):
+    """The joint of two sampled tokens after a prompt whose tail recurs (so the first pass drafts) is the target's."""
+    target, _ = sampling_pair
+    prompt = torch.tensor([[5, 1, 4, 2, 5, 1]])  # tail (5, 1) occurred before, followed by 4: the draft is [4]
+    want = exact_joint(target, prompt, 6)
+    assert 0.3 < float(want.sum(1)[4]) < 0.7  # the target may or may not emit the looked-up token: wrong rules show
+
+    def lookup(g):
+        res = prompt_lookup_sample(target, prompt, 2, k=2, min_ngram=1, generator=g)
+        assert res.per_round[0][1] == 1  # the first pass verified a one-token draft (k is capped at what is left)
+        return res.tokens
+
+    # seeded; as in the draft-model test, ~0.07 total variation comes from sampling noise alone at n = 600
+    assert tv(sampled_joint(lookup, 600, 6), want) < 0.12
+    monkeypatch.setattr("course_lib.speculative.verify_sampled", accept_always)
+    assert tv(sampled_joint(lookup, 300, 6), want) > 0.3  # accepting every looked-up guess copies the text
+    monkeypatch.setattr("course_lib.speculative.verify_sampled", resample_from_p)
+    assert tv(sampled_joint(lookup, 300, 6), want) > 0.15  # a rejection must draw from p without the guess
+
+
+def test_prompt_lookup_sampling_is_seeded_and_counts_rounds(sampling_pair):
+    target, _ = sampling_pair
+    prompt = torch.tensor([[3, 3, 3, 3]])
+    a = prompt_lookup_sample(target, prompt, 20, k=3, seed=5, min_ngram=1)
+    assert a.tokens == prompt_lookup_sample(target, prompt, 20, k=3, seed=5, min_ngram=1).tokens
+    assert len(a.tokens) == 20 == sum(x + 1 for x, _ in a.per_round)
+    assert 0 <= a.acceptance_rate <= a.alpha <= 1
+
+
+@pytest.mark.skipif(not (EMBEDDED["course-tiny"] / "model.safetensors").is_file(), reason="course-tiny not installed")
+def test_course_tiny_prompt_lookup_is_exact_on_code_that_repeats(course_tiny):
+    teacher, tok = course_tiny
+    prompt = ("def area(w, h):\n    return w * h\n\n\ndef perimeter(w, h):\n    return 2 * (w + h)\n\n\n"
+              "def area(w, h):\n")
+    res = prompt_lookup_generate(teacher, prompt, 32, k=5, tokenizer=tok)
+    assert prompt + tok.decode(res.tokens) == generate(teacher, tok, prompt, 32)
+    assert res.accepted > 0
+
+
+def test_lookup_speedup_reports_each_group(pair):
+    from course_lib.speculative import lookup_speedup
+
+    target, _ = pair
+    groups = {"repeats": [torch.tensor([[8, 9, 10, 11] * 3])], "distinct": [torch.arange(10, 22)[None]]}
+    rows = lookup_speedup(target, groups, max_new_tokens=12, k=4, repeat=1)
+    assert [r["group"] for r in rows] == ["repeats", "distinct"]
+    for r in rows:
+        assert r["identical"] and r["greedy_tok_s"] > 0 and r["lookup_tok_s"] > 0 and r["new_tokens"] == 12
+        assert r["speedup_p10"] <= r["speedup"] <= r["speedup_p90"] and 1 <= r["tokens_per_pass"] <= 5
+        assert 0 <= r["acceptance_rate"] <= r["alpha"] <= 1 and 0 <= r["drafted_frac"] <= 1
+        assert "faster" in r["verdict"] or "slower" in r["verdict"] or "no measurable" in r["verdict"]
+    for bad, match in ((dict(groups={}), "groups"), (dict(groups={"a": []}), "groups"), (dict(repeat=0), "repeat"),
+                       (dict(k=0), "k must")):
+        with pytest.raises(ValueError, match=match):
+            lookup_speedup(target, **({"groups": groups, "max_new_tokens": 4} | bad))

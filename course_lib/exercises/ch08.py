@@ -1,5 +1,4 @@
-"""Exercises of notebook 08 (math model): the article's formula, a roofline prediction by hand, the bytes of a
-quantized KV cache."""
+"""Exercises of notebook 08 (math model): the article's formula, a roofline prediction, a quantized KV cache's bytes."""
 
 from __future__ import annotations
 

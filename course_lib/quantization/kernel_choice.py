@@ -27,13 +27,15 @@ timing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
-import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
+
+from ..timing import interleaved
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,6 @@ def clear_kernel_choices() -> None:
     _CHOICES.clear()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Probes:
     """Random inputs of each row count and the reference's output for them, made once and shared by candidates."""
 
@@ -133,35 +130,15 @@ def check(cand: Candidate, probes: Probes, tol: float, rows: tuple[int, ...] | N
     return None
 
 
-def _time_once(run: Callable, x: torch.Tensor, inner: int, device: torch.device) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(inner):
-        run(x)
-    _sync(device)
-    return (time.perf_counter() - t) / inner
-
-
 def time_candidates(cands: list[Candidate], in_features: int, device: torch.device,
                     rounds: int = ROUNDS) -> dict[str, float]:
     """Median seconds of one call at one row for each candidate, timed in interleaved rounds."""
     xs = {c.name: torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(device).to(c.dtype)
           for c in cands}
-    inner: dict[str, int] = {}
-    samples: dict[str, list[float]] = {c.name: [] for c in cands}
     with torch.no_grad():
-        for c in cands:  # warm-up, and how many calls make one sample long enough to time
-            c.run(xs[c.name])
-            t = _time_once(c.run, xs[c.name], 1, device)
-            inner[c.name] = max(1, min(100, int(TARGET_SAMPLE_S / max(t, 1e-7))))
-        live = list(cands)
-        for r in range(rounds):
-            for c in live:
-                samples[c.name].append(_time_once(c.run, xs[c.name], inner[c.name], device))
-            if r == 0 and len(live) > 1:
-                best = min(samples[c.name][0] for c in live)
-                live = [c for c in live if samples[c.name][0] <= DROP_FACTOR * best]
-    return {name: statistics.median(s) for name, s in samples.items() if s}
+        res = interleaved({c.name: functools.partial(c.run, xs[c.name]) for c in cands}, rounds, device=device,
+                          min_sample_s=TARGET_SAMPLE_S, drop_slower=DROP_FACTOR)
+    return {name: statistics.median(s) for name, s in res.samples.items() if s}
 
 
 def choose(key: Hashable, cands: list[Candidate], reference: Callable[[torch.Tensor], torch.Tensor] | Probes,

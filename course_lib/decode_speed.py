@@ -71,8 +71,8 @@ def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, round
 
     Round after round, each model in turn: a change in the machine's state during the run (clock, a neighbour on
     the host) then lands on every model alike, so the ratios between them hold even when absolute numbers drift.
-    Timing one model after another does not: two idle sequential runs measured the same bf16 model at 11.6 and
-    18.5 tokens/s. Each model gets one untimed warm-up first. The prompt is moved to each model's device, and
+    Timing one model after another does not (docs/decode.md, "Why interleaved rounds", has a measured example).
+    Each model gets one untimed warm-up first. The prompt is moved to each model's device, and
     every timing synchronizes that device (a GPU runs asynchronously).
 
     ``compiled=False`` times the course's streaming generator (Hugging Face forward, dynamic cache: what a

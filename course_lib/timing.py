@@ -289,7 +289,7 @@ def time_tokens(gen: Callable[[torch.Tensor, int], object], prompt: torch.Tensor
     Times 1 token (prefill and the first token), then ``n``: the difference is ``n - 1`` decode steps, for a
     generator that cannot report each token as it comes (a compiled loop, ``model.generate``).
     """
-    _check_count("n", n, 2)  # n = 1 has no decode step to time: it reported 0 tokens/s
+    _check_count("n", n, 2)  # n = 1 has no decode step to time: it would report 0 tokens/s
     first = benchmark(lambda: gen(prompt, 1), warmup=warmup, repeat=repeat, device=device).median
     total = benchmark(lambda: gen(prompt, n), warmup=0, repeat=repeat, device=device).median
     return first, (n - 1) / max(total - first, 1e-9)
@@ -388,8 +388,8 @@ def stream_timing(token_times: Sequence[float], prompt_tokens: int) -> Generatio
 # --- is the machine busy? -------------------------------------------------------------
 
 # A multi-threaded torch op ends when its slowest thread does. When other processes hold the cores, one thread
-# waits for a time slice (milliseconds) at every parallel region: measured on 2 shared cores, a 4 MB copy ran
-# at 91 GB/s with 1 thread and 0.7 GB/s with 2. An idle machine gives a ratio near or below 1.
+# waits for a time slice (milliseconds) at every parallel region, so the op runs many times slower than with one
+# thread (docs/decode.md, "A busy machine", has the measurement). An idle machine gives a ratio near or below 1.
 BUSY_RATIO = 3.0
 PROBE_FLOATS = 1 << 20  # a 4 MB copy: large enough that ATen splits it over the threads, quick enough to repeat
 

@@ -438,7 +438,8 @@ def measure(paths: list[DecodePath], new_tokens: int, rounds: int, reference: st
                          prefill_ms=statistics.median(f for f, _ in p.samples) * 1e3)
 
 
-# issue 14's goals: course_lib's best row of a kind against llama.cpp's row on the same weights (tok/s ratio)
+# the suite's goals (docs/decode.md, Engines): course_lib's best row of a kind against llama.cpp's on the same
+# weights (tok/s ratio)
 GOALS = {"bf16": (("bf16",), "llama.cpp BF16", 0.8),
          "int8": (("int8-wo", "int8-auto", "w8a8"), "llama.cpp Q8_0", 1.0),
          "int4": (("int4-wo", "int4-auto"), "llama.cpp Q4_0", 0.6)}

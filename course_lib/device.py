@@ -12,7 +12,10 @@ import it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import gc
 import os
 
 import torch
@@ -73,10 +76,6 @@ def release_memory() -> None:
     as large as at its peak (docs/binder.md, "Memory and time budget", has a measurement). A notebook's next
     cell (and Binder's 2 GB limit) then sees only what is really in use.
     """
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -546,7 +546,7 @@ def _result(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_course_tiny_pruned_to_width_424_then_int8_runs_finite():
-    # Issue 12: prune_(round_to=8) gives MLP width 424 (% 16 == 8), where _weight_int8pack_mm segfaults or
+    # prune_(round_to=8) gives MLP width 424 (% 16 == 8), where _weight_int8pack_mm segfaults or
     # returns inf with several rows although a one-row probe passes.
     from course_lib.models import EMBEDDED
 

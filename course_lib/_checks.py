@@ -32,6 +32,11 @@ def check_int(name: str, value, low: int, hint: str = "") -> None:
         raise ValueError(f"{name} must be an int >= {low}{hint}, got {value!r}")
 
 
+def check_new_tokens(max_new_tokens) -> None:
+    """ValueError unless ``max_new_tokens`` is an int >= 1 (every decode loop's token count; True is not one token)."""
+    check_int("max_new_tokens", max_new_tokens, 1)
+
+
 def check_flag(name: str, value) -> None:
     """ValueError unless ``value`` is a bool (or the int 0 or 1): ``quick="no"`` is truthy and would run quick."""
     if not (isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1))):

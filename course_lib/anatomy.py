@@ -46,8 +46,12 @@ def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
     return dict(out)
 
 
-def weight_bytes(n_params: int, fmt: str = "fp32") -> float:
-    """Bytes to store ``n_params`` weights in ``fmt`` (fp32, bf16, fp16, int8, int4; scales ignored)."""
+def estimated_weight_bytes(n_params: int, fmt: str = "fp32") -> float:
+    """Bytes ``n_params`` weights would take in ``fmt`` (fp32, bf16, fp16, int8, int4): count x bytes per weight.
+
+    An estimate from a parameter count (scales and packing ignored); what a real model holds, as stored, is
+    :func:`course_lib.metrics.stored_weight_bytes`.
+    """
     if fmt not in BYTES_PER_PARAM:
         raise ValueError(f"unknown format {fmt!r}; choose from {sorted(BYTES_PER_PARAM)}")
     return n_params * BYTES_PER_PARAM[fmt]

@@ -17,13 +17,14 @@ reads them from here (:func:`budget_targets` gives the short form).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 from ._checks import check_int, check_number
 from .decode_speed import time_generation
 from .roofline import decode_cost, predict, prefill_cost
-from .timing import BenchResult
+from .timing import interleaved
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,15 @@ def interleaved_generation(models: dict, prompt, new_tokens: int, rounds: int = 
     check_int("rounds", rounds, 1)
     if not isinstance(models, dict) or not models:
         raise ValueError("models must be a non-empty dict {name: model}")
-    for m in models.values():
-        time_generation(m, None, prompt, max_new_tokens=2, warmup=0, repeat=1)
-    samples: dict[str, list] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            samples[name].append(time_generation(m, None, prompt, max_new_tokens=new_tokens, warmup=0, repeat=1))
-    return {name: dict(ttft=BenchResult.from_times([t.ttft_s for t in ts], "perf_counter"),
-                       tpot=BenchResult.from_times([t.tpot_s for t in ts], "perf_counter"), timing=ts[-1])
-            for name, ts in samples.items()}
+
+    def generation(model, n: int):
+        return functools.partial(time_generation, model, None, prompt, max_new_tokens=n, warmup=0, repeat=1)
+
+    res = interleaved({name: generation(m, new_tokens) for name, m in models.items()}, rounds, warmup=0,
+                      timed=False, prepare={name: generation(m, 2) for name, m in models.items()})
+    return {name: dict(ttft=res.result(name, lambda t: t.ttft_s, "perf_counter"),
+                       tpot=res.result(name, lambda t: t.tpot_s, "perf_counter"), timing=ts[-1])
+            for name, ts in res.samples.items()}
 
 
 def e2e_seconds(ttft_s: float, tpot_s: float, answer_tokens: int) -> float:

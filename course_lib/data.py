@@ -11,6 +11,7 @@ trained on.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import sys
 import sysconfig
@@ -164,8 +165,6 @@ PROSE_EVAL_TOKENS = 8192
 
 def prose_documents(split: str = "heldout") -> list[Document]:
     """The topics of one split ("train" or "heldout") of this Python's ``pydoc_data.topics``."""
-    import importlib
-
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     topics = importlib.import_module("pydoc_data.topics").topics

@@ -17,6 +17,7 @@ Every timing runs on the model's own device: the prompt is moved there and each 
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from .device import device_of
 from .generation import CompiledDecoder, hf_forward, stream_generate
 from .kv_quant import KVQuantConfig
 from .scratch_llama import ScratchLlama
-from .timing import BenchResult, GenerationTiming, benchmark, compare, synchronize, time_tokens
+from .timing import BenchResult, GenerationTiming, benchmark, compare, interleaved, synchronize, time_tokens
 
 
 def time_generation(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens: int = 32,
@@ -74,8 +75,8 @@ def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, round
 
     Round after round, each model in turn: a change in the machine's state during the run (clock, a neighbour on
     the host) then lands on every model alike, so the ratios between them hold even when absolute numbers drift.
-    Timing one model after another does not: two idle sequential runs measured the same bf16 model at 11.6 and
-    18.5 tokens/s. Each model gets one untimed warm-up first. The prompt is moved to each model's device, and
+    Timing one model after another does not (docs/decode.md, "Why interleaved rounds", has a measured example).
+    Each model gets one untimed warm-up first. The prompt is moved to each model's device, and
     every timing synchronizes that device (a GPU runs asynchronously).
 
     ``compiled=False`` times the course's streaming generator (Hugging Face forward, dynamic cache: what a
@@ -85,48 +86,42 @@ def decode_speed(models: dict, prompt: torch.Tensor, new_tokens: int = 16, round
     Pass e.g. ``make_decoder=lambda m: CompiledDecoder(m, backend="eager")`` for another compile setting.
 
     With ``errors`` (a dict), a model that raises is dropped from the remaining rounds and its message stored
-    under its name, instead of ending the whole measurement.
+    under its name, instead of ending the whole measurement (:func:`course_lib.timing.interleaved` runs the
+    rounds).
     """
     check_int("new_tokens", new_tokens, 2, " to time the decode phase")
     check_int("rounds", rounds, 1)
-    models = dict(models)
-    samples: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in models}
-    decoders: dict[str, Callable[[torch.Tensor, int], object]] = {}
     ids = prompt.view(1, -1)
+    runs: dict[str, tuple] = {}  # name -> (device, the prompt there, the compiled decoder or None)
 
-    def once(name: str, warm: bool) -> None:
+    def prepare(name: str) -> None:
         m = models[name]
-        try:
-            dev = device_of(m)
-            ids_m = ids.to(dev)  # the prompt goes where the model is; each timing synchronizes that device
-            if compiled:
-                if warm:  # build and compile; one cache size for every call, so it compiles once
-                    dec = (make_decoder or CompiledDecoder)(m)
-                    decoders[name] = lambda p, n: dec(p, n, max_len=ids.shape[1] + new_tokens)
-                    decoders[name](ids_m, 2)
-                    synchronize(dev)
-                    return
-                first, tok_s = time_tokens(decoders[name], ids_m, new_tokens, device=dev)
-                samples[name][0].append(tok_s)
-                samples[name][1].append(first)
-                return
-            t = time_generation(m, None, ids_m, max_new_tokens=2 if warm else new_tokens, warmup=0, repeat=1)
-            if not warm:
-                pre = benchmark(lambda: m(input_ids=ids_m), warmup=0, repeat=1, device=dev).median
-                samples[name][0].append(t.tokens_per_s)
-                samples[name][1].append(pre)
-        except Exception as e:
-            if errors is None:
-                raise
-            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            del models[name]
+        dev = device_of(m)
+        ids_m = ids.to(dev)  # the prompt goes where the model is; each timing synchronizes that device
+        if not compiled:
+            runs[name] = (dev, ids_m, None)
+            time_generation(m, None, ids_m, max_new_tokens=2, warmup=0, repeat=1)
+            return
+        dec = (make_decoder or CompiledDecoder)(m)  # one cache size for every call, so it compiles once
+        runs[name] = (dev, ids_m, lambda p, n: dec(p, n, max_len=ids.shape[1] + new_tokens))
+        runs[name][2](ids_m, 2)
+        synchronize(dev)
 
-    for name in list(models):
-        once(name, warm=True)
-    for _ in range(rounds):
-        for name in list(models):
-            once(name, warm=False)
-    return {k: (statistics.median(samples[k][0]), statistics.median(samples[k][1]) * 1e3) for k in models}
+    def sample(name: str) -> tuple[float, float]:
+        """(decode tokens/s, prefill seconds) of one timed run."""
+        m, (dev, ids_m, decoder) = models[name], runs[name]
+        if decoder is not None:
+            first, tok_s = time_tokens(decoder, ids_m, new_tokens, device=dev)
+            return tok_s, first
+        t = time_generation(m, None, ids_m, max_new_tokens=new_tokens, warmup=0, repeat=1)
+        return t.tokens_per_s, benchmark(lambda: m(input_ids=ids_m), warmup=0, repeat=1, device=dev).median
+
+    res = interleaved({k: functools.partial(sample, k) for k in models}, rounds, warmup=0, timed=False,
+                      prepare={k: functools.partial(prepare, k) for k in models}, keep_errors=errors is not None)
+    if errors is not None:
+        errors.update(res.errors)
+    return {k: (res.result(k, lambda s: s[0]).median, res.result(k, lambda s: s[1]).median * 1e3)
+            for k in res.samples}
 
 
 # --- one decode step, and the overhead in it --------------------------------------

@@ -12,7 +12,10 @@ import it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import gc
 import os
 import shutil
 import sys
@@ -72,13 +75,9 @@ def release_memory() -> None:
     """Hand freed memory back to the system: Python's garbage, the CUDA cache, and glibc's malloc arenas.
 
     After a big job (many models built and freed) glibc keeps the freed blocks for reuse, so the process stays
-    as large as at its peak: measured 1,065 MB resident after the engines table, 438 MB after ``malloc_trim``.
-    A notebook's next cell (and Binder's 2 GB limit) then sees only what is really in use.
+    as large as at its peak (docs/binder.md, "Memory and time budget", has a measurement). A notebook's next
+    cell (and Binder's 2 GB limit) then sees only what is really in use.
     """
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

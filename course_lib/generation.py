@@ -19,7 +19,6 @@ All return the new token ids, so their outputs can be compared exactly.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -29,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ._checks import check_flag, check_int, check_number, check_text
+from ._checks import check_flag, check_int, check_new_tokens, check_number, check_text
+from ._hf import cache_kwarg
 from .device import compile_supported, device_of
 from .kv_cache import KVCache
 from .kv_quant import KVQuantConfig
@@ -74,22 +74,13 @@ def encode_prompt(tokenizer, prompt: str | torch.Tensor, device: torch.device) -
     return ids.to(device)
 
 
-def _cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this version takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def hf_forward(model, ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
     """One cached forward pass of a Hugging Face model: (last-position logits (B, V), the cache)."""
-    out = model(input_ids=ids, use_cache=True, **({_cache_kwarg(model): cache} if cache is not None else {}))
+    out = model(input_ids=ids, use_cache=True, **({cache_kwarg(type(model)): cache} if cache is not None else {}))
     new_cache = getattr(out, "cache", None)
     if new_cache is None:
         new_cache = out.past_key_values
     return out.logits[:, -1], new_cache
-
-
-def _check_new_tokens(max_new_tokens: int) -> None:
-    check_int("max_new_tokens", max_new_tokens, 1)  # True is not one token: a bool is refused
 
 
 def _check_sampling(temperature: float, top_k: int | None) -> None:
@@ -125,7 +116,7 @@ def stream_generate(model, tokenizer, prompt: str | torch.Tensor, max_new_tokens
     A prompt that leaves no room for ``max_new_tokens`` in the model's context is refused (ValueError);
     ``truncate=True`` keeps the prompt's last tokens instead, with a warning.
     """
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     _check_sampling(temperature, top_k)
     check_flag("truncate", truncate)
     device = next(model.parameters()).device
@@ -180,7 +171,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def generate_no_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding that re-reads the whole sequence every step: (B, T) -> (B, max_new_tokens)."""
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     ids = _as_ids(model, prompt_ids, max_new_tokens, _device_of(model))
     new = []
     for _ in range(max_new_tokens):
@@ -196,7 +187,7 @@ def generate_kv_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int,
     """Greedy decoding with the from-scratch KV cache: one prefill, then one token per step.
 
     ``kv_quant`` stores the cache in 8 or 4 bits (:mod:`course_lib.kv_quant`)."""
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model, attention)
     ids = _as_ids(scratch, prompt_ids, max_new_tokens, scratch.device)
     cache = scratch.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens, kv_quant=kv_quant)
@@ -211,7 +202,7 @@ def generate_kv_cache(model, prompt_ids: torch.Tensor, max_new_tokens: int,
 @torch.inference_mode()
 def generate_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """The reference: ``model.generate`` greedily, exactly ``max_new_tokens`` (EOS ignored)."""
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     ids = _as_ids(model, prompt_ids, max_new_tokens, _device_of(model))
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
@@ -267,7 +258,7 @@ class CompiledDecoder:
 
     @torch.inference_mode()
     def __call__(self, prompt_ids: torch.Tensor, max_new_tokens: int, max_len: int | None = None) -> torch.Tensor:
-        _check_new_tokens(max_new_tokens)
+        check_new_tokens(max_new_tokens)
         s = self.scratch
         ids = _as_ids(s, prompt_ids, max_new_tokens, s.device)
         max_len = max_len or ids.shape[1] + max_new_tokens
@@ -300,7 +291,7 @@ def batched_generate(model, tokenizer, prompts: list[str], max_new_tokens: int =
     predicted. Padding is masked out of attention, and RoPE positions count
     only real tokens, so each row gets exactly the tokens it would get alone.
     """
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     if not prompts or any(not isinstance(p, str) or not p for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty strings")
     if tokenizer is None:

@@ -134,7 +134,8 @@ def model_size_bytes(model: torch.nn.Module) -> int:
 
 def stored_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes the model's weights take as stored, including torch's packed dynamic-quantized Linear and torchao
-    tensor subclasses (what a model holds, unlike :func:`course_lib.anatomy.weight_bytes`: a count times a format)."""
+    tensor subclasses: what a model holds, unlike :func:`course_lib.anatomy.estimated_weight_bytes` (a parameter
+    count times a format's bytes per weight)."""
     total = 0
     for m in model.modules():
         packed = getattr(m, "_packed_params", None)

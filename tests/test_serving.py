@@ -11,9 +11,10 @@ from course_lib.serving import (
     Request,
     ServeConfig,
     batch_sweep,
-    compare_policies,
+    interleaved_runs,
     poisson_requests,
     serve,
+    simulation,
 )
 
 from .conftest import make_tiny
@@ -79,9 +80,22 @@ def test_single_request_and_one_token(model):
     assert len(f.tokens) == 1 and f.finish_s == f.first_token_s and rep.steps == 0
 
 
-def test_compare_and_sweep(model, requests_):
-    rows = compare_policies(model, requests_[:4], max_batch=2)
-    assert [r["policy"] for r in rows] == list(POLICIES)
+def test_interleaved_runs_warm_each_config_up_then_serve_round_after_round(model, requests_, monkeypatch):
+    real, seen = simulation.serve, []
+
+    def recording(m, reqs, cfg, progress=False):
+        seen.append((cfg.policy, len(reqs)))
+        return real(m, reqs, cfg, progress)
+
+    monkeypatch.setattr(simulation, "serve", recording)
+    configs = {p: ServeConfig(p, max_batch=2) for p in POLICIES}
+    runs = interleaved_runs(model, requests_[:4], configs, rounds=2)
+    assert seen == [(p, 2) for p in POLICIES] + [(p, 4) for p in POLICIES] * 2  # warm-up: the first two requests
+    assert list(runs) == list(POLICIES) and all(len(reports) == 2 for reports in runs.values())
+    assert all([f.rid for f in rep.finished] == [0, 1, 2, 3] for reports in runs.values() for rep in reports)
+
+
+def test_batch_sweep_times_every_batch_size(model):
     sweep = batch_sweep(model, [1, 2], context=8, warmup=1, repeat=3)
     assert [r["batch"] for r in sweep] == [1, 2]
     assert all(r["result"].count == 3 and r["p10_ms"] <= r["step_ms"] <= r["p90_ms"] for r in sweep)  # medians

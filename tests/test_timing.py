@@ -13,6 +13,8 @@ from course_lib.timing import (
     BenchResult,
     benchmark,
     first_call_cost,
+    interleaved,
+    quantile,
     supported_dtypes,
     thread_scaling,
     time_once,
@@ -194,6 +196,70 @@ def test_compare_times_interleaved_and_verdict_reads_the_spread():
     with pytest.raises(ValueError):
         compare({"a": lambda: None}, rounds=0)
 
+
+
+def test_interleaved_prepares_warms_up_then_calls_round_after_round():
+    order = []
+
+    def entry(name):
+        def call():
+            order.append(name)
+            return len(order)
+        return call
+
+    res = interleaved({"a": entry("a"), "b": entry("b")}, rounds=2, warmup=1, timed=False,
+                      prepare={"b": lambda: order.append("prep b") or "built"})
+    assert order == ["prep b", "a", "b", "a", "b", "a", "b"]
+    assert res.samples == {"a": (4, 6), "b": (5, 7)} and res.prepared == {"b": "built"} and not res.errors
+    assert res.method == "returned" and res.result("b", lambda v: v * 2, "perf_counter").median == 12
+    work = {"x": KnownWork(0.010), "y": KnownWork(0.020)}
+    timed = interleaved(work, rounds=3, warmup=1)
+    assert timed.method == "perf_counter"
+    for name, w in work.items():  # the warm-up call is not a sample; every sample is the call's own duration
+        assert len(w.durations) == 4 and timed.result(name).count == 3
+        for measured, real in zip(timed.samples[name], w.durations[1:]):
+            assert measured == pytest.approx(real, rel=0.03)
+    assert interleaved({}, rounds=1).samples == {}
+
+
+def test_interleaved_keeps_one_entry_s_error_and_the_others_samples():
+    calls = {"ok": 0, "bad": 0}
+
+    def ok():
+        calls["ok"] += 1
+        return 1.0
+
+    def bad():
+        calls["bad"] += 1
+        if calls["bad"] == 3:  # warm-up and the first round pass, the second round fails
+            raise RuntimeError("kernel exploded\nsecond line")
+        return 2.0
+
+    with pytest.raises(RuntimeError, match="exploded"):  # by default a failure ends the measurement
+        interleaved({"ok": ok, "bad": bad}, rounds=3, timed=False)
+    calls.update(ok=0, bad=0)
+    res = interleaved({"ok": ok, "bad": bad}, rounds=3, timed=False, keep_errors=True)
+    assert res.errors == {"bad": "RuntimeError: kernel exploded"} and res.samples == {"ok": (1.0, 1.0, 1.0)}
+    assert calls == {"ok": 4, "bad": 3}  # bad is not called after it failed
+    res = interleaved({"ok": ok}, rounds=1, timed=False, keep_errors=True, prepare={"ok": lambda: 1 / 0})
+    assert res.errors == {"ok": "ZeroDivisionError: division by zero"} and res.samples == {}
+
+
+def test_interleaved_drops_slow_entries_after_round_one_and_repeats_fast_calls():
+    seen = []
+    res = interleaved({"fast": lambda: seen.append("fast") or 1.0, "slow": lambda: seen.append("slow") or 5.0},
+                      rounds=3, warmup=0, timed=False, drop_slower=2.0)
+    assert res.samples == {"fast": (1.0, 1.0, 1.0), "slow": (5.0,)} and seen.count("slow") == 1
+    work = KnownWork(0.001)
+    res = interleaved({"w": work}, rounds=2, warmup=1, min_sample_s=0.01)
+    per_sample = (len(work.durations) - 2) // 2  # warm-up, one call that sets the count, then 2 samples
+    assert 1 <= per_sample <= 10 and len(work.durations) == 2 + 2 * per_sample
+    assert all(t >= 0.001 for t in res.samples["w"])  # seconds per call, not per sample
+    for bad, match in ((dict(rounds=0), "rounds"), (dict(warmup=-1), "warmup"), (dict(min_sample_s=2), "min_sample"),
+                       (dict(drop_slower=0.5), "drop_slower"), (dict(prepare={"zz": print}), "prepare")):
+        with pytest.raises(ValueError, match=match):
+            interleaved({"w": work}, **{"rounds": 1, **bad})
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and quantile([7.0], 0.9) == 7.0
 
 
 def test_busy_check_flags_threads_that_stall_and_says_what_to_do(monkeypatch):

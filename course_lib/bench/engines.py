@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import gc
 import hashlib
 import importlib
@@ -67,7 +68,8 @@ from ..quantization import FLOAT, PACKED_LINEARS, Int8Embedding, kernel_choice, 
 from ..real_model import cache_dir
 from ..real_model import gguf_path as shipped_gguf  # the wheel's GGUF, located the one way the course does it
 from ..scratch_llama import ScratchLlama
-from ..timing import time_tokens
+from ..timing import error_text as _err  # one wording for a kept error, as the timing rounds keep theirs
+from ..timing import interleaved, time_tokens
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +276,6 @@ def blank_row(method: str, **cols) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(suite="engines", method=method, **cols)
     return row
-
-
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def torch_kernels(model: torch.nn.Module) -> str:
@@ -492,26 +490,21 @@ def measure(paths: list[DecodePath], new_tokens: int, rounds: int, reference: st
     The warm-up decodes all ``new_tokens`` (it compiles a compiled path) and its tokens are compared with the
     ``reference`` path's. A path that raises keeps its error and leaves the remaining rounds.
     """
-    live = [p for p in paths if p.time is not None and p.row["error"] is None]
-    outputs: dict[str, list[int]] = {}
-    for p in tqdm(list(live), desc="engines: warm-up", leave=False):
-        try:
-            t = time.perf_counter()
-            outputs[p.row["method"]] = p.run(new_tokens)
-            if "compiled" in p.row["method"]:
-                p.row["note"] = f"warm-up (compile) took {time.perf_counter() - t:.0f} s"
-        except Exception as e:
-            log.warning("%s failed: %s", p.row["method"], e)
-            p.row["error"] = _err(e)
-            live.remove(p)
-    for _ in tqdm(range(rounds), desc="engines: rounds", leave=False):
-        for p in list(live):
-            try:
-                p.samples.append(p.time(new_tokens))
-            except Exception as e:
-                log.warning("%s failed while timed: %s", p.row["method"], e)
-                p.row["error"] = _err(e)
-                live.remove(p)
+    live = {p.row["method"]: p for p in paths if p.time is not None and p.row["error"] is None}
+
+    def warm(p: DecodePath) -> tuple[list[int], float]:
+        t = time.perf_counter()
+        return p.run(new_tokens), time.perf_counter() - t
+
+    res = interleaved({m: functools.partial(p.time, new_tokens) for m, p in live.items()}, rounds, warmup=0,
+                      prepare={m: functools.partial(warm, p) for m, p in live.items()}, timed=False,
+                      keep_errors=True, progress=lambda it, what: tqdm(it, desc=f"engines: {what}", leave=False))
+    outputs = {m: tokens for m, (tokens, _) in res.prepared.items()}
+    for m, p in live.items():
+        if m in res.prepared and "compiled" in m:
+            p.row["note"] = f"warm-up (compile) took {res.prepared[m][1]:.0f} s"
+        p.row["error"] = res.errors.get(m)
+        p.samples.extend(res.samples.get(m, ()))
     ref = outputs.get(reference) if reference else None
     for p in paths:
         if p.row["error"] is not None:
@@ -525,7 +518,8 @@ def measure(paths: list[DecodePath], new_tokens: int, rounds: int, reference: st
                          prefill_ms=statistics.median(f for f, _ in p.samples) * 1e3)
 
 
-# issue 14's goals: course_lib's best row of a kind against llama.cpp's row on the same weights (tok/s ratio)
+# the suite's goals (docs/decode.md, Engines): course_lib's best row of a kind against llama.cpp's on the same
+# weights (tok/s ratio)
 GOALS = {"bf16": (("bf16", "bf16-stream"), "llama.cpp BF16", 0.8),
          "int8": (("int8-wo", "int8-auto", "w8a8", "int8-stream"), "llama.cpp Q8_0", 1.0),
          "int4": (("int4-wo", "int4-auto", "int4-stream"), "llama.cpp Q4_0", 0.6)}

@@ -28,6 +28,7 @@ from ..machine import measure_bandwidth
 from ..metrics import perplexity, stored_weight_bytes
 from ..models import count_parameters, load_model, load_tokenizer, speed_lab_model
 from ..quantization import preset, quantize_
+from ..timing import error_text
 from . import quant_real
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def _speed_all(methods: list[str], make: Callable[[], torch.nn.Module], quick: b
             out[method] = {"bytes": stored_weight_bytes(models[method])}
         except Exception as e:  # a method that cannot run here gets a row that says why
             log.warning("%s failed: %s", method, e)
-            out[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            out[method] = {"error": error_text(e)}
         gc.collect()
     new_tokens, rounds = (16, 3) if quick else (32, 5)
     prompt = torch.randint(0, 1000, (128,), generator=torch.Generator().manual_seed(1))
@@ -137,7 +138,7 @@ def run(quick: bool = False) -> dict:
                 row["ppl"] = _quality(method, quick, calibration, heldout)
             except Exception as e:
                 log.warning("%s quality failed: %s", method, e)
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                row["error"] = error_text(e)
         log.info("%s", row)
         rows.append(row)
         gc.collect()

@@ -35,6 +35,7 @@ from ..metrics import answer_agreement, code_perplexity, greedy_answers, prose_p
 from ..models import count_parameters, load_model
 from ..prompts import prompts
 from ..quantization import fake_quantize_model_, preset, quantize_
+from ..timing import error_text
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def run(quick: bool = False) -> dict:
                 del model
         except Exception as e:  # one format failing must not cost the others' rows
             log.warning("%s on %s failed: %s", method, MODEL, e)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            row["error"] = error_text(e)
         rows.append(row)
         log.info("%s", row)
         gc.collect()

@@ -8,7 +8,10 @@ must pass on the reference solution and say *what* is wrong otherwise
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,10 +104,6 @@ def graded(check: Callable[[], Feedback]) -> None:
     error's message is what the gradebook shows. Warnings and stderr are kept out of the cell's output, because
     nbgrader scores a graded cell that writes to stderr 0, whatever the check said.
     """
-    import contextlib
-    import io
-    import warnings
-
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")

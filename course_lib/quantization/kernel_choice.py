@@ -33,6 +33,7 @@ timing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import statistics
@@ -41,6 +42,8 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from ..timing import interleaved, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +139,6 @@ def clear_kernel_choices() -> None:
     _CHOICES.clear()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Probes:
     """Random inputs of each row count and the reference's output for them, made once and shared by candidates."""
 
@@ -181,15 +179,6 @@ def check(cand: Candidate, probes: Probes, tol: float, rows: tuple[int, ...] | N
     return None
 
 
-def _time_once(run: Callable, x: torch.Tensor, inner: int, device: torch.device) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(inner):
-        run(x)
-    _sync(device)
-    return (time.perf_counter() - t) / inner
-
-
 def time_candidates(cands: list[Candidate], in_features: int, device: torch.device,
                     rounds: int = ROUNDS) -> dict[str, float]:
     """Median seconds of one call at one row for each candidate, timed in interleaved rounds (cold inside
@@ -198,21 +187,10 @@ def time_candidates(cands: list[Candidate], in_features: int, device: torch.devi
         return time_cold(cands, in_features, device, rounds)
     xs = {c.name: torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(device).to(c.dtype)
           for c in cands}
-    inner: dict[str, int] = {}
-    samples: dict[str, list[float]] = {c.name: [] for c in cands}
     with torch.no_grad():
-        for c in cands:  # warm-up, and how many calls make one sample long enough to time
-            c.run(xs[c.name])
-            t = _time_once(c.run, xs[c.name], 1, device)
-            inner[c.name] = max(1, min(100, int(TARGET_SAMPLE_S / max(t, 1e-7))))
-        live = list(cands)
-        for r in range(rounds):
-            for c in live:
-                samples[c.name].append(_time_once(c.run, xs[c.name], inner[c.name], device))
-            if r == 0 and len(live) > 1:
-                best = min(samples[c.name][0] for c in live)
-                live = [c for c in live if samples[c.name][0] <= DROP_FACTOR * best]
-    return {name: statistics.median(s) for name, s in samples.items() if s}
+        res = interleaved({c.name: functools.partial(c.run, xs[c.name]) for c in cands}, rounds, device=device,
+                          min_sample_s=TARGET_SAMPLE_S, drop_slower=DROP_FACTOR)
+    return {name: statistics.median(s) for name, s in res.samples.items() if s}
 
 
 def time_cold(cands: list[Candidate], in_features: int, device: torch.device,
@@ -221,27 +199,25 @@ def time_cold(cands: list[Candidate], in_features: int, device: torch.device,
 
     Before each call a buffer twice the last-level cache's size is read (evicting whatever a candidate left
     there, its weights and any another candidate shares), then the one call is timed alone; each candidate
-    gets :data:`COLD_SAMPLES` such calls per round, interleaved, and the median is kept. This is the time a
-    layer costs inside a decode step, which streams the whole model from memory.
+    gets ``rounds`` x :data:`COLD_SAMPLES` such calls, interleaved call by call, and the median is kept. This is
+    the time a layer costs inside a decode step, which streams the whole model from memory.
     """
     flush = torch.ones(2 * last_level_cache_bytes(device) // 4, device=device)
     xs = {c.name: torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(device).to(c.dtype)
           for c in cands}
-    samples: dict[str, list[float]] = {c.name: [] for c in cands}
-    with torch.no_grad():
-        for c in cands:  # warm-up (first-call costs: compiling, allocating)
-            c.run(xs[c.name])
-        live = list(cands)
-        for r in range(rounds):
-            for c in live:
-                for _ in range(COLD_SAMPLES):
-                    flush.sum()  # reads every byte: the weights are out of the caches afterwards
-                    samples[c.name].append(_time_once(c.run, xs[c.name], 1, device))
-            if r == 0 and len(live) > 1:
-                best = min(statistics.median(samples[c.name]) for c in live)
-                live = [c for c in live if statistics.median(samples[c.name]) <= DROP_FACTOR * best]
-    del flush
-    return {name: statistics.median(s) for name, s in samples.items() if s}
+
+    def cold_call(c: Candidate) -> float:
+        flush.sum()  # reads every byte: the weights are out of the caches afterwards
+        synchronize(device)
+        t = time.perf_counter()
+        c.run(xs[c.name])
+        synchronize(device)
+        return time.perf_counter() - t
+
+    with torch.no_grad():  # each sample is one cold call; the rounds interleave the candidates call by call
+        res = interleaved({c.name: functools.partial(cold_call, c) for c in cands}, rounds * COLD_SAMPLES,
+                          timed=False, device=device, drop_slower=DROP_FACTOR)
+    return {name: statistics.median(s) for name, s in res.samples.items() if s}
 
 
 def choose(key: Hashable, cands: list[Candidate], reference: Callable[[torch.Tensor], torch.Tensor] | Probes,

@@ -23,7 +23,6 @@ from .simulation import (
     ServeConfig,
     ServeReport,
     batch_sweep,
-    compare_policies,
     interleaved_runs,
     others_latency,
     poisson_requests,
@@ -34,7 +33,7 @@ from .simulation import (
 
 __all__ = [
     "KV_LAYOUTS", "POLICIES", "Engine", "EngineConfig", "EngineStopped", "Finished", "PagedBatch", "QueueFull",
-    "Request", "RequestHandle", "Scheduler", "ServeConfig", "ServeReport", "batch_sweep", "compare_policies",
+    "Request", "RequestHandle", "Scheduler", "ServeConfig", "ServeReport", "batch_sweep",
     "interleaved_runs", "others_latency", "poisson_requests", "schedule_step", "serve", "spread",
     "start_server", "with_long_prompt",
 ]

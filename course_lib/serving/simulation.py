@@ -30,6 +30,7 @@ so a request sees exactly the positions it would see alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -46,7 +47,7 @@ from ..generation import hf_forward
 from ..kv_cache import KVCache
 from ..kv_quant import KVQuantConfig
 from ..scratch_llama import ScratchLlama
-from ..timing import BenchResult, compare
+from ..timing import BenchResult, compare, interleaved, quantile
 from .scheduler import PagedBatch, Row, blocks_needed
 
 log = logging.getLogger(__name__)
@@ -187,18 +188,11 @@ class ServeReport:
         lat = sorted(f.latency_s for f in self.finished)
         return dict(policy=self.policy, max_batch=self.max_batch, requests=len(self.finished),
                     tokens=self.tokens, throughput_tok_s=self.throughput_tok_s,
-                    ttft_p50_s=_q(ttft, 0.5), ttft_p90_s=_q(ttft, 0.9),
-                    latency_p50_s=_q(lat, 0.5), latency_p90_s=_q(lat, 0.9),
+                    ttft_p50_s=quantile(ttft, 0.5), ttft_p90_s=quantile(ttft, 0.9),
+                    latency_p50_s=quantile(lat, 0.5), latency_p90_s=quantile(lat, 0.9),
                     tpot_p50_s=statistics.median(f.tpot_s for f in self.finished),
                     mean_batch=self.computed_rows / self.steps if self.steps else 0.0,
                     wasted_frac=self.wasted_frac, **self.kv)
-
-
-def _q(sorted_vals: list[float], q: float) -> float:
-    pos = q * (len(sorted_vals) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
 def poisson_requests(n: int, rate_per_s: float, vocab: int, prompt_len: tuple[int, int] = (8, 32),
@@ -473,37 +467,24 @@ def _serve_paged(scratch: ScratchLlama, requests: list[Request], cfg: ServeConfi
                        tuple(batch.trace), kv)
 
 
-def compare_policies(model, requests: list[Request], max_batch: int = 8) -> list[dict]:
-    """Static and continuous batching on the same requests: one summary row each.
-
-    A short untimed run first pays the one-off costs (allocations, first-call
-    kernel selection), so neither policy is charged for them.
-    """
-    scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
-    serve(scratch, requests[: min(len(requests), 2)], ServeConfig("continuous", max_batch))  # warm-up
-    return [serve(scratch, requests, ServeConfig(p, max_batch)).summary() for p in POLICIES]
-
-
 # --- measuring the paged server's features: interleaved runs, one long prompt ---------
 
 def interleaved_runs(model, requests: list[Request], configs: dict[str, ServeConfig],
                      rounds: int = 3) -> dict[str, list[ServeReport]]:
     """Serve the same ``requests`` under each config, round after round (a, b, a, b, ...): the reports per name.
 
-    A drift of the machine (another job, a clock change) then lands on every config alike, as in
-    :func:`course_lib.timing.compare`; one untimed warm-up run per config first.
+    A drift of the machine (another job, a clock change) then lands on every config alike
+    (:func:`course_lib.timing.interleaved`); one untimed warm-up run per config first.
     """
     check_int("rounds", rounds, 1)
     if not isinstance(configs, dict) or not configs or not all(isinstance(c, ServeConfig) for c in configs.values()):
         raise ValueError("configs must be a non-empty dict {name: ServeConfig(...)}")
     scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
-    for cfg in configs.values():
-        serve(scratch, requests[: min(len(requests), 2)], cfg)
-    out: dict[str, list[ServeReport]] = {name: [] for name in configs}
-    for _ in range(rounds):
-        for name, cfg in configs.items():
-            out[name].append(serve(scratch, requests, cfg))
-    return out
+    res = interleaved({name: functools.partial(serve, scratch, requests, cfg) for name, cfg in configs.items()},
+                      rounds, warmup=0, timed=False,
+                      prepare={name: functools.partial(serve, scratch, requests[: min(len(requests), 2)], cfg)
+                               for name, cfg in configs.items()})
+    return {name: list(reports) for name, reports in res.samples.items()}
 
 
 def spread(values: list[float]):

@@ -16,7 +16,7 @@ from course_lib.cli.grade import GradeConfig, grade_submissions, write_gradebook
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = "import torch\nfrom course_lib.exercises import ch05, ch07, require"
-WRONG = {  # the mistakes the issue names: an int4 scale divided by 2^b, a KD loss without T^2
+WRONG = {  # two classic mistakes: an int4 scale divided by 2^b, a KD loss without T^2
     "my_group_quantize": "(2 ** bits - 1)", "my_kd_loss": "alpha * T * T * kl",
 }
 

@@ -17,3 +17,9 @@ def cache_kwarg(model_class: type) -> str:
     Looked up once per class: ``inspect.signature`` on every decode step would cost more than a small model's step.
     """
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+@functools.cache
+def takes_logits_to_keep(model_class: type) -> bool:
+    """Whether a causal LM's ``forward`` can compute the logits of the last positions only (``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters

@@ -29,7 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ._checks import check_flag, check_int, check_new_tokens, check_number, check_text
-from ._hf import cache_kwarg
+from ._hf import cache_kwarg, takes_logits_to_keep
 from .device import compile_supported, device_of
 from .kv_cache import KVCache
 from .kv_quant import KVQuantConfig
@@ -75,8 +75,15 @@ def encode_prompt(tokenizer, prompt: str | torch.Tensor, device: torch.device) -
 
 
 def hf_forward(model, ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, object]:
-    """One cached forward pass of a Hugging Face model: (last-position logits (B, V), the cache)."""
-    out = model(input_ids=ids, use_cache=True, **({cache_kwarg(type(model)): cache} if cache is not None else {}))
+    """One cached forward pass of a Hugging Face model: (last-position logits (B, V), the cache).
+
+    Only the last position's logits are computed where the model allows it: a prefill of B x T tokens would
+    otherwise hold B x T x vocabulary floats (805 MB for 32 x 128 tokens of SmolLM2) to keep B x vocabulary.
+    """
+    kwargs = {cache_kwarg(type(model)): cache} if cache is not None else {}
+    if takes_logits_to_keep(type(model)):
+        kwargs["logits_to_keep"] = 1
+    out = model(input_ids=ids, use_cache=True, **kwargs)
     new_cache = getattr(out, "cache", None)
     if new_cache is None:
         new_cache = out.past_key_values

@@ -14,6 +14,7 @@ from course_lib.generation import (
     generate_hf,
     generate_kv_cache,
     generate_no_cache,
+    hf_forward,
     sample_next,
     stream_generate,
 )
@@ -80,6 +81,23 @@ def test_static_decode_step_matches_dynamic_cache():
         scratch(ids[:, :9], cache)
         out = scratch.decode_static(ids[:, 9:], torch.tensor(9), cache)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_forward_computes_only_the_last_positions_logits(course_tiny):
+    # a prefill keeps one row of logits; computing all of them held B x T x vocabulary floats for nothing
+    model, _ = course_tiny
+    ids = _prompt(40, vocab=model.config.vocab_size, batch=3)
+    rows_seen = []
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: rows_seen.append(args[0].shape[1]))
+    try:
+        with torch.inference_mode():
+            last, cache = hf_forward(model, ids)
+            full = model(ids).logits
+    finally:
+        hook.remove()
+    assert rows_seen[0] == 1
+    torch.testing.assert_close(last, full[:, -1], atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == 40
 
 
 def test_building_blocks():

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_int, check_number
+from ._hf import cache_kwarg
 from .device import device_of
-from .generation import _cache_kwarg, hf_forward
+from .generation import hf_forward
 from .roofline import MoEDims, expected_experts, moe_decode_cost
 from .timing import benchmark
 
@@ -58,7 +59,7 @@ def routed_experts(model, ids: torch.Tensor, cache=None) -> list[torch.Tensor]:
     """
     top_k = model.config.num_experts_per_tok
     with torch.inference_mode():
-        kw = {_cache_kwarg(model): cache} if cache is not None else {}
+        kw = {cache_kwarg(type(model)): cache} if cache is not None else {}
         out = model(input_ids=ids, use_cache=cache is not None, output_router_logits=True, **kw)
     if cache is not None:
         cache.crop(-ids.shape[1])

@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ._checks import check_new_tokens as _check_new_tokens
-from ._hf import cache_kwarg as _cache_kwarg
+from ._checks import check_new_tokens
+from ._hf import cache_kwarg
 from .generation import encode_prompt
 from .models import check_prompt_ids
 from .timing import BenchResult, compare, speed_verdict
@@ -114,7 +114,7 @@ def check_pair(target, draft, k: int) -> None:
 
 def _step(model, ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """Logits of ``ids`` appended to ``cache`` (which grows by ``ids.shape[1]``)."""
-    return model(input_ids=ids, use_cache=True, **{_cache_kwarg(type(model)): cache}).logits
+    return model(input_ids=ids, use_cache=True, **{cache_kwarg(type(model)): cache}).logits
 
 
 def _rollback(cache: DynamicCache, keep: int) -> None:
@@ -224,7 +224,7 @@ def speculative_generate(target, draft, prompt, max_new_tokens: int = 32, k: int
     docstring).
     """
     check_pair(target, draft, k)
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     ids = _prompt_ids((target, draft), tokenizer, prompt, next(target.parameters()).device, max_new_tokens)
     if ids.shape[0] != 1:
         raise ValueError("speculative_generate handles one prompt at a time (batch size 1)")
@@ -291,7 +291,7 @@ def speculative_sample(target, draft, prompt, max_new_tokens: int = 32, k: int =
     makes a run repeatable. EOS handling as in :func:`speculative_generate`.
     """
     check_pair(target, draft, k)
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     _check_temperature(temperature)
     device = next(target.parameters()).device
     gen = _generator(seed, generator, device)
@@ -314,7 +314,7 @@ def sample_reference(model, prompt, max_new_tokens: int = 32, temperature: float
                      generator: torch.Generator | None = None, tokenizer=None,
                      stop_at_eos: bool = True) -> tuple[list[int], float]:
     """The model alone, sampling at ``temperature`` with its KV cache, one token per pass: (tokens, seconds)."""
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     _check_temperature(temperature)
     device = next(model.parameters()).device
     gen = _generator(seed, generator, device)
@@ -343,7 +343,7 @@ def greedy_reference(model, prompt, max_new_tokens: int = 32, tokenizer=None,
     position per step), so the two are timed on equal terms; it stops at EOS
     the same way (only when a tokenizer is given).
     """
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     device = next(model.parameters()).device
     ids = _prompt_ids((model,), tokenizer, prompt, device, max_new_tokens)
     eos = _eos_id(tokenizer, stop_at_eos)
@@ -588,7 +588,7 @@ def _lookup_speculate(target, ids: torch.Tensor, max_new_tokens: int, k: int, ma
 
 def _lookup_ids(target, prompt, tokenizer, max_new_tokens, k, max_ngram, min_ngram, name: str) -> torch.Tensor:
     _check_lookup(k, max_ngram, min_ngram)
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     ids = _prompt_ids((target,), tokenizer, prompt, next(target.parameters()).device, max_new_tokens)
     if ids.shape[0] != 1:
         raise ValueError(f"{name} handles one prompt at a time (batch size 1); got {ids.shape[0]} rows: "
@@ -661,7 +661,7 @@ def lookup_speedup(target, groups: dict[str, list[torch.Tensor]], max_new_tokens
     ``alpha``), ``tokens_per_pass`` and ``drafted_frac`` (passes that verified a draft), and ``identical``.
     """
     _check_lookup(k, max_ngram, min_ngram)
-    _check_new_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
     if not isinstance(groups, dict) or not groups or not all(isinstance(v, (list, tuple)) and v

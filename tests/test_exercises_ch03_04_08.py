@@ -286,7 +286,7 @@ def test_ch08_decode_time_right_wrong_and_stub():
 
 # --- 08: bytes per token of a quantized KV cache ----------------------------------------------------------
 
-def _kv_bytes(dims, bits, group_size, *, k_and_v=2, scale_bytes=2, minimum=True, scales=True, bits_per_byte=8):
+def _qkv_bytes(dims, bits, group_size, *, k_and_v=2, scale_bytes=2, minimum=True, scales=True, bits_per_byte=8):
     codes = dims.head_dim * bits // bits_per_byte
     if bits == 16:
         return dims.layers * k_and_v * dims.kv_heads * codes
@@ -296,13 +296,13 @@ def _kv_bytes(dims, bits, group_size, *, k_and_v=2, scale_bytes=2, minimum=True,
 
 
 def test_ch08_kv_bytes_right_wrong_and_stub():
-    assert ch08.check_kv_bytes(_kv_bytes)
+    assert ch08.check_kv_bytes(_qkv_bytes)
     assert _not_done(ch08.check_kv_bytes(_stub))
-    assert "*and* a value" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, k_and_v=1)).message
-    assert "float16 scale" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, scales=False)).message
-    assert "not 4" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, scale_bytes=4)).message
-    assert "minimum" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, minimum=False)).message
-    assert "b / 8" in ch08.check_kv_bytes(lambda d, b, g: _kv_bytes(d, b, g, bits_per_byte=1)).message
+    assert "*and* a value" in ch08.check_kv_bytes(lambda d, b, g: _qkv_bytes(d, b, g, k_and_v=1)).message
+    assert "float16 scale" in ch08.check_kv_bytes(lambda d, b, g: _qkv_bytes(d, b, g, scales=False)).message
+    assert "not 4" in ch08.check_kv_bytes(lambda d, b, g: _qkv_bytes(d, b, g, scale_bytes=4)).message
+    assert "minimum" in ch08.check_kv_bytes(lambda d, b, g: _qkv_bytes(d, b, g, minimum=False)).message
+    assert "b / 8" in ch08.check_kv_bytes(lambda d, b, g: _qkv_bytes(d, b, g, bits_per_byte=1)).message
     assert not ch08.check_kv_bytes(lambda d, b, g: 1000), "a fixed answer must not pass"
     assert not ch08.check_kv_bytes(lambda d, b, g: True)
 

@@ -137,6 +137,19 @@ def _eos_id(tokenizer, stop_at_eos: bool) -> int | None:
     return getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None
 
 
+def _keep(kept: list[int], n: int, looked_at: int, eos: int | None, new: list[int]) -> tuple[int, int, bool]:
+    """Append one verified round's tokens to ``new``: (guesses accepted, guesses looked at, stopped at EOS).
+
+    Plain decoding would stop at EOS, so what follows it is dropped, accepted guesses included.
+    """
+    if eos is not None and eos in kept:
+        cut = kept.index(eos) + 1
+        new.extend(kept[:cut])
+        return min(n, cut), min(looked_at, cut), True
+    new.extend(kept)
+    return n, looked_at, False
+
+
 def _speculate(target, draft, ids: torch.Tensor, max_new_tokens: int, k: int, eos: int | None,
                propose, verify) -> SpeculativeResult:
     """The loop both rules share: draft k, score them in one target pass, keep what ``verify`` keeps.
@@ -176,16 +189,11 @@ def _speculate(target, draft, ids: torch.Tensor, max_new_tokens: int, k: int, eo
         rounds += 1
         proposed += k_now
         looked_at = n + 1 if n < k_now else k_now  # the verifier stops at the first rejection
-        if eos is not None and eos in kept:
-            # Plain decoding would have stopped here: drop what follows EOS (even accepted guesses).
-            cut = kept.index(eos) + 1
-            accepted += min(n, cut)
-            evaluated += min(looked_at, cut)
-            new.extend(kept[:cut])
+        took, seen, stopped = _keep(kept, n, looked_at, eos, new)
+        accepted += took
+        evaluated += seen
+        if stopped:
             break
-        accepted += n
-        evaluated += looked_at
-        new.extend(kept)
         # Roll the caches back to the kept tokens (the last kept token becomes pending).
         _rollback(t_cache, n_ctx + 1 + n)
         if n < k_now:
@@ -570,15 +578,11 @@ def _lookup_speculate(target, ids: torch.Tensor, max_new_tokens: int, k: int, ma
         kept, n = verify(_step(target, chunk, cache)[0], guesses)
         per_round.append((n, len(guesses)))
         looked_at = n + 1 if n < len(guesses) else len(guesses)
-        if eos is not None and eos in kept:
-            cut = kept.index(eos) + 1  # plain decoding stops here: drop what follows EOS
-            accepted += min(n, cut)
-            evaluated += min(looked_at, cut)
-            new.extend(kept[:cut])
+        took, seen, stopped = _keep(kept, n, looked_at, eos, new)
+        accepted += took
+        evaluated += seen
+        if stopped:
             break
-        accepted += n
-        evaluated += looked_at
-        new.extend(kept)
         index.extend(kept)
         _rollback(cache, n_ctx + 1 + n)  # forget the rejected guesses; the last kept token becomes pending
         pending = torch.tensor([[kept[-1]]], dtype=pending.dtype, device=device)

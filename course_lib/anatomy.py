@@ -129,9 +129,11 @@ def profile_decode_step(model, context: int = 64, steps: int = 5) -> tuple[dict[
     return dict(by_kind), ops[:12]
 
 
-# The kernels that multiply by a weight matrix: ATen's (self time) and the streaming reductions (their own events)
+# The kernels that multiply by a weight matrix: ATen's and the native ones (self time), and the streaming
+# reductions (their own events)
 WEIGHT_MATMULS = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-                  "aten::_weight_int4pack_mm", "aten::_int_mm")
+                  "aten::_weight_int4pack_mm", "aten::_int_mm", "course_lib::gemv_float", "course_lib::gemv_int8",
+                  "course_lib::gemv_int4")  # the last three: the native decode kernels
 _NOT_A_MATVEC = ("mean", "amax", "exp", "softmax", "rsqrt", "pow", "max", "argmax")
 
 

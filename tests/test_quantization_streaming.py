@@ -21,6 +21,7 @@ from course_lib.quantization import (
     QuantConfig,
     StreamingLinear,
     kernel_choice,
+    native,
     pack_int4,
     quantize,
     quantize_,
@@ -141,6 +142,7 @@ def test_streaming_linear_hands_the_kernel_a_plain_tensor_not_its_parameter(monk
 
 def test_without_a_compiler_no_streaming_kernel_is_offered(monkeypatch):
     monkeypatch.setattr(streaming, "compile_supported", lambda device: (False, "no compiler here"))
+    monkeypatch.setattr(native, "_STATE", [(False, "no compiler here")])  # nor native kernels built before
     lin = nn.Linear(64, 32)
     layer = Int8WeightOnlyLinear.from_linear(lin, kernel="stream")
     assert layer.kernel != STREAM and not any(STREAM in n for n in layer.choice.times_us)

@@ -6,6 +6,7 @@ and each token gets cheaper. The package, read in this order:
 * :mod:`.primitives` - what chapter 05 derives by hand: quantize / dequantize, the error, int4 packing;
 * :mod:`.kernels`, :mod:`.kernel_choice`, :mod:`.layers` - packed int8 / int4 / W8A8 layers whose kernel is
   measured on this machine; :mod:`.streaming` - compiled decode kernels that read each weight once;
+  :mod:`.native` - the same products written by hand in C++ (AVX-512, built at first use), which they run where built;
 * :mod:`.config` - :class:`QuantConfig` and :data:`PRESETS`, the named formats the suites and notebooks use;
 * :mod:`.registry` and the methods - :mod:`.rtn`, :mod:`.gptq`, :mod:`.awq` (AWQ and SmoothQuant), the
   calibrated ones sharing one walk over the decoder blocks (:mod:`.calibration`);

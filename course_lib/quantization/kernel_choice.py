@@ -53,6 +53,7 @@ ROUNDS = 3  # interleaved timing rounds (median)
 TARGET_SAMPLE_S = 2e-4  # each timed sample repeats a fast call until it takes about this long
 DROP_FACTOR = 2.0  # after round one, candidates this much slower than the best are not timed further
 COLD_SAMPLES = 3  # cold timing: single calls per candidate per round, each after the caches were flushed
+WARMUP = 3  # untimed calls of each candidate first: an operator's first calls pay for its lookup and thread start-up
 LLC_FALLBACK_BYTES = 32 << 20  # where the last-level cache's size cannot be read
 TIMINGS = ("hot", "cold")
 
@@ -188,8 +189,8 @@ def time_candidates(cands: list[Candidate], in_features: int, device: torch.devi
     xs = {c.name: torch.randn(1, in_features, generator=torch.Generator().manual_seed(1)).to(device).to(c.dtype)
           for c in cands}
     with torch.no_grad():
-        res = interleaved({c.name: functools.partial(c.run, xs[c.name]) for c in cands}, rounds, device=device,
-                          min_sample_s=TARGET_SAMPLE_S, drop_slower=DROP_FACTOR)
+        res = interleaved({c.name: functools.partial(c.run, xs[c.name]) for c in cands}, rounds, warmup=WARMUP,
+                          device=device, min_sample_s=TARGET_SAMPLE_S, drop_slower=DROP_FACTOR)
     return {name: statistics.median(s) for name, s in res.samples.items() if s}
 
 
@@ -216,7 +217,7 @@ def time_cold(cands: list[Candidate], in_features: int, device: torch.device,
 
     with torch.no_grad():  # each sample is one cold call; the rounds interleave the candidates call by call
         res = interleaved({c.name: functools.partial(cold_call, c) for c in cands}, rounds * COLD_SAMPLES,
-                          timed=False, device=device, drop_slower=DROP_FACTOR)
+                          warmup=WARMUP, timed=False, device=device, drop_slower=DROP_FACTOR)
     return {name: statistics.median(s) for name, s in res.samples.items() if s}
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernel_choice, streaming
+from . import kernel_choice, native, streaming
 from .kernel_choice import Candidate
 from .kernels import (
     COMPUTE_DTYPES,
@@ -42,6 +42,7 @@ from .kernels import (
     int_mm_padded,
     nibbles,
 )
+from .native import rows_major
 from .primitives import Quantized, pack_int4, quantize, quantize_activations, unpack_int4
 from .streaming import STREAM, STREAM_REQUEST, STREAM_ROWS, pack_int4_halves, unpack_int4_halves
 
@@ -176,6 +177,11 @@ class _PackedLinear(SavedLayer):
             cands.append(self._float_candidate())
         elif self.kernel_request not in ("packed", REFERENCE, STREAM_REQUEST):  # one named kernel, where safe + correct
             cands = [c for c in cands if c.kernel == self.kernel_request] or [fallback]
+        elif self.kernel_request == STREAM_REQUEST and native.built():
+            # The native kernels stream at the memory's bandwidth, but one cold call of a small layer takes tens of
+            # µs, too short for a timing to tell them from ATen's reliably: a "stream" request takes them (checked;
+            # the reference stays as the fallback), and the engines bench measures the whole step.
+            cands = [c for c in cands if c.kernel in (STREAM, REFERENCE)]
         probes = kernel_choice.Probes(self._reference(device), self.in_features, device)
         names = {c.name: c for c in cands}
         try:
@@ -483,10 +489,11 @@ class Int4WeightOnlyLinear(_PackedLinear):
             def prepare_stream():
                 if "sp" not in store:
                     store["sp"] = pack_int4_halves(unpack_int4(portable), g)
+                    # one output channel's scales and zeros side by side: the row the kernel streams next to them
+                    store["sz"] = rows_major(self.scales_and_zeros)
 
-            sz0 = self.scales_and_zeros
             out.append(Candidate(f"{STREAM} {dtype_name(self.float_dtype)}", STREAM, self.float_dtype,
-                                 lambda x: self._stream_matmul(x, store["sp"], sz0), prepare=prepare_stream))
+                                 lambda x: self._stream_matmul(x, store["sp"], store["sz"]), prepare=prepare_stream))
         self._store = store
         return out
 
@@ -500,6 +507,7 @@ class Int4WeightOnlyLinear(_PackedLinear):
             if "sp" not in self._store:
                 cand.prepare()
             self.weight_packed = self._store["sp"]
+            self.scales_and_zeros = self._store["sz"]
         elif cand.kernel in (INT4_CPU, INT4_CUDA):
             if "kp" not in self._store:
                 cand.prepare()

@@ -19,10 +19,13 @@ The kernels here are *candidates* of the measured kernel choice (:mod:`.kernel_c
 * :func:`stream_` swaps a float model's ``nn.Linear`` layers for :class:`StreamingLinear`, which measures
   ``F.linear`` against :func:`float_gemv` per shape.
 
-The reduction re-reads the weight for every row, so it only serves up to :data:`STREAM_ROWS` rows; more rows
-(a prompt's prefill) take the layer's other path. Outside a compiled region the kernels run through one
-``torch.compile`` per kernel (dynamic shapes: a layer of a new shape does not recompile); inside one (the
-compiled decode step) they are traced into the step's own graph.
+Where this machine can build them, the native kernels of :mod:`.native` (the same products written by hand in
+C++, with the rows ahead prefetched: inductor's loop leaves a core waiting on memory at about half the
+bandwidth) do the work instead of the reductions; :func:`implementation` says which runs. Either reads the weight
+once per row, so it only serves up to :data:`STREAM_ROWS` rows; more rows (a prompt's prefill) take the
+layer's other path. Outside a compiled region the reductions run through one ``torch.compile`` per kernel
+(dynamic shapes: a layer of a new shape does not recompile); inside one (the compiled decode step) they, or the
+native kernels' operators, are traced into the step's own graph.
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import compile_supported
-from . import kernel_choice
+from . import kernel_choice, native
 from .kernel_choice import Candidate
 
 log = logging.getLogger(__name__)
 
-STREAM = "streaming reduction (compiled)"  # the kernel's name in the choice table and layer.kernel
+STREAM = "streaming GEMV"  # the kernel's name in the choice table and layer.kernel (native or reduction)
 STREAM_REQUEST = "stream"  # kernel= request: the packed candidates plus these
 STREAM_ROWS = 2  # the reduction reads the weight once per row: beyond this many rows the layer's other path runs
 LINEAR = "F.linear"
@@ -94,9 +97,29 @@ def _compiled(key: tuple) -> Callable[..., torch.Tensor]:
     return torch.compile(own, dynamic=True, fullgraph=True)
 
 
+def implementation() -> str:
+    """Which kernels :func:`run` calls here: the native C++ ones, or the compiled reductions (and why)."""
+    ok, why = native.available()
+    return "native C++ (csrc/gemv.cpp)" if ok else f"compiled reductions (native kernels: {why})"
+
+
+def _native(kind: str, args: tuple) -> bool:
+    """Can the native kernel take this call? (built here; 1-2 rows, no gradient; int4 groups of 32k)"""
+    x = args[0]
+    if x.shape[0] > native.ROWS or (torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return False
+    if kind == "int4" and args[3] % 32:
+        return False
+    return native.built() if torch.compiler.is_compiling() else native.available()[0]
+
+
 def run(kind: str, *args) -> torch.Tensor:
-    """Run kernel ``kind`` (of :data:`KERNELS`): traced into the caller's graph when compiling, else compiled once
-    per kind, dtypes and grad mode (dynamic shapes: a layer of a new shape reuses the graph)."""
+    """Run kernel ``kind`` (of :data:`KERNELS`): the native kernel where built, else the reduction; traced into
+    the caller's graph when compiling, else the reduction compiled once per kind, dtypes and grad mode (dynamic
+    shapes: a layer of a new shape reuses the graph)."""
+    if _native(kind, args):
+        return native.KERNELS[kind](*args)
     if torch.compiler.is_compiling():
         return KERNELS[kind](*args)
     key = (kind, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
@@ -114,6 +137,8 @@ def available(device: torch.device) -> tuple[bool, str]:
     """Can the streaming kernels be offered here? CPU with inductor's C++ backend only (other devices: not tested)."""
     if device.type != "cpu":
         return False, f"the streaming kernels are offered on the CPU only (not {device.type})"
+    if native.available()[0]:  # built now, at choice time: a compiled step only asks native.built()
+        return True, ""
     return compile_supported(device)
 
 
@@ -174,6 +199,8 @@ class StreamingLinear(nn.Linear):
         ok, why = available(dev)
         if ok:
             cands.append(Candidate(f"{STREAM} {name}", STREAM, dt, lambda x: self._rows(x), preferred=False))
+            if native.built():  # too short a call to time reliably: the native kernel is taken (see layers._select)
+                cands = cands[1:]
         else:
             log.info("%d x %d layer: no streaming kernel (%s)", self.out_features, self.in_features, why)
         ref_w = w.detach()[:64].float()

@@ -1,0 +1,395 @@
+// Decode-time matrix-vector products that read the weights at the memory's bandwidth (AVX-512).
+//
+// At one or two rows of activations a matmul reads every weight once and does one multiply-add with it, so the
+// kernel's speed is the speed it streams the weight matrix from memory. One CPU core reaches its share of the
+// bandwidth only with many cache-line requests in flight: each thread walks a contiguous block of rows, four
+// rows at a time, and asks for the rows two blocks ahead (software prefetch) while it computes on these.
+// Weights are converted to float32 in registers; products accumulate in float32; x is read as float32 except
+// in the bf16 x bf16 case, which uses the CPU's bf16 dot-product instruction (products are exact in float32).
+//
+// Registered as torch operators (torch.ops.course_lib.*), so torch.compile traces them into a decode step's
+// graph as calls. Built at first use by course_lib/quantization/native.py, with -march=native.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t ROWS = 4;  // rows per block: four independent accumulators
+constexpr int64_t AHEAD = 2;  // prefetch the block this many blocks ahead
+
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline void prefetch_block(const void* base, int64_t row_bytes, int64_t offset_bytes) {
+  const char* p = static_cast<const char*>(base) + offset_bytes;
+  for (int64_t i = 0; i < ROWS; ++i) _mm_prefetch(p + i * row_bytes, _MM_HINT_T0);
+}
+
+// Rows [n0, n1) of y = (x @ w.T) * scale for R rows of x (float32, K wide); no scale when it is null.
+// Full blocks of ROWS, then single rows.
+template <typename W, typename S, int R>
+void float_rows(const float* x, const W* w, const S* scale, float* y, int64_t N, int64_t K, int64_t n0,
+                int64_t n1) {
+  const int64_t kv = K - K % 16, row_bytes = K * sizeof(W);
+  int64_t n = n0;
+  for (; n + ROWS <= n1; n += ROWS) {
+    __m512 acc[R][ROWS];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < ROWS; ++i) acc[r][i] = _mm512_setzero_ps();
+    const W* w0 = w + n * K;
+    const bool pf = n + (AHEAD + 1) * ROWS <= n1;
+    for (int64_t k = 0; k < kv; k += 16) {
+      if (pf && (k * sizeof(W)) % 64 == 0) prefetch_block(w0, row_bytes, AHEAD * ROWS * row_bytes + k * sizeof(W));
+      __m512 wv[ROWS];
+      for (int i = 0; i < ROWS; ++i) wv[i] = load16(w0 + i * K + k);
+      for (int r = 0; r < R; ++r) {
+        __m512 xv = _mm512_loadu_ps(x + r * K + k);
+        for (int i = 0; i < ROWS; ++i) acc[r][i] = _mm512_fmadd_ps(xv, wv[i], acc[r][i]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < ROWS; ++i) {
+        float s = hsum(acc[r][i]);
+        for (int64_t k = kv; k < K; ++k) s += x[r * K + k] * static_cast<float>(w0[i * K + k]);
+        y[r * N + n + i] = scale ? s * static_cast<float>(scale[n + i]) : s;
+      }
+  }
+  for (; n < n1; ++n) {
+    const W* wr = w + n * K;
+    for (int r = 0; r < R; ++r) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < kv; k += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k), load16(wr + k), a);
+      float s = hsum(a);
+      for (int64_t k = kv; k < K; ++k) s += x[r * K + k] * static_cast<float>(wr[k]);
+      y[r * N + n] = scale ? s * static_cast<float>(scale[n]) : s;
+    }
+  }
+}
+
+#ifdef __AVX512BF16__
+// bf16 x bf16: the dot-product instruction takes 32 pairs per call, no conversion of the weights.
+void bf16_rows_dp(const c10::BFloat16* x, const c10::BFloat16* w, float* y, int64_t N, int64_t K, int64_t n0,
+                  int64_t n1) {
+  const int64_t row_bytes = K * 2;
+  int64_t n = n0;
+  for (; n + ROWS <= n1; n += ROWS) {
+    __m512 acc[ROWS];
+    for (int i = 0; i < ROWS; ++i) acc[i] = _mm512_setzero_ps();
+    const c10::BFloat16* w0 = w + n * K;
+    const bool pf = n + (AHEAD + 1) * ROWS <= n1;
+    for (int64_t k = 0; k < K; k += 32) {
+      if (pf) prefetch_block(w0, row_bytes, AHEAD * ROWS * row_bytes + k * 2);
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+      for (int i = 0; i < ROWS; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(w0 + i * K + k));
+    }
+    for (int i = 0; i < ROWS; ++i) y[n + i] = hsum(acc[i]);
+  }
+  for (; n < n1; ++n) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32)
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(x + k), (__m512bh)_mm512_loadu_si512(w + n * K + k));
+    y[n] = hsum(a);
+  }
+}
+#endif
+
+// int4 in the halves layout: per group of g inputs, byte j holds input j (low nibble) and g/2 + j (high).
+// The weight is (q - 8) * scale + zero, so y = sum_g scale_g * (x_g . q_g) + (zero_g - 8 scale_g) * sum(x_g).
+// sz: scale of row n, group gi at sz[gi * sg + n * sn], its zero sn_c further (any layout; rows-major is fastest)
+template <int R, typename S>
+void int4_rows(const float* x, const float* xsum, const uint8_t* p, const S* sz, int64_t sg, int64_t sn, int64_t sc_,
+               float* y, int64_t N, int64_t K, int64_t g, int64_t n0, int64_t n1) {
+  const int64_t G = K / g, half = g / 2, row_bytes = K / 2;
+  const __m512i low = _mm512_set1_epi32(15);
+  for (int64_t n = n0; n < n1; n += ROWS) {
+    const int64_t rows = std::min(ROWS, n1 - n);  // the last block of a thread's range may be short
+    __m512 acc[R][ROWS];
+    float zacc[R][ROWS] = {};
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < ROWS; ++i) acc[r][i] = _mm512_setzero_ps();
+    const uint8_t* p0 = p + n * row_bytes;
+    const bool pf = n + (AHEAD + 1) * ROWS <= n1;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      for (int64_t j = 0; j < half; j += 16) {
+        const int64_t byte = gi * half + j;
+        if (pf && byte % 64 == 0) prefetch_block(p0, row_bytes, AHEAD * ROWS * row_bytes + byte);
+        for (int64_t i = 0; i < rows; ++i) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0 + i * row_bytes + byte)));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+          const __m512 s = _mm512_set1_ps(static_cast<float>(sz[gi * sg + (n + i) * sn]));
+          for (int r = 0; r < R; ++r) {
+            const float* xr = x + r * K + gi * g + j;
+            __m512 t = _mm512_mul_ps(hi, _mm512_loadu_ps(xr + half));
+            t = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), t);
+            acc[r][i] = _mm512_fmadd_ps(t, s, acc[r][i]);
+          }
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const S* e = sz + gi * sg + (n + i) * sn;
+        const float z = static_cast<float>(e[sc_]) - 8.0f * static_cast<float>(e[0]);
+        for (int r = 0; r < R; ++r) zacc[r][i] += z * xsum[r * G + gi];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int64_t i = 0; i < rows; ++i) y[r * N + n + i] = hsum(acc[r][i]) + zacc[r][i];
+  }
+}
+
+#ifdef __AVX512BF16__
+// int4 with bf16 activations (one row): 32 bytes (64 weights) per step through the bf16 dot-product instruction.
+// A nibble q becomes the bf16 number 128 + q (bits 0x4300 | q: exact), so no int-to-float conversion is needed;
+// the 128 returns through the group's sum of x, folded into its zero: y = sum_g s_g D_g + (z_g - 136 s_g) xsum_g
+// with D_g = x_g . (128 + q_g). xlo/xhi hold x in the order of the bytes' low and high nibbles.
+// zs (when sz is rows-major): [-136 xsum_0, xsum_0, -136 xsum_1, xsum_1, ...], the weights of a row's (scale, zero)
+// pairs in its zero term.
+template <typename S>
+void int4_rows_dp(const c10::BFloat16* xlo, const c10::BFloat16* xhi, const float* xsum, const float* zs,
+                  const uint8_t* p, const S* sz, int64_t sg, int64_t sn, int64_t sc_, float* y, int64_t K, int64_t g,
+                  int64_t n0, int64_t n1) {
+  const int64_t G = K / g, half = g / 2, row_bytes = K / 2;
+  const __m512i low = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
+  // word 2l+1 of lane l (its float's high half) takes the first group's scale (word 0) for lanes 0-7, the
+  // second's (word 2) for lanes 8-15; the low words are zeroed by the mask
+  alignas(64) int16_t idx[32];
+  for (int w = 0; w < 32; ++w) idx[w] = (w / 2) < 8 ? 0 : 2;
+  const __m512i sidx = _mm512_load_si512(idx);
+  const bool pairs = sg == 2 && sc_ == 1 && half == 16;
+  for (int64_t n = n0; n < n1; n += ROWS) {
+    const int64_t rows = std::min(ROWS, n1 - n);
+    __m512 acc[ROWS];
+    float zacc[ROWS] = {};
+    for (int i = 0; i < ROWS; ++i) acc[i] = _mm512_setzero_ps();
+    const uint8_t* p0 = p + n * row_bytes;
+    const bool pf = n + (AHEAD + 1) * ROWS <= n1;
+    for (int64_t b = 0; b < row_bytes; b += 32) {
+      if (pf && b % 64 == 0) prefetch_block(p0, row_bytes, AHEAD * ROWS * row_bytes + b);
+      const __m512bh xl = (__m512bh)_mm512_loadu_si512(xlo + b), xh = (__m512bh)_mm512_loadu_si512(xhi + b);
+      const int64_t ga = b / half, gb = (b + 16) / half;  // the groups of the first and second 16 bytes
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + i * row_bytes + b)));
+        const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, low), bias);
+        const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
+        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), xl, (__m512bh)lo);
+        t = _mm512_dpbf16_ps(t, xh, (__m512bh)hi);
+        const S* e = sz + (n + i) * sn;
+        __m512 s;
+        if constexpr (std::is_same_v<S, c10::BFloat16>) {
+          if (pairs) {  // bf16 (scale, zero) pairs side by side, groups of 32: one 8-byte load holds both scales
+            const __m512i v = _mm512_set1_epi64(*reinterpret_cast<const int64_t*>(e + ga * 2));
+            s = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, v));
+          } else {
+            s = _mm512_insertf32x8(_mm512_set1_ps(static_cast<float>(e[ga * sg])),
+                                   _mm256_set1_ps(static_cast<float>(e[gb * sg])), 1);
+          }
+        } else {
+          s = _mm512_insertf32x8(_mm512_set1_ps(static_cast<float>(e[ga * sg])),
+                                 _mm256_set1_ps(static_cast<float>(e[gb * sg])), 1);
+        }
+        acc[i] = _mm512_fmadd_ps(t, s, acc[i]);
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const S* e = sz + (n + i) * sn;
+      if (zs != nullptr) {  // rows-major: the row's (scale, zero) pairs are 2G contiguous values, one dot product
+        __m512 z = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= 2 * G; j += 16) z = _mm512_fmadd_ps(load16(e + j), _mm512_loadu_ps(zs + j), z);
+        zacc[i] = hsum(z);
+        for (; j < 2 * G; ++j) zacc[i] += static_cast<float>(e[j]) * zs[j];
+      } else {
+        for (int64_t gi = 0; gi < G; ++gi)
+          zacc[i] += (static_cast<float>(e[gi * sg + sc_]) - 136.0f * static_cast<float>(e[gi * sg])) * xsum[gi];
+      }
+      y[n + i] = hsum(acc[i]) + zacc[i];
+    }
+  }
+}
+#endif
+
+// --- the operators ---------------------------------------------------------------------------
+
+constexpr int64_t GRAIN = 64;  // rows per task at least: a 192-row matrix still splits over 3 threads
+
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (rows, ", K, "), got ", x.sizes());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 2, "these kernels take 1 or 2 rows, got ", x.size(0));
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
+}
+
+// x as float32 rows, converted into a buffer of the caller's (no tensor allocated: a decode step calls these
+// hundreds of times, and a layer of 576 x 192 streams in ~10 us)
+const float* float_x(const at::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.data_ptr<float>();
+  auto xc = x.contiguous();
+  buf.resize(xc.numel());
+  if (xc.scalar_type() == at::kBFloat16) {
+    const auto* p = xc.data_ptr<c10::BFloat16>();
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(p[i]);
+  } else if (xc.scalar_type() == at::kHalf) {
+    const auto* p = xc.data_ptr<c10::Half>();
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(p[i]);
+  } else {
+    TORCH_CHECK(xc.scalar_type() == at::kFloat, "x must be float32, bfloat16 or float16, got ", xc.scalar_type());
+    const float* p = xc.data_ptr<float>();
+    std::copy(p, p + buf.size(), buf.begin());
+  }
+  return buf.data();
+}
+
+template <typename W, typename S>
+void run_float(const float* x, int64_t R, const W* w, const S* scale, float* y, int64_t N, int64_t K) {
+  at::parallel_for(0, (N + ROWS - 1) / ROWS, GRAIN / ROWS, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * ROWS, n1 = std::min(N, b1 * ROWS);
+    if (R == 1) float_rows<W, S, 1>(x, w, scale, y, N, K, n0, n1);
+    else float_rows<W, S, 2>(x, w, scale, y, N, K, n0, n1);
+  });
+}
+
+at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "w must be a contiguous (N, K) CPU tensor");
+  const int64_t N = w.size(0), K = w.size(1), R = x.size(0);
+  check_x(x, K);
+  auto y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+#ifdef __AVX512BF16__
+  if (w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % 32 == 0 && R == 1 &&
+      x.is_contiguous()) {
+    const auto* xp = x.data_ptr<c10::BFloat16>();
+    const auto* wp = w.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, (N + ROWS - 1) / ROWS, GRAIN / ROWS, [&](int64_t b0, int64_t b1) {
+      bf16_rows_dp(xp, wp, yp, N, K, b0 * ROWS, std::min(N, b1 * ROWS));
+    });
+    return y;
+  }
+#endif
+  std::vector<float> buf;
+  const float* xp = float_x(x, buf);
+  const float* none = nullptr;
+  switch (w.scalar_type()) {
+    case at::kFloat: run_float(xp, R, w.data_ptr<float>(), none, yp, N, K); break;
+    case at::kBFloat16: run_float(xp, R, w.data_ptr<c10::BFloat16>(), none, yp, N, K); break;
+    case at::kHalf: run_float(xp, R, w.data_ptr<c10::Half>(), none, yp, N, K); break;
+    default: TORCH_CHECK(false, "w must be float32, bfloat16 or float16, got ", w.scalar_type());
+  }
+  return y;
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "q must be contiguous (N, K) int8");
+  const int64_t N = q.size(0), K = q.size(1), R = x.size(0);
+  check_x(x, K);
+  TORCH_CHECK(scales.numel() == N && scales.is_contiguous(), "scales must hold one scale per output channel (", N,
+              "), contiguous");
+  auto y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  std::vector<float> buf;
+  const float* xp = float_x(x, buf);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  switch (scales.scalar_type()) {
+    case at::kFloat: run_float(xp, R, qp, scales.data_ptr<float>(), yp, N, K); break;
+    case at::kBFloat16: run_float(xp, R, qp, scales.data_ptr<c10::BFloat16>(), yp, N, K); break;
+    case at::kHalf: run_float(xp, R, qp, scales.data_ptr<c10::Half>(), yp, N, K); break;
+    default: TORCH_CHECK(false, "scales must be float32, bfloat16 or float16, got ", scales.scalar_type());
+  }
+  return y;
+}
+
+// sz: (K/g, N, 2) as the layer stores it, any strides; read here as (N, K/g) scales and zeros.
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t group_size) {
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
+              "packed must be contiguous (N, K/2) uint8");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, g = group_size;
+  check_x(x, K);
+  TORCH_CHECK(g % 32 == 0 && K % g == 0, "group_size must be a multiple of 32 that divides K (", K, "), got ", g);
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == K / g && sz.size(1) == N && sz.size(2) == 2,
+              "scales_and_zeros must be (K/group_size, N, 2)");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16 || sz.scalar_type() == at::kHalf,
+              "scales_and_zeros must be float32, bfloat16 or float16, got ", sz.scalar_type());
+  const int64_t G = K / g, R = x.size(0);
+  std::vector<float> buf, xsum(R * G, 0.0f);  // each group's sum of x: what the zeros multiply
+  const float* xp = float_x(x, buf);
+  for (int64_t i = 0; i < R * K; ++i) xsum[i / g] += xp[i];
+  auto y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  const float* xs = xsum.data();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+#ifdef __AVX512BF16__
+  if (x.scalar_type() == at::kBFloat16 && R == 1 && (K / 2) % 32 == 0) {  // bf16 activations: dot products, 32 bytes a step
+    std::vector<c10::BFloat16> xlo(K / 2), xhi(K / 2);
+    const auto* xb = x.contiguous().data_ptr<c10::BFloat16>();
+    const int64_t half = g / 2;
+    for (int64_t b = 0; b < K / 2; ++b) {
+      xlo[b] = xb[(b / half) * g + b % half];
+      xhi[b] = xb[(b / half) * g + half + b % half];
+    }
+    std::vector<float> zs;
+    if (sz.stride(2) == 1 && sz.stride(0) == 2 && sz.stride(1) == 2 * G) {
+      zs.resize(2 * G);
+      for (int64_t gi = 0; gi < G; ++gi) zs[2 * gi] = -136.0f * xs[gi], zs[2 * gi + 1] = xs[gi];
+    }
+    const float* zp = zs.empty() ? nullptr : zs.data();
+    at::parallel_for(0, (N + ROWS - 1) / ROWS, GRAIN / ROWS, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * ROWS, n1 = std::min(N, b1 * ROWS);
+      auto go = [&](auto* s) {
+        int4_rows_dp(xlo.data(), xhi.data(), xs, zp, pp, s, sz.stride(0), sz.stride(1), sz.stride(2), yp, K, g, n0, n1);
+      };
+      switch (sz.scalar_type()) {
+        case at::kFloat: go(sz.data_ptr<float>()); break;
+        case at::kBFloat16: go(sz.data_ptr<c10::BFloat16>()); break;
+        default: go(sz.data_ptr<c10::Half>()); break;
+      }
+    });
+    return y;
+  }
+#endif
+  at::parallel_for(0, (N + ROWS - 1) / ROWS, GRAIN / ROWS, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * ROWS, n1 = std::min(N, b1 * ROWS);
+    auto go = [&](auto* s) {
+      if (R == 1) int4_rows<1>(xp, xs, pp, s, sz.stride(0), sz.stride(1), sz.stride(2), yp, N, K, g, n0, n1);
+      else int4_rows<2>(xp, xs, pp, s, sz.stride(0), sz.stride(1), sz.stride(2), yp, N, K, g, n0, n1);
+    };
+    switch (sz.scalar_type()) {
+      case at::kFloat: go(sz.data_ptr<float>()); break;
+      case at::kBFloat16: go(sz.data_ptr<c10::BFloat16>()); break;
+      case at::kHalf: go(sz.data_ptr<c10::Half>()); break;
+      default: TORCH_CHECK(false, "scales_and_zeros must be float32, bfloat16 or float16");
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(course_lib, m) {
+  m.def("gemv_float(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(course_lib, CPU, m) {
+  m.impl("gemv_float", &gemv_float);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int4", &gemv_int4);
+}

@@ -1,0 +1,133 @@
+"""Native decode kernels: the matrix-vector products of ``csrc/gemv.cpp``, built on this machine at first use.
+
+The compiled reductions of :mod:`.streaming` leave the loop to inductor, which reads one weight row after
+another with nothing asked for ahead: a core then waits on memory and streams a weight matrix at about half
+the bandwidth it can. ``csrc/gemv.cpp`` is the same product written by hand: blocks of four rows, the block
+two ahead prefetched, int8 and int4 unpacked in registers (AVX-512). It is built once per machine with
+``torch.utils.cpp_extension`` (``-march=native``; about 30 seconds, kept in torch's extensions folder) and
+registered as ``torch.ops.course_lib.gemv_float / gemv_int8 / gemv_int4``, so a compiled decode step calls it
+from its graph.
+
+Where it cannot be built (no AVX-512, no C++ compiler, no ``ninja``, Windows) :func:`available` says why, and
+the streaming kernels fall back to the compiled reductions; ``COURSE_NATIVE_KERNELS=0`` turns it off. Either
+way they are candidates of the measured kernel choice, never assumed faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from ..device import compile_supported
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+ENV = "COURSE_NATIVE_KERNELS"  # "0" turns the native kernels off
+FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's OpenMP threads
+ROWS = 2  # the kernels take one or two rows of activations
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_STATE: list[tuple[bool, str]] = []  # the one answer of available(), once known
+
+
+def built() -> bool:
+    """Are the kernels loaded? Never builds: what a compiled graph asks (dynamo reads the answer as a constant)."""
+    return bool(_STATE) and _STATE[0][0]
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") once the kernels are built and loaded here, else (False, why not). Builds on the first call."""
+    if not _STATE:
+        _STATE.append(_load())
+    return _STATE[0]
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get(ENV, "").strip() == "0":
+        return False, f"turned off ({ENV}=0)"
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False, f"built for x86-64 Linux only (this is {sys.platform} {platform.machine()})"
+    flags = _cpu_flags()
+    if "avx512f" not in flags or "avx512bw" not in flags:
+        return False, "needs a CPU with AVX-512 (avx512f, avx512bw)"
+    ok, why = compile_supported("cpu")
+    if not ok:
+        return False, why
+    if importlib.util.find_spec("ninja") is None:
+        return False, "building them needs ninja (pip install ninja)"
+    try:
+        _build()
+    except Exception as e:  # a failed build leaves the course working on the compiled reductions
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first = next((ln for ln in lines if "error" in ln.lower()), lines[-1])[:200]  # the compiler's first error
+        log.warning("native decode kernels not built (%s); the compiled reductions stand in", first)
+        return False, f"build failed: {first}"
+    return True, ""
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load  # imports setuptools: only when a build is wanted
+
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
+    name = f"course_lib_gemv_{key.hexdigest()[:12]}"  # a changed source or torch builds anew
+    log.info("building the native decode kernels (%s, once per machine: about 30 s)", name)
+    load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
+         verbose=False)
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's tracing: each kernel returns (rows, N) float32."""
+    def out(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+    torch.library.register_fake("course_lib::gemv_float")(lambda x, w: out(x, w.shape[0]))
+    torch.library.register_fake("course_lib::gemv_int8")(lambda x, q, scales: out(x, q.shape[0]))
+    torch.library.register_fake("course_lib::gemv_int4")(
+        lambda x, packed, scales_and_zeros, group_size: out(x, packed.shape[0]))
+
+
+def gemv_float(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(R, K) x (N, K) float32 / bfloat16 / float16 weights -> (R, N) float32; R is 1 or 2."""
+    return torch.ops.course_lib.gemv_float(x, w)
+
+
+def gemv_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(R, K) x (N, K) int8 with one scale per output channel -> (R, N) float32."""
+    return torch.ops.course_lib.gemv_int8(x, q, scales)
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(R, K) x int4 weights in :func:`.streaming.pack_int4_halves` layout -> (R, N) float32.
+
+    ``scales_and_zeros`` is (K/g, N, 2) as the layer stores it; the kernel reads it through its strides, so the
+    layer keeps it with each output channel's groups side by side (:func:`rows_major`).
+    """
+    return torch.ops.course_lib.gemv_int4(x, packed, scales_and_zeros, group_size)
+
+
+def rows_major(sz: torch.Tensor) -> torch.Tensor:
+    """The same (K/g, N, 2) values, laid out so one output channel's scales and zeros are contiguous."""
+    return sz.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+KERNELS = {"float": gemv_float, "int8": gemv_int8, "int4": gemv_int4}

@@ -1,0 +1,140 @@
+"""Tests for course_lib.quantization.native: the hand-written decode kernels (C++, built at first use).
+
+Correctness only, never a timing: each operator against a float reference at one and two rows, every weight and
+activation dtype it takes, widths that are not a multiple of its vector width and row counts not a multiple of
+its block; the int4 kernel in both of its paths (float32 and bf16 activations) and both scale layouts; clear
+errors for what it refuses; tracing into a compiled graph; and the streaming layers running it. Skipped where the
+kernels cannot be built (no AVX-512, no compiler, no ninja): the streaming layers then run the compiled
+reductions, which tests/test_quantization_streaming.py covers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib.generation import CompiledDecoder, generate_kv_cache
+from course_lib.quantization import STREAM, QuantConfig, kernel_choice, native, quantize_, stream_, streaming
+from tests.conftest import make_tiny
+
+OK, WHY = native.available()
+pytestmark = pytest.mark.skipif(not OK, reason=f"native kernels not built here: {WHY}")
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernel_choices():
+    kernel_choice.clear_kernel_choices()  # a choice is cached per layer shape: each test makes its own
+    yield
+    kernel_choice.clear_kernel_choices()
+
+
+SHAPES = [(1536, 576), (37, 100), (5, 32)]  # SmolLM2's MLP; a tail of 4 columns and a short last block; tiny
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_float_kernel_matches_a_float32_matmul(rows, shape, wdt, xdt):
+    g = torch.Generator().manual_seed(0)
+    n, k = shape
+    x, w = torch.randn(rows, k, generator=g).to(xdt), torch.randn(n, k, generator=g).to(wdt)
+    y = native.gemv_float(x, w)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    assert _rel(y, x.float() @ w.float().T) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16])
+def test_int8_kernel_applies_each_channels_scale(rows, shape, sdt):
+    g = torch.Generator().manual_seed(1)
+    n, k = shape
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s = (torch.rand(n, generator=g) + 0.1).to(sdt)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    assert _rel(native.gemv_int8(x, q, s), (x.float() @ q.float().T) * s.float()) < 1e-5
+
+
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group", [(1536, 576, 32), (37, 576, 64), (6, 128, 128), (7, 96, 96)])
+@pytest.mark.parametrize("layout", ["as stored", "rows-major", "rows-major bf16"])
+def test_int4_kernel_matches_the_dequantized_weights(xdt, n, k, group, layout):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    sz = torch.randn(k // group, n, 2, generator=g)  # weight = (q - 8) * scale + zero, per group
+    if layout != "as stored":
+        sz = native.rows_major(sz)
+        assert sz.shape == (k // group, n, 2) and sz.transpose(0, 1).is_contiguous()
+    if layout.endswith("bf16"):
+        sz = sz.bfloat16()
+    w = ((q.float().reshape(n, -1, group) - 8) * sz.float().transpose(0, 1)[..., :1]
+         + sz.float().transpose(0, 1)[..., 1:]).reshape(n, k)
+    packed = streaming.pack_int4_halves(q, group)
+    for rows in (1, 2):  # one bf16 row takes the dot-product path, the rest the float32 one
+        x = torch.randn(rows, k, generator=g).to(xdt)
+        assert _rel(native.gemv_int4(x, packed, sz, group), x.float() @ w.T) < 1e-4
+
+
+def test_the_kernels_refuse_what_they_do_not_compute():
+    w, x3 = torch.randn(8, 64), torch.randn(3, 64)
+    with pytest.raises(RuntimeError, match="1 or 2 rows"):
+        native.gemv_float(x3, w)
+    with pytest.raises(RuntimeError, match=r"\(rows, 64\)"):
+        native.gemv_float(torch.randn(1, 32), w)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        native.gemv_int4(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8), torch.ones(4, 8, 2), 16)
+    with pytest.raises(RuntimeError, match="one scale per output channel"):
+        native.gemv_int8(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(7))
+
+
+def test_turned_off_by_the_environment_says_so(monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    assert native._load() == (False, f"turned off ({native.ENV}=0)")
+
+
+def test_a_compiled_graph_calls_the_kernels_as_operators():
+    w, x = torch.randn(40, 96), torch.randn(1, 96)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    f = torch.compile(lambda x, w: native.gemv_float(x, w) * 2, backend=backend, fullgraph=True)
+    torch.testing.assert_close(f(x, w), 2 * x @ w.T, rtol=1e-5, atol=1e-5)
+    assert any("course_lib.gemv_float" in t for t in seen)
+
+
+def test_streaming_layers_run_the_native_kernels_where_built(monkeypatch):
+    calls = []
+    for kind, fn in list(native.KERNELS.items()):
+        monkeypatch.setitem(native.KERNELS, kind, lambda *a, fn=fn, kind=kind: calls.append(kind) or fn(*a))
+    model = make_tiny(hidden=64, intermediate=128, vocab=96)
+    ids = torch.tensor([[3, 17, 5, 42, 8]])
+    reference = generate_kv_cache(model, ids, 6)
+    assert set(stream_(model).values()) == {STREAM}
+    assert torch.equal(generate_kv_cache(model, ids, 6), reference)  # fp32: the same greedy tokens
+    assert "float" in calls
+    calls.clear()
+    int8 = make_tiny(hidden=64, intermediate=128, vocab=96)
+    quantize_(int8, QuantConfig(bits=8, kernel="stream"))
+    assert torch.equal(CompiledDecoder(int8, backend="eager")(ids, 6), generate_kv_cache(int8, ids, 6))
+    assert "int8" in calls
+    calls.clear()
+    int4 = make_tiny(hidden=64, intermediate=128, vocab=96)
+    quantize_(int4, QuantConfig(bits=4, group_size=32, kernel="stream"))
+    generate_kv_cache(int4, ids, 3)
+    assert "int4" in calls
+
+
+def test_a_stream_request_without_native_kernels_keeps_measuring(monkeypatch):
+    monkeypatch.setattr(native, "_STATE", [(False, "not built in this test")])
+    lin = nn.Linear(64, 32)
+    layer = streaming.StreamingLinear.from_linear(lin)
+    assert any(n.startswith("F.linear") for n in layer.choice.times_us)  # both candidates timed, not one taken

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from course_lib.bench import engines
-from course_lib.quantization import streaming
+from course_lib.quantization import native, streaming
 
 from .conftest import make_tiny
 
@@ -110,10 +110,22 @@ def test_rows_have_every_column_and_every_engine_is_measured(tiny_loader, src, t
     for m in measured[:8]:
         assert rows[m]["aten_calls"] > 10 and 0 < rows[m]["matrix_share"] <= 1, (m, rows[m]["matrix_share"])
     assert rows["llama.cpp Q8_0"]["aten_calls"] is None
-    # quick mode lists what it skipped instead of dropping the rows (the streaming rows compile: skipped too)
-    for m in ("hf-generate fp32", "course_lib compiled int8-wo", "torch dynamic int8", "course_lib eager bf16-stream",
-              "course_lib eager int4-stream"):
+    # quick mode lists what it skipped instead of dropping the rows; the streaming rows run where the native
+    # kernels are built (nothing to compile), else they are skipped too
+    for m in ("hf-generate fp32", "course_lib compiled int8-wo", "torch dynamic int8"):
         assert "skipped in --quick" in rows[m]["note"] and rows[m]["decode_tok_s"] is None
+    for m in ("course_lib eager bf16-stream", "course_lib eager int8-stream", "course_lib eager int4-stream"):
+        if engines.streams_cheaply():
+            assert rows[m]["decode_tok_s"] and rows[m]["error"] is None and "streaming GEMV" in rows[m]["kernels"]
+        else:
+            assert "skipped in --quick" in rows[m]["note"] and rows[m]["decode_tok_s"] is None
+    ladder = {r["rung"][0]: r for r in engines.ladder(out)}  # chapter 04's table: every rung that ran, in order
+    assert list(ladder) == list("123456") and ladder["3"]["tok/s"] is None  # compiled: not in quick mode
+    assert ladder["1"]["path"] == "hf-generate bf16" and ladder["2"]["path"] == "course_lib eager bf16"
+    assert ladder["2"]["roofline (tok/s)"] == pytest.approx(10e9 / rows["course_lib eager bf16"]["bytes"])
+    assert ladder["2"]["llama.cpp (tok/s)"] == rows["llama.cpp BF16"]["decode_tok_s"]
+    if engines.streams_cheaply():
+        assert ladder["5"]["path"] == "course_lib eager int8-stream" and ladder["6"]["rival"] == "llama.cpp Q4_0"
     # the packed layers' own kernel choice is reported; int4 weights are fewer bytes than int8, int8 than bf16
     assert "Int8WeightOnlyLinear:" in rows["course_lib eager int8-wo"]["kernels"]
     assert "Int4WeightOnlyLinear:" in rows["course_lib eager int4-wo"]["kernels"]
@@ -155,6 +167,7 @@ def test_a_failing_compile_keeps_its_error_and_the_other_rows(tiny_loader, src, 
     monkeypatch.setattr(engines, "CompiledDecoder", BrokenCompile)
     monkeypatch.setattr(engines, "compile_supported", lambda device: (True, ""))
     monkeypatch.setattr(streaming, "compile_supported", lambda device: (False, "not in this test"))  # no compiling
+    monkeypatch.setattr(native, "_STATE", [(False, "not in this test")])  # nor native kernels
     out = engines.run(quick=False, loader=tiny_loader, gguf=src, llama_cpp=None, new_tokens=3, rounds=1,
                       bandwidth_gbs=10.0)
     rows = by_method(out)
@@ -244,7 +257,8 @@ def test_the_kernel_table_lists_every_choice_with_its_candidates(tiny_loader, sr
         timed = [c.rsplit(" ", 1)[0] for c in r["candidates_us"].split("; ")]
         assert r["chosen"] in timed  # the winner is one of the candidates that passed the check
         assert r["rejected"] is None or all(name.split(":")[0] not in timed for name in r["rejected"].split("; "))
-    assert {r["request"] for r in table} == {"packed", "auto"}
+    # quick mode builds the -stream formats only where the native kernels need no compiling
+    assert {r["request"] for r in table} == {"packed", "auto"} | ({"stream"} if engines.streams_cheaply() else set())
     assert any("F.linear (float copy)" in r["candidates_us"] for r in table if r["request"] == "auto")
     rows = by_method(out)
     for fmt in ("int8-auto", "int4-auto", "w8a8"):  # the rows say which kernel (and dtype) each layer runs
@@ -275,13 +289,13 @@ def test_goals_take_each_kinds_best_course_lib_row_against_its_llama_cpp_file():
     def row(method, tok_s, engine="course_lib", frac=None):
         return {"method": method, "engine": engine, "decode_tok_s": tok_s, "read_bw_frac": frac}
 
-    rows = [row("course_lib eager bf16", 50.0, frac=0.3), row("course_lib compiled bf16", 80.0, frac=0.65),
+    rows = [row("course_lib eager bf16", 50.0, frac=0.3), row("course_lib compiled bf16", 95.0, frac=0.65),
             row("course_lib eager int8-wo", 40.0), row("course_lib compiled int8-auto", 0.0),
             row("course_lib eager w8a8", 60.0), row("course_lib eager int4-wo", 10.0),
             row("llama.cpp BF16", 90.0, "llama.cpp", 0.9), row("llama.cpp Q8_0", 100.0, "llama.cpp"),
             {"method": "llama.cpp Q4_0", "engine": "llama.cpp", "decode_tok_s": None, "error": "no file"}]
     g = goals(rows)
-    assert g["bf16"]["best"] == "course_lib compiled bf16" and g["bf16"]["ratio"] == 80 / 90 and g["bf16"]["met"]
+    assert g["bf16"]["best"] == "course_lib compiled bf16" and g["bf16"]["ratio"] == 95 / 90 and g["bf16"]["met"]
     assert g["int8"]["best"] == "course_lib eager w8a8" and g["int8"]["ratio"] == 0.6 and not g["int8"]["met"]
     assert g["int4"]["met"] is None and "llama.cpp Q4_0" in g["int4"]["why"]  # a rival that did not run: no verdict
     assert g["read_bandwidth"] == {"best": "course_lib compiled bf16", "frac": 0.65, "goal": 0.6, "met": True}

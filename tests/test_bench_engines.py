@@ -367,3 +367,15 @@ def test_the_model_loads_in_bf16_unless_a_format_is_made_from_fp32(tiny_loader, 
     rows = by_method(r for r in out["rows"] if r["suite"] == "engines")
     assert all(rows[f"course_lib eager {f}"]["decode_tok_s"] for f in formats)
     assert "bfloat16" in rows["course_lib eager bf16"]["kernels"]
+
+
+def test_the_streaming_bf16_model_reads_the_bf16_models_own_weights(tiny_loader):
+    import torch
+
+    base, _ = tiny_loader()
+    models = engines._torch_variants(base.to(torch.bfloat16), quick=False, formats=("bf16", "bf16-stream"))
+    bf16, streamed = models["bf16"], models["bf16-stream"]
+    assert streamed is not bf16 and any(type(m).__name__ == "StreamingLinear" for m in streamed.modules())
+    assert not any(type(m).__name__ == "StreamingLinear" for m in bf16.modules())  # the bf16 rows stay plain
+    ptrs = {p.data_ptr() for p in bf16.parameters()}
+    assert {p.data_ptr() for p in streamed.parameters()} == ptrs  # held once, not copied

@@ -348,7 +348,12 @@ def _torch_variants(base: torch.nn.Module, quick: bool,
 
     def streamed():
         bf16 = out.get("bf16")
-        m = copy.deepcopy(bf16) if isinstance(bf16, torch.nn.Module) else copy.deepcopy(base).to(torch.bfloat16)
+        if isinstance(bf16, torch.nn.Module):
+            # a new module tree over the same weight tensors: stream_ swaps modules and keeps their Parameters, so
+            # the bf16 rows and the -stream rows read the same bytes, held once
+            m = copy.deepcopy(bf16, memo={id(t): t for t in [*bf16.parameters(), *bf16.buffers()]})
+        else:
+            m = copy.deepcopy(base).to(torch.bfloat16)
         stream_(m)
         return m
     make("bf16-stream", streamed)

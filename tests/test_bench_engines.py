@@ -121,6 +121,7 @@ def test_rows_have_every_column_and_every_engine_is_measured(tiny_loader, src, t
             assert "skipped in --quick" in rows[m]["note"] and rows[m]["decode_tok_s"] is None
     ladder = {r["rung"][0]: r for r in engines.ladder(out)}  # chapter 04's table: every rung that ran, in order
     assert list(ladder) == list("123456") and ladder["3"]["tok/s"] is None  # compiled: not in quick mode
+    assert "skipped in --quick" in ladder["3"]["note"]
     assert ladder["1"]["path"] == "hf-generate bf16" and ladder["2"]["path"] == "course_lib eager bf16"
     assert ladder["2"]["roofline (tok/s)"] == pytest.approx(10e9 / rows["course_lib eager bf16"]["bytes"])
     assert ladder["2"]["llama.cpp (tok/s)"] == rows["llama.cpp BF16"]["decode_tok_s"]

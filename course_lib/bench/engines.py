@@ -630,9 +630,10 @@ def ladder(out: dict) -> list[dict]:
         r = next((by[n] for n in names if by.get(n, {}).get("decode_tok_s")), None)
         rival = by.get(f"llama.cpp {gguf_type}", {})
         theirs = rival.get("decode_tok_s")
-        if r is None:
-            table.append({"rung": rung, "removed": removed, "path": names[0], "tok/s": None,
-                          "note": "not run here (compiled rows: full mode; streaming: native kernels)"})
+        if r is None:  # skipped (its note says why), failed (its error), or not asked for in this run
+            row = next((by[n] for n in names if n in by), {})
+            why = row.get("error") or row.get("note") or "not in this run"
+            table.append({"rung": rung, "removed": removed, "path": names[0], "tok/s": None, "note": why[:90]})
             continue
         table.append({"rung": rung, "removed": removed, "path": r["method"], "tok/s": r["decode_tok_s"],
                       "min-max": f"{r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f}",

@@ -11,7 +11,10 @@ channel), int4 nibbles are unpacked in registers and each group's scale and offs
 gpt-fast's GPU form ``F.linear(x, w.to(dtype)) * scale`` does the opposite on a CPU: it writes the whole float
 weight first.
 
-The kernels here are *candidates* of the measured kernel choice (:mod:`.kernel_choice`), never assumed faster:
+The kernels here pass the checks of the kernel choice (:mod:`.kernel_choice`) like every kernel; the compiled
+reductions are also *timed* against the ATen kernels and never assumed faster, while the native kernels below,
+where built, are taken once checked (a single cold call of a small layer is too short to time reliably; the
+engines bench measures the whole step):
 
 * the packed layers offer them for ``kernel="stream"`` (:func:`int8_gemv`, :func:`int4_gemv`; int4 in
   :func:`pack_int4_halves` layout, where the two nibbles of a byte are the two halves of a group, so each
@@ -45,7 +48,7 @@ from .kernel_choice import Candidate
 log = logging.getLogger(__name__)
 
 STREAM = "streaming GEMV"  # the kernel's name in the choice table and layer.kernel (native or reduction)
-STREAM_REQUEST = "stream"  # kernel= request: the packed candidates plus these
+STREAM_REQUEST = "stream"  # kernel= request: the native kernels where built, else the packed ones plus these
 STREAM_ROWS = 2  # the reduction reads the weight once per row: beyond this many rows the layer's other path runs
 LINEAR = "F.linear"
 PROFILE_EVENT = "course_lib.streaming"  # what a call from eager code is recorded as, when a profiler runs
@@ -106,7 +109,7 @@ def implementation() -> str:
 def _native(kind: str, args: tuple) -> bool:
     """Can the native kernel take this call? (built here; 1-2 rows, no gradient; int4 groups of 32k)"""
     x = args[0]
-    if x.shape[0] > native.ROWS or (torch.is_grad_enabled() and any(
+    if x.device.type != "cpu" or x.shape[0] > native.ROWS or (torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return False
     if kind == "int4" and args[3] % 32:

@@ -75,20 +75,22 @@ def _load() -> tuple[bool, str]:
     if importlib.util.find_spec("ninja") is None:
         return False, "building them needs ninja (pip install ninja)"
     try:
-        _build()
+        _build(flags)
     except Exception as e:  # a failed build leaves the course working on the compiled reductions
         lines = str(e).strip().splitlines() or [type(e).__name__]
-        first = next((ln for ln in lines if "error" in ln.lower()), lines[-1])[:200]  # the compiler's first error
+        first = next((ln for ln in lines if "error:" in ln), lines[-1])[:200]  # the compiler's first error
         log.warning("native decode kernels not built (%s); the compiled reductions stand in", first)
         return False, f"build failed: {first}"
     return True, ""
 
 
-def _build() -> None:
+def _build(cpu_flags: set[str]) -> None:
     from torch.utils.cpp_extension import load  # imports setuptools: only when a build is wanted
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode())
-    name = f"course_lib_gemv_{key.hexdigest()[:12]}"  # a changed source or torch builds anew
+    # a changed source, torch or CPU builds anew (-march=native: a build for one CPU may not run on another that
+    # shares the extensions folder)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*FLAGS, torch.__version__, *sorted(cpu_flags)]).encode())
+    name = f"course_lib_gemv_{key.hexdigest()[:12]}"
     log.info("building the native decode kernels (%s, once per machine: about 30 s)", name)
     load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
          verbose=False)

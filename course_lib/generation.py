@@ -19,9 +19,11 @@ All return the new token ids, so their outputs can be compared exactly.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -216,6 +218,20 @@ def generate_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) 
     return out[:, ids.shape[1]:]
 
 
+_OWN_CODES = itertools.count()
+
+
+def _own_code(method: Callable) -> Callable:
+    """The bound method with a code object of its own. Dynamo keeps at most ``recompile_limit`` (8) graphs per code
+    object and, with ``fullgraph=True``, fails beyond; every decoder compiles the same two methods, so a process
+    that builds many (a test suite, the engines bench) would share one budget of 8 between all of them."""
+    fn = method.__func__
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_OWN_CODES)}")
+    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return types.MethodType(own, method.__self__)
+
+
 class CompiledDecoder:
     """A static-cache decode step compiled once with ``torch.compile``, reused across calls.
 
@@ -254,8 +270,9 @@ class CompiledDecoder:
         # kernel calls loses ~2 ms of Python), at two to four times the compile time
         how = {"options": {"cpp_wrapper": True}} if cpp_wrapper else {"mode": mode}
         self.cpp_wrapper = cpp_wrapper
-        self.step: Callable = torch.compile(self.scratch.decode_static, fullgraph=True, backend=backend, **how)
-        self.next_token: Callable = torch.compile(self._next_token, fullgraph=True, backend=backend, **how)
+        self.step: Callable = torch.compile(_own_code(self.scratch.decode_static), fullgraph=True, backend=backend,
+                                            **how)
+        self.next_token: Callable = torch.compile(_own_code(self._next_token), fullgraph=True, backend=backend, **how)
         self._caches: dict[tuple[int, int], KVCache] = {}
 
     def _next_token(self, tok: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -588,3 +588,17 @@ def test_cpp_wrapper_is_refused_where_it_does_not_apply():
         CompiledDecoder(model, backend="eager", cpp_wrapper=True)
     with pytest.raises(ValueError, match="cpp_wrapper must be True or False"):
         CompiledDecoder(model, cpp_wrapper="yes")
+
+
+def test_each_decoder_compiles_code_of_its_own():
+    # dynamo's recompile limit (8 graphs) is per code object: shared by every decoder, a process that builds
+    # many (the whole test suite did) hit it and failed hard under fullgraph=True
+    from course_lib.generation import CompiledDecoder
+
+    model = make_tiny(hidden=32, intermediate=64, vocab=64)
+    a, b = CompiledDecoder(model, backend="eager"), CompiledDecoder(model, backend="eager")
+    codes = {d.next_token._torchdynamo_orig_callable.__code__ for d in (a, b)}
+    codes |= {d.step._torchdynamo_orig_callable.__code__ for d in (a, b)}
+    assert len(codes) == 4
+    ids = torch.tensor([[3, 17, 5]])
+    assert torch.equal(a(ids, 4), b(ids, 4))

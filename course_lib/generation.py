@@ -244,12 +244,9 @@ class CompiledDecoder:
     it). A CUDA graph replays fixed addresses, so the cache of each (batch, max_len) is allocated once, marked
     static and reused by every call. Pass ``mode="default"`` for the compiled step without CUDA graphs.
     ``backend="eager"`` traces the same graph without generating kernels (seconds, not minutes: for checks).
-    ``cpp_wrapper=True`` (CPU) has inductor call the step's kernels from generated C++ instead of Python: less
-    overhead per token (one A/B on SmolLM2's bf16 streaming step: 15.7 -> 13.5 ms), two to four times the compile
-    time (69 -> 154 s), so it is off by default (docs/decode.md).
     """
 
-    def __init__(self, model, mode: str | None = None, backend: str = "inductor", cpp_wrapper: bool = False):
+    def __init__(self, model, mode: str | None = None, backend: str = "inductor"):
         dev = _device_of(model)
         ok, why = compile_supported(dev) if backend == "inductor" else (True, "")
         if not ok:
@@ -262,17 +259,10 @@ class CompiledDecoder:
         self.scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
         # both lazy: only the one a caller uses is ever compiled. step -> logits; next_token -> the greedy token,
         # argmax and the slot's advance inside the graph (no ATen call of its own per token)
-        check_flag("cpp_wrapper", cpp_wrapper)
-        if cpp_wrapper and (dev.type != "cpu" or backend != "inductor" or self.mode != "default"):
-            raise ValueError("cpp_wrapper=True is for the CPU inductor backend in its default mode; "
-                             f"got device {dev.type}, backend {backend!r}, mode {self.mode!r}")
-        # cpp_wrapper: inductor writes the graph's calling code in C++ rather than Python (a step of a few hundred
-        # kernel calls loses ~2 ms of Python), at two to four times the compile time
-        how = {"options": {"cpp_wrapper": True}} if cpp_wrapper else {"mode": mode}
-        self.cpp_wrapper = cpp_wrapper
-        self.step: Callable = torch.compile(_own_code(self.scratch.decode_static), fullgraph=True, backend=backend,
-                                            **how)
-        self.next_token: Callable = torch.compile(_own_code(self._next_token), fullgraph=True, backend=backend, **how)
+        self.step: Callable = torch.compile(_own_code(self.scratch.decode_static), mode=mode, fullgraph=True,
+                                            backend=backend)
+        self.next_token: Callable = torch.compile(_own_code(self._next_token), mode=mode, fullgraph=True,
+                                                  backend=backend)
         self._caches: dict[tuple[int, int], KVCache] = {}
 
     def _next_token(self, tok: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -580,16 +580,6 @@ def test_the_llama_only_loops_name_the_architectures_they_take():
     assert len(list(stream_generate(gpt2, None, _prompt(5), 3, stop_at_eos=False))) == 3
 
 
-def test_cpp_wrapper_is_refused_where_it_does_not_apply():
-    from course_lib.generation import CompiledDecoder
-
-    model = make_tiny(hidden=32, intermediate=64, vocab=64)
-    with pytest.raises(ValueError, match="cpp_wrapper=True is for the CPU inductor backend"):
-        CompiledDecoder(model, backend="eager", cpp_wrapper=True)
-    with pytest.raises(ValueError, match="cpp_wrapper must be True or False"):
-        CompiledDecoder(model, cpp_wrapper="yes")
-
-
 def test_each_decoder_compiles_code_of_its_own():
     # dynamo's recompile limit (8 graphs) is per code object: shared by every decoder, a process that builds
     # many (the whole test suite did) hit it and failed hard under fullgraph=True

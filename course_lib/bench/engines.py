@@ -21,9 +21,9 @@ rows), the bandwidth that implies and its fraction of this machine's measured *r
 used, how many greedy tokens agree with the course_lib fp32 reference, and, from one profiled step of each
 course_lib and HF row, the ATen calls per token and the share of the step spent in weight matmuls
 (:func:`course_lib.anatomy.profile_step`). The ``-stream`` rows run the compiled streaming kernels of
-:mod:`course_lib.quantization.streaming` where they measure faster (bf16 model; skipped in ``--quick``, since
-they compile). Decode tokens/s is (N - 1) / (time for N tokens - time for 1 token), so the prompt's
-prefill is not counted. A second table (suite ``engines-kernels``) lists every kernel choice the packed layers
+:mod:`course_lib.quantization.streaming` (bf16 model; in ``--quick`` only where the native kernels are built,
+since otherwise they compile). Decode tokens/s is (N - 1) / (time for N tokens - time for 1 token), so the
+prompt's prefill is not counted. A second table (suite ``engines-kernels``) lists every kernel choice the packed layers
 made: per layer shape the candidate kernels' times (µs per call at one row, interleaved, median), the ones
 rejected as wrong, and the winner (:mod:`course_lib.quantization.kernel_choice`).
 

@@ -8,8 +8,9 @@ broadcast multiply and a sum over the input dimension, ``(x.float()[:, None, :] 
 reduction that ``torch.compile`` (inductor) turns into a single vectorized loop: each weight is loaded once,
 converted in registers and accumulated in float32; int8 weights are scaled after the sum (one scale per output
 channel), int4 nibbles are unpacked in registers and each group's scale and offset applied to its partial sum.
-gpt-fast's GPU form ``F.linear(x, w.to(dtype)) * scale`` does the opposite on a CPU: it writes the whole float
-weight first.
+(Measured cold on one 2-core machine, that loop read no faster than ``F.linear``: it requests nothing ahead, so
+a core waits on memory. The native kernels below prefetch; docs/decode.md has the numbers.) gpt-fast's GPU
+form ``F.linear(x, w.to(dtype)) * scale`` does the opposite on a CPU: it writes the whole float weight first.
 
 The kernels here pass the checks of the kernel choice (:mod:`.kernel_choice`) like every kernel; the compiled
 reductions are also *timed* against the ATen kernels and never assumed faster, while the native kernels below,

@@ -72,7 +72,7 @@ def test_every_real_model_method_builds_packed_layers_and_calibrated_ones_get_th
         assert info["float_linears"] == 0, method
         if method not in ("fp32", "int4-per-channel-fake"):
             assert Q.is_quantized(model) and info["quantized_linears"] > 0, method
-    assert seen == {"int8-wo": False, "w8a8": False, "w8a8-sq0.5": True, "int4-wo-g32": False,
+    assert seen == {"int8-wo": False, "w8a8": False, "w8a8-sq0.5": True, "int4-wo-g32": False, "w4a8-g32": False,
                     "gptq-int4-wo-g32": True, "awq-int4-wo-g32": True}
 
 

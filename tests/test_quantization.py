@@ -699,7 +699,8 @@ def test_a_group_size_that_leaves_most_layers_float_warns(caplog):
 # --- saving and loading a quantized model ---------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(bits=8), QuantConfig(bits=4, group_size=64)], ids=["int8", "int4"])
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=8), QuantConfig(bits=4, group_size=64),
+                                 QuantConfig(bits=4, group_size=32, activations="int8")], ids=["int8", "int4", "w4a8"])
 def test_quantized_course_tiny_round_trips_through_save_quantized(course_tiny, cfg, tmp_path):
     import copy
 
@@ -1043,7 +1044,8 @@ def test_choosing_a_kernel_never_runs_the_int8_kernel_on_an_unsafe_width(monkeyp
 
 def test_w8a8_config_is_validated():
     for kw, msg in [({"activations": "fp8"}, r"activations must be one of \('none', 'int8'\)"),
-                    ({"bits": 4, "group_size": 32, "activations": "int8"}, "needs bits=8"),
+                    ({"bits": 4, "group_size": 64, "activations": "int8"}, "groups of 32"),
+                    ({"bits": 4, "group_size": 32, "activations": "int8", "smooth": 0.5}, "is for W8A8"),
                     ({"activations": "int8", "method": "gptq"}, "smooth=0.5"),
                     ({"smooth": 0.5}, "is for W8A8"),
                     ({"activations": "int8", "smooth": 1.5}, r"\[0, 1\]"),
@@ -1054,8 +1056,42 @@ def test_w8a8_config_is_validated():
             QuantConfig(**kw)
     assert QuantConfig(bits=8, activations="int8").name == "w8a8"
     assert QuantConfig(bits=8, activations="int8", smooth=0.5).name == "w8a8-sq0.5"
+    assert QuantConfig(bits=4, group_size=32, activations="int8").name == "w4a8-g32"
     with pytest.raises(ValueError, match="calibration"):
         quantize_(make_tiny("llama"), QuantConfig(bits=8, activations="int8", smooth=0.5))
+
+
+def test_activations_are_rounded_to_int8_per_group_of_32():
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 10, 96)
+    x[1, :32] = 0  # an all-zero group stays zero (no division by a zero scale)
+    r = Q.round_activation_groups(x, 32)
+    scale = x.reshape(3, 3, 32).abs().amax(-1, keepdim=True) / 127
+    q = r.reshape(3, 3, 32) / scale.clamp_min(1e-30)
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127 + 1e-3  # integers in [-127, 127]
+    assert ((r - x).reshape(3, 3, 32).abs() <= scale / 2 + 1e-6).all()  # each within half its group's step
+    assert torch.equal(r[1, :32], torch.zeros(32))
+    with pytest.raises(ValueError, match="must divide"):
+        Q.round_activation_groups(torch.randn(1, 40), 32)
+
+
+@pytest.mark.parametrize("kernel", ["packed", "reference", "auto"])
+def test_w4a8_layer_multiplies_the_rounded_activations_whatever_kernel_runs(kernel):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    model = nn.Sequential(lin)
+    quantize_(model, QuantConfig(bits=4, group_size=32, activations="int8", kernel=kernel, compute_dtype="float32"))
+    layer = model[0]
+    assert type(layer) is Q.Int4A8Linear and layer.KIND == "w4a8"
+    w = layer.dequantized_weight()
+    for rows in (1, 3, 17):
+        x = torch.randn(rows, 96)
+        with torch.no_grad():
+            y = layer(x)
+        want = Q.round_activation_groups(x, 32) @ w.T + lin.bias
+        assert torch.allclose(y, want, rtol=1e-4, atol=1e-4), kernel
+        assert not torch.allclose(y, x @ w.T + lin.bias, rtol=1e-6, atol=1e-6)  # the activations were rounded
+    with pytest.raises(ValueError, match="groups of 32"):
+        Q.Int4A8Linear(torch.zeros(8, 64, dtype=torch.uint8), torch.ones(1, 8, 2), 64, None)
 
 
 @pytest.mark.parametrize("kernel", [INT_MM, "reference"])

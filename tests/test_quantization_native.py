@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 from course_lib.generation import CompiledDecoder, generate_kv_cache
-from course_lib.quantization import STREAM, QuantConfig, kernel_choice, native, quantize_, stream_, streaming
+from course_lib.quantization import (
+    STREAM,
+    QuantConfig,
+    kernel_choice,
+    native,
+    quantize_,
+    round_activation_groups,
+    stream_,
+    streaming,
+)
 from tests.conftest import make_tiny
 
 OK, WHY = native.available()
@@ -81,6 +90,24 @@ def test_int4_kernel_matches_the_dequantized_weights(xdt, n, k, group, layout):
         assert _rel(native.gemv_int4(x, packed, sz, group), x.float() @ w.T) < 1e-4
 
 
+@pytest.mark.skipif(not native.vnni(), reason="the W4A8 kernel needs AVX512-VNNI")
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(1536, 576), (7, 64), (13, 96)])  # K/2 = 288 and 48: a short last chunk
+def test_w4a8_kernel_multiplies_the_activations_rounded_per_group(xdt, sdt, n, k):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    sz = native.rows_major(torch.randn(k // 32, n, 2, generator=g) * 0.1).to(sdt)
+    w = ((q.float().reshape(n, -1, 32) - 8) * sz.float().transpose(0, 1)[..., :1]
+         + sz.float().transpose(0, 1)[..., 1:]).reshape(n, k)
+    packed = streaming.pack_int4_halves(q, 32)
+    for rows in (1, 2):
+        x = torch.randn(rows, k, generator=g).to(xdt)
+        out = native.gemv_int4_a8(x, packed, sz)
+        assert _rel(out, round_activation_groups(x, 32) @ w.T) < 1e-5
+        assert _rel(out, x.float() @ w.T) > 1e-4  # not the unrounded product: the activations were rounded
+
+
 def test_the_kernels_refuse_what_they_do_not_compute():
     w, x3 = torch.randn(8, 64), torch.randn(3, 64)
     with pytest.raises(RuntimeError, match="1 or 2 rows"):
@@ -91,6 +118,12 @@ def test_the_kernels_refuse_what_they_do_not_compute():
         native.gemv_int4(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8), torch.ones(4, 8, 2), 16)
     with pytest.raises(RuntimeError, match="one scale per output channel"):
         native.gemv_int8(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(7))
+    if native.vnni():
+        packed = torch.zeros(8, 32, dtype=torch.uint8)
+        with pytest.raises(RuntimeError, match="rows-major"):
+            native.gemv_int4_a8(torch.randn(1, 64), packed, torch.ones(2, 8, 2))
+        with pytest.raises(RuntimeError, match="multiple of 32"):
+            native.gemv_int4_a8(torch.randn(1, 48), torch.zeros(8, 24, dtype=torch.uint8), torch.ones(1, 8, 2))
 
 
 def test_turned_off_by_the_environment_says_so(monkeypatch):
@@ -131,6 +164,12 @@ def test_streaming_layers_run_the_native_kernels_where_built(monkeypatch):
     quantize_(int4, QuantConfig(bits=4, group_size=32, kernel="stream"))
     generate_kv_cache(int4, ids, 3)
     assert "int4" in calls
+    if native.vnni():  # W4A8: the integer kernel at one row, eager and traced alike; the prompt (5 rows) elsewhere
+        calls.clear()
+        w4a8 = make_tiny(hidden=64, intermediate=128, vocab=96)
+        quantize_(w4a8, QuantConfig(bits=4, group_size=32, activations="int8", kernel="stream"))
+        assert torch.equal(CompiledDecoder(w4a8, backend="eager")(ids, 6), generate_kv_cache(w4a8, ids, 6))
+        assert "int4_a8" in calls
 
 
 def test_a_stream_request_without_native_kernels_keeps_measuring(monkeypatch):

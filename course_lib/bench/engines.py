@@ -95,9 +95,10 @@ FORMATS = {
     "w8a8": ("w8a8-auto", "int8 W8A8 (per-token act.), kernel measured"),
     "int8-stream": ("int8-wo-stream", "int8 weight-only, streaming kernels among those measured (bf16 model)"),
     "int4-stream": ("int4-wo-g32-stream", "int4 weight-only g32, streaming kernels among those measured (bf16 model)"),
+    "w4a8-stream": ("w4a8-g32-stream", "int4 g32 x int8 act. per 32 (Q4_0 x Q8_0), streaming kernels (bf16 model)"),
 }
 BW_READINGS = 3  # read-bandwidth readings before the rounds and again after: the median is the machine's figure
-STREAM_FORMATS = ("bf16-stream", "int8-stream", "int4-stream")  # compile their kernels: not in --quick
+STREAM_FORMATS = ("bf16-stream", "int8-stream", "int4-stream", "w4a8-stream")  # compile their kernels: not in --quick
 STREAM_WEIGHTS = "bf16, F.linear or the streaming kernel, measured per shape"
 
 
@@ -533,7 +534,7 @@ def measure(paths: list[DecodePath], new_tokens: int, rounds: int, reference: st
 # weights (tok/s ratio)
 GOALS = {"bf16": (("bf16", "bf16-stream"), "llama.cpp BF16", 1.0),
          "int8": (("int8-wo", "int8-auto", "w8a8", "int8-stream"), "llama.cpp Q8_0", 1.0),
-         "int4": (("int4-wo", "int4-auto", "int4-stream"), "llama.cpp Q4_0", 1.0)}
+         "int4": (("int4-wo", "int4-auto", "int4-stream", "w4a8-stream"), "llama.cpp Q4_0", 1.0)}
 GOAL_READ_BW = 0.6  # the best row's share of the measured read bandwidth
 
 

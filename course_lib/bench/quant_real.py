@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MODEL = "smollm2-135m-instruct"
 GROUP = 32
-METHODS = ("fp32", "int8-wo", "w8a8", "w8a8-sq0.5", "int4-wo-g32", "gptq-int4-g32", "awq-int4-g32",
+METHODS = ("fp32", "int8-wo", "w8a8", "w8a8-sq0.5", "int4-wo-g32", "w4a8-g32", "gptq-int4-g32", "awq-int4-g32",
            "int4-per-channel-fake")
 GOAL_RTN_COST = 0.02
 GOAL_GPTQ_CLOSES = 0.25

@@ -165,7 +165,7 @@ def _check_awq(cfg: QuantConfig) -> None:
 
 
 def _check_smoothquant(cfg: QuantConfig) -> None:
-    if cfg.activations != "int8":
+    if cfg.activations != "int8" or cfg.bits != 8:
         raise ValueError("smooth (SmoothQuant) is for W8A8: QuantConfig(bits=8, activations='int8', smooth=0.5)")
     if isinstance(cfg.smooth, bool) or not isinstance(cfg.smooth, (int, float)) or not 0 <= cfg.smooth <= 1:
         raise ValueError(f"smooth must be a number in [0, 1] (SmoothQuant's alpha, 0.5 is usual) or None, "

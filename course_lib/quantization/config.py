@@ -14,7 +14,7 @@ from .kernels import COMPUTE_DTYPES, FLOAT, INT4_CPU, INT4_CUDA, INT8PACK, INT_M
 from .registry import get_method, method_for, method_names, selected_methods
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the aten int4 kernel takes
-ACTIVATIONS = ("none", "int8")  # "int8": W8A8, the activations rounded per token at run time
+ACTIVATIONS = ("none", "int8")  # "int8": rounded at run time, per token (W8A8) or per group of 32 (W4A8)
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class QuantConfig:
     group_size: int4 only; one of 32, 64, 128, 256 (what the aten int4 kernel takes).
     method: "rtn" (round to nearest), "gptq" (error-compensating: needs calibration token ids) or "awq"
         (activation-aware scaling for int4: needs calibration token ids).
-    activations: "none" (weight-only) or "int8" (W8A8: bits=8, activations rounded per token at run time).
+    activations: "none" (weight-only) or "int8": rounded to int8 at run time, per token with bits=8 (W8A8), per
+        group of 32 inputs with bits=4 and group_size=32 (W4A8, llama.cpp's Q4_0 x Q8_0: integer dot products
+        in the native decode kernel).
     smooth: W8A8 only, SmoothQuant's alpha in [0, 1] (needs calibration): per input channel
         s = max|x|^alpha / max|w|^(1 - alpha) moves activation outliers into the weights (x / s, W * s).
     embeddings: "int8" quantizes the output head (and the input embedding, sharing its int8
@@ -68,11 +70,13 @@ class QuantConfig:
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r} "
                              "('int8' is W8A8: QuantConfig(bits=8, activations='int8'))")
-        if self.activations == "int8" and self.bits != 8:
-            raise ValueError("activations='int8' (W8A8) needs bits=8: QuantConfig(bits=8, activations='int8')")
+        if self.activations == "int8" and self.bits == 4 and self.group_size != 32:
+            raise ValueError(f"activations='int8' with bits=4 (W4A8) rounds the activations in the weights' groups "
+                             f"of 32; got group_size={self.group_size!r}: "
+                             "QuantConfig(bits=4, group_size=32, activations='int8')")
         if self.activations == "int8" and self.method != "rtn":
-            raise ValueError(f"W8A8 rounds weights to nearest (method='rtn'); got method={self.method!r}. "
-                             "For activation outliers use smooth=0.5 (SmoothQuant) instead")
+            raise ValueError(f"W8A8 and W4A8 round weights to nearest (method='rtn'); got method={self.method!r}. "
+                             "For activation outliers use smooth=0.5 (SmoothQuant, W8A8) instead")
         for method in (get_method(self.method), *selected_methods(self)):  # each method's own rules
             if method.check is not None:
                 method.check(self)
@@ -82,7 +86,9 @@ class QuantConfig:
                                              or self.compute_dtype not in COMPUTE_DTYPES):
             raise ValueError(f"compute_dtype must be 'auto' or one of {sorted(COMPUTE_DTYPES)}, "
                              f"got {self.compute_dtype!r}")
-        named = (INT_MM,) if self.activations == "int8" else (INT8PACK,) if self.bits == 8 else (INT4_CPU, INT4_CUDA)
+        named = (INT8PACK,) if self.bits == 8 else (INT4_CPU, INT4_CUDA)
+        if self.activations == "int8" and self.bits == 8:
+            named = (INT_MM,)
         if self.kernel not in KERNEL_REQUESTS + named:
             raise ValueError(f"kernel must be one of {KERNEL_REQUESTS + named} for {self.name}, got {self.kernel!r}")
         if not isinstance(self.skip, tuple):
@@ -101,6 +107,8 @@ class QuantConfig:
 
     @property
     def name(self) -> str:
+        if self.activations == "int8" and self.bits == 4:
+            return "w4a8-g32"
         if self.activations == "int8":
             return "w8a8" + (f"-sq{self.smooth:g}" if self.smooth is not None else "")
         g = f"-g{self.group_size}" if self.group_size else ""
@@ -159,6 +167,9 @@ PRESETS: dict[str, dict] = {
     # the packed kernels and the compiled streaming reductions, measured (:mod:`.streaming`)
     "int8-wo-stream": dict(bits=8, kernel="stream"),
     "int4-wo-g32-stream": dict(bits=4, group_size=32, kernel="stream"),
+    # int4 weights x int8 activations (groups of 32): llama.cpp's Q4_0 x Q8_0, integer dot products when streaming
+    "w4a8-g32": dict(bits=4, group_size=32, activations="int8"),
+    "w4a8-g32-stream": dict(bits=4, group_size=32, activations="int8", kernel="stream"),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,7 +44,7 @@ from .kernels import (
     nibbles,
 )
 from .native import rows_major
-from .primitives import Quantized, pack_int4, quantize, quantize_activations, unpack_int4
+from .primitives import Quantized, pack_int4, quantize, quantize_activations, round_activation_groups, unpack_int4
 from .streaming import STREAM, STREAM_REQUEST, STREAM_ROWS, pack_int4_halves, unpack_int4_halves
 
 if TYPE_CHECKING:  # annotations only: the config module does not build layers, and layers read a config's fields
@@ -549,6 +550,50 @@ class Int4WeightOnlyLinear(_PackedLinear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class Int4A8Linear(Int4WeightOnlyLinear):
+    """W4A8: the int4 layer (groups of 32) with its activations rounded to int8 per group of 32 at run time.
+
+    llama.cpp's Q4_0 x Q8_0. Rounding the activations lets the decode kernel multiply integers: the native
+    kernel (``kernel="stream"``, AVX512-VNNI) takes two integer dot-product instructions per 128 weights where
+    the bf16 path takes four, and the int4 path is bound by its instructions, not its bytes. Every other kernel
+    (and the reference) computes the same numbers on the rounded activations
+    (:func:`.primitives.round_activation_groups`), so the layer's output never depends on which kernel ran.
+    """
+
+    KIND = "w4a8"
+    GROUP = 32  # the activations' group: the weights' group, so one scale per lane of the kernel's sums
+
+    def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, *args, **kwargs):
+        if group_size != self.GROUP:
+            raise ValueError(f"W4A8 rounds the activations in the weights' groups of {self.GROUP}; got "
+                             f"group_size={group_size} (use QuantConfig(bits=4, group_size=32, activations='int8'))")
+        super().__init__(q, scales_and_zeros, group_size, *args, **kwargs)
+
+    def _reference(self, device):
+        ref = super()._reference(device)
+        return lambda x: ref(round_activation_groups(x, self.GROUP))
+
+    def _candidates(self, device):
+        # the weight-only candidates, each fed the rounded activations; the streaming one rounds in its kernel
+        return [c if c.kernel == STREAM else
+                replace(c, run=lambda x, run=c.run: run(round_activation_groups(x, self.GROUP).to(x.dtype)))
+                for c in super()._candidates(device)]
+
+    def _float_candidate(self) -> Candidate:
+        c = super()._float_candidate()
+        return replace(c, run=lambda x, run=c.run: run(round_activation_groups(x, self.GROUP).to(x.dtype)))
+
+    def _stream_matmul(self, x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= STREAM_ROWS:
+            return streaming.run("int4_a8", x2, packed, sz)
+        return super()._stream_matmul(round_activation_groups(x2, self.GROUP).to(x2.dtype), packed, sz)
+
+    def _matmul(self, x2):
+        if self.kernel == STREAM:
+            return self._stream_matmul(x2, self.weight_packed, self.scales_and_zeros)
+        return super()._matmul(round_activation_groups(x2, self.GROUP).to(x2.dtype))
+
+
 class Int8DynamicLinear(_PackedLinear):
     """W8A8: int8 weights (a scale per output channel) times int8 activations (a scale per token, found at run time).
 
@@ -682,6 +727,10 @@ def packed_linear(lin: nn.Linear, cfg: QuantConfig, qt: Quantized | None = None,
     ``input_scale`` undoing them on the input) rounded to nearest."""
     dt, fd, kernel = cfg.dtype(), lin.weight.dtype, cfg.kernel
     w = lin.weight if weight is None else weight
+    if cfg.activations == "int8" and cfg.bits == 4:
+        if qt is None:
+            qt = quantize(w, 4, symmetric=False, granularity="per_group", group_size=cfg.group_size)
+        return Int4A8Linear.from_quantized(qt, lin.bias, dt, kernel, fd, input_scale)
     if cfg.activations == "int8":
         if qt is None:
             qt = quantize(w, 8, symmetric=True, granularity="per_channel")

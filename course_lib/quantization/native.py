@@ -3,9 +3,10 @@
 The compiled reductions of :mod:`.streaming` leave the loop to inductor, which reads one weight row after
 another with nothing asked for ahead: a core then waits on memory and streams a weight matrix at about half
 the bandwidth it can. ``csrc/gemv.cpp`` is the same product written by hand: blocks of four rows, the block
-two ahead prefetched, int8 and int4 unpacked in registers (AVX-512). It is built once per machine with
-``torch.utils.cpp_extension`` (``-march=native``; about 30 seconds, kept in torch's extensions folder) and
-registered as ``torch.ops.course_lib.gemv_float / gemv_int8 / gemv_int4``, so a compiled decode step calls it
+two ahead prefetched, int8 and int4 unpacked in registers (AVX-512; W4A8's int4 x int8 through the integer
+dot-product instructions, AVX512-VNNI). It is built once per machine with ``torch.utils.cpp_extension``
+(``-march=native``; about 30 seconds, kept in torch's extensions folder) and registered as
+``torch.ops.course_lib.gemv_float / gemv_int8 / gemv_int4 / gemv_int4_a8``, so a compiled decode step calls it
 from its graph.
 
 Where it cannot be built (no AVX-512, no C++ compiler, no ``ninja``, Windows) :func:`available` says why, and
@@ -46,6 +47,7 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+_VNNI = "avx512_vnni" in _cpu_flags()
 _STATE: list[tuple[bool, str]] = []  # the one answer of available(), once known
 
 
@@ -106,6 +108,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("course_lib::gemv_int8")(lambda x, q, scales: out(x, q.shape[0]))
     torch.library.register_fake("course_lib::gemv_int4")(
         lambda x, packed, scales_and_zeros, group_size: out(x, packed.shape[0]))
+    torch.library.register_fake("course_lib::gemv_int4_a8")(lambda x, packed, scales_and_zeros: out(x, packed.shape[0]))
 
 
 def gemv_float(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -127,9 +130,21 @@ def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
     return torch.ops.course_lib.gemv_int4(x, packed, scales_and_zeros, group_size)
 
 
+def gemv_int4_a8(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """W4A8: int4 weights in groups of 32 (halves layout, rows-major scales) times x rounded to int8 per group of 32
+    (:func:`.primitives.round_activation_groups`), integer dot products (AVX512-VNNI) -> (R, N) float32."""
+    return torch.ops.course_lib.gemv_int4_a8(x, packed, scales_and_zeros)
+
+
+def vnni() -> bool:
+    """Does this CPU have the integer dot-product instructions the W4A8 kernel needs (AVX512-VNNI)? (read once,
+    at import: a compiled graph asks too)"""
+    return _VNNI
+
+
 def rows_major(sz: torch.Tensor) -> torch.Tensor:
     """The same (K/g, N, 2) values, laid out so one output channel's scales and zeros are contiguous."""
     return sz.transpose(0, 1).contiguous().transpose(0, 1)
 
 
-KERNELS = {"float": gemv_float, "int8": gemv_int8, "int4": gemv_int4}
+KERNELS = {"float": gemv_float, "int8": gemv_int8, "int4": gemv_int4, "int4_a8": gemv_int4_a8}

@@ -142,6 +142,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+def round_activation_groups(x: torch.Tensor, group_size: int = 32) -> torch.Tensor:
+    """(rows, K) activations rounded to int8 per group of ``group_size`` inputs and scaled back, in float32: the
+    numbers W4A8 multiplies (llama.cpp's Q8_0 blocks at 32). Scale d = max|x| * (1/127) per group, q = x / d
+    rounded half to even: the native kernel's arithmetic, operation for operation (one multiply, one division)."""
+    rows, k = x.shape
+    if k % group_size:
+        raise ValueError(f"group_size ({group_size}) must divide the activations' width ({k})")
+    xg = x.detach().float().reshape(rows, k // group_size, group_size)
+    d = xg.abs().amax(-1, keepdim=True) * (1.0 / 127)
+    q = torch.where(d > 0, torch.round(xg / torch.where(d > 0, d, torch.ones_like(d))), torch.zeros_like(xg))
+    return (q * d).reshape(rows, k)
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (per-row) symmetric int8: ``x ~ q * scale`` with one fp32 scale per row of (rows, K) ``x``."""
     scale = (x.detach().float().abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)

@@ -45,6 +45,7 @@ from torch import nn
 from ..device import compile_supported
 from . import kernel_choice, native
 from .kernel_choice import Candidate
+from .primitives import round_activation_groups
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,14 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
     return (part * scale).sum(-1) + (xg.sum((-1, -2)) * zero).sum(-1)
 
 
-KERNELS: dict[str, Callable[..., torch.Tensor]] = {"float": float_gemv, "int8": int8_gemv, "int4": int4_gemv}
+def int4_a8_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """W4A8: x rounded to int8 per group of 32 (:func:`.primitives.round_activation_groups`), times int4 weights
+    in groups of 32 -> (R, N) float32 (the native kernel multiplies the integers; this is the same product)."""
+    return int4_gemv(round_activation_groups(x, 32), packed, scales_and_zeros, 32)
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"float": float_gemv, "int8": int8_gemv, "int4": int4_gemv,
+                                                   "int4_a8": int4_a8_gemv}
 _COMPILED: dict[tuple, Callable[..., torch.Tensor]] = {}
 
 
@@ -113,7 +121,7 @@ def _native(kind: str, args: tuple) -> bool:
     if x.device.type != "cpu" or x.shape[0] > native.ROWS or (torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return False
-    if kind == "int4" and args[3] % 32:
+    if (kind == "int4" and args[3] % 32) or (kind == "int4_a8" and not native.vnni()):
         return False
     return native.built() if torch.compiler.is_compiling() else native.available()[0]
 

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -164,67 +165,148 @@ void int4_rows(const float* x, const float* xsum, const uint8_t* p, const S* sz,
 // with D_g = x_g . (128 + q_g). xlo/xhi hold x in the order of the bytes' low and high nibbles.
 // zs (when sz is rows-major): [-136 xsum_0, xsum_0, -136 xsum_1, xsum_1, ...], the weights of a row's (scale, zero)
 // pairs in its zero term.
+// NR rows from row n: NR a compile-time count, so the accumulators stay in registers (a loop to a run-time count
+// kept them on the stack: a store and a reload around every multiply-add, and the kernel compute-bound)
+template <int NR, typename S>
+inline void int4_block_dp(const c10::BFloat16* xlo, const c10::BFloat16* xhi, const float* xsum, const float* zs,
+                          const uint8_t* p, const S* sz, int64_t sg, int64_t sn, int64_t sc_, float* y, int64_t K,
+                          int64_t g, int64_t n, bool pf, __m512i sidx) {
+  const int64_t G = K / g, half = g / 2, row_bytes = K / 2;
+  const __m512i low = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
+  const bool pairs = sg == 2 && sc_ == 1 && half == 16;
+  __m512 acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* p0 = p + n * row_bytes;
+  for (int64_t b = 0; b < row_bytes; b += 32) {
+    if (pf && b % 64 == 0) prefetch_block(p0, row_bytes, AHEAD * ROWS * row_bytes + b);
+    const __m512bh xl = (__m512bh)_mm512_loadu_si512(xlo + b), xh = (__m512bh)_mm512_loadu_si512(xhi + b);
+    // the groups of the first and second 16 bytes (a shift, not a division, in the common case of groups of 32)
+    const int64_t ga = pairs ? b >> 4 : b / half, gb = pairs ? ga + 1 : (b + 16) / half;
+    for (int i = 0; i < NR; ++i) {
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + i * row_bytes + b)));
+      const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, low), bias);
+      const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
+      __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), xl, (__m512bh)lo);
+      t = _mm512_dpbf16_ps(t, xh, (__m512bh)hi);
+      const S* e = sz + (n + i) * sn;
+      __m512 s;
+      if constexpr (std::is_same_v<S, c10::BFloat16>) {
+        if (pairs) {  // bf16 (scale, zero) pairs side by side, groups of 32: one 8-byte load holds both scales
+          const __m512i v = _mm512_set1_epi64(*reinterpret_cast<const int64_t*>(e + ga * 2));
+          s = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, v));
+        } else {
+          s = _mm512_insertf32x8(_mm512_set1_ps(static_cast<float>(e[ga * sg])),
+                                 _mm256_set1_ps(static_cast<float>(e[gb * sg])), 1);
+        }
+      } else {
+        s = _mm512_insertf32x8(_mm512_set1_ps(static_cast<float>(e[ga * sg])),
+                               _mm256_set1_ps(static_cast<float>(e[gb * sg])), 1);
+      }
+      acc[i] = _mm512_fmadd_ps(t, s, acc[i]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    const S* e = sz + (n + i) * sn;
+    float zacc = 0.0f;
+    if (zs != nullptr) {  // rows-major: the row's (scale, zero) pairs are 2G contiguous values, one dot product
+      __m512 z = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 16 <= 2 * G; j += 16) z = _mm512_fmadd_ps(load16(e + j), _mm512_loadu_ps(zs + j), z);
+      zacc = hsum(z);
+      for (; j < 2 * G; ++j) zacc += static_cast<float>(e[j]) * zs[j];
+    } else {
+      for (int64_t gi = 0; gi < G; ++gi)
+        zacc += (static_cast<float>(e[gi * sg + sc_]) - 136.0f * static_cast<float>(e[gi * sg])) * xsum[gi];
+    }
+    y[n + i] = hsum(acc[i]) + zacc;
+  }
+}
+
 template <typename S>
 void int4_rows_dp(const c10::BFloat16* xlo, const c10::BFloat16* xhi, const float* xsum, const float* zs,
                   const uint8_t* p, const S* sz, int64_t sg, int64_t sn, int64_t sc_, float* y, int64_t K, int64_t g,
                   int64_t n0, int64_t n1) {
-  const int64_t G = K / g, half = g / 2, row_bytes = K / 2;
-  const __m512i low = _mm512_set1_epi16(15), bias = _mm512_set1_epi16(0x4300);
   // word 2l+1 of lane l (its float's high half) takes the first group's scale (word 0) for lanes 0-7, the
   // second's (word 2) for lanes 8-15; the low words are zeroed by the mask
   alignas(64) int16_t idx[32];
   for (int w = 0; w < 32; ++w) idx[w] = (w / 2) < 8 ? 0 : 2;
   const __m512i sidx = _mm512_load_si512(idx);
-  const bool pairs = sg == 2 && sc_ == 1 && half == 16;
-  for (int64_t n = n0; n < n1; n += ROWS) {
-    const int64_t rows = std::min(ROWS, n1 - n);
-    __m512 acc[ROWS];
-    float zacc[ROWS] = {};
-    for (int i = 0; i < ROWS; ++i) acc[i] = _mm512_setzero_ps();
-    const uint8_t* p0 = p + n * row_bytes;
-    const bool pf = n + (AHEAD + 1) * ROWS <= n1;
-    for (int64_t b = 0; b < row_bytes; b += 32) {
-      if (pf && b % 64 == 0) prefetch_block(p0, row_bytes, AHEAD * ROWS * row_bytes + b);
-      const __m512bh xl = (__m512bh)_mm512_loadu_si512(xlo + b), xh = (__m512bh)_mm512_loadu_si512(xhi + b);
-      const int64_t ga = b / half, gb = (b + 16) / half;  // the groups of the first and second 16 bytes
-      for (int64_t i = 0; i < rows; ++i) {
-        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + i * row_bytes + b)));
-        const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, low), bias);
-        const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
-        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), xl, (__m512bh)lo);
-        t = _mm512_dpbf16_ps(t, xh, (__m512bh)hi);
-        const S* e = sz + (n + i) * sn;
-        __m512 s;
-        if constexpr (std::is_same_v<S, c10::BFloat16>) {
-          if (pairs) {  // bf16 (scale, zero) pairs side by side, groups of 32: one 8-byte load holds both scales
-            const __m512i v = _mm512_set1_epi64(*reinterpret_cast<const int64_t*>(e + ga * 2));
-            s = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, v));
-          } else {
-            s = _mm512_insertf32x8(_mm512_set1_ps(static_cast<float>(e[ga * sg])),
-                                   _mm256_set1_ps(static_cast<float>(e[gb * sg])), 1);
-          }
-        } else {
-          s = _mm512_insertf32x8(_mm512_set1_ps(static_cast<float>(e[ga * sg])),
-                                 _mm256_set1_ps(static_cast<float>(e[gb * sg])), 1);
-        }
-        acc[i] = _mm512_fmadd_ps(t, s, acc[i]);
-      }
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-      const S* e = sz + (n + i) * sn;
-      if (zs != nullptr) {  // rows-major: the row's (scale, zero) pairs are 2G contiguous values, one dot product
-        __m512 z = _mm512_setzero_ps();
-        int64_t j = 0;
-        for (; j + 16 <= 2 * G; j += 16) z = _mm512_fmadd_ps(load16(e + j), _mm512_loadu_ps(zs + j), z);
-        zacc[i] = hsum(z);
-        for (; j < 2 * G; ++j) zacc[i] += static_cast<float>(e[j]) * zs[j];
-      } else {
-        for (int64_t gi = 0; gi < G; ++gi)
-          zacc[i] += (static_cast<float>(e[gi * sg + sc_]) - 136.0f * static_cast<float>(e[gi * sg])) * xsum[gi];
-      }
-      y[n + i] = hsum(acc[i]) + zacc[i];
+  int64_t n = n0;
+  for (; n + ROWS <= n1; n += ROWS)
+    int4_block_dp<ROWS>(xlo, xhi, xsum, zs, p, sz, sg, sn, sc_, y, K, g, n, n + (AHEAD + 1) * ROWS <= n1, sidx);
+  for (; n < n1; ++n) int4_block_dp<1>(xlo, xhi, xsum, zs, p, sz, sg, sn, sc_, y, K, g, n, false, sidx);
+}
+#endif
+
+#ifdef __AVX512VNNI__
+// int4 weights x int8 activations (W4A8, groups of 32), llama.cpp's Q4_0 x Q8_0: x is rounded to int8 with one
+// scale per group of 32 inputs (the weights' groups), and each 64 bytes of a row (128 weights) take two
+// integer dot-product instructions (unsigned nibbles times signed int8, four products summed per lane) instead
+// of the bf16 path's four: half the instructions per weight, where the bf16 path is bound by them.
+// Lane l of a 64-byte chunk at byte c sums bytes c+4l..c+4l+3, all in group c/16 + l/4, so one float scale per
+// lane (the weight's group scale times the activations' group scale) turns the lane's integer sum into its
+// share of y; the zero term uses the group's sum of the rounded x. ql/qh: the int8 x in the order of the bytes'
+// low and high nibbles, zero-padded to whole chunks; da: the activations' scale of each lane, per chunk.
+template <typename S>
+inline __m512 scale_lanes(const S* e, __mmask8 m, __m512i sidx) {
+  // the (scale, zero) pairs of four groups as floats in lanes 0-7, then lane l <- the scale of group l/4
+  __m256 pairs;
+  if constexpr (std::is_same_v<S, float>) {
+    pairs = _mm256_maskz_loadu_ps(m, e);
+  } else if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const __m128i h = _mm_maskz_loadu_epi16(m, e);
+    pairs = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    pairs = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(m, e));
+  }
+  return _mm512_permutexvar_ps(sidx, _mm512_castps256_ps512(pairs));
+}
+
+template <int NR, typename S>
+inline void int4_a8_block(const int8_t* ql, const int8_t* qh, const float* da, const float* zs, const uint8_t* p,
+                          const S* sz, float* y, int64_t K, int64_t n, bool pf, __m512i sidx) {
+  const int64_t G = K / 32, row_bytes = K / 2, chunks = (row_bytes + 63) / 64;
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* p0 = p + n * row_bytes;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t b = c * 64, left = row_bytes - b;
+    const __mmask64 m = left >= 64 ? ~0ULL : (1ULL << left) - 1;  // the last chunk may be short (K/2 = 288)
+    const __mmask8 mp = left >= 64 ? 0xFF : static_cast<__mmask8>((1u << (left / 8)) - 1);  // its scale pairs
+    if (pf) prefetch_block(p0, row_bytes, AHEAD * ROWS * row_bytes + b);
+    const __m512i xl = _mm512_loadu_si512(ql + b), xh = _mm512_loadu_si512(qh + b);
+    const __m512 dv = _mm512_loadu_ps(da + c * 16);
+    for (int i = 0; i < NR; ++i) {
+      const __m512i v = _mm512_maskz_loadu_epi8(m, p0 + i * row_bytes + b);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl);
+      d = _mm512_dpbusd_epi32(d, hi, xh);
+      const __m512 s = _mm512_mul_ps(scale_lanes(sz + (n + i) * 2 * G + (b / 16) * 2, mp, sidx), dv);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[i]);
     }
   }
+  for (int i = 0; i < NR; ++i) {
+    const S* e = sz + (n + i) * 2 * G;
+    __m512 z = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= 2 * G; j += 16) z = _mm512_fmadd_ps(load16(e + j), _mm512_loadu_ps(zs + j), z);
+    float zacc = hsum(z);
+    for (; j < 2 * G; ++j) zacc += static_cast<float>(e[j]) * zs[j];
+    y[n + i] = hsum(acc[i]) + zacc;
+  }
+}
+
+template <typename S>
+void int4_a8_rows(const int8_t* ql, const int8_t* qh, const float* da, const float* zs, const uint8_t* p, const S* sz,
+                  float* y, int64_t K, int64_t n0, int64_t n1) {
+  alignas(64) int32_t idx[16];
+  for (int l = 0; l < 16; ++l) idx[l] = 2 * (l / 4);  // lane l: the scale (even slot) of pair l/4
+  const __m512i sidx = _mm512_load_si512(idx);
+  int64_t n = n0;
+  for (; n + ROWS <= n1; n += ROWS)
+    int4_a8_block<ROWS>(ql, qh, da, zs, p, sz, y, K, n, n + (AHEAD + 1) * ROWS <= n1, sidx);
+  for (; n < n1; ++n) int4_a8_block<1>(ql, qh, da, zs, p, sz, y, K, n, false, sidx);
 }
 #endif
 
@@ -328,21 +410,28 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16 || sz.scalar_type() == at::kHalf,
               "scales_and_zeros must be float32, bfloat16 or float16, got ", sz.scalar_type());
   const int64_t G = K / g, R = x.size(0);
-  std::vector<float> buf, xsum(R * G, 0.0f);  // each group's sum of x: what the zeros multiply
-  const float* xp = float_x(x, buf);
-  for (int64_t i = 0; i < R * K; ++i) xsum[i / g] += xp[i];
   auto y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  std::vector<float> xsum(R * G);  // each group's sum of x: what the zeros multiply
   const float* xs = xsum.data();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
+  // The set-up below runs once per call, on one thread, before the rows are split: plain copies and vector sums,
+  // no index arithmetic per element (a division per element cost 4-10 us a call, 1 ms of a 30-layer step)
 #ifdef __AVX512BF16__
   if (x.scalar_type() == at::kBFloat16 && R == 1 && (K / 2) % 32 == 0) {  // bf16 activations: dot products, 32 bytes a step
-    std::vector<c10::BFloat16> xlo(K / 2), xhi(K / 2);
-    const auto* xb = x.contiguous().data_ptr<c10::BFloat16>();
+    const auto xc = x.contiguous();
+    const auto* xb = xc.data_ptr<c10::BFloat16>();
     const int64_t half = g / 2;
-    for (int64_t b = 0; b < K / 2; ++b) {
-      xlo[b] = xb[(b / half) * g + b % half];
-      xhi[b] = xb[(b / half) * g + half + b % half];
+    std::vector<c10::BFloat16> xlh(K);  // x in the order of the bytes' low nibbles, then of their high nibbles
+    c10::BFloat16* xlo = xlh.data();
+    c10::BFloat16* xhi = xlo + K / 2;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const c10::BFloat16* src = xb + gi * g;
+      std::copy(src, src + half, xlo + gi * half);
+      std::copy(src + half, src + g, xhi + gi * half);
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t j = 0; j < g; j += 16) a = _mm512_add_ps(a, load16(src + j));
+      xsum[gi] = hsum(a);
     }
     std::vector<float> zs;
     if (sz.stride(2) == 1 && sz.stride(0) == 2 && sz.stride(1) == 2 * G) {
@@ -353,7 +442,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
     at::parallel_for(0, (N + ROWS - 1) / ROWS, GRAIN / ROWS, [&](int64_t b0, int64_t b1) {
       const int64_t n0 = b0 * ROWS, n1 = std::min(N, b1 * ROWS);
       auto go = [&](auto* s) {
-        int4_rows_dp(xlo.data(), xhi.data(), xs, zp, pp, s, sz.stride(0), sz.stride(1), sz.stride(2), yp, K, g, n0, n1);
+        int4_rows_dp(xlo, xhi, xs, zp, pp, s, sz.stride(0), sz.stride(1), sz.stride(2), yp, K, g, n0, n1);
       };
       switch (sz.scalar_type()) {
         case at::kFloat: go(sz.data_ptr<float>()); break;
@@ -364,6 +453,15 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
     return y;
   }
 #endif
+  std::vector<float> buf;
+  const float* xp = float_x(x, buf);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float* src = xp + r * K + gi * g;
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t j = 0; j < g; j += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(src + j));
+      xsum[r * G + gi] = hsum(a);
+    }
   at::parallel_for(0, (N + ROWS - 1) / ROWS, GRAIN / ROWS, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * ROWS, n1 = std::min(N, b1 * ROWS);
     auto go = [&](auto* s) {
@@ -380,16 +478,74 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
+// int4 weights (groups of 32, rows-major scales) x activations rounded to int8 per group: y = W (round(x)).
+// Returns (rows, N) float32; each row of x is rounded and multiplied on its own.
+at::Tensor gemv_int4_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz) {
+#ifndef __AVX512VNNI__
+  TORCH_CHECK(false, "gemv_int4_a8 needs a CPU with AVX512-VNNI");
+#else
+  TORCH_CHECK(packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
+              "packed must be contiguous (N, K/2) uint8");
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = K / 32;
+  check_x(x, K);
+  TORCH_CHECK(K % 32 == 0, "in_features must be a multiple of 32 (the activations' groups), got ", K);
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == G && sz.size(1) == N && sz.size(2) == 2,
+              "scales_and_zeros must be (K/32, N, 2)");
+  TORCH_CHECK(sz.stride(2) == 1 && sz.stride(0) == 2 && sz.stride(1) == 2 * G,
+              "scales_and_zeros must be rows-major (native.rows_major): each row's groups side by side");
+  const int64_t R = x.size(0), half = K / 2, padded = (half + 63) / 64 * 64, chunks = padded / 64;
+  auto y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  std::vector<float> buf;
+  const float* xp = float_x(x, buf);
+  std::vector<int8_t> ql(padded, 0), qh(padded, 0);
+  std::vector<float> da(chunks * 16, 0.0f), zs(2 * G);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    // round each group of 32 inputs to int8 (scale max|x| / 127), in the order the packed bytes hold them
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const float* src = xp + r * K + gi * 32;
+      float amax = 0.0f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::abs(src[j]));
+      // d = max|x| * (1/127), q = x / d: round_activation_groups' arithmetic exactly (a reciprocal taken once
+      // and multiplied would round differently, and a tie then goes the other way)
+      const float d = amax * (1.0f / 127.0f), dd = amax > 0.0f ? d : 1.0f;
+      int32_t qsum = 0;
+      for (int j = 0; j < 16; ++j) {
+        const int8_t lo = amax > 0.0f ? static_cast<int8_t>(std::nearbyint(src[j] / dd)) : 0;
+        const int8_t hi = amax > 0.0f ? static_cast<int8_t>(std::nearbyint(src[16 + j] / dd)) : 0;
+        ql[gi * 16 + j] = lo, qh[gi * 16 + j] = hi, qsum += lo + hi;
+      }
+      for (int l = 0; l < 4; ++l) da[gi * 4 + l] = d;  // the four lanes of its 16 bytes
+      const float xs = d * static_cast<float>(qsum);  // the group's sum of the rounded x: what the zero multiplies
+      zs[2 * gi] = -8.0f * xs, zs[2 * gi + 1] = xs;
+    }
+    float* yp = y.data_ptr<float>() + r * N;
+    at::parallel_for(0, (N + ROWS - 1) / ROWS, GRAIN / ROWS, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * ROWS, n1 = std::min(N, b1 * ROWS);
+      switch (sz.scalar_type()) {
+        case at::kFloat: int4_a8_rows(ql.data(), qh.data(), da.data(), zs.data(), pp, sz.data_ptr<float>(), yp, K, n0, n1); break;
+        case at::kBFloat16: int4_a8_rows(ql.data(), qh.data(), da.data(), zs.data(), pp, sz.data_ptr<c10::BFloat16>(), yp, K, n0, n1); break;
+        case at::kHalf: int4_a8_rows(ql.data(), qh.data(), da.data(), zs.data(), pp, sz.data_ptr<c10::Half>(), yp, K, n0, n1); break;
+        default: TORCH_CHECK(false, "scales_and_zeros must be float32, bfloat16 or float16");
+      }
+    });
+  }
+  return y;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(course_lib, m) {
   m.def("gemv_float(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor");
+  m.def("gemv_int4_a8(Tensor x, Tensor packed, Tensor scales_and_zeros) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(course_lib, CPU, m) {
   m.impl("gemv_float", &gemv_float);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("gemv_int4_a8", &gemv_int4_a8);
 }

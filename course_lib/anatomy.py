@@ -133,7 +133,7 @@ def profile_decode_step(model, context: int = 64, steps: int = 5) -> tuple[dict[
 # reductions (their own events)
 WEIGHT_MATMULS = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
                   "aten::_weight_int4pack_mm", "aten::_int_mm", "course_lib::gemv_float", "course_lib::gemv_int8",
-                  "course_lib::gemv_int4")  # the last three: the native decode kernels
+                  "course_lib::gemv_int4", "course_lib::gemv_int4_a8")  # the last four: the native decode kernels
 _NOT_A_MATVEC = ("mean", "amax", "exp", "softmax", "rsqrt", "pow", "max", "argmax")
 
 

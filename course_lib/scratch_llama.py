@@ -31,6 +31,7 @@ from torch import nn
 
 from .kv_cache import KVCache, LlamaShape
 from .kv_quant import KVQuantConfig, QuantizedKVCache
+from .quantization import native
 
 ATTENTION_KINDS = ("sdpa", "naive")
 # Model families whose decoder is model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj} with
@@ -298,14 +299,28 @@ class ScratchLlama:
             k, v = cache.write_slot(i, slot, k, v)
         elif cache is not None:  # keep this step's K/V, then attend over everything so far
             k, v = cache.write(i, k, v)
-        rep = s.n_heads // s.n_kv_heads
-        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
-        attn = naive_attention if self.attention == "naive" else sdpa_attention
-        x = x + a.o_proj(attn(q, k, v, mask).transpose(1, 2).reshape(b, t, -1))
+        if slot is not None and self._native_attention(q, cache):  # the filled slots only, no copy per query head
+            out = native.decode_attention(q, k, v, slot, 1.0 / math.sqrt(s.head_dim))
+        else:
+            rep = s.n_heads // s.n_kv_heads
+            k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+            attn = naive_attention if self.attention == "naive" else sdpa_attention
+            out = attn(q, k, v, mask)
+        x = x + a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         h = rms_norm(x, layer.post_attention_layernorm.weight, self.norm_eps[i][1])
         gate_up = self.gate_up[i]
         gate, up = gate_up(h) if gate_up is not None else (m.gate_proj(h), m.up_proj(h))
         return x + m.down_proj(F.silu(gate) * up)  # SwiGLU
+
+    def _native_attention(self, q: torch.Tensor, cache: KVCache) -> bool:
+        """Can this decode step's attention run the native kernel (:func:`.quantization.native.decode_attention`)?
+        One new token per sequence on the CPU, the plain float cache (a quantized cache dequantizes on read), no
+        gradient, ``attention="sdpa"`` (``"naive"`` is the one written out to be read), the kernels built."""
+        if (self.attention != "sdpa" or type(cache) is not KVCache or q.shape[2] != 1 or q.device.type != "cpu"
+                or q.shape[-1] % 16 or (torch.is_grad_enabled() and q.requires_grad)
+                or q.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+            return False
+        return native.built() if torch.compiler.is_compiling() else native.available()[0]
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None,
              slot: torch.Tensor | None, last_only: bool) -> torch.Tensor:
@@ -345,8 +360,11 @@ class ScratchLlama:
 
         ``tok`` is (B, 1); ``slot`` a 0-d long tensor, the cache slot (and RoPE
         position) of this token. Attention runs over all ``max_len`` slots with
-        a mask hiding the empty ones, so step 5 and step 500 are the same graph.
-        The caller advances ``slot``; ``cache.length`` is not touched.
+        a mask hiding the empty ones, so step 5 and step 500 are the same graph;
+        where the native kernels are built (:meth:`_native_attention`) it reads
+        only the filled slots, their count taken from ``slot`` inside the kernel
+        (still one graph). The caller advances ``slot``; ``cache.length`` is not
+        touched.
         """
         positions = slot.view(1, 1).expand(tok.shape[0], 1)
         mask = (torch.arange(cache.max_len, device=tok.device) <= slot).view(1, 1, 1, -1)

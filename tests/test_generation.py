@@ -83,6 +83,26 @@ def test_static_decode_step_matches_dynamic_cache():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_static_decode_step_reads_the_filled_slots_natively_where_built(monkeypatch):
+    from course_lib.quantization import native
+    if not native.available()[0]:
+        pytest.skip("native kernels not built here")
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(a[3].item()) or real(*a))
+    model = make_tiny("llama")
+    scratch = ScratchLlama(model)
+    ids = _prompt(10)
+    with torch.inference_mode():
+        cache = scratch.new_cache(1, 32)
+        scratch(ids[:, :9], cache)
+        out = scratch.decode_static(ids[:, 9:], torch.tensor(9), cache)
+        monkeypatch.setattr(ScratchLlama, "_native_attention", lambda *a: False)  # the masked SDPA path instead
+        ref = scratch.decode_static(ids[:, 9:], torch.tensor(9), cache)
+    assert calls == [9] * model.config.num_hidden_layers
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_hf_forward_computes_only_the_last_positions_logits(course_tiny):
     # a prefill keeps one row of logits; computing all of them held B x T x vocabulary floats for nothing
     model, _ = course_tiny

@@ -108,6 +108,24 @@ def test_w4a8_kernel_multiplies_the_activations_rounded_per_group(xdt, sdt, n, k
         assert _rel(out, x.float() @ w.T) > 1e-4  # not the unrounded product: the activations were rounded
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,hkv,slots,d,slot", [(1, 9, 3, 150, 64, 0), (1, 9, 3, 150, 64, 37), (2, 4, 4, 40, 32, 39),
+                                                  (1, 8, 1, 300, 64, 299), (1, 9, 3, 150, 64, 16)])
+def test_decode_attention_matches_masked_attention_over_the_filled_slots(dtype, b, h, hkv, slots, d, slot):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype) for shape in
+               ((b, h, 1, d), (b, hkv, slots, d), (b, hkv, slots, d)))
+    k[:, :, slot + 1:] = float("nan")  # empty slots: never read (a read would poison the softmax)
+    out = native.decode_attention(q, k, v, torch.tensor(slot), d ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    rep = h // hkv
+    n = slot + 1
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k[:, :, :n].float().repeat_interleave(rep, 1), v[:, :, :n].float().repeat_interleave(rep, 1))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(out, ref) < tol
+
+
 def test_the_kernels_refuse_what_they_do_not_compute():
     w, x3 = torch.randn(8, 64), torch.randn(3, 64)
     with pytest.raises(RuntimeError, match="1 or 2 rows"):
@@ -118,6 +136,11 @@ def test_the_kernels_refuse_what_they_do_not_compute():
         native.gemv_int4(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8), torch.ones(4, 8, 2), 16)
     with pytest.raises(RuntimeError, match="one scale per output channel"):
         native.gemv_int8(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(7))
+    q, cache = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 10, 32)
+    with pytest.raises(RuntimeError, match="outside the cache's 10 slots"):
+        native.decode_attention(q, cache, cache, torch.tensor(10), 1.0)
+    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+        native.decode_attention(torch.randn(1, 3, 1, 32), cache, cache, torch.tensor(0), 1.0)
     if native.vnni():
         packed = torch.zeros(8, 32, dtype=torch.uint8)
         with pytest.raises(RuntimeError, match="rows-major"):

@@ -30,7 +30,7 @@ from ..device import compile_supported
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+SOURCES = (Path(__file__).with_name("csrc") / "gemv.cpp", Path(__file__).with_name("csrc") / "attention.cpp")
 ENV = "COURSE_NATIVE_KERNELS"  # "0" turns the native kernels off
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's OpenMP threads
 ROWS = 2  # the kernels take one or two rows of activations
@@ -91,11 +91,12 @@ def _build(cpu_flags: set[str]) -> None:
 
     # a changed source, torch or CPU builds anew (-march=native: a build for one CPU may not run on another that
     # shares the extensions folder)
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*FLAGS, torch.__version__, *sorted(cpu_flags)]).encode())
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)
+                         + " ".join([*FLAGS, torch.__version__, *sorted(cpu_flags)]).encode())
     name = f"course_lib_gemv_{key.hexdigest()[:12]}"
     log.info("building the native decode kernels (%s, once per machine: about 30 s)", name)
-    load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False,
-         verbose=False)
+    load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=False)
     _register_fakes()
 
 
@@ -109,6 +110,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("course_lib::gemv_int4")(
         lambda x, packed, scales_and_zeros, group_size: out(x, packed.shape[0]))
     torch.library.register_fake("course_lib::gemv_int4_a8")(lambda x, packed, scales_and_zeros: out(x, packed.shape[0]))
+    torch.library.register_fake("course_lib::decode_attention")(lambda q, k, v, slot, scale: torch.empty_like(q))
 
 
 def gemv_float(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -134,6 +136,14 @@ def gemv_int4_a8(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.
     """W4A8: int4 weights in groups of 32 (halves layout, rows-major scales) times x rounded to int8 per group of 32
     (:func:`.primitives.round_activation_groups`), integer dot products (AVX512-VNNI) -> (R, N) float32."""
     return torch.ops.course_lib.gemv_int4_a8(x, packed, scales_and_zeros)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One new token's attention over a static cache: q (B, H, 1, D) against the slots ``0..slot`` of k and v
+    (B, H_kv, L, D), query head h reading key/value head h // (H / H_kv) -> (B, H, 1, D) in q's dtype.
+    ``slot`` is a 0-d tensor (one graph serves every step); the empty slots are never read."""
+    return torch.ops.course_lib.decode_attention(q, k, v, slot, scale)
 
 
 def vnni() -> bool:

@@ -1,0 +1,134 @@
+// One decode step's attention over a static KV cache (AVX-512): a new token's query against the filled slots.
+//
+// At decode a query is one row, so attention is two matrix-vector products over the cache (the keys times q,
+// then the weights times the values) with a softmax between. PyTorch's fused attention call is built for many
+// rows: at one row, over a cache of a few hundred slots, its fixed cost per call is most of its time, and the
+// compiled step's mask reads every slot, filled or not. This kernel reads only the filled slots (their count from
+// a 0-d tensor, so one graph serves every step), maps each query head to its key/value head (grouped-query
+// attention) without copying the cache, and works in float32.
+//
+// Registered as torch.ops.course_lib.decode_attention beside the GEMV kernels (csrc/gemv.cpp), built with them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// e^x for x <= 0 (scores minus their maximum): 2^(x log2 e) as 2^n times a degree-7 Taylor polynomial of 2^f,
+// |f| <= 1/2 (relative error under 1e-8); far below zero it underflows to 0, as exp does
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One query head: out = softmax(scale * K q) V over the first n rows of K and V (each D wide, D % 16 == 0).
+template <typename T>
+void one_head(const float* q, const T* k, const T* v, int64_t n, int64_t D, int64_t row_stride, float scale,
+              float* scores, float* out) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* kr = k + j * row_stride;
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(kr + d), a);
+    scores[j] = _mm512_reduce_add_ps(a) * scale;
+    m = std::max(m, scores[j]);
+  }
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sv = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + j), mv));
+    _mm512_storeu_ps(scores + j, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  if (j < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + j), mv)));
+    _mm512_mask_storeu_ps(scores + j, tail, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(sv);
+  for (int64_t d = 0; d < D; d += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t r = 0; r < n; ++r) acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[r]), load16(v + r * row_stride + d), acc);
+    _mm512_storeu_ps(out + d, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+  }
+}
+
+// q (B, H, 1, D); k, v (B, Hkv, L, D), slots [0, slot] filled; H a multiple of Hkv. Returns (B, H, 1, D) in q's dtype.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slot,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "q must be (batch, heads, 1, head_dim), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "k and v must be (batch, kv_heads, slots, head_dim), alike");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D, "k/v (", k.sizes(), ") do not match q (", q.sizes(), ")");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads (", H, ") must be a multiple of key/value heads (", Hkv, ")");
+  TORCH_CHECK(D % 16 == 0, "head_dim must be a multiple of 16, got ", D);
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must have one dtype");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D &&
+                  k.stride(1) == v.stride(1) && k.stride(0) == v.stride(0),
+              "k and v must be contiguous caches");
+  TORCH_CHECK(slot.numel() == 1, "slot must hold one position");
+  const int64_t n = slot.item<int64_t>() + 1;
+  TORCH_CHECK(n >= 1 && n <= L, "slot ", n - 1, " is outside the cache's ", L, " slots");
+  const auto qf = q.to(at::kFloat).contiguous();
+  auto out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t rep = H / Hkv;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(n);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, off = b * k.stride(0) + (h / rep) * k.stride(1);
+      switch (k.scalar_type()) {
+        case at::kFloat:
+          one_head(qp + i * D, k.data_ptr<float>() + off, v.data_ptr<float>() + off, n, D, D, float(scale), scores.data(), op + i * D);
+          break;
+        case at::kBFloat16:
+          one_head(qp + i * D, k.data_ptr<c10::BFloat16>() + off, v.data_ptr<c10::BFloat16>() + off, n, D, D, float(scale), scores.data(), op + i * D);
+          break;
+        case at::kHalf:
+          one_head(qp + i * D, k.data_ptr<c10::Half>() + off, v.data_ptr<c10::Half>() + off, n, D, D, float(scale), scores.data(), op + i * D);
+          break;
+        default: TORCH_CHECK(false, "k and v must be float32, bfloat16 or float16, got ", k.scalar_type());
+      }
+    }
+  });
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(course_lib, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slot, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(course_lib, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -232,6 +232,14 @@ def _own_code(method: Callable) -> Callable:
     return types.MethodType(own, method.__self__)
 
 
+def _keep_argument_guards(entries) -> list[bool]:
+    """torch.compile's ``guard_filter_fn`` for a decoder's step: keep the guards on the step's arguments (the token,
+    the slot, the cache) and on globals; drop those on ``self`` - the model's modules, their attributes and
+    weights, about ten thousand checks on the real model, 0.8 ms of every token. :meth:`CompiledDecoder.__call__`
+    checks the model once per call instead (:meth:`CompiledDecoder._model_key`) and compiles anew when it changed."""
+    return [not (e.name == "self" or e.name.startswith(("self.", "self["))) for e in entries]
+
+
 class CompiledDecoder:
     """A static-cache decode step compiled once with ``torch.compile``, reused across calls.
 
@@ -256,14 +264,53 @@ class CompiledDecoder:
         self.mode = mode or "default"
         self.cuda_graphs = dev.type == "cuda" and backend == "inductor" and self.mode in ("reduce-overhead",
                                                                                               "max-autotune")
-        self.scratch = model if isinstance(model, ScratchLlama) else ScratchLlama(model)
+        self._own_scratch = not isinstance(model, ScratchLlama)
+        self.scratch = ScratchLlama(model) if self._own_scratch else model
+        self._backend = backend
+        self._compile()
+
+    def _compile(self) -> None:
         # both lazy: only the one a caller uses is ever compiled. step -> logits; next_token -> the greedy token,
         # argmax and the slot's advance inside the graph (no ATen call of its own per token)
-        self.step: Callable = torch.compile(_own_code(self.scratch.decode_static), mode=mode, fullgraph=True,
-                                            backend=backend)
-        self.next_token: Callable = torch.compile(_own_code(self._next_token), mode=mode, fullgraph=True,
-                                                  backend=backend)
+        # torch.compile takes a mode or options, not both: CUDA graphs' modes keep every guard (a replay costs one
+        # launch; the guards are checked on the CPU meanwhile). A dict each: torch.compile pops the filter from it.
+        def compiled(fn: Callable) -> Callable:
+            if self.mode != "default":
+                return torch.compile(_own_code(fn), mode=self.mode, fullgraph=True, backend=self._backend)
+            return torch.compile(_own_code(fn), fullgraph=True, backend=self._backend,
+                                 options={"guard_filter_fn": _keep_argument_guards})
+
+        self.step: Callable = compiled(self.scratch.decode_static)
+        self.next_token: Callable = compiled(self._next_token)
         self._caches: dict[tuple[int, int], KVCache] = {}
+        self._key: tuple | None = None
+
+    def _model_key(self) -> tuple:
+        """What the step was traced against, in place of the guards dropped from it: every module of the model
+        (and the fused projections) with its type and kernel, every tensor's identity, address, shape and dtype.
+        A tensor written in place keeps its key (the graph reads it where it is); a module swapped (``quantize_``,
+        ``prune_``), a tensor replaced or cast changes it."""
+        s = self.scratch
+        mods = [*s.hf_model.modules(), *(f for f in (*s.qkv, *s.gate_up) if f is not None)]
+        key: list = []
+        for m in mods:
+            key.append((id(m), type(m), getattr(m, "kernel", None), m.training))
+            key.extend((id(t), t.data_ptr(), t.shape, t.dtype, t.device)
+                       for t in itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)))
+        return tuple(key)
+
+    def _check_model(self) -> None:
+        """Compile anew if the model changed since the step was traced (its guards on the model are dropped)."""
+        self.scratch.sync_fused()  # the fused copies first: a prefill would refresh them anyway
+        key = self._model_key()
+        if self._key is not None and key != self._key:
+            log.info("the model changed since its step was compiled: compiling again")
+            if self._own_scratch:
+                self.scratch = ScratchLlama(self.scratch.hf_model, self.scratch.attention, self.scratch.fuse)
+            self._compile()
+            self.scratch.sync_fused()
+            key = self._model_key()
+        self._key = key
 
     def _next_token(self, tok: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
         nxt = self.scratch.decode_static(tok, slot, cache).argmax(-1, keepdim=True)
@@ -284,6 +331,7 @@ class CompiledDecoder:
     @torch.inference_mode()
     def __call__(self, prompt_ids: torch.Tensor, max_new_tokens: int, max_len: int | None = None) -> torch.Tensor:
         check_new_tokens(max_new_tokens)
+        self._check_model()
         s = self.scratch
         ids = _as_ids(s, prompt_ids, max_new_tokens, s.device)
         max_len = max_len or ids.shape[1] + max_new_tokens

@@ -114,19 +114,22 @@ def test_rows_have_every_column_and_every_engine_is_measured(tiny_loader, src, t
     # kernels are built (nothing to compile), else they are skipped too
     for m in ("hf-generate fp32", "course_lib compiled int8-wo", "torch dynamic int8"):
         assert "skipped in --quick" in rows[m]["note"] and rows[m]["decode_tok_s"] is None
-    for m in ("course_lib eager bf16-stream", "course_lib eager int8-stream", "course_lib eager int4-stream"):
+    for m in ("course_lib eager bf16-stream", "course_lib eager int8-stream", "course_lib eager int4-stream",
+              "course_lib eager w4a8-stream"):
         if engines.streams_cheaply():
             assert rows[m]["decode_tok_s"] and rows[m]["error"] is None and "streaming GEMV" in rows[m]["kernels"]
         else:
             assert "skipped in --quick" in rows[m]["note"] and rows[m]["decode_tok_s"] is None
     ladder = {r["rung"][0]: r for r in engines.ladder(out)}  # chapter 04's table: every rung that ran, in order
-    assert list(ladder) == list("123456") and ladder["3"]["tok/s"] is None  # compiled: not in quick mode
+    assert list(ladder) == list("1234567") and ladder["3"]["tok/s"] is None  # compiled: not in quick mode
     assert "skipped in --quick" in ladder["3"]["note"]
     assert ladder["1"]["path"] == "hf-generate bf16" and ladder["2"]["path"] == "course_lib eager bf16"
     assert ladder["2"]["roofline (tok/s)"] == pytest.approx(10e9 / rows["course_lib eager bf16"]["bytes"])
     assert ladder["2"]["llama.cpp (tok/s)"] == rows["llama.cpp BF16"]["decode_tok_s"]
     if engines.streams_cheaply():
         assert ladder["5"]["path"] == "course_lib eager int8-stream" and ladder["6"]["rival"] == "llama.cpp Q4_0"
+        assert ladder["7"]["path"] == "course_lib eager w4a8-stream" and ladder["7"]["rival"] == "llama.cpp Q4_0"
+        assert "Int4A8Linear:" in rows["course_lib eager w4a8-stream"]["kernels"]
     # the packed layers' own kernel choice is reported; int4 weights are fewer bytes than int8, int8 than bf16
     assert "Int8WeightOnlyLinear:" in rows["course_lib eager int8-wo"]["kernels"]
     assert "Int4WeightOnlyLinear:" in rows["course_lib eager int4-wo"]["kernels"]
@@ -176,7 +179,7 @@ def test_a_failing_compile_keeps_its_error_and_the_other_rows(tiny_loader, src, 
         r = rows[f"course_lib compiled {fmt}"]
         assert r["error"] == "RuntimeError: inductor exploded" and r["decode_tok_s"] is None
         assert rows[f"course_lib eager {fmt}"]["decode_tok_s"] > 0
-    for fmt in ("bf16-stream", "int8-stream", "int4-stream"):  # no compiler: they run the other kernels, and say so
+    for fmt in ("bf16-stream", "int8-stream", "int4-stream", "w4a8-stream"):  # no compiler: the other kernels run
         assert rows[f"course_lib eager {fmt}"]["decode_tok_s"] > 0
         assert "streaming" not in rows[f"course_lib eager {fmt}"]["kernels"]
     assert "StreamingLinear:F.linear" in rows["course_lib eager bf16-stream"]["kernels"]

@@ -352,6 +352,44 @@ def test_compiled_decoder_runs_a_quantized_int8_model():
     assert torch.equal(CompiledDecoder(model)(ids, 8), generate_kv_cache(model, ids, 8))
 
 
+@pytest.mark.parametrize("change", ["quantized", "a weight replaced", "a weight written in place"])
+def test_compiled_decoder_follows_the_model_when_it_changes(change):
+    # the step's guards on the model are dropped (ten thousand checks a token on the real model); the decoder
+    # checks the model once per call instead and compiles anew when it changed
+    from course_lib.generation import CompiledDecoder
+    from course_lib.quantization import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    model = make_tiny("llama")
+    ids = _prompt(6)
+    dec = CompiledDecoder(model, backend="eager")
+    before = dec(ids, 8)
+    assert torch.equal(before, generate_kv_cache(model, ids, 8))
+    down = model.model.layers[-1].mlp.down_proj
+    if change == "quantized":
+        quantize_(model, QuantConfig(bits=4, group_size=32))
+    elif change == "a weight replaced":
+        down.weight = torch.nn.Parameter(torch.randn_like(down.weight) * 3)
+    else:
+        with torch.no_grad():
+            down.weight.mul_(-40)
+    want = generate_kv_cache(model, ids, 8)
+    assert torch.equal(dec(ids, 8), want)
+    if change != "quantized":
+        assert not torch.equal(want, before)  # the change mattered
+
+
+def test_compiled_steps_keep_only_their_arguments_guards():
+    from types import SimpleNamespace
+
+    from course_lib.generation import _keep_argument_guards
+
+    names = ["self", "self.scratch.layers[0].weight", "self[0]._modules['q_proj']", "cache.k[3]", "tok", "slot",
+             "G['torch'].nn", "selfish"]
+    assert _keep_argument_guards([SimpleNamespace(name=n) for n in names]) == [False, False, False, True, True,
+                                                                                True, True, True]
+
+
 def test_scratch_uses_each_norms_own_epsilon():
     model = make_tiny("llama")
     for mod in model.modules():

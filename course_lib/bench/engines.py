@@ -613,8 +613,10 @@ LADDER = (
     ("4 streaming kernels", "matrix-vector kernels that wait on memory (native, prefetching)", "bf16-stream", "BF16"),
     ("5 int8 weights", "half the bytes per weight", "int8-stream", "Q8_0"),
     ("6 int4 weights", "a quarter of the bytes, plus a scale and a zero per 32", "int4-stream", "Q4_0"),
+    ("7 int8 activations", "int4's unpacking arithmetic: activations rounded to int8 per 32, integer dot products "
+     "(W4A8, what llama.cpp does with Q4_0)", "w4a8-stream", "Q4_0"),
 )
-LADDER_FORMATS = ("bf16", "bf16-stream", "int8-stream", "int4-stream")  # what run() needs for the ladder
+LADDER_FORMATS = ("bf16", "bf16-stream", "int8-stream", "int4-stream", "w4a8-stream")  # what run() needs for it
 LADDER_GGUF = ("BF16", "Q8_0", "Q4_0")
 
 

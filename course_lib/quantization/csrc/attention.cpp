@@ -10,6 +10,7 @@
 // Registered as torch.ops.course_lib.decode_attention beside the GEMV kernels (csrc/gemv.cpp), built with them.
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -99,30 +100,40 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(slot.numel() == 1, "slot must hold one position");
   const int64_t n = slot.item<int64_t>() + 1;
   TORCH_CHECK(n >= 1 && n <= L, "slot ", n - 1, " is outside the cache's ", L, " slots");
-  const auto qf = q.to(at::kFloat).contiguous();
-  auto out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
-  const float* qp = qf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "q must be float32, bfloat16 or float16, got ", q.scalar_type());
+  // q and the output in q's own dtype, converted head by head here: no tensor made for either (two ATen calls per
+  // layer and step saved)
+  const auto qc = q.contiguous();
+  auto out = at::empty({B, H, 1, D}, q.options());
   const int64_t rep = H / Hkv;
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(n);
+    std::vector<float> scores(n), qf(D), of(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, off = b * k.stride(0) + (h / rep) * k.stride(1);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_q", [&] {
+        const scalar_t* src = qc.data_ptr<scalar_t>() + i * D;
+        for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(src[d]);
+      });
       switch (k.scalar_type()) {
         case at::kFloat:
-          one_head(qp + i * D, k.data_ptr<float>() + off, v.data_ptr<float>() + off, n, D, D, float(scale), scores.data(), op + i * D);
+          one_head(qf.data(), k.data_ptr<float>() + off, v.data_ptr<float>() + off, n, D, D, float(scale), scores.data(), of.data());
           break;
         case at::kBFloat16:
-          one_head(qp + i * D, k.data_ptr<c10::BFloat16>() + off, v.data_ptr<c10::BFloat16>() + off, n, D, D, float(scale), scores.data(), op + i * D);
+          one_head(qf.data(), k.data_ptr<c10::BFloat16>() + off, v.data_ptr<c10::BFloat16>() + off, n, D, D, float(scale), scores.data(), of.data());
           break;
         case at::kHalf:
-          one_head(qp + i * D, k.data_ptr<c10::Half>() + off, v.data_ptr<c10::Half>() + off, n, D, D, float(scale), scores.data(), op + i * D);
+          one_head(qf.data(), k.data_ptr<c10::Half>() + off, v.data_ptr<c10::Half>() + off, n, D, D, float(scale), scores.data(), of.data());
           break;
         default: TORCH_CHECK(false, "k and v must be float32, bfloat16 or float16, got ", k.scalar_type());
       }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_out", [&] {
+        scalar_t* dst = out.data_ptr<scalar_t>() + i * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(of[d]);
+      });
     }
   });
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  return out;
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-"""Native decode kernels: the matrix-vector products of ``csrc/gemv.cpp``, built on this machine at first use.
+"""Native decode kernels: the matrix-vector products of ``csrc/`` and decode attention, built here at first use.
 
 The compiled reductions of :mod:`.streaming` leave the loop to inductor, which reads one weight row after
 another with nothing asked for ahead: a core then waits on memory and streams a weight matrix at about half
@@ -7,7 +7,8 @@ two ahead prefetched, int8 and int4 unpacked in registers (AVX-512; W4A8's int4 
 dot-product instructions, AVX512-VNNI). It is built once per machine with ``torch.utils.cpp_extension``
 (``-march=native``; about 30 seconds, kept in torch's extensions folder) and registered as
 ``torch.ops.course_lib.gemv_float / gemv_int8 / gemv_int4 / gemv_int4_a8``, so a compiled decode step calls it
-from its graph.
+from its graph. ``csrc/attention.cpp`` (``decode_attention``) is built with it: a decode step's attention over the
+static cache, which is two matrix-vector products over the filled slots (:mod:`course_lib.scratch_llama` calls it).
 
 Where it cannot be built (no AVX-512, no C++ compiler, no ``ninja``, Windows) :func:`available` says why, and
 the streaming kernels fall back to the compiled reductions; ``COURSE_NATIVE_KERNELS=0`` turns it off. Either

@@ -16,9 +16,12 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import itertools
 import os
 import shutil
 import sys
+import types
+from collections.abc import Callable
 
 import torch
 
@@ -100,3 +103,21 @@ def compile_supported(device: str | torch.device = "cpu") -> tuple[bool, str]:
     if dev.type == "mps":
         return False, "torch.compile's inductor backend for MPS is experimental; skipped"
     return True, ""
+
+
+_OWN_CODES = itertools.count()
+
+
+def own_code(fn: Callable) -> Callable:
+    """``fn`` (a function or a bound method) with a code object of its own, for ``torch.compile``.
+
+    Dynamo keeps at most ``recompile_limit`` (8) graphs per code object and, with ``fullgraph=True``, fails beyond.
+    Every decoder compiles the same two methods and every streaming kernel the same function, so a process that
+    builds many of them (a test suite, the engines bench) would share one budget of 8 between all of them.
+    """
+    bound = getattr(fn, "__self__", None) if isinstance(fn, types.MethodType) else None
+    func = fn.__func__ if bound is not None else fn
+    code = func.__code__.replace(co_name=f"{func.__name__}_{next(_OWN_CODES)}")
+    own = types.FunctionType(code, func.__globals__, code.co_name, func.__defaults__, func.__closure__)
+    own.__kwdefaults__ = func.__kwdefaults__
+    return types.MethodType(own, bound) if bound is not None else own

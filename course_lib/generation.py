@@ -23,7 +23,6 @@ import itertools
 import logging
 import math
 import time
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ._checks import check_flag, check_int, check_new_tokens, check_number, check_text
 from ._hf import cache_kwarg, takes_logits_to_keep
-from .device import compile_supported, device_of
+from .device import compile_supported, device_of, own_code
 from .kv_cache import KVCache
 from .kv_quant import KVQuantConfig
 from .models import check_prompt_ids
@@ -218,20 +217,6 @@ def generate_hf(model, prompt_ids: torch.Tensor, max_new_tokens: int, **kwargs) 
     return out[:, ids.shape[1]:]
 
 
-_OWN_CODES = itertools.count()
-
-
-def _own_code(method: Callable) -> Callable:
-    """The bound method with a code object of its own. Dynamo keeps at most ``recompile_limit`` (8) graphs per code
-    object and, with ``fullgraph=True``, fails beyond; every decoder compiles the same two methods, so a process
-    that builds many (a test suite, the engines bench) would share one budget of 8 between all of them."""
-    fn = method.__func__
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_OWN_CODES)}")
-    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    own.__kwdefaults__ = fn.__kwdefaults__
-    return types.MethodType(own, method.__self__)
-
-
 def _keep_argument_guards(entries) -> list[bool]:
     """torch.compile's ``guard_filter_fn`` for a decoder's step: keep the guards on the step's arguments (the token,
     the slot, the cache) and on globals; drop those on ``self`` - the model's modules, their attributes and
@@ -276,8 +261,8 @@ class CompiledDecoder:
         # launch; the guards are checked on the CPU meanwhile). A dict each: torch.compile pops the filter from it.
         def compiled(fn: Callable) -> Callable:
             if self.mode != "default":
-                return torch.compile(_own_code(fn), mode=self.mode, fullgraph=True, backend=self._backend)
-            return torch.compile(_own_code(fn), fullgraph=True, backend=self._backend,
+                return torch.compile(own_code(fn), mode=self.mode, fullgraph=True, backend=self._backend)
+            return torch.compile(own_code(fn), fullgraph=True, backend=self._backend,
                                  options={"guard_filter_fn": _keep_argument_guards})
 
         self.step: Callable = compiled(self.scratch.decode_static)

@@ -1,4 +1,4 @@
-"""Figures for the first chapters. Each function returns a matplotlib Figure."""
+"""Figures the notebooks show. Each function returns a matplotlib Figure."""
 
 from __future__ import annotations
 
@@ -96,6 +96,24 @@ def plot_rounding_error(w, w_hat, title: str = ""):
     a2.set_title("rounding error")
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_ladder(rungs: Sequence[dict]):
+    """Chapter 04's ladder (:func:`course_lib.bench.engines.ladder`): each rung that ran as a bar of tokens/s, with
+    its roofline (read bandwidth / bytes per token) and llama.cpp on the same kind of weights as markers."""
+    ran = [r for r in rungs if r.get("tok/s")]
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    names = [r["rung"] for r in ran]
+    ax.barh(names, [r["tok/s"] for r in ran], color="tab:blue", label="course_lib")
+    ax.scatter([r.get("roofline (tok/s)") or 0 for r in ran], names, marker="|", s=300, color="black",
+               label="roofline (read bandwidth / bytes)")
+    ax.scatter([r.get("llama.cpp (tok/s)") or 0 for r in ran], names, marker="D", color="tab:orange",
+               label="llama.cpp, same kind of weights")
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens / s (batch 1)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
     return fig
 
 

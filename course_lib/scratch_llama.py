@@ -320,7 +320,7 @@ class ScratchLlama:
                 or q.shape[-1] % 16 or (torch.is_grad_enabled() and q.requires_grad)
                 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
             return False
-        return native.built() if torch.compiler.is_compiling() else native.available()[0]
+        return native.ready()
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None,
              slot: torch.Tensor | None, last_only: bool) -> torch.Tensor:

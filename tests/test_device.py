@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from course_lib.device import course_device, device_of, pick_device
+from course_lib.device import course_device, device_of, own_code, pick_device
 
 
 def test_auto_picks_what_is_here():
@@ -66,3 +66,22 @@ print((before - p.memory_info().rss) / 2**20)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert float(out.stdout.split()[-1]) > 80  # MB given back, of the 100 freed
+
+
+def test_own_code_gives_each_copy_a_code_object_of_its_own():
+    # dynamo's recompile limit counts per code object: each compiled copy must have its own budget
+    def scaled(x, k=2):
+        return x * k
+
+    class Holder:
+        base = 10
+
+        def add(self, x):
+            return self.base + x
+
+    a, b = own_code(scaled), own_code(scaled)
+    assert a.__code__ is not b.__code__ and a.__code__ is not scaled.__code__
+    assert a(3) == b(3) == 6 and a(3, k=5) == 15
+    h = Holder()
+    m = own_code(h.add)
+    assert m.__self__ is h and m.__func__.__code__ is not Holder.add.__code__ and m(1) == 11

@@ -379,6 +379,24 @@ def test_compiled_decoder_follows_the_model_when_it_changes(change):
         assert not torch.equal(want, before)  # the change mattered
 
 
+def test_both_compiled_functions_of_a_decoder_filter_their_guards(monkeypatch):
+    # torch.compile pops guard_filter_fn from the options it is given: each compile needs a dict of its own
+    import course_lib.generation as generation
+
+    seen = []
+    real = generation._keep_argument_guards
+    monkeypatch.setattr(generation, "_keep_argument_guards", lambda entries: seen.append(len(entries)) or
+                        real(entries))
+    model = make_tiny("llama")
+    dec = generation.CompiledDecoder(model, backend="eager")
+    with torch.inference_mode():
+        dec(_prompt(6), 3)  # next_token
+        cache = dec.scratch.new_cache(1, 16)
+        dec.scratch(_prompt(6), cache)
+        dec.step(_prompt(1), torch.tensor(6), cache)  # step
+    assert len(seen) == 2 and all(seen)
+
+
 def test_compiled_steps_keep_only_their_arguments_guards():
     from types import SimpleNamespace
 

@@ -23,3 +23,17 @@ def test_pyproject_installs_without_setuptools_warnings():
              if "setuptools" in w.category.__module__.lower() or "Setuptools" in w.category.__name__]
     assert not noisy, f"pyproject.toml makes setuptools warn at every install: {noisy}"
     assert dist.metadata.license_expression == "MIT"
+
+
+def test_the_native_kernels_sources_and_headers_ship_in_the_package():
+    """A wheel without a header of ``csrc/`` builds nothing: every file there must match a package-data pattern."""
+    from fnmatch import fnmatch
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    patterns = apply_configuration(Distribution(), ROOT / "pyproject.toml").package_data["course_lib"]
+    csrc = ROOT / "course_lib" / "quantization" / "csrc"
+    files = [p.relative_to(ROOT / "course_lib").as_posix() for p in csrc.iterdir() if p.is_file()]
+    assert {"quantization/csrc/gemv.cpp", "quantization/csrc/load16.h"} <= set(files)
+    assert all(any(fnmatch(f, pat) for pat in patterns) for f in files), (files, patterns)

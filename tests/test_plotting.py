@@ -75,3 +75,16 @@ def test_rounding_error_panel_title_clears_the_subplot_titles():
     assert not [s for s in subtitles if _overlaps(title, s)], "the figure title overlaps a subplot title"
     assert all(s.y1 <= title.y0 for s in subtitles), "the figure title should sit above the subplot titles"
     plt.close(fig)
+
+
+def test_ladder_plot_draws_the_rungs_that_ran_with_their_roofline_and_rival():
+    rungs = [{"rung": "1 HF generate", "tok/s": 20.0, "roofline (tok/s)": 80.0, "llama.cpp (tok/s)": 50.0},
+             {"rung": "3 compiled step", "tok/s": None, "note": "skipped in --quick"},
+             {"rung": "4 streaming kernels", "tok/s": 60.0, "roofline (tok/s)": 80.0, "llama.cpp (tok/s)": None}]
+    fig = plotting.plot_ladder(rungs)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1 HF generate", "4 streaming kernels"]
+    assert [p.get_width() for p in ax.patches] == [20.0, 60.0]
+    roof, rival = (c.get_offsets()[:, 0].tolist() for c in ax.collections)
+    assert roof == [80.0, 80.0] and rival == [50.0, 0.0]  # a rival that did not run sits at 0
+    assert not _draw(fig)

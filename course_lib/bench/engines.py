@@ -98,7 +98,8 @@ FORMATS = {
     "w4a8-stream": ("w4a8-g32-stream", "int4 g32 x int8 act. per 32 (Q4_0 x Q8_0), streaming kernels (bf16 model)"),
 }
 BW_READINGS = 3  # read-bandwidth readings before the rounds and again after: the median is the machine's figure
-STREAM_FORMATS = ("bf16-stream", "int8-stream", "int4-stream", "w4a8-stream")  # compile their kernels: not in --quick
+# their kernels compile where the native ones cannot be built: --quick then skips them (streams_cheaply)
+STREAM_FORMATS = ("bf16-stream", "int8-stream", "int4-stream", "w4a8-stream")
 STREAM_WEIGHTS = "bf16, F.linear or the streaming kernel, measured per shape"
 
 

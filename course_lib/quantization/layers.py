@@ -569,29 +569,33 @@ class Int4A8Linear(Int4WeightOnlyLinear):
                              f"group_size={group_size} (use QuantConfig(bits=4, group_size=32, activations='int8'))")
         super().__init__(q, scales_and_zeros, group_size, *args, **kwargs)
 
+    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations every path multiplies, in their own dtype."""
+        return round_activation_groups(x, self.GROUP).to(x.dtype)
+
+    def _on_rounded(self, c: Candidate) -> Candidate:
+        return replace(c, run=lambda x, run=c.run: run(self._rounded(x)))
+
     def _reference(self, device):
         ref = super()._reference(device)
-        return lambda x: ref(round_activation_groups(x, self.GROUP))
+        return lambda x: ref(round_activation_groups(x, self.GROUP))  # float32: the reference rounds nothing else
 
     def _candidates(self, device):
         # the weight-only candidates, each fed the rounded activations; the streaming one rounds in its kernel
-        return [c if c.kernel == STREAM else
-                replace(c, run=lambda x, run=c.run: run(round_activation_groups(x, self.GROUP).to(x.dtype)))
-                for c in super()._candidates(device)]
+        return [c if c.kernel == STREAM else self._on_rounded(c) for c in super()._candidates(device)]
 
     def _float_candidate(self) -> Candidate:
-        c = super()._float_candidate()
-        return replace(c, run=lambda x, run=c.run: run(round_activation_groups(x, self.GROUP).to(x.dtype)))
+        return self._on_rounded(super()._float_candidate())
 
     def _stream_matmul(self, x2: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= STREAM_ROWS:
             return streaming.run("int4_a8", x2, packed, sz)
-        return super()._stream_matmul(round_activation_groups(x2, self.GROUP).to(x2.dtype), packed, sz)
+        return super()._stream_matmul(self._rounded(x2), packed, sz)
 
     def _matmul(self, x2):
         if self.kernel == STREAM:
             return self._stream_matmul(x2, self.weight_packed, self.scales_and_zeros)
-        return super()._matmul(round_activation_groups(x2, self.GROUP).to(x2.dtype))
+        return super()._matmul(self._rounded(x2))
 
 
 class Int8DynamicLinear(_PackedLinear):

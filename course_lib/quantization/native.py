@@ -31,7 +31,8 @@ from ..device import compile_supported
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("csrc") / "gemv.cpp", Path(__file__).with_name("csrc") / "attention.cpp")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "gemv.cpp", CSRC / "attention.cpp")  # compiled; CSRC's headers are included by them
 ENV = "COURSE_NATIVE_KERNELS"  # "0" turns the native kernels off
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's OpenMP threads
 ROWS = 2  # the kernels take one or two rows of activations
@@ -64,6 +65,12 @@ def available() -> tuple[bool, str]:
     return _STATE[0]
 
 
+def ready() -> bool:
+    """May a caller run the kernels now? Inside a compiled graph only if already loaded (:func:`built`: dynamo reads
+    it as a constant, and a build must not start while tracing); elsewhere :func:`available`, which builds once."""
+    return built() if torch.compiler.is_compiling() else available()[0]
+
+
 def _load() -> tuple[bool, str]:
     if os.environ.get(ENV, "").strip() == "0":
         return False, f"turned off ({ENV}=0)"
@@ -92,7 +99,7 @@ def _build(cpu_flags: set[str]) -> None:
 
     # a changed source, torch or CPU builds anew (-march=native: a build for one CPU may not run on another that
     # shares the extensions folder)
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h"))
                          + " ".join([*FLAGS, torch.__version__, *sorted(cpu_flags)]).encode())
     name = f"course_lib_gemv_{key.hexdigest()[:12]}"
     log.info("building the native decode kernels (%s, once per machine: about 30 s)", name)

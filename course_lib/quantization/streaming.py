@@ -35,14 +35,13 @@ native kernels' operators, are traced into the step's own graph.
 from __future__ import annotations
 
 import logging
-import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import compile_supported
+from ..device import compile_supported, own_code
 from . import kernel_choice, native
 from .kernel_choice import Candidate
 from .primitives import round_activation_groups
@@ -103,10 +102,7 @@ def _compiled(key: tuple) -> Callable[..., torch.Tensor]:
     """The compiled kernel for one (kind, dtypes, grad mode): each gets its own copy of the function's code, since
     dynamo keeps at most ``recompile_limit`` (8) graphs per code object and fails (fullgraph) beyond; one copy per
     key leaves each with a few (one row or several, weights that require grad or not)."""
-    fn = KERNELS[key[0]]
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
-    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    return torch.compile(own, dynamic=True, fullgraph=True)
+    return torch.compile(own_code(KERNELS[key[0]]), dynamic=True, fullgraph=True)
 
 
 def implementation() -> str:
@@ -123,7 +119,7 @@ def _native(kind: str, args: tuple) -> bool:
         return False
     if (kind == "int4" and args[3] % 32) or (kind == "int4_a8" and not native.vnni()):
         return False
-    return native.built() if torch.compiler.is_compiling() else native.available()[0]
+    return native.ready()
 
 
 def run(kind: str, *args) -> torch.Tensor:

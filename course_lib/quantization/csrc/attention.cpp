@@ -15,6 +15,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "load16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,14 +25,7 @@
 
 namespace {
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using course_lib_native::load16;
 
 // e^x for x <= 0 (scores minus their maximum): 2^(x log2 e) as 2^n times a degree-7 Taylor polynomial of 2^f,
 // |f| <= 1/2 (relative error under 1e-8); far below zero it underflows to 0, as exp does

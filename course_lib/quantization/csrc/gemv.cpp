@@ -15,6 +15,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "load16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,17 +30,7 @@ constexpr int64_t AHEAD = 2;  // prefetch the block this many blocks ahead
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
+using course_lib_native::load16;
 
 inline void prefetch_block(const void* base, int64_t row_bytes, int64_t offset_bytes) {
   const char* p = static_cast<const char*>(base) + offset_bytes;

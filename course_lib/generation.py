@@ -262,11 +262,15 @@ class CompiledDecoder:
         def compiled(fn: Callable) -> Callable:
             if self.mode != "default":
                 return torch.compile(own_code(fn), mode=self.mode, fullgraph=True, backend=self._backend)
+            # emulate_precision_casts: round to bf16/fp16 where eager rounds, not only at a fused kernel's end, so
+            # the one-token step and the verification pass (different graphs, fused differently) compute each
+            # token's logits alike, and both match the eager forward
             return torch.compile(own_code(fn), fullgraph=True, backend=self._backend,
-                                 options={"guard_filter_fn": _keep_argument_guards})
+                                 options={"guard_filter_fn": _keep_argument_guards, "emulate_precision_casts": True})
 
         self.step: Callable = compiled(self.scratch.decode_static)
         self.next_token: Callable = compiled(self._next_token)
+        self.verify: Callable = compiled(self.scratch.verify_static)  # prompt lookup's pass (speculative.py)
         self._caches: dict[tuple[int, int], KVCache] = {}
         self._key: tuple | None = None
 
@@ -313,18 +317,30 @@ class CompiledDecoder:
         cache.length = 0  # stale slots are masked (decode_static attends to slots <= its own only)
         return cache
 
-    @torch.inference_mode()
-    def __call__(self, prompt_ids: torch.Tensor, max_new_tokens: int, max_len: int | None = None) -> torch.Tensor:
+    def start(self, prompt_ids: torch.Tensor, max_new_tokens: int, max_len: int | None = None,
+              room: int = 0) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
+        """Check the model, prefill the prompt (eagerly) into a static cache: (first token (B, 1), its slot, cache).
+        The cache holds ``max_len`` slots (default: prompt + ``max_new_tokens`` + ``room``)."""
         check_new_tokens(max_new_tokens)
         self._check_model()
         s = self.scratch
         ids = _as_ids(s, prompt_ids, max_new_tokens, s.device)
-        max_len = max_len or ids.shape[1] + max_new_tokens
-        cache = self._cache(ids.shape[0], max_len)
-        nxt = s(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)  # prefill stays eager
+        cache = self._cache(ids.shape[0], max_len or ids.shape[1] + max_new_tokens + room)
+        nxt = s(ids, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        return nxt, torch.tensor(ids.shape[1], device=s.device), cache
+
+    @torch.inference_mode()
+    def __call__(self, prompt_ids: torch.Tensor, max_new_tokens: int, max_len: int | None = None,
+                 eos: int | None = None) -> torch.Tensor:
+        """Greedy tokens (B, new) after ``prompt_ids``; with ``eos`` (batch 1), stop after that token as plain
+        generation does (one look at each token: a sync per step, microseconds on a CPU)."""
+        nxt, slot, cache = self.start(prompt_ids, max_new_tokens, max_len)
+        if eos is not None and nxt.shape[0] != 1:
+            raise ValueError(f"eos stops one sequence: give a batch of 1 (got {nxt.shape[0]}) or eos=None")
         new = [nxt]
-        slot = torch.tensor(ids.shape[1], device=s.device)
         for _ in range(max_new_tokens - 1):
+            if eos is not None and nxt.item() == eos:
+                break
             if self.cuda_graphs:  # a graph replay must not mutate an input it does not own: advance outside
                 torch.compiler.cudagraph_mark_step_begin()  # each step is a new replay; last step's output is read
                 nxt = self.step(nxt, slot, cache).argmax(-1, keepdim=True)

@@ -86,10 +86,12 @@ class KVCache:
 
     def write_slot(self, layer: int, slot: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, n_kv, 1, D) keys/values at slot ``slot`` (a 0-d tensor: the static, compilable path);
-        return every slot (the caller masks the empty ones)."""
-        self.k[layer].index_copy_(2, slot.view(1), k)
-        self.v[layer].index_copy_(2, slot.view(1), v)
+        """Store (B, n_kv, T, D) keys/values at slots ``slot .. slot + T - 1`` (``slot`` a 0-d tensor: the static,
+        compilable path; T is 1 at a decode step); return every slot (the caller masks the empty ones)."""
+        t = k.shape[2]
+        idx = slot.view(1) if t == 1 else slot + torch.arange(t, device=slot.device)
+        self.k[layer].index_copy_(2, idx, k)
+        self.v[layer].index_copy_(2, idx, v)
         return self._read(self.k[layer]), self._read(self.v[layer])
 
     def _read(self, t):

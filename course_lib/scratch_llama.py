@@ -313,10 +313,11 @@ class ScratchLlama:
         return x + m.down_proj(F.silu(gate) * up)  # SwiGLU
 
     def _native_attention(self, q: torch.Tensor, cache: KVCache) -> bool:
-        """Can this decode step's attention run the native kernel (:func:`.quantization.native.decode_attention`)?
-        One new token per sequence on the CPU, the plain float cache (a quantized cache dequantizes on read), no
-        gradient, ``attention="sdpa"`` (``"naive"`` is the one written out to be read), the kernels built."""
-        if (self.attention != "sdpa" or type(cache) is not KVCache or q.shape[2] != 1 or q.device.type != "cpu"
+        """Can this static-cache step's attention run the native kernel (:func:`.quantization.native.decode_attention`)?
+        The new tokens (one at a decode step, a few in :meth:`verify_static`) on the CPU, the plain float cache (a
+        quantized cache dequantizes on read), no gradient, ``attention="sdpa"`` (``"naive"`` is the one written out
+        to be read), the kernels built."""
+        if (self.attention != "sdpa" or type(cache) is not KVCache or q.device.type != "cpu"
                 or q.shape[-1] % 16 or (torch.is_grad_enabled() and q.requires_grad)
                 or q.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
             return False
@@ -369,6 +370,20 @@ class ScratchLlama:
         positions = slot.view(1, 1).expand(tok.shape[0], 1)
         mask = (torch.arange(cache.max_len, device=tok.device) <= slot).view(1, 1, 1, -1)
         return self._run(tok, positions, cache, mask, slot, last_only=True)[:, -1]
+
+    def verify_static(self, toks: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, vocab) for T tokens at slots ``slot .. slot + T - 1`` in one pass: a speculative draft's
+        verification on the static cache, shapes fixed for ``torch.compile`` like :meth:`decode_static`.
+
+        Token t attends to slots ``0 .. slot + t``. Where the native kernels run (:meth:`_native_attention`, bf16
+        projections up to :data:`.quantization.native.BF16_ROWS` rows), each token's logits are computed exactly
+        as a one-token :meth:`decode_static` step computes them. Rejected tokens need no undo: their slots are
+        overwritten by the next pass before any query reads them. ``cache.length`` is not touched.
+        """
+        b, t = toks.shape
+        pos = slot + torch.arange(t, device=toks.device)
+        mask = (torch.arange(cache.max_len, device=toks.device)[None, :] <= pos[:, None]).view(1, 1, t, -1)
+        return self._run(toks, pos.view(1, t).expand(b, t), cache, mask, slot, last_only=False)
 
     @staticmethod
     def _mask(b: int, t: int, past: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -62,7 +62,7 @@ from transformers import DynamicCache
 
 from ._checks import check_new_tokens
 from ._hf import cache_kwarg
-from .generation import encode_prompt
+from .generation import CompiledDecoder, encode_prompt
 from .models import check_prompt_ids
 from .timing import BenchResult, compare, speed_verdict
 
@@ -616,6 +616,61 @@ def prompt_lookup_generate(target, prompt, max_new_tokens: int = 32, k: int = 5,
                              lambda logits, guesses: _greedy_verify(logits, guesses, None))
 
 
+@torch.inference_mode()
+def prompt_lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, max_new_tokens: int = 32, k: int = 5,
+                           max_ngram: int = 3, min_ngram: int = 2, eos: int | None = None) -> PromptLookupResult:
+    """Greedy prompt lookup on the course's compiled engine: :class:`~course_lib.generation.CompiledDecoder`.
+
+    The same drafts as :func:`prompt_lookup_generate`; a round without a match is the decoder's one-token step,
+    a round with one is ``decoder.verify``: k + 1 tokens through the static cache in one compiled pass (a shorter
+    draft is padded, so one graph serves every pass; the padding's logits are never read). Rejected tokens need no
+    rollback: the slot counter moves past the kept ones only, and the next pass overwrites the rest. Where the
+    native kernels run (bf16 projections on the CPU), each verified token's logits are exactly the one-token
+    step's, so the tokens are ``decoder(prompt_ids, max_new_tokens, eos=eos)``'s; a test checks it. ``prompt_ids``
+    is (1, T); ``eos`` as in the decoder's call.
+    """
+    _check_lookup(k, max_ngram, min_ngram)
+    t0 = time.perf_counter()
+    nxt, slot, cache = decoder.start(prompt_ids, max_new_tokens, room=k + 1)
+    if nxt.shape[0] != 1:
+        raise ValueError(f"prompt_lookup_compiled handles one prompt at a time (batch size 1); got {nxt.shape[0]} "
+                         "rows: call it once per prompt")
+    index = NgramIndex(max_ngram, min_ngram, prompt_ids[0].tolist())
+    new, per_round = [int(nxt)], []
+    accepted = evaluated = 0
+    chunk = torch.zeros(1, k + 1, dtype=nxt.dtype, device=nxt.device)
+    while len(new) < max_new_tokens and not (eos is not None and new[-1] == eos):
+        index.extend(new[-1:])
+        guesses = index.draft(min(k, max_new_tokens - len(new) - 1))
+        if decoder.cuda_graphs:  # each call a new replay (as in the decoder's own loop)
+            torch.compiler.cudagraph_mark_step_begin()
+        if not guesses:
+            if decoder.cuda_graphs:  # a replay must not advance its own input
+                nxt = decoder.step(nxt, slot, cache).argmax(-1, keepdim=True)
+                slot += 1
+            else:
+                nxt = decoder.next_token(nxt, slot, cache)  # advances slot in place
+            per_round.append((0, 0))
+            new.append(int(nxt))
+            continue
+        chunk[0, 0] = nxt[0, 0]
+        chunk[0, 1:1 + len(guesses)] = torch.tensor(guesses, dtype=chunk.dtype)
+        best = decoder.verify(chunk, slot, cache)[0].argmax(-1).tolist()  # the target's token after each position
+        n = 0
+        while n < len(guesses) and guesses[n] == best[n]:
+            n += 1
+        kept = guesses[:n] + [best[n]]
+        per_round.append((n, len(guesses)))
+        took, seen, _ = _keep(kept, n, n + 1 if n < len(guesses) else len(guesses), eos, new)
+        accepted += took
+        evaluated += seen
+        index.extend(kept[:-1])
+        slot += n + 1
+        nxt = torch.tensor([[kept[-1]]], dtype=nxt.dtype, device=nxt.device)
+    return PromptLookupResult(new[:max_new_tokens], k, len(per_round), sum(d for _, d in per_round), accepted,
+                              time.perf_counter() - t0, evaluated, max_ngram, min_ngram, tuple(per_round))
+
+
 def point_mass(guesses, vocab_size: int, device=None) -> torch.Tensor:
     """(d, V) rows that each put all their probability on one guess: the "distribution" a lookup draft comes from.
 
@@ -665,12 +720,7 @@ def lookup_speedup(target, groups: dict[str, list[torch.Tensor]], max_new_tokens
     ``alpha``), ``tokens_per_pass`` and ``drafted_frac`` (passes that verified a draft), and ``identical``.
     """
     _check_lookup(k, max_ngram, min_ngram)
-    check_new_tokens(max_new_tokens)
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
-    if not isinstance(groups, dict) or not groups or not all(isinstance(v, (list, tuple)) and v
-                                                            for v in groups.values()):
-        raise ValueError("groups must be a non-empty dict {name: [prompt ids, ...]}, e.g. {'quoting': [ids1, ids2]}")
+    _check_speedup_args(max_new_tokens, repeat, groups)
     results, fns = {}, {}
     for name, prompts in groups.items():
         ref = [greedy_reference(target, p, max_new_tokens, tokenizer=tokenizer)[0] for p in prompts]
@@ -684,6 +734,40 @@ def lookup_speedup(target, groups: dict[str, list[torch.Tensor]], max_new_tokens
             for p in ps]
         fns[f"{name}/prefill"] = lambda ps=prompts: [greedy_reference(target, p, 1, tokenizer=tokenizer) for p in ps]
     times = compare(fns, rounds=repeat, warmup=1, device=next(target.parameters()).device)
+    return _speedup_rows(results, times, k, max_ngram, min_ngram)
+
+
+def lookup_speedup_compiled(decoder: CompiledDecoder, groups: dict[str, list[torch.Tensor]], max_new_tokens: int = 64,
+                            k: int = 5, max_ngram: int = 3, min_ngram: int = 2, repeat: int = 3,
+                            eos: int | None = None) -> list[dict]:
+    """:func:`lookup_speedup` on the compiled engine: :func:`prompt_lookup_compiled` against the decoder's own
+    greedy loop (``decoder(ids, n, eos=eos)``), per group, timed interleaved with a prefill subtracted. Same rows."""
+    _check_lookup(k, max_ngram, min_ngram)
+    _check_speedup_args(max_new_tokens, repeat, groups)
+    results, fns = {}, {}
+    for name, prompts in groups.items():
+        ref = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
+        res = [prompt_lookup_compiled(decoder, p, max_new_tokens, k, max_ngram, min_ngram, eos) for p in prompts]
+        results[name] = (ref, res)
+        fns[f"{name}/greedy"] = lambda ps=prompts: [decoder(p, max_new_tokens, eos=eos) for p in ps]
+        fns[f"{name}/lookup"] = lambda ps=prompts: [
+            prompt_lookup_compiled(decoder, p, max_new_tokens, k, max_ngram, min_ngram, eos) for p in ps]
+        fns[f"{name}/prefill"] = lambda ps=prompts: [decoder(p, 1) for p in ps]
+    times = compare(fns, rounds=repeat, warmup=1, device=decoder.scratch.device)
+    return _speedup_rows(results, times, k, max_ngram, min_ngram)
+
+
+def _check_speedup_args(max_new_tokens, repeat, groups) -> None:
+    check_new_tokens(max_new_tokens)
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(v, (list, tuple)) and v
+                                                            for v in groups.values()):
+        raise ValueError("groups must be a non-empty dict {name: [prompt ids, ...]}, e.g. {'quoting': [ids1, ids2]}")
+
+
+def _speedup_rows(results: dict, times: dict, k: int, max_ngram: int, min_ngram: int) -> list[dict]:
+    """One row per group from its answers ((plain tokens, lookup results)) and the interleaved times."""
     rows = []
     for name, (ref, res) in results.items():
         pre = times[f"{name}/prefill"].times
@@ -701,8 +785,8 @@ def lookup_speedup(target, groups: dict[str, list[torch.Tensor]], max_new_tokens
             "speedup": spread.median, "speedup_p10": spread.p10, "speedup_p90": spread.p90,
             "acceptance_rate": sum(r.accepted for r in res) / max(1, sum(r.proposed for r in res)),
             "alpha": sum(r.accepted for r in res) / max(1, sum(r.evaluated for r in res)),
-            "tokens_per_pass": sum(len(r.tokens) for r in res) / passes,
-            "drafted_frac": sum(r.drafted_rounds for r in res) / passes,
+            "tokens_per_pass": sum(len(r.tokens) for r in res) / max(1, passes),
+            "drafted_frac": sum(r.drafted_rounds for r in res) / max(1, passes),
             "identical": all(r.tokens == want for r, want in zip(res, ref)),
             "verdict": speed_verdict(("prompt lookup", dec["lookup"]), ("plain greedy", dec["greedy"])),
         })

@@ -25,6 +25,7 @@ from course_lib.quantization import (
     stream_,
     streaming,
 )
+from course_lib.speculative import prompt_lookup_compiled
 from tests.conftest import make_tiny
 
 OK, WHY = native.available()
@@ -56,6 +57,21 @@ def test_float_kernel_matches_a_float32_matmul(rows, shape, wdt, xdt):
     y = native.gemv_float(x, w)
     assert y.shape == (rows, n) and y.dtype == torch.float32
     assert _rel(y, x.float() @ w.float().T) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1536, 576), (48, 64), (37, 96), (4, 32)])  # tiles of 16 rows (AMX), or not
+def test_bf16_kernel_scores_up_to_16_rows_each_as_if_alone(shape):
+    """A speculative verification pass sends several rows: each must come out bit for bit as a one-row call."""
+    g = torch.Generator().manual_seed(5)
+    n, k = shape
+    w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(native.BF16_ROWS, k, generator=g).bfloat16()
+    alone = torch.cat([native.gemv_float(x[i:i + 1], w) for i in range(len(x))])
+    assert _rel(alone, x.float() @ w.float().T) < 1e-5
+    for rows in (2, 3, 5, 6, 8, 16):
+        assert torch.equal(native.gemv_float(x[:rows], w), alone[:rows])
+    assert torch.equal(native.gemv_float(x[:6].T.contiguous().T, w), alone[:6])  # strided rows are copied first
+    assert native.max_rows("float", x, w) == native.BF16_ROWS
+    assert native.max_rows("float", x.float(), w) == native.max_rows("int8", x, w) == native.ROWS
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -128,8 +144,10 @@ def test_decode_attention_matches_masked_attention_over_the_filled_slots(dtype, 
 
 def test_the_kernels_refuse_what_they_do_not_compute():
     w, x3 = torch.randn(8, 64), torch.randn(3, 64)
-    with pytest.raises(RuntimeError, match="1 or 2 rows"):
+    with pytest.raises(RuntimeError, match="1 to 2 rows"):
         native.gemv_float(x3, w)
+    with pytest.raises(RuntimeError, match=f"1 to {native.BF16_ROWS} rows"):
+        native.gemv_float(torch.randn(native.BF16_ROWS + 1, 64).bfloat16(), w.bfloat16())
     with pytest.raises(RuntimeError, match=r"\(rows, 64\)"):
         native.gemv_float(torch.randn(1, 32), w)
     with pytest.raises(RuntimeError, match="multiple of 32"):
@@ -139,6 +157,8 @@ def test_the_kernels_refuse_what_they_do_not_compute():
     q, cache = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 10, 32)
     with pytest.raises(RuntimeError, match="outside the cache's 10 slots"):
         native.decode_attention(q, cache, cache, torch.tensor(10), 1.0)
+    with pytest.raises(RuntimeError, match="outside the cache's 10 slots"):  # 3 new tokens from slot 8: 8..10
+        native.decode_attention(torch.randn(1, 4, 3, 32), cache, cache, torch.tensor(8), 1.0)
     with pytest.raises(RuntimeError, match="multiple of key/value heads"):
         native.decode_attention(torch.randn(1, 3, 1, 32), cache, cache, torch.tensor(0), 1.0)
     if native.vnni():
@@ -152,6 +172,26 @@ def test_the_kernels_refuse_what_they_do_not_compute():
 def test_turned_off_by_the_environment_says_so(monkeypatch):
     monkeypatch.setenv(native.ENV, "0")
     assert native._load() == (False, f"turned off ({native.ENV}=0)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_of_several_new_tokens_is_each_tokens_own(dtype):
+    """T new tokens at slots slot..slot+T-1 (a verification pass): token t sees slots 0..slot+t, computed exactly
+    as a one-token call at slot + t; the output is contiguous whatever q's strides."""
+    g = torch.Generator().manual_seed(6)
+    b, h, hkv, slots, d, slot, t = 1, 9, 3, 60, 64, 20, 6
+    q = torch.randn(b, t, h, d, generator=g).to(dtype).transpose(1, 2)  # as the model makes it: a view
+    k, v = (torch.randn(b, hkv, slots, d, generator=g).to(dtype) for _ in range(2))
+    k[:, :, slot + t:] = float("nan")  # past the last new token: never read
+    out = native.decode_attention(q, k, v, torch.tensor(slot), d ** -0.5)
+    assert out.shape == q.shape and out.is_contiguous()
+    for j in range(t):
+        one = native.decode_attention(q[:, :, j:j + 1], k, v, torch.tensor(slot + j), d ** -0.5)
+        assert torch.equal(out[:, :, j:j + 1], one)
+    mask = torch.arange(slots)[None, :] <= (slot + torch.arange(t))[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().nan_to_num().repeat_interleave(3, 1), v.float().repeat_interleave(3, 1), attn_mask=mask)
+    assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_a_compiled_graph_calls_the_kernels_as_operators():
@@ -193,6 +233,24 @@ def test_streaming_layers_run_the_native_kernels_where_built(monkeypatch):
         quantize_(w4a8, QuantConfig(bits=4, group_size=32, activations="int8", kernel="stream"))
         assert torch.equal(CompiledDecoder(w4a8, backend="eager")(ids, 6), generate_kv_cache(w4a8, ids, 6))
         assert "int4_a8" in calls
+
+
+def test_a_bf16_verification_pass_scores_each_token_as_the_one_token_step():
+    """Compiled (inductor) bf16 engine: the k + 1 rows of a verification pass are bit for bit the one-token step's
+    logits, so prompt lookup on it gives exactly the decoder's greedy tokens."""
+    model = make_tiny(hidden=64, intermediate=128, vocab=96, layers=2).to(torch.bfloat16)
+    stream_(model)
+    dec = CompiledDecoder(model)
+    prompt = torch.tensor([[5, 7, 9, 11, 5, 7, 9, 11, 5, 7]])
+    with torch.inference_mode():
+        nxt, slot, cache = dec.start(prompt, 8, room=8)
+        toks = torch.tensor([[int(nxt), 3, 4, 5, 6]])
+        rows = dec.verify(toks, slot, cache)[0]
+        for j in range(toks.shape[1]):
+            assert torch.equal(dec.step(toks[:, j:j + 1], slot + j, cache)[0], rows[j])
+    ref = dec(prompt, 24)[0].tolist()
+    res = prompt_lookup_compiled(dec, prompt, 24, k=4, min_ngram=1)
+    assert res.tokens == ref and res.drafted_rounds > 0
 
 
 def test_a_stream_request_without_native_kernels_keeps_measuring(monkeypatch):

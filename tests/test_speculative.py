@@ -328,6 +328,7 @@ from course_lib.speculative import (  # noqa: E402
     NgramIndex,
     ngram_draft,
     point_mass,
+    prompt_lookup_compiled,
     prompt_lookup_generate,
     prompt_lookup_sample,
 )
@@ -417,6 +418,39 @@ def test_prompt_lookup_stops_at_eos_like_generate(pair):
     res = prompt_lookup_generate(target, prompt, 30, k=4, min_ngram=1, tokenizer=tok)
     assert res.tokens == want and want[-1] == eos
     assert prompt_lookup_generate(target, prompt, 30, k=4, min_ngram=1, tokenizer=tok, stop_at_eos=False).tokens == free
+
+
+@pytest.fixture(scope="module")
+def traced_decoder(pair):
+    """The compiled engine's loop, traced without generating kernels (seconds): the same graphs' logic."""
+    from course_lib.generation import CompiledDecoder
+
+    return CompiledDecoder(pair[0], backend="eager")
+
+
+@pytest.mark.parametrize("k,min_ngram", [(3, 2), (5, 1)])
+def test_prompt_lookup_on_the_compiled_engine_gives_the_decoders_tokens(pair, traced_decoder, k, min_ngram):
+    """Drafts verified in the engine's fixed-width pass (padded to k + 1), rejections undone by the slot alone."""
+    target, _ = pair
+    dec = traced_decoder
+    drafted = 0
+    for prompt in (torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]),
+                   torch.tensor([[8, 9, 10, 11, 12, 13] * 4]), torch.arange(10, 40)[None]):
+        ref = dec(prompt, 30)[0].tolist()
+        assert ref == target_greedy(target, prompt, 30)
+        res = prompt_lookup_compiled(dec, prompt, 30, k=k, min_ngram=min_ngram)
+        assert res.tokens == ref
+        assert res.rounds == len(res.per_round) and len(res.tokens) == 1 + sum(a + 1 for a, _ in res.per_round)
+        assert all(a <= d <= k for a, d in res.per_round) and res.accepted <= res.evaluated <= res.proposed
+        drafted += res.accepted
+    assert drafted > 0
+    eos = ref[9]
+    assert prompt_lookup_compiled(dec, prompt, 30, k=k, min_ngram=min_ngram, eos=eos).tokens == \
+        dec(prompt, 30, eos=eos)[0].tolist() == ref[:ref.index(eos) + 1]
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        prompt_lookup_compiled(dec, torch.tensor([[1, 2], [3, 4]]), 4)
+    with pytest.raises(ValueError, match="min_ngram"):
+        prompt_lookup_compiled(dec, prompt, 4, max_ngram=2, min_ngram=3)
 
 
 def test_prompt_lookup_refuses_bad_input(pair):

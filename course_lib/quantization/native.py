@@ -35,7 +35,8 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "gemv.cpp", CSRC / "attention.cpp")  # compiled; CSRC's headers are included by them
 ENV = "COURSE_NATIVE_KERNELS"  # "0" turns the native kernels off
 FLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's OpenMP threads
-ROWS = 2  # the kernels take one or two rows of activations
+ROWS = 2  # the kernels take one or two rows of activations (a decode step, a pair of sequences) ...
+BF16_ROWS = 16  # ... but bf16 x bf16 takes up to 16 (a speculative verification pass), on AMX where the CPU has it
 
 
 def _cpu_flags() -> set[str]:
@@ -118,11 +119,22 @@ def _register_fakes() -> None:
     torch.library.register_fake("course_lib::gemv_int4")(
         lambda x, packed, scales_and_zeros, group_size: out(x, packed.shape[0]))
     torch.library.register_fake("course_lib::gemv_int4_a8")(lambda x, packed, scales_and_zeros: out(x, packed.shape[0]))
-    torch.library.register_fake("course_lib::decode_attention")(lambda q, k, v, slot, scale: torch.empty_like(q))
+    torch.library.register_fake("course_lib::decode_attention")(lambda q, k, v, slot, scale: q.new_empty(q.shape))
+
+
+def max_rows(kind: str, x: torch.Tensor, w: torch.Tensor) -> int:
+    """How many rows of ``x`` the native kernel ``kind`` takes with these operands: :data:`BF16_ROWS` for bf16
+    activations times bf16 weights (K a multiple of 32), :data:`ROWS` otherwise."""
+    if kind == "float" and x.dtype == w.dtype == torch.bfloat16 and x.shape[-1] % 32 == 0:
+        return BF16_ROWS
+    return ROWS
 
 
 def gemv_float(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(R, K) x (N, K) float32 / bfloat16 / float16 weights -> (R, N) float32; R is 1 or 2."""
+    """(R, K) x (N, K) float32 / bfloat16 / float16 weights -> (R, N) float32; R up to :func:`max_rows`.
+
+    bf16 x bf16 runs on AMX tiles where the CPU has them (and the output rows come in multiples of 16), else on
+    the bf16 dot-product instruction; either way a row's result does not depend on how many rows came with it."""
     return torch.ops.course_lib.gemv_float(x, w)
 
 
@@ -148,9 +160,11 @@ def gemv_int4_a8(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """One new token's attention over a static cache: q (B, H, 1, D) against the slots ``0..slot`` of k and v
-    (B, H_kv, L, D), query head h reading key/value head h // (H / H_kv) -> (B, H, 1, D) in q's dtype.
-    ``slot`` is a 0-d tensor (one graph serves every step); the empty slots are never read."""
+    """New tokens' attention over a static cache: q (B, H, T, D), the tokens at slots ``slot .. slot + T - 1``,
+    query t against the slots ``0 .. slot + t`` of k and v (B, H_kv, L, D), query head h reading key/value head
+    h // (H / H_kv) -> (B, H, T, D) in q's dtype. T is 1 at a decode step, a few in a speculative verification
+    pass (each query computed as at T = 1). ``slot`` is a 0-d tensor (one graph serves every step); the empty
+    slots are never read."""
     return torch.ops.course_lib.decode_attention(q, k, v, slot, scale)
 
 

@@ -112,9 +112,10 @@ def implementation() -> str:
 
 
 def _native(kind: str, args: tuple) -> bool:
-    """Can the native kernel take this call? (built here; 1-2 rows, no gradient; int4 groups of 32k)"""
+    """Can the native kernel take this call? (built here; up to :func:`.native.max_rows` rows, no gradient; int4
+    groups of 32k)"""
     x = args[0]
-    if x.device.type != "cpu" or x.shape[0] > native.ROWS or (torch.is_grad_enabled() and any(
+    if x.device.type != "cpu" or x.shape[0] > native.max_rows(kind, x, args[1]) or (torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return False
     if (kind == "int4" and args[3] % 32) or (kind == "int4_a8" and not native.vnni()):
@@ -227,7 +228,10 @@ class StreamingLinear(nn.Linear):
         return self.choice
 
     def _rows(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] <= STREAM_ROWS and not (torch.is_grad_enabled() and self.weight.requires_grad):
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return F.linear(x2, self.weight, self.bias)
+        rows = x2.shape[0]
+        if rows <= STREAM_ROWS or _native("float", (x2, self.weight)):  # bf16: up to 16 rows, the weight read once
             return self._stream(x2).to(x2.dtype)
         return F.linear(x2, self.weight, self.bias)
 

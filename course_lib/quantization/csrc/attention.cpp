@@ -78,12 +78,14 @@ void one_head(const float* q, const T* k, const T* v, int64_t n, int64_t D, int6
   }
 }
 
-// q (B, H, 1, D); k, v (B, Hkv, L, D), slots [0, slot] filled; H a multiple of Hkv. Returns (B, H, 1, D) in q's dtype.
+// q (B, H, T, D): T new tokens at slots slot .. slot + T - 1 (T > 1: a speculative verification pass), query t
+// seeing slots [0, slot + t]; k, v (B, Hkv, L, D); H a multiple of Hkv. Returns (B, H, T, D) in q's dtype. Each
+// query runs the same code whatever T is, so a verification pass scores a token exactly as a one-token step does.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slot,
                             double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "q must be (batch, heads, 1, head_dim), got ", q.sizes());
+  TORCH_CHECK(q.dim() == 4 && q.size(2) >= 1, "q must be (batch, heads, new tokens, head_dim), got ", q.sizes());
   TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "k and v must be (batch, kv_heads, slots, head_dim), alike");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), L = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D, "k/v (", k.sizes(), ") do not match q (", q.sizes(), ")");
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads (", H, ") must be a multiple of key/value heads (", Hkv, ")");
   TORCH_CHECK(D % 16 == 0, "head_dim must be a multiple of 16, got ", D);
@@ -93,19 +95,20 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                   k.stride(1) == v.stride(1) && k.stride(0) == v.stride(0),
               "k and v must be contiguous caches");
   TORCH_CHECK(slot.numel() == 1, "slot must hold one position");
-  const int64_t n = slot.item<int64_t>() + 1;
-  TORCH_CHECK(n >= 1 && n <= L, "slot ", n - 1, " is outside the cache's ", L, " slots");
+  const int64_t n0 = slot.item<int64_t>() + 1;  // slots the first query sees
+  TORCH_CHECK(n0 >= 1 && n0 + T - 1 <= L, "slots ", n0 - 1, "..", n0 + T - 2, " are outside the cache's ", L,
+              " slots");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "q must be float32, bfloat16 or float16, got ", q.scalar_type());
   // q and the output in q's own dtype, converted head by head here: no tensor made for either (two ATen calls per
   // layer and step saved)
   const auto qc = q.contiguous();
-  auto out = at::empty({B, H, 1, D}, q.options());
+  auto out = at::empty({B, H, T, D}, q.options());
   const int64_t rep = H / Hkv;
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(n), qf(D), of(D);
+  at::parallel_for(0, B * H * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(n0 + T - 1), qf(D), of(D);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, off = b * k.stride(0) + (h / rep) * k.stride(1);
+      const int64_t b = i / (H * T), h = i / T % H, n = n0 + i % T, off = b * k.stride(0) + (h / rep) * k.stride(1);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_q", [&] {
         const scalar_t* src = qc.data_ptr<scalar_t>() + i * D;
         for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(src[d]);

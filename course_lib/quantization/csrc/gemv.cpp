@@ -13,6 +13,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <torch/library.h>
 
 #include "load16.h"
@@ -20,6 +22,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -79,31 +83,155 @@ void float_rows(const float* x, const W* w, const S* scale, float* y, int64_t N,
 }
 
 #ifdef __AVX512BF16__
+constexpr int64_t BF16_ROWS = 16;  // rows of x the bf16 x bf16 kernel takes (native.BF16_ROWS): a verification pass
+constexpr int XR = 4;  // rows of x per pass over a weight block: 4 x 4 accumulators stay in registers
+
 // bf16 x bf16: the dot-product instruction takes 32 pairs per call, no conversion of the weights.
-void bf16_rows_dp(const c10::BFloat16* x, const c10::BFloat16* w, float* y, int64_t N, int64_t K, int64_t n0,
-                  int64_t n1) {
+// One block of ROWS weight rows (from w0, output columns from n) against NR rows of x (each K wide, contiguous).
+template <int NR>
+inline void bf16_block_dp(const c10::BFloat16* x, const c10::BFloat16* w0, float* y, int64_t N, int64_t K, int64_t n,
+                          bool pf) {
   const int64_t row_bytes = K * 2;
+  __m512 acc[NR][ROWS];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < ROWS; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    if (pf) prefetch_block(w0, row_bytes, AHEAD * ROWS * row_bytes + k * 2);
+    __m512bh wv[ROWS];
+    for (int i = 0; i < ROWS; ++i) wv[i] = (__m512bh)_mm512_loadu_si512(w0 + i * K + k);
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+      for (int i = 0; i < ROWS; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xv, wv[i]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < ROWS; ++i) y[r * N + n + i] = hsum(acc[r][i]);
+}
+
+// Weight rows [n0, n1) against R rows of x, R up to BF16_ROWS. Each block of weight rows is read from memory
+// once: the first group of XR x rows streams it (and prefetches ahead), the next groups find it in L1. Every
+// (x row, weight row) sum runs over k in the same order whatever R is, so a row's result does not depend on how
+// many rows came with it: a speculative verification pass scores each token exactly as a one-token step would.
+void bf16_rows_dp(const c10::BFloat16* x, int64_t R, const c10::BFloat16* w, float* y, int64_t N, int64_t K,
+                  int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + ROWS <= n1; n += ROWS) {
-    __m512 acc[ROWS];
-    for (int i = 0; i < ROWS; ++i) acc[i] = _mm512_setzero_ps();
     const c10::BFloat16* w0 = w + n * K;
     const bool pf = n + (AHEAD + 1) * ROWS <= n1;
-    for (int64_t k = 0; k < K; k += 32) {
-      if (pf) prefetch_block(w0, row_bytes, AHEAD * ROWS * row_bytes + k * 2);
-      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
-      for (int i = 0; i < ROWS; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(w0 + i * K + k));
+    for (int64_t r0 = 0; r0 < R; r0 += XR) {
+      const c10::BFloat16* xr = x + r0 * K;
+      float* yr = y + r0 * N;
+      switch (std::min<int64_t>(XR, R - r0)) {
+        case 1: bf16_block_dp<1>(xr, w0, yr, N, K, n, pf && r0 == 0); break;
+        case 2: bf16_block_dp<2>(xr, w0, yr, N, K, n, pf && r0 == 0); break;
+        case 3: bf16_block_dp<3>(xr, w0, yr, N, K, n, pf && r0 == 0); break;
+        default: bf16_block_dp<4>(xr, w0, yr, N, K, n, pf && r0 == 0); break;
+      }
     }
-    for (int i = 0; i < ROWS; ++i) y[n + i] = hsum(acc[i]);
   }
-  for (; n < n1; ++n) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32)
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(x + k), (__m512bh)_mm512_loadu_si512(w + n * K + k));
-    y[n] = hsum(a);
+  for (; n < n1; ++n)
+    for (int64_t r = 0; r < R; ++r) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(x + r * K + k),
+                             (__m512bh)_mm512_loadu_si512(w + n * K + k));
+      y[r * N + n] = hsum(a);
+    }
+}
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// AMX, the CPU's matrix unit (the CPU's counterpart of a GPU's tensor cores): one instruction multiplies a
+// 16 x 32 bf16 tile by a 32 x 16 one into a 16 x 16 float32 tile. A decode step reads each weight once whatever
+// the number of rows, but the vector dot products above do one multiply-add per weight per row, so a pass of
+// several rows (a speculative verification) becomes bound by the arithmetic. Here the weights are tile A
+// (16 output rows x 32 inputs, read straight from the (N, K) matrix) and the rows of x are tile B (up to 16,
+// the unused ones zero): 1 to 16 rows cost the same instructions, and the pass stays bound by reading the
+// weights. Each output element is one chain of tile multiply-adds over k in the same order whatever R is.
+
+// Linux hands out the tile registers on request, once per process. COURSE_NATIVE_AMX=0 keeps to the vector
+// kernel (to compare the two; read once).
+bool amx_ready() {
+  static const bool ok = [] {
+    const char* off = std::getenv("COURSE_NATIVE_AMX");
+    if (off && std::string(off) == "0") return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+constexpr int64_t AMX_ROWS = 16;  // rows of x (B's columns) and weight rows per tile
+constexpr int64_t AMX_GROUP = 4;  // weight tiles per pass over k: tiles 0-3 accumulate, 4 holds x, 5-6 weights
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x's k pairs transposed into B's layout: xt[kk * 16 + m] = (x[m][2kk], x[m][2kk + 1]); rows m >= R are zero.
+void amx_x(const c10::BFloat16* x, int64_t R, int64_t K, std::vector<uint32_t>& xt) {
+  xt.assign(K / 2 * AMX_ROWS, 0);
+  const auto* x32 = reinterpret_cast<const uint32_t*>(x);
+  for (int64_t m = 0; m < R; ++m)
+    for (int64_t kk = 0; kk < K / 2; ++kk) xt[kk * AMX_ROWS + m] = x32[m * (K / 2) + kk];
+}
+
+// NT weight tiles (16 rows each, from row n) against x: y[m][n + 16 t + i] for m < R. Prefetches the same span
+// `ahead` bytes further (the next group), a sixteenth of it per step over k.
+template <int NT>
+inline void amx_group(const uint32_t* xt, const c10::BFloat16* w, float* y, int64_t R, int64_t N, int64_t K,
+                      int64_t n, int64_t ahead) {
+  const int64_t stride = K * 2, span = NT * AMX_ROWS * stride, steps = K / 32;
+  const char* base = reinterpret_cast<const char*>(w + n * K);
+  for (int t = 0; t < NT; ++t) {
+    if (t == 0) _tile_zero(0);
+    if (t == 1) _tile_zero(1);
+    if (t == 2) _tile_zero(2);
+    if (t == 3) _tile_zero(3);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    if (ahead) {
+      const char* pf = base + ahead + span * s / steps;
+      for (const char* q = pf; q < base + ahead + span * (s + 1) / steps; q += 64) _mm_prefetch(q, _MM_HINT_T1);
+    }
+    _tile_loadd(4, xt + s * 16 * AMX_ROWS, 64);
+    const c10::BFloat16* wk = w + n * K + s * 32;
+    _tile_loadd(5, wk, stride);
+    _tile_dpbf16ps(0, 5, 4);
+    if (NT > 1) { _tile_loadd(6, wk + AMX_ROWS * K, stride); _tile_dpbf16ps(1, 6, 4); }
+    if (NT > 2) { _tile_loadd(5, wk + 2 * AMX_ROWS * K, stride); _tile_dpbf16ps(2, 5, 4); }
+    if (NT > 3) { _tile_loadd(6, wk + 3 * AMX_ROWS * K, stride); _tile_dpbf16ps(3, 6, 4); }
+  }
+  alignas(64) float c[AMX_ROWS * AMX_ROWS];
+  for (int t = 0; t < NT; ++t) {
+    if (t == 0) _tile_stored(0, c, 64);
+    if (t == 1) _tile_stored(1, c, 64);
+    if (t == 2) _tile_stored(2, c, 64);
+    if (t == 3) _tile_stored(3, c, 64);
+    for (int64_t i = 0; i < AMX_ROWS; ++i)
+      for (int64_t m = 0; m < R; ++m) y[m * N + n + t * AMX_ROWS + i] = c[i * AMX_ROWS + m];
   }
 }
+
+// Weight rows [n0, n1) (multiples of 16) against R <= 16 rows of x.
+void bf16_rows_amx(const uint32_t* xt, const c10::BFloat16* w, float* y, int64_t R, int64_t N, int64_t K, int64_t n0,
+                   int64_t n1) {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = AMX_ROWS;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t group = AMX_GROUP * AMX_ROWS, group_bytes = group * K * 2;
+  int64_t n = n0;
+  for (; n + group <= n1; n += group)
+    amx_group<AMX_GROUP>(xt, w, y, R, N, K, n, n + 2 * group <= n1 ? group_bytes : 0);
+  for (; n < n1; n += AMX_ROWS) amx_group<1>(xt, w, y, R, N, K, n, 0);
+  _tile_release();
+}
+#define COURSE_LIB_AMX 1
 #endif
 
 // int4 in the halves layout: per group of g inputs, byte j holds input j (low nibble) and g/2 + j (high).
@@ -306,9 +434,10 @@ void int4_a8_rows(const int8_t* ql, const int8_t* qh, const float* da, const flo
 
 constexpr int64_t GRAIN = 64;  // rows per task at least: a 192-row matrix still splits over 3 threads
 
-void check_x(const at::Tensor& x, int64_t K) {
+void check_x(const at::Tensor& x, int64_t K, int64_t max_rows = 2) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be (rows, ", K, "), got ", x.sizes());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 2, "these kernels take 1 or 2 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= max_rows, "this kernel takes 1 to ", max_rows, " rows, got ",
+              x.size(0));
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
 }
 
@@ -344,20 +473,33 @@ void run_float(const float* x, int64_t R, const W* w, const S* scale, float* y, 
 at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "w must be a contiguous (N, K) CPU tensor");
   const int64_t N = w.size(0), K = w.size(1), R = x.size(0);
-  check_x(x, K);
-  auto y = at::empty({R, N}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
 #ifdef __AVX512BF16__
-  if (w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % 32 == 0 && R == 1 &&
-      x.is_contiguous()) {
-    const auto* xp = x.data_ptr<c10::BFloat16>();
+  if (w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && K % 32 == 0) {
+    check_x(x, K, BF16_ROWS);
+    const auto xc = x.contiguous();
+    auto y = at::empty({R, N}, x.options().dtype(at::kFloat));
+    float* yp = y.data_ptr<float>();
+    const auto* xp = xc.data_ptr<c10::BFloat16>();
     const auto* wp = w.data_ptr<c10::BFloat16>();
+#ifdef COURSE_LIB_AMX
+    if (N % AMX_ROWS == 0 && amx_ready()) {  // by shape only: a layer takes the same path at every row count
+      std::vector<uint32_t> xt;
+      amx_x(xp, R, K, xt);
+      at::parallel_for(0, N / AMX_ROWS, GRAIN / AMX_ROWS, [&](int64_t b0, int64_t b1) {
+        bf16_rows_amx(xt.data(), wp, yp, R, N, K, b0 * AMX_ROWS, b1 * AMX_ROWS);
+      });
+      return y;
+    }
+#endif
     at::parallel_for(0, (N + ROWS - 1) / ROWS, GRAIN / ROWS, [&](int64_t b0, int64_t b1) {
-      bf16_rows_dp(xp, wp, yp, N, K, b0 * ROWS, std::min(N, b1 * ROWS));
+      bf16_rows_dp(xp, R, wp, yp, N, K, b0 * ROWS, std::min(N, b1 * ROWS));
     });
     return y;
   }
 #endif
+  check_x(x, K);
+  auto y = at::empty({R, N}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
   std::vector<float> buf;
   const float* xp = float_x(x, buf);
   const float* none = nullptr;

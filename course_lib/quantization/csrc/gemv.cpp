@@ -145,8 +145,8 @@ void bf16_rows_dp(const c10::BFloat16* x, int64_t R, const c10::BFloat16* w, flo
 // 16 x 32 bf16 tile by a 32 x 16 one into a 16 x 16 float32 tile. A decode step reads each weight once whatever
 // the number of rows, but the vector dot products above do one multiply-add per weight per row, so a pass of
 // several rows (a speculative verification) becomes bound by the arithmetic. Here the weights are tile A
-// (16 output rows x 32 inputs, read straight from the (N, K) matrix) and the rows of x are tile B (up to 16,
-// the unused ones zero): 1 to 16 rows cost the same instructions, and the pass stays bound by reading the
+// (16 output rows x 32 inputs, read straight from the (N, K) matrix) and the rows of x are tile B (one column
+// each, up to 16): 1 to 16 rows cost the same instructions, and the pass stays bound by reading the
 // weights. Each output element is one chain of tile multiply-adds over k in the same order whatever R is.
 
 // Linux hands out the tile registers on request, once per process. COURSE_NATIVE_AMX=0 keeps to the vector
@@ -170,12 +170,16 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// x's k pairs transposed into B's layout: xt[kk * 16 + m] = (x[m][2kk], x[m][2kk + 1]); rows m >= R are zero.
-void amx_x(const c10::BFloat16* x, int64_t R, int64_t K, std::vector<uint32_t>& xt) {
-  xt.assign(K / 2 * AMX_ROWS, 0);
+// x's k pairs as tile B: R columns, xt[kk * R + m] = (x[m][2kk], x[m][2kk + 1]). One row is x itself; more are
+// transposed into a buffer of the calling thread's (a decode step makes hundreds of these calls).
+const uint32_t* amx_x(const c10::BFloat16* x, int64_t R, int64_t K) {
   const auto* x32 = reinterpret_cast<const uint32_t*>(x);
+  if (R == 1) return x32;
+  thread_local std::vector<uint32_t> xt;
+  xt.resize(K / 2 * R);
   for (int64_t m = 0; m < R; ++m)
-    for (int64_t kk = 0; kk < K / 2; ++kk) xt[kk * AMX_ROWS + m] = x32[m * (K / 2) + kk];
+    for (int64_t kk = 0; kk < K / 2; ++kk) xt[kk * R + m] = x32[m * (K / 2) + kk];
+  return xt.data();
 }
 
 // NT weight tiles (16 rows each, from row n) against x: y[m][n + 16 t + i] for m < R. Prefetches the same span
@@ -196,7 +200,7 @@ inline void amx_group(const uint32_t* xt, const c10::BFloat16* w, float* y, int6
       const char* pf = base + ahead + span * s / steps;
       for (const char* q = pf; q < base + ahead + span * (s + 1) / steps; q += 64) _mm_prefetch(q, _MM_HINT_T1);
     }
-    _tile_loadd(4, xt + s * 16 * AMX_ROWS, 64);
+    _tile_loadd(4, xt + s * 16 * R, R * 4);
     const c10::BFloat16* wk = w + n * K + s * 32;
     _tile_loadd(5, wk, stride);
     _tile_dpbf16ps(0, 5, 4);
@@ -206,22 +210,22 @@ inline void amx_group(const uint32_t* xt, const c10::BFloat16* w, float* y, int6
   }
   alignas(64) float c[AMX_ROWS * AMX_ROWS];
   for (int t = 0; t < NT; ++t) {
-    if (t == 0) _tile_stored(0, c, 64);
-    if (t == 1) _tile_stored(1, c, 64);
-    if (t == 2) _tile_stored(2, c, 64);
-    if (t == 3) _tile_stored(3, c, 64);
+    if (t == 0) _tile_stored(0, c, R * 4);
+    if (t == 1) _tile_stored(1, c, R * 4);
+    if (t == 2) _tile_stored(2, c, R * 4);
+    if (t == 3) _tile_stored(3, c, R * 4);
     for (int64_t i = 0; i < AMX_ROWS; ++i)
-      for (int64_t m = 0; m < R; ++m) y[m * N + n + t * AMX_ROWS + i] = c[i * AMX_ROWS + m];
+      for (int64_t m = 0; m < R; ++m) y[m * N + n + t * AMX_ROWS + i] = c[i * R + m];
   }
 }
 
 // Weight rows [n0, n1) (multiples of 16) against R <= 16 rows of x.
 void bf16_rows_amx(const uint32_t* xt, const c10::BFloat16* w, float* y, int64_t R, int64_t N, int64_t K, int64_t n0,
                    int64_t n1) {
-  TileConfig cfg;
+  TileConfig cfg;  // tiles 0-3 and 4 are R columns wide (float32 / bf16 pairs), 5-6 a full 32 bf16
   for (int t = 0; t < 7; ++t) {
     cfg.rows[t] = AMX_ROWS;
-    cfg.colsb[t] = 64;
+    cfg.colsb[t] = t < 5 ? R * 4 : 64;
   }
   _tile_loadconfig(&cfg);
   const int64_t group = AMX_GROUP * AMX_ROWS, group_bytes = group * K * 2;
@@ -483,10 +487,9 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
     const auto* wp = w.data_ptr<c10::BFloat16>();
 #ifdef COURSE_LIB_AMX
     if (N % AMX_ROWS == 0 && amx_ready()) {  // by shape only: a layer takes the same path at every row count
-      std::vector<uint32_t> xt;
-      amx_x(xp, R, K, xt);
+      const uint32_t* xt = amx_x(xp, R, K);
       at::parallel_for(0, N / AMX_ROWS, GRAIN / AMX_ROWS, [&](int64_t b0, int64_t b1) {
-        bf16_rows_amx(xt.data(), wp, yp, R, N, K, b0 * AMX_ROWS, b1 * AMX_ROWS);
+        bf16_rows_amx(xt, wp, yp, R, N, K, b0 * AMX_ROWS, b1 * AMX_ROWS);
       });
       return y;
     }

@@ -49,6 +49,10 @@ the caches with ``DynamicCache.crop``.
 Prompt lookup (:func:`prompt_lookup_generate`, :func:`prompt_lookup_sample`) drafts without a draft model:
 the guesses are the tokens that followed the latest earlier occurrence of the sequence's last few tokens
 (:class:`NgramIndex`), verified by the same rules; a looked-up guess is a point mass for the sampling rule.
+:func:`prompt_lookup_compiled` runs the greedy lookup on the course's compiled engine
+(:class:`~course_lib.generation.CompiledDecoder`): a draft is verified in one compiled pass whose bf16 kernels
+compute every row as a one-token step does (bit for bit, so its tokens are the engine's greedy tokens) and read
+the weights once for all rows.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ the weights once for all rows.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ from ._checks import check_new_tokens
 from ._hf import cache_kwarg
 from .generation import CompiledDecoder, encode_prompt
 from .models import check_prompt_ids
+from .quantization import native
 from .timing import BenchResult, compare, speed_verdict
 
 
@@ -630,10 +632,18 @@ def prompt_lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, m
     draft is padded, so one graph serves every pass; the padding's logits are never read). Rejected tokens need no
     rollback: the slot counter moves past the kept ones only, and the next pass overwrites the rest. Where the
     native kernels run (bf16 projections on the CPU), each verified token's logits are exactly the one-token
-    step's, so the tokens are ``decoder(prompt_ids, max_new_tokens, eos=eos)``'s; a test checks it. ``prompt_ids``
-    is (1, T); ``eos`` as in the decoder's call.
+    step's: while it runs, this thread's one-row calls take the pass's kernel too (:func:`.native.amx_one_row`),
+    so the tokens are those of ``decoder(prompt_ids, max_new_tokens, eos=eos)`` with that setting, bit for bit (a
+    test checks it); with the one-row kernel plain decoding uses by default they can part at a near-tie, as any
+    bf16 speculative decoding can. ``prompt_ids`` is (1, T); ``eos`` as in the decoder's call.
     """
     _check_lookup(k, max_ngram, min_ngram)
+    with _one_row_kernel():  # one-row steps on the verification pass's kernel (AMX), on this thread, while it runs
+        return _lookup_compiled(decoder, prompt_ids, max_new_tokens, k, max_ngram, min_ngram, eos)
+
+
+def _lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, max_new_tokens: int, k: int,
+                     max_ngram: int, min_ngram: int, eos: int | None) -> PromptLookupResult:
     t0 = time.perf_counter()
     nxt, slot, cache = decoder.start(prompt_ids, max_new_tokens, room=k + 1)
     if nxt.shape[0] != 1:
@@ -745,20 +755,37 @@ def lookup_speedup_compiled(decoder: CompiledDecoder, groups: dict[str, list[tor
                             k: int = 5, max_ngram: int = 3, min_ngram: int = 2, repeat: int = 3,
                             eos: int | None = None) -> list[dict]:
     """:func:`lookup_speedup` on the compiled engine: :func:`prompt_lookup_compiled` against the decoder's own
-    greedy loop (``decoder(ids, n, eos=eos)``), per group, timed interleaved with a prefill subtracted. Same rows."""
+    greedy loop (``decoder(ids, n, eos=eos)``, its default kernels: the fastest plain loop), per group, timed
+    interleaved with a prefill subtracted. Same rows; ``identical`` compares with the decoder's greedy tokens on the
+    lookup's kernels (:func:`.native.amx_one_row`), and ``identical_to_plain`` with those of the plain loop timed."""
     _check_lookup(k, max_ngram, min_ngram)
     _check_speedup_args(max_new_tokens, repeat, groups)
-    results, fns = {}, {}
+    results, fns, plain_same = {}, {}, {}
     for name, prompts in groups.items():
-        ref = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
+        plain = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
+        with _one_row_kernel():
+            ref = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
         res = [prompt_lookup_compiled(decoder, p, max_new_tokens, k, max_ngram, min_ngram, eos) for p in prompts]
         results[name] = (ref, res)
+        plain_same[name] = all(r.tokens == want for r, want in zip(res, plain))
         fns[f"{name}/greedy"] = lambda ps=prompts: [decoder(p, max_new_tokens, eos=eos) for p in ps]
         fns[f"{name}/lookup"] = lambda ps=prompts: [
             prompt_lookup_compiled(decoder, p, max_new_tokens, k, max_ngram, min_ngram, eos) for p in ps]
         fns[f"{name}/prefill"] = lambda ps=prompts: [decoder(p, 1) for p in ps]
     times = compare(fns, rounds=repeat, warmup=1, device=decoder.scratch.device)
-    return _speedup_rows(results, times, k, max_ngram, min_ngram)
+    return [{**r, "identical_to_plain": plain_same[r["group"]]}
+            for r in _speedup_rows(results, times, k, max_ngram, min_ngram)]
+
+
+@contextlib.contextmanager
+def _one_row_kernel():
+    """One-row calls on the verification pass's kernel (:func:`.native.amx_one_row`), on this thread, inside."""
+    before = native.amx_one_row(True) if native.built() else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            native.amx_one_row(before)
 
 
 def _check_speedup_args(max_new_tokens, repeat, groups) -> None:

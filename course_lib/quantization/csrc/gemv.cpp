@@ -149,8 +149,7 @@ void bf16_rows_dp(const c10::BFloat16* x, int64_t R, const c10::BFloat16* w, flo
 // each, up to 16): 1 to 16 rows cost the same instructions, and the pass stays bound by reading the
 // weights. Each output element is one chain of tile multiply-adds over k in the same order whatever R is.
 
-// Linux hands out the tile registers on request, once per process. COURSE_NATIVE_AMX=0 keeps to the vector
-// kernel (to compare the two; read once).
+// Linux hands out the tile registers on request, once per process; COURSE_NATIVE_AMX=0 keeps to the vector kernel.
 bool amx_ready() {
   static const bool ok = [] {
     const char* off = std::getenv("COURSE_NATIVE_AMX");
@@ -160,6 +159,11 @@ bool amx_ready() {
   }();
   return ok;
 }
+
+// At one row the vector kernel is the faster one (measured in a compiled decode step: AMX costs about 5% there),
+// so AMX takes two rows and more. A thread that needs every row count to compute a row alike (prompt lookup: its
+// one-token steps and its verification passes) turns this on for itself: one-row calls then take AMX too.
+thread_local bool amx_one_row = false;
 
 constexpr int64_t AMX_ROWS = 16;  // rows of x (B's columns) and weight rows per tile
 constexpr int64_t AMX_GROUP = 4;  // weight tiles per pass over k: tiles 0-3 accumulate, 4 holds x, 5-6 weights
@@ -486,7 +490,7 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
     const auto* xp = xc.data_ptr<c10::BFloat16>();
     const auto* wp = w.data_ptr<c10::BFloat16>();
 #ifdef COURSE_LIB_AMX
-    if (N % AMX_ROWS == 0 && amx_ready()) {  // by shape only: a layer takes the same path at every row count
+    if (N % AMX_ROWS == 0 && (R > 1 || amx_one_row) && amx_ready()) {
       const uint32_t* xt = amx_x(xp, R, K);
       at::parallel_for(0, N / AMX_ROWS, GRAIN / AMX_ROWS, [&](int64_t b0, int64_t b1) {
         bf16_rows_amx(xt, wp, yp, R, N, K, b0 * AMX_ROWS, b1 * AMX_ROWS);
@@ -673,7 +677,20 @@ at::Tensor gemv_int4_a8(const at::Tensor& x, const at::Tensor& packed, const at:
 
 }  // namespace
 
+// amx_one_row(on) -> this thread's setting before; on = -1 only asks. Always 0 where the CPU or OS has no AMX.
+int64_t amx_one_row_(int64_t on) {
+#ifdef COURSE_LIB_AMX
+  const bool before = amx_one_row && amx_ready();
+  if (on >= 0) amx_one_row = on != 0;
+  return before;
+#else
+  (void)on;
+  return 0;
+#endif
+}
+
 TORCH_LIBRARY(course_lib, m) {
+  m.def("amx_one_row(int on) -> int", &amx_one_row_);
   m.def("gemv_float(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor");

@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -638,7 +639,7 @@ def prompt_lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, m
     bf16 speculative decoding can. ``prompt_ids`` is (1, T); ``eos`` as in the decoder's call.
     """
     _check_lookup(k, max_ngram, min_ngram)
-    with _one_row_kernel():  # one-row steps on the verification pass's kernel (AMX), on this thread, while it runs
+    with lookup_kernels():  # one-row steps on the verification pass's kernel (AMX), on this thread, while it runs
         return _lookup_compiled(decoder, prompt_ids, max_new_tokens, k, max_ngram, min_ngram, eos)
 
 
@@ -763,7 +764,7 @@ def lookup_speedup_compiled(decoder: CompiledDecoder, groups: dict[str, list[tor
     results, fns, plain_same = {}, {}, {}
     for name, prompts in groups.items():
         plain = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
-        with _one_row_kernel():
+        with lookup_kernels():
             ref = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
         res = [prompt_lookup_compiled(decoder, p, max_new_tokens, k, max_ngram, min_ngram, eos) for p in prompts]
         results[name] = (ref, res)
@@ -778,7 +779,7 @@ def lookup_speedup_compiled(decoder: CompiledDecoder, groups: dict[str, list[tor
 
 
 @contextlib.contextmanager
-def _one_row_kernel():
+def lookup_kernels() -> Iterator[None]:
     """One-row calls on the verification pass's kernel (:func:`.native.amx_one_row`), on this thread, inside."""
     before = native.amx_one_row(True) if native.built() else None
     try:

@@ -25,7 +25,7 @@ from course_lib.quantization import (
     stream_,
     streaming,
 )
-from course_lib.speculative import prompt_lookup_compiled
+from course_lib.speculative import lookup_kernels, prompt_lookup_compiled
 from tests.conftest import make_tiny
 
 OK, WHY = native.available()
@@ -96,6 +96,9 @@ def test_the_one_row_setting_is_the_calling_threads_own():
         native.amx_one_row(False)
     with pytest.raises(ValueError, match="True, False or None"):
         native.amx_one_row(1)
+    with lookup_kernels():  # what prompt lookup runs inside: on where the CPU has AMX, and off again after
+        assert native.amx_one_row() is native.amx_one_row(None)
+    assert native.amx_one_row() is False
 
 
 @pytest.mark.parametrize("rows", [1, 2])

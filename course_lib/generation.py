@@ -270,7 +270,8 @@ class CompiledDecoder:
 
         self.step: Callable = compiled(self.scratch.decode_static)
         self.next_token: Callable = compiled(self._next_token)
-        self.verify: Callable = compiled(self.scratch.verify_static)  # prompt lookup's pass (speculative.py)
+        self.verify: Callable = compiled(self.scratch.verify_static)  # a speculative pass: logits (B, T, vocab)
+        self.verify_tokens: Callable = compiled(self._verify_tokens)  # prompt lookup's pass (speculative.py)
         self._caches: dict[tuple[int, int], KVCache] = {}
         self._key: tuple | None = None
 
@@ -306,13 +307,18 @@ class CompiledDecoder:
         slot.add_(1)  # in place: the next call sees the same tensor, so the graph is reused
         return nxt
 
+    def _verify_tokens(self, toks: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        # the greedy token after each of the T positions (B, T): the argmax in the graph, so the (T, vocab) logits
+        # are never written out and read again
+        return self.scratch.verify_static(toks, slot, cache).argmax(-1)
+
     def _cache(self, batch: int, max_len: int) -> KVCache:
         if not self.cuda_graphs:
             return self.scratch.new_cache(batch, max_len)
         cache = self._caches.get((batch, max_len))
         if cache is None:
             cache = self._caches[(batch, max_len)] = self.scratch.new_cache(batch, max_len)
-            for t in cache.k + cache.v:  # written in place inside the graph: its address must never change
+            for t in [*cache.k, *cache.v, *cache.rope]:  # read or written in place inside the graph: never moved
                 torch._dynamo.mark_static_address(t)
         cache.length = 0  # stale slots are masked (decode_static attends to slots <= its own only)
         return cache

@@ -70,6 +70,10 @@ class KVCache:
         self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.n_layers)]
         self.max_len = max_len
         self.length = 0
+        # RoPE's cos and sin for every slot's position, (1, max_len, head_dim) each, where the model that made the
+        # cache fills them (ScratchLlama.new_cache): a static decode step reads its token's row instead of
+        # computing them again (in a compiled graph, again in every layer)
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def nbytes(self) -> int:
         """Memory held by the cache (all of it is reserved up front)."""

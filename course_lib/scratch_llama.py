@@ -279,8 +279,12 @@ class ScratchLlama:
         """An empty cache sized for ``max_len`` tokens (prompt plus new tokens); ``kv_quant`` stores it in 8 or
         4 bits (:mod:`course_lib.kv_quant`)."""
         if kv_quant is None:
-            return KVCache(self.shape, batch, max_len, self.dtype, self.device)
-        return QuantizedKVCache(self.shape, batch, max_len, kv_quant, self.dtype, self.device)
+            cache = KVCache(self.shape, batch, max_len, self.dtype, self.device)
+        else:
+            cache = QuantizedKVCache(self.shape, batch, max_len, kv_quant, self.dtype, self.device)
+        slots = torch.arange(max_len, device=self.device)[None]
+        cache.rope = rope_tables(slots, self.shape.head_dim, self.shape.rope_theta, self.dtype)
+        return cache
 
     def _block(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache | None,
                mask: torch.Tensor | None, slot: torch.Tensor | None) -> torch.Tensor:
@@ -324,9 +328,11 @@ class ScratchLlama:
         return native.ready()
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None,
-             slot: torch.Tensor | None, last_only: bool) -> torch.Tensor:
-        """The one layer loop both entry points share: embed, every block, final norm, head."""
-        cos, sin = rope_tables(positions, self.shape.head_dim, self.shape.rope_theta, self.dtype)
+             slot: torch.Tensor | None, last_only: bool,
+             rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The one layer loop both entry points share: embed, every block, final norm, head. ``rope``: cos and sin
+        for ``positions`` already made (the static path reads them from its cache's tables)."""
+        cos, sin = rope or rope_tables(positions, self.shape.head_dim, self.shape.rope_theta, self.dtype)
         x = self.embed_tokens(ids).to(self.dtype)
         for i in range(len(self.layers)):
             x = self._block(i, x, cos, sin, cache, mask, slot)
@@ -369,7 +375,7 @@ class ScratchLlama:
         """
         positions = slot.view(1, 1).expand(tok.shape[0], 1)
         mask = (torch.arange(cache.max_len, device=tok.device) <= slot).view(1, 1, 1, -1)
-        return self._run(tok, positions, cache, mask, slot, last_only=True)[:, -1]
+        return self._run(tok, positions, cache, mask, slot, last_only=True, rope=self._rope_rows(cache, slot, 1))[:, -1]
 
     def verify_static(self, toks: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, T, vocab) for T tokens at slots ``slot .. slot + T - 1`` in one pass: a speculative draft's
@@ -383,7 +389,16 @@ class ScratchLlama:
         b, t = toks.shape
         pos = slot + torch.arange(t, device=toks.device)
         mask = (torch.arange(cache.max_len, device=toks.device)[None, :] <= pos[:, None]).view(1, 1, t, -1)
-        return self._run(toks, pos.view(1, t).expand(b, t), cache, mask, slot, last_only=False)
+        return self._run(toks, pos.view(1, t).expand(b, t), cache, mask, slot, last_only=False,
+                         rope=self._rope_rows(cache, slot, t))
+
+    @staticmethod
+    def _rope_rows(cache: KVCache, slot: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin (1, t, head_dim) of slots ``slot .. slot + t - 1`` from the cache's tables (None: none made)."""
+        if cache.rope is None:
+            return None
+        idx = slot.view(1) if t == 1 else slot + torch.arange(t, device=slot.device)
+        return cache.rope[0][:, idx], cache.rope[1][:, idx]
 
     @staticmethod
     def _mask(b: int, t: int, past: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -629,7 +629,7 @@ def prompt_lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, m
     """Greedy prompt lookup on the course's compiled engine: :class:`~course_lib.generation.CompiledDecoder`.
 
     The same drafts as :func:`prompt_lookup_generate`; a round without a match is the decoder's one-token step,
-    a round with one is ``decoder.verify``: k + 1 tokens through the static cache in one compiled pass (a shorter
+    a round with one is ``decoder.verify_tokens``: k + 1 tokens through the static cache in one compiled pass (a shorter
     draft is padded, so one graph serves every pass; the padding's logits are never read). Rejected tokens need no
     rollback: the slot counter moves past the kept ones only, and the next pass overwrites the rest. Where the
     native kernels run (bf16 projections on the CPU), each verified token's logits are exactly the one-token
@@ -653,7 +653,7 @@ def _lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, max_new
     index = NgramIndex(max_ngram, min_ngram, prompt_ids[0].tolist())
     new, per_round = [int(nxt)], []
     accepted = evaluated = 0
-    chunk = torch.zeros(1, k + 1, dtype=nxt.dtype, device=nxt.device)
+    pad = [0] * k  # a shorter draft is padded to k + 1 tokens: one graph; the padding's tokens are never read
     while len(new) < max_new_tokens and not (eos is not None and new[-1] == eos):
         index.extend(new[-1:])
         guesses = index.draft(min(k, max_new_tokens - len(new) - 1))
@@ -668,9 +668,8 @@ def _lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, max_new
             per_round.append((0, 0))
             new.append(int(nxt))
             continue
-        chunk[0, 0] = nxt[0, 0]
-        chunk[0, 1:1 + len(guesses)] = torch.tensor(guesses, dtype=chunk.dtype)
-        best = decoder.verify(chunk, slot, cache)[0].argmax(-1).tolist()  # the target's token after each position
+        chunk = torch.tensor([[new[-1], *guesses, *pad[len(guesses):]]], dtype=nxt.dtype, device=nxt.device)
+        best = decoder.verify_tokens(chunk, slot, cache)[0].tolist()  # the target's token after each position
         n = 0
         while n < len(guesses) and guesses[n] == best[n]:
             n += 1

@@ -19,7 +19,7 @@ from course_lib.generation import (
     stream_generate,
 )
 from course_lib.kv_cache import KVCache, LlamaShape
-from course_lib.scratch_llama import ScratchLlama, apply_rope, naive_attention, rms_norm, sdpa_attention
+from course_lib.scratch_llama import ScratchLlama, apply_rope, naive_attention, rms_norm, rope_tables, sdpa_attention
 from tests.conftest import make_tiny
 
 
@@ -80,7 +80,12 @@ def test_static_decode_step_matches_dynamic_cache():
         cache = scratch.new_cache(1, 32)  # bigger than needed: the empty slots must be masked
         scratch(ids[:, :9], cache)
         out = scratch.decode_static(ids[:, 9:], torch.tensor(9), cache)
+        cos, sin = rope_tables(torch.arange(32)[None], scratch.shape.head_dim, scratch.shape.rope_theta, scratch.dtype)
+        assert torch.equal(cache.rope[0], cos) and torch.equal(cache.rope[1], sin)  # every slot's, made once
+        cache.rope = None  # a cache without them: the step computes its own
+        again = scratch.decode_static(ids[:, 9:], torch.tensor(9), cache)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, out, atol=1e-6, rtol=1e-6)
 
 
 def test_static_decode_step_reads_the_filled_slots_natively_where_built(monkeypatch):
@@ -127,7 +132,6 @@ def test_building_blocks():
     torch.testing.assert_close(rms_norm(x, w, 1e-6), want)
     # RoPE is a rotation: it keeps each head vector's length
     q = torch.randn(1, 2, 5, 8)
-    from course_lib.scratch_llama import rope_tables
 
     cos, sin = rope_tables(torch.arange(5)[None], 8, 10000.0, torch.float32)
     torch.testing.assert_close(apply_rope(q, cos, sin).norm(dim=-1), q.norm(dim=-1))

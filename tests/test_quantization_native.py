@@ -65,16 +65,16 @@ def test_bf16_kernel_scores_up_to_16_rows_each_as_if_alone(shape):
     g = torch.Generator().manual_seed(5)
     n, k = shape
     w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(native.BF16_ROWS, k, generator=g).bfloat16()
-    before = native.amx_one_row(True)  # one-row calls on the many-row kernel (what prompt lookup asks for)
-    try:
-        alone = torch.cat([native.gemv_float(x[i:i + 1], w) for i in range(len(x))])
-    finally:
-        native.amx_one_row(before)
+    alone = torch.cat([native.gemv_float(x[i:i + 1], w) for i in range(len(x))])  # default: one row on AMX too
     assert _rel(alone, x.float() @ w.float().T) < 1e-5
     for rows in (2, 3, 5, 6, 8, 16):
         assert torch.equal(native.gemv_float(x[:rows], w), alone[:rows])
     assert torch.equal(native.gemv_float(x[:6].T.contiguous().T, w), alone[:6])  # strided rows are copied first
-    one = native.gemv_float(x[:1], w)  # the default one-row kernel: the same product, maybe rounded otherwise
+    before = native.amx_one_row(False)  # one row on the vector kernel: the same product, maybe rounded otherwise
+    try:
+        one = native.gemv_float(x[:1], w)
+    finally:
+        native.amx_one_row(before)
     assert _rel(one, alone[:1]) < 1e-6
     assert native.max_rows("float", x, w) == native.BF16_ROWS
     assert native.max_rows("float", x.float(), w) == native.max_rows("int8", x, w) == native.ROWS
@@ -83,22 +83,22 @@ def test_bf16_kernel_scores_up_to_16_rows_each_as_if_alone(shape):
 def test_the_one_row_setting_is_the_calling_threads_own():
     import threading
 
-    assert native.amx_one_row() is False  # off by default: one row takes the vector kernel
-    before = native.amx_one_row(True)
+    default = native.amx_one_row()  # on where the CPU has AMX (False without: nothing to switch)
+    before = native.amx_one_row(False)
     seen = []
     try:
         worker = threading.Thread(target=lambda: seen.append(native.amx_one_row()))
         worker.start()
         worker.join()
-        assert before is False and seen == [False]  # another thread (another request) is not switched
-        assert native.amx_one_row() is native.amx_one_row()  # asking changes nothing
+        assert before is default and seen == [default]  # another thread (another request) is not switched
+        assert native.amx_one_row() is False and native.amx_one_row() is False  # asking changes nothing
+        with lookup_kernels():  # what prompt lookup runs inside: on where the CPU has AMX, and back after
+            assert native.amx_one_row() is default
+        assert native.amx_one_row() is False
     finally:
-        native.amx_one_row(False)
+        native.amx_one_row(default)
     with pytest.raises(ValueError, match="True, False or None"):
         native.amx_one_row(1)
-    with lookup_kernels():  # what prompt lookup runs inside: on where the CPU has AMX, and off again after
-        assert native.amx_one_row() is native.amx_one_row(None)
-    assert native.amx_one_row() is False
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -269,20 +269,16 @@ def test_a_bf16_verification_pass_scores_each_token_as_the_one_token_step():
     stream_(model)
     dec = CompiledDecoder(model)
     prompt = torch.tensor([[5, 7, 9, 11, 5, 7, 9, 11, 5, 7]])
-    before = native.amx_one_row(True)  # what prompt lookup sets while it runs
-    try:
-        with torch.inference_mode():
-            nxt, slot, cache = dec.start(prompt, 8, room=8)
-            toks = torch.tensor([[int(nxt), 3, 4, 5, 6]])
-            rows = dec.verify(toks, slot, cache)[0]
-            for j in range(toks.shape[1]):
-                assert torch.equal(dec.step(toks[:, j:j + 1], slot + j, cache)[0], rows[j])
-        ref = dec(prompt, 24)[0].tolist()
-    finally:
-        native.amx_one_row(before)
+    with torch.inference_mode():
+        nxt, slot, cache = dec.start(prompt, 8, room=8)
+        toks = torch.tensor([[int(nxt), 3, 4, 5, 6]])
+        rows = dec.verify(toks, slot, cache)[0]
+        for j in range(toks.shape[1]):
+            assert torch.equal(dec.step(toks[:, j:j + 1], slot + j, cache)[0], rows[j])
+        assert dec.verify_tokens(toks, slot, cache)[0].tolist() == rows.argmax(-1).tolist()
+    ref = dec(prompt, 24)[0].tolist()  # the plain loop, default kernels
     res = prompt_lookup_compiled(dec, prompt, 24, k=4, min_ngram=1)
     assert res.tokens == ref and res.drafted_rounds > 0
-    assert native.amx_one_row() is False  # and restores afterwards
 
 
 def test_a_stream_request_without_native_kernels_keeps_measuring(monkeypatch):

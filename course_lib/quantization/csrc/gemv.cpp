@@ -160,13 +160,13 @@ bool amx_ready() {
   return ok;
 }
 
-// At one row the vector kernel is the faster one (measured in a compiled decode step: AMX costs about 5% there),
-// so AMX takes two rows and more. A thread that needs every row count to compute a row alike (prompt lookup: its
-// one-token steps and its verification passes) turns this on for itself: one-row calls then take AMX too.
-thread_local bool amx_one_row = false;
+// One row takes AMX too by default: a decode step and a verification pass then compute a row alike (prompt
+// lookup's tokens are plain greedy's, bit for bit), and one tile of 16 weight rows at a time reads as fast as the
+// vector kernel (measured in a compiled decode step). A thread can send its one-row calls back to the vector kernel
+// (native.amx_one_row(False)): for an A/B of the two kernels.
+thread_local bool amx_one_row = true;
 
 constexpr int64_t AMX_ROWS = 16;  // rows of x (B's columns) and weight rows per tile
-constexpr int64_t AMX_GROUP = 4;  // weight tiles per pass over k: tiles 0-3 accumulate, 4 holds x, 5-6 weights
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -181,62 +181,53 @@ const uint32_t* amx_x(const c10::BFloat16* x, int64_t R, int64_t K) {
   if (R == 1) return x32;
   thread_local std::vector<uint32_t> xt;
   xt.resize(K / 2 * R);
+  uint32_t* out = xt.data();
+  // sixteen pairs of a row at a time, scattered R apart (K is a multiple of 32: whole vectors)
+  const __m512i apart = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(R)));
   for (int64_t m = 0; m < R; ++m)
-    for (int64_t kk = 0; kk < K / 2; ++kk) xt[kk * R + m] = x32[m * (K / 2) + kk];
-  return xt.data();
+    for (int64_t kk = 0; kk < K / 2; kk += 16)
+      _mm512_i32scatter_epi32(out + kk * R + m, apart, _mm512_loadu_si512(x32 + m * (K / 2) + kk), 4);
+  return out;
 }
 
-// NT weight tiles (16 rows each, from row n) against x: y[m][n + 16 t + i] for m < R. Prefetches the same span
-// `ahead` bytes further (the next group), a sixteenth of it per step over k.
-template <int NT>
-inline void amx_group(const uint32_t* xt, const c10::BFloat16* w, float* y, int64_t R, int64_t N, int64_t K,
-                      int64_t n, int64_t ahead) {
-  const int64_t stride = K * 2, span = NT * AMX_ROWS * stride, steps = K / 32;
-  const char* base = reinterpret_cast<const char*>(w + n * K);
-  for (int t = 0; t < NT; ++t) {
-    if (t == 0) _tile_zero(0);
-    if (t == 1) _tile_zero(1);
-    if (t == 2) _tile_zero(2);
-    if (t == 3) _tile_zero(3);
-  }
+// One weight tile (16 rows from row n) against x: y[m][n + i] for m < R, one chain of tile multiply-adds over k.
+// Prefetches the next tile (`ahead` bytes further) into L2 meanwhile: each step over k asks for 16 lines, as many
+// as it reads.
+inline void amx_tile(const uint32_t* xt, const c10::BFloat16* w, float* y, int64_t R, int64_t N, int64_t K, int64_t n,
+                     int64_t ahead, __m512i apart) {
+  const int64_t stride = K * 2, steps = K / 32;
+  const char* next = reinterpret_cast<const char*>(w + n * K) + ahead;
+  _tile_zero(0);
   for (int64_t s = 0; s < steps; ++s) {
-    if (ahead) {
-      const char* pf = base + ahead + span * s / steps;
-      for (const char* q = pf; q < base + ahead + span * (s + 1) / steps; q += 64) _mm_prefetch(q, _MM_HINT_T1);
-    }
-    _tile_loadd(4, xt + s * 16 * R, R * 4);
-    const c10::BFloat16* wk = w + n * K + s * 32;
-    _tile_loadd(5, wk, stride);
-    _tile_dpbf16ps(0, 5, 4);
-    if (NT > 1) { _tile_loadd(6, wk + AMX_ROWS * K, stride); _tile_dpbf16ps(1, 6, 4); }
-    if (NT > 2) { _tile_loadd(5, wk + 2 * AMX_ROWS * K, stride); _tile_dpbf16ps(2, 5, 4); }
-    if (NT > 3) { _tile_loadd(6, wk + 3 * AMX_ROWS * K, stride); _tile_dpbf16ps(3, 6, 4); }
+    if (ahead)
+      for (const char* q = next + s * AMX_ROWS * 64, *e = q + AMX_ROWS * 64; q < e; q += 64) _mm_prefetch(q, _MM_HINT_T1);
+    _tile_loadd(1, xt + s * 16 * R, R * 4);
+    _tile_loadd(2, w + n * K + s * 32, stride);
+    _tile_dpbf16ps(0, 2, 1);
   }
   alignas(64) float c[AMX_ROWS * AMX_ROWS];
-  for (int t = 0; t < NT; ++t) {
-    if (t == 0) _tile_stored(0, c, R * 4);
-    if (t == 1) _tile_stored(1, c, R * 4);
-    if (t == 2) _tile_stored(2, c, R * 4);
-    if (t == 3) _tile_stored(3, c, R * 4);
-    for (int64_t i = 0; i < AMX_ROWS; ++i)
-      for (int64_t m = 0; m < R; ++m) y[m * N + n + t * AMX_ROWS + i] = c[i * R + m];
-  }
+  _tile_stored(0, c, R * 4);
+  for (int64_t m = 0; m < R; ++m)  // column m of the tile is row m's sixteen outputs: gathered R apart
+    _mm512_storeu_ps(y + m * N + n, _mm512_i32gather_ps(apart, c + m, 4));
 }
 
-// Weight rows [n0, n1) (multiples of 16) against R <= 16 rows of x.
+// Weight rows [n0, n1) (multiples of 16) against R <= 16 rows of x, one tile of 16 weight rows at a time. Tiles of
+// 64 rows at a time (four accumulators) read 64 rows side by side: slower at one row than the vector kernel in a
+// decode step, and far slower while other programs share the memory bus; 16 rows at a time, as fast or faster.
 void bf16_rows_amx(const uint32_t* xt, const c10::BFloat16* w, float* y, int64_t R, int64_t N, int64_t K, int64_t n0,
                    int64_t n1) {
-  TileConfig cfg;  // tiles 0-3 and 4 are R columns wide (float32 / bf16 pairs), 5-6 a full 32 bf16
-  for (int t = 0; t < 7; ++t) {
+  TileConfig cfg;  // tile 0: the 16 x R float32 sums; 1: x as R columns of bf16 pairs; 2: 16 weight rows x 32
+  for (int t = 0; t < 3; ++t) {
     cfg.rows[t] = AMX_ROWS;
-    cfg.colsb[t] = t < 5 ? R * 4 : 64;
+    cfg.colsb[t] = t < 2 ? R * 4 : 64;
   }
   _tile_loadconfig(&cfg);
-  const int64_t group = AMX_GROUP * AMX_ROWS, group_bytes = group * K * 2;
-  int64_t n = n0;
-  for (; n + group <= n1; n += group)
-    amx_group<AMX_GROUP>(xt, w, y, R, N, K, n, n + 2 * group <= n1 ? group_bytes : 0);
-  for (; n < n1; n += AMX_ROWS) amx_group<1>(xt, w, y, R, N, K, n, 0);
+  const __m512i apart = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(R)));
+  const int64_t tile_bytes = AMX_ROWS * K * 2;
+  for (int64_t n = n0; n < n1; n += AMX_ROWS)
+    amx_tile(xt, w, y, R, N, K, n, n + 2 * AMX_ROWS <= n1 ? tile_bytes : 0, apart);
   _tile_release();
 }
 #define COURSE_LIB_AMX 1

@@ -629,14 +629,14 @@ def prompt_lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, m
     """Greedy prompt lookup on the course's compiled engine: :class:`~course_lib.generation.CompiledDecoder`.
 
     The same drafts as :func:`prompt_lookup_generate`; a round without a match is the decoder's one-token step,
-    a round with one is ``decoder.verify_tokens``: k + 1 tokens through the static cache in one compiled pass (a shorter
-    draft is padded, so one graph serves every pass; the padding's logits are never read). Rejected tokens need no
-    rollback: the slot counter moves past the kept ones only, and the next pass overwrites the rest. Where the
-    native kernels run (bf16 projections on the CPU), each verified token's logits are exactly the one-token
-    step's: while it runs, this thread's one-row calls take the pass's kernel too (:func:`.native.amx_one_row`),
-    so the tokens are those of ``decoder(prompt_ids, max_new_tokens, eos=eos)`` with that setting, bit for bit (a
-    test checks it); with the one-row kernel plain decoding uses by default they can part at a near-tie, as any
-    bf16 speculative decoding can. ``prompt_ids`` is (1, T); ``eos`` as in the decoder's call.
+    a round with one is ``decoder.verify_tokens``: k + 1 tokens through the static cache in one compiled pass (a
+    shorter draft is padded, so one graph serves every pass; the padding's tokens are never read). Rejected tokens
+    need no rollback: the slot counter moves past the kept ones only, and the next pass overwrites the rest. Where
+    the native kernels run (bf16 projections on the CPU), each verified token's logits are exactly the one-token
+    step's: one kernel computes a row alike whatever the row count (AMX where the CPU has it, one row included by
+    default; this thread's one-row calls are held there while it runs, :func:`.native.amx_one_row`), so the
+    tokens are those of ``decoder(prompt_ids, max_new_tokens, eos=eos)``, bit for bit (a test checks it).
+    ``prompt_ids`` is (1, T); ``eos`` as in the decoder's call.
     """
     _check_lookup(k, max_ngram, min_ngram)
     with lookup_kernels():  # one-row steps on the verification pass's kernel (AMX), on this thread, while it runs
@@ -755,9 +755,10 @@ def lookup_speedup_compiled(decoder: CompiledDecoder, groups: dict[str, list[tor
                             k: int = 5, max_ngram: int = 3, min_ngram: int = 2, repeat: int = 3,
                             eos: int | None = None) -> list[dict]:
     """:func:`lookup_speedup` on the compiled engine: :func:`prompt_lookup_compiled` against the decoder's own
-    greedy loop (``decoder(ids, n, eos=eos)``, its default kernels: the fastest plain loop), per group, timed
+    greedy loop (``decoder(ids, n, eos=eos)`` on this thread's kernels, by default the lookup's), per group, timed
     interleaved with a prefill subtracted. Same rows; ``identical`` compares with the decoder's greedy tokens on the
-    lookup's kernels (:func:`.native.amx_one_row`), and ``identical_to_plain`` with those of the plain loop timed."""
+    lookup's kernels, and ``identical_to_plain`` with those of the plain loop timed (they differ only where this
+    thread sent its one-row calls off AMX: :func:`.native.amx_one_row`)."""
     _check_lookup(k, max_ngram, min_ngram)
     _check_speedup_args(max_new_tokens, repeat, groups)
     results, fns, plain_same = {}, {}, {}
@@ -779,7 +780,8 @@ def lookup_speedup_compiled(decoder: CompiledDecoder, groups: dict[str, list[tor
 
 @contextlib.contextmanager
 def lookup_kernels() -> Iterator[None]:
-    """One-row calls on the verification pass's kernel (:func:`.native.amx_one_row`), on this thread, inside."""
+    """One-row calls on the verification pass's kernel (:func:`.native.amx_one_row`, the default), on this thread,
+    inside, whatever the thread had set."""
     before = native.amx_one_row(True) if native.built() else None
     try:
         yield

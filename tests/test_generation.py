@@ -672,3 +672,17 @@ def test_each_decoder_compiles_code_of_its_own():
     assert len(codes) == 4
     ids = torch.tensor([[3, 17, 5]])
     assert torch.equal(a(ids, 4), b(ids, 4))
+
+
+def test_compiled_decoder_stops_at_eos_for_one_sequence_and_refuses_a_batch():
+    from course_lib.generation import CompiledDecoder
+
+    model = make_tiny("llama")
+    ids = _prompt(6)
+    dec = CompiledDecoder(model, backend="eager")
+    free = dec(ids, 10)[0].tolist()
+    eos = free[3]
+    stopped = dec(ids, 10, eos=eos)[0].tolist()
+    assert stopped == free[:free.index(eos) + 1]  # up to and with the first eos, as plain generation stops
+    with pytest.raises(ValueError, match="batch of 1"):
+        dec(torch.cat([ids, ids]), 10, eos=eos)

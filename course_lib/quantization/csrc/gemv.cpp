@@ -174,6 +174,12 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// 0, R, 2R, ..., 15R: the offsets of sixteen values that lie R apart (a tile's column, x's pairs in tile B)
+inline __m512i spaced(int64_t R) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                            _mm512_set1_epi32(static_cast<int>(R)));
+}
+
 // x's k pairs as tile B: R columns, xt[kk * R + m] = (x[m][2kk], x[m][2kk + 1]). One row is x itself; more are
 // transposed into a buffer of the calling thread's (a decode step makes hundreds of these calls).
 const uint32_t* amx_x(const c10::BFloat16* x, int64_t R, int64_t K) {
@@ -183,8 +189,7 @@ const uint32_t* amx_x(const c10::BFloat16* x, int64_t R, int64_t K) {
   xt.resize(K / 2 * R);
   uint32_t* out = xt.data();
   // sixteen pairs of a row at a time, scattered R apart (K is a multiple of 32: whole vectors)
-  const __m512i apart = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int>(R)));
+  const __m512i apart = spaced(R);
   for (int64_t m = 0; m < R; ++m)
     for (int64_t kk = 0; kk < K / 2; kk += 16)
       _mm512_i32scatter_epi32(out + kk * R + m, apart, _mm512_loadu_si512(x32 + m * (K / 2) + kk), 4);
@@ -212,9 +217,9 @@ inline void amx_tile(const uint32_t* xt, const c10::BFloat16* w, float* y, int64
     _mm512_storeu_ps(y + m * N + n, _mm512_i32gather_ps(apart, c + m, 4));
 }
 
-// Weight rows [n0, n1) (multiples of 16) against R <= 16 rows of x, one tile of 16 weight rows at a time. Tiles of
-// 64 rows at a time (four accumulators) read 64 rows side by side: slower at one row than the vector kernel in a
-// decode step, and far slower while other programs share the memory bus; 16 rows at a time, as fast or faster.
+// Weight rows [n0, n1) (multiples of 16) against R <= 16 rows of x, one tile of 16 weight rows at a time: four
+// tiles side by side (64 rows read at once) were slower at one row than the vector kernel, and far slower while
+// other programs shared the memory bus (docs/decode.md).
 void bf16_rows_amx(const uint32_t* xt, const c10::BFloat16* w, float* y, int64_t R, int64_t N, int64_t K, int64_t n0,
                    int64_t n1) {
   TileConfig cfg;  // tile 0: the 16 x R float32 sums; 1: x as R columns of bf16 pairs; 2: 16 weight rows x 32
@@ -223,8 +228,7 @@ void bf16_rows_amx(const uint32_t* xt, const c10::BFloat16* w, float* y, int64_t
     cfg.colsb[t] = t < 2 ? R * 4 : 64;
   }
   _tile_loadconfig(&cfg);
-  const __m512i apart = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int>(R)));
+  const __m512i apart = spaced(R);
   const int64_t tile_bytes = AMX_ROWS * K * 2;
   for (int64_t n = n0; n < n1; n += AMX_ROWS)
     amx_tile(xt, w, y, R, N, K, n, n + 2 * AMX_ROWS <= n1 ? tile_bytes : 0, apart);

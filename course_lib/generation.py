@@ -255,8 +255,9 @@ class CompiledDecoder:
         self._compile()
 
     def _compile(self) -> None:
-        # both lazy: only the one a caller uses is ever compiled. step -> logits; next_token -> the greedy token,
-        # argmax and the slot's advance inside the graph (no ATen call of its own per token)
+        # each lazy: only the ones a caller uses are ever compiled. step -> logits; next_token -> the greedy token,
+        # argmax and the slot's advance inside the graph (no ATen call of its own per token); verify -> a
+        # speculative pass's logits; verify_tokens -> its greedy tokens, the argmax inside the graph
         # torch.compile takes a mode or options, not both: CUDA graphs' modes keep every guard (a replay costs one
         # launch; the guards are checked on the CPU meanwhile). A dict each: torch.compile pops the filter from it.
         def compiled(fn: Callable) -> Callable:
@@ -318,7 +319,7 @@ class CompiledDecoder:
         cache = self._caches.get((batch, max_len))
         if cache is None:
             cache = self._caches[(batch, max_len)] = self.scratch.new_cache(batch, max_len)
-            for t in [*cache.k, *cache.v, *cache.rope]:  # read or written in place inside the graph: never moved
+            for t in [*cache.k, *cache.v, *(cache.rope or ())]:  # used in place by the graph: never moved
                 torch._dynamo.mark_static_address(t)
         cache.length = 0  # stale slots are masked (decode_static attends to slots <= its own only)
         return cache

@@ -76,7 +76,7 @@ class KVCache:
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def nbytes(self) -> int:
-        """Memory held by the cache (all of it is reserved up front)."""
+        """Memory held by the keys and values (all of it reserved up front; the RoPE tables are not counted)."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -256,6 +256,7 @@ class QuantizedKVCache(KVCache):
         self.config, self.dtype = config, dtype
         self.max_len = max_len
         self.length = 0
+        self.rope = None  # as KVCache's: filled by the model that makes the cache (ScratchLlama.new_cache)
 
     def nbytes(self) -> int:
         return sum(t.nbytes() for t in self.k + self.v)

@@ -111,6 +111,10 @@ def test_static_decode_step_reads_the_quantized_cache():
     scratch(ids[:, :8], cache)
     torch.testing.assert_close(scratch.decode_static(ids[:, 8:], torch.tensor(8), cache), eager,
                                atol=1e-5, rtol=1e-5)
+    made = QuantizedKVCache(scratch.shape, 2, 12, INT8, scratch.dtype)  # built directly: no RoPE tables in it
+    scratch(ids[:, :8], made)
+    torch.testing.assert_close(scratch.decode_static(ids[:, 8:], torch.tensor(8), made), eager,
+                               atol=1e-5, rtol=1e-5)
 
 
 @torch.inference_mode()

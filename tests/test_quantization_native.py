@@ -221,6 +221,29 @@ def test_decode_attention_of_several_new_tokens_is_each_tokens_own(dtype):
     assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("b, h, hkv, d", [(1, 9, 3, 64), (2, 10, 2, 48), (1, 8, 1, 80), (1, 4, 4, 32)])
+def test_decode_attention_computes_a_query_alike_whichever_heads_share_its_work(b, h, hkv, d):
+    """The kernel groups the query heads that share a key/value head into one work item when there are enough
+    items for the threads (a pass of several tokens) and not otherwise (one token): the output is the same."""
+    g = torch.Generator().manual_seed(7)
+    slots, slot, t = 50, 30, 5
+    q = torch.randn(b, t, h, d, generator=g).bfloat16().transpose(1, 2)
+    k, v = (torch.randn(b, hkv, slots, d, generator=g).bfloat16() for _ in range(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # b * hkv * t items >= 2 threads: grouped
+    try:
+        grouped = native.decode_attention(q, k, v, torch.tensor(slot), d ** -0.5)
+    finally:
+        torch.set_num_threads(threads)
+    for j in range(t):  # one token, one batch row, one key/value head at a time: too few items, one head each
+        for i in range(b):
+            for kv in range(hkv):
+                heads = slice(kv * (h // hkv), (kv + 1) * (h // hkv))
+                one = native.decode_attention(q[i:i + 1, heads, j:j + 1], k[i:i + 1, kv:kv + 1], v[i:i + 1, kv:kv + 1],
+                                              torch.tensor(slot + j), d ** -0.5)
+                assert torch.equal(grouped[i:i + 1, heads, j:j + 1], one)
+
+
 def test_a_compiled_graph_calls_the_kernels_as_operators():
     w, x = torch.randn(40, 96), torch.randn(1, 96)
     seen = []

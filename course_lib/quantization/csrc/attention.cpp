@@ -125,7 +125,7 @@ void heads(const float* q, int C, const T* k, const T* v, int64_t n, int64_t D, 
   }
 }
 
-// q (B, H, T, D) with unit stride over D (any other strides): T new tokens at slots slot .. slot + T - 1 (T > 1:
+// q (B, H, T, D), read in place where its last stride is 1 (copied otherwise): T new tokens at slots slot .. slot + T - 1 (T > 1:
 // a speculative verification pass), query t seeing slots [0, slot + t]; k, v (B, Hkv, L, D); H a multiple of
 // Hkv. Returns (B, H, T, D), contiguous, in q's dtype. A query is computed by the same arithmetic whatever T is
 // and whichever heads share its work item, so a verification pass scores a token exactly as a one-token step does.

@@ -57,10 +57,8 @@ the weights once for all rows.
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +68,6 @@ from ._checks import check_new_tokens
 from ._hf import cache_kwarg
 from .generation import CompiledDecoder, encode_prompt
 from .models import check_prompt_ids
-from .quantization import native
 from .timing import BenchResult, compare, speed_verdict
 
 
@@ -633,18 +630,11 @@ def prompt_lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, m
     shorter draft is padded, so one graph serves every pass; the padding's tokens are never read). Rejected tokens
     need no rollback: the slot counter moves past the kept ones only, and the next pass overwrites the rest. Where
     the native kernels run (bf16 projections on the CPU), each verified token's logits are exactly the one-token
-    step's: one kernel computes a row alike whatever the row count (AMX where the CPU has it, one row included by
-    default; this thread's one-row calls are held there while it runs, :func:`.native.amx_one_row`), so the
-    tokens are those of ``decoder(prompt_ids, max_new_tokens, eos=eos)``, bit for bit (a test checks it).
-    ``prompt_ids`` is (1, T); ``eos`` as in the decoder's call.
+    step's: a layer's kernel computes a row alike whatever the row count (AMX where the CPU has it, one row
+    included), so the tokens are those of ``decoder(prompt_ids, max_new_tokens, eos=eos)``, bit for bit (a test
+    checks it). ``prompt_ids`` is (1, T); ``eos`` as in the decoder's call.
     """
     _check_lookup(k, max_ngram, min_ngram)
-    with lookup_kernels():  # one-row steps on the verification pass's kernel (AMX), on this thread, while it runs
-        return _lookup_compiled(decoder, prompt_ids, max_new_tokens, k, max_ngram, min_ngram, eos)
-
-
-def _lookup_compiled(decoder: CompiledDecoder, prompt_ids: torch.Tensor, max_new_tokens: int, k: int,
-                     max_ngram: int, min_ngram: int, eos: int | None) -> PromptLookupResult:
     t0 = time.perf_counter()
     nxt, slot, cache = decoder.start(prompt_ids, max_new_tokens, room=k + 1)
     if nxt.shape[0] != 1:
@@ -755,39 +745,21 @@ def lookup_speedup_compiled(decoder: CompiledDecoder, groups: dict[str, list[tor
                             k: int = 5, max_ngram: int = 3, min_ngram: int = 2, repeat: int = 3,
                             eos: int | None = None) -> list[dict]:
     """:func:`lookup_speedup` on the compiled engine: :func:`prompt_lookup_compiled` against the decoder's own
-    greedy loop (``decoder(ids, n, eos=eos)`` on this thread's kernels, by default the lookup's), per group, timed
-    interleaved with a prefill subtracted. Same rows; ``identical`` compares with the decoder's greedy tokens on the
-    lookup's kernels, and ``identical_to_plain`` with those of the plain loop timed (they differ only where this
-    thread sent its one-row calls off AMX: :func:`.native.amx_one_row`)."""
+    greedy loop (``decoder(ids, n, eos=eos)``), per group, timed interleaved with a prefill subtracted. Same rows;
+    ``identical``: the lookup's tokens are the plain loop's."""
     _check_lookup(k, max_ngram, min_ngram)
     _check_speedup_args(max_new_tokens, repeat, groups)
-    results, fns, plain_same = {}, {}, {}
+    results, fns = {}, {}
     for name, prompts in groups.items():
-        plain = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
-        with lookup_kernels():
-            ref = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
+        ref = [decoder(p, max_new_tokens, eos=eos)[0].tolist() for p in prompts]
         res = [prompt_lookup_compiled(decoder, p, max_new_tokens, k, max_ngram, min_ngram, eos) for p in prompts]
         results[name] = (ref, res)
-        plain_same[name] = all(r.tokens == want for r, want in zip(res, plain))
         fns[f"{name}/greedy"] = lambda ps=prompts: [decoder(p, max_new_tokens, eos=eos) for p in ps]
         fns[f"{name}/lookup"] = lambda ps=prompts: [
             prompt_lookup_compiled(decoder, p, max_new_tokens, k, max_ngram, min_ngram, eos) for p in ps]
         fns[f"{name}/prefill"] = lambda ps=prompts: [decoder(p, 1) for p in ps]
     times = compare(fns, rounds=repeat, warmup=1, device=decoder.scratch.device)
-    return [{**r, "identical_to_plain": plain_same[r["group"]]}
-            for r in _speedup_rows(results, times, k, max_ngram, min_ngram)]
-
-
-@contextlib.contextmanager
-def lookup_kernels() -> Iterator[None]:
-    """One-row calls on the verification pass's kernel (:func:`.native.amx_one_row`, the default), on this thread,
-    inside, whatever the thread had set."""
-    before = native.amx_one_row(True) if native.built() else None
-    try:
-        yield
-    finally:
-        if before is not None:
-            native.amx_one_row(before)
+    return _speedup_rows(results, times, k, max_ngram, min_ngram)
 
 
 def _check_speedup_args(max_new_tokens, repeat, groups) -> None:

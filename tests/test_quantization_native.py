@@ -25,7 +25,7 @@ from course_lib.quantization import (
     stream_,
     streaming,
 )
-from course_lib.speculative import lookup_kernels, prompt_lookup_compiled
+from course_lib.speculative import prompt_lookup_compiled
 from tests.conftest import make_tiny
 
 OK, WHY = native.available()
@@ -65,40 +65,13 @@ def test_bf16_kernel_scores_up_to_16_rows_each_as_if_alone(shape):
     g = torch.Generator().manual_seed(5)
     n, k = shape
     w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(native.BF16_ROWS, k, generator=g).bfloat16()
-    alone = torch.cat([native.gemv_float(x[i:i + 1], w) for i in range(len(x))])  # default: one row on AMX too
+    alone = torch.cat([native.gemv_float(x[i:i + 1], w) for i in range(len(x))])
     assert _rel(alone, x.float() @ w.float().T) < 1e-5
     for rows in (2, 3, 5, 6, 8, 16):
         assert torch.equal(native.gemv_float(x[:rows], w), alone[:rows])
     assert torch.equal(native.gemv_float(x[:6].T.contiguous().T, w), alone[:6])  # strided rows are copied first
-    before = native.amx_one_row(False)  # one row on the vector kernel: the same product, maybe rounded otherwise
-    try:
-        one = native.gemv_float(x[:1], w)
-    finally:
-        native.amx_one_row(before)
-    assert _rel(one, alone[:1]) < 1e-6
     assert native.max_rows("float", x, w) == native.BF16_ROWS
     assert native.max_rows("float", x.float(), w) == native.max_rows("int8", x, w) == native.ROWS
-
-
-def test_the_one_row_setting_is_the_calling_threads_own():
-    import threading
-
-    default = native.amx_one_row()  # on where the CPU has AMX (False without: nothing to switch)
-    before = native.amx_one_row(False)
-    seen = []
-    try:
-        worker = threading.Thread(target=lambda: seen.append(native.amx_one_row()))
-        worker.start()
-        worker.join()
-        assert before is default and seen == [default]  # another thread (another request) is not switched
-        assert native.amx_one_row() is False and native.amx_one_row() is False  # asking changes nothing
-        with lookup_kernels():  # what prompt lookup runs inside: on where the CPU has AMX, and back after
-            assert native.amx_one_row() is default
-        assert native.amx_one_row() is False
-    finally:
-        native.amx_one_row(default)
-    with pytest.raises(ValueError, match="True, False or None"):
-        native.amx_one_row(1)
 
 
 @pytest.mark.parametrize("rows", [1, 2])
@@ -299,7 +272,7 @@ def test_a_bf16_verification_pass_scores_each_token_as_the_one_token_step():
         for j in range(toks.shape[1]):
             assert torch.equal(dec.step(toks[:, j:j + 1], slot + j, cache)[0], rows[j])
         assert dec.verify_tokens(toks, slot, cache)[0].tolist() == rows.argmax(-1).tolist()
-    ref = dec(prompt, 24)[0].tolist()  # the plain loop, default kernels
+    ref = dec(prompt, 24)[0].tolist()  # the plain loop
     res = prompt_lookup_compiled(dec, prompt, 24, k=4, min_ngram=1)
     assert res.tokens == ref and res.drafted_rounds > 0
 

@@ -145,7 +145,7 @@ def lookup_engine_rows(quick: bool = False) -> list[dict]:
     for r in lookup_speedup_compiled(decoder, groups, n_new, repeat=repeat, eos=tok.eos_token_id, **LOOKUP):
         rows.append(_lookup_row(f"prompt-lookup-engine-{r['group']}", r, count_parameters(model),
                                 f"bf16, streaming kernels ({implementation()}), compiled step and verification "
-                                f"pass; tokens identical to the plain loop's: {r['identical_to_plain']}"))
+                                f"pass; tokens identical to the plain loop's: {r['identical']}"))
     del model, decoder
     return rows
 

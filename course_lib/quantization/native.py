@@ -168,21 +168,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: to
     return torch.ops.course_lib.decode_attention(q, k, v, slot, scale)
 
 
-def amx_one_row(on: bool | None = None) -> bool:
-    """Do one-row bf16 calls on this thread take AMX? ``on=True/False`` sets it, and the call returns the setting
-    before (always False where the CPU or the OS has no AMX).
-
-    The bf16 x bf16 kernel multiplies rows of x on AMX tiles (the CPU's matrix unit: up to 16 rows for the price
-    of one) where the CPU has them, one row included by default, so a decode step and a speculative verification
-    pass compute a row alike, bit for bit. ``False`` sends this thread's one-row calls to the vector dot-product
-    kernel (it rounds differently): to compare the two. Prompt lookup
-    (:func:`course_lib.speculative.prompt_lookup_compiled`) turns it on while it runs, whatever it was.
-    ``COURSE_NATIVE_AMX=0`` in the environment keeps the kernel off AMX altogether."""
-    if on is not None and not isinstance(on, bool):
-        raise ValueError(f"on must be True, False or None (only ask), got {on!r}")
-    return bool(torch.ops.course_lib.amx_one_row(-1 if on is None else int(on)))
-
-
 def vnni() -> bool:
     """Does this CPU have the integer dot-product instructions the W4A8 kernel needs (AVX512-VNNI)? (read once,
     at import: a compiled graph asks too)"""

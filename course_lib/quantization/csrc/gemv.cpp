@@ -160,12 +160,6 @@ bool amx_ready() {
   return ok;
 }
 
-// One row takes AMX too by default: a decode step and a verification pass then compute a row alike (prompt
-// lookup's tokens are plain greedy's, bit for bit), and one tile of 16 weight rows at a time reads as fast as the
-// vector kernel (measured in a compiled decode step). A thread can send its one-row calls back to the vector kernel
-// (native.amx_one_row(False)): for an A/B of the two kernels.
-thread_local bool amx_one_row = true;
-
 constexpr int64_t AMX_ROWS = 16;  // rows of x (B's columns) and weight rows per tile
 
 struct alignas(64) TileConfig {
@@ -485,7 +479,9 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
     const auto* xp = xc.data_ptr<c10::BFloat16>();
     const auto* wp = w.data_ptr<c10::BFloat16>();
 #ifdef COURSE_LIB_AMX
-    if (N % AMX_ROWS == 0 && (R > 1 || amx_one_row) && amx_ready()) {
+    // by shape only, one row included: a layer takes the same path at every row count, so a decode step and a
+    // verification pass compute a row alike (one tile at a time reads as fast as the vector kernel)
+    if (N % AMX_ROWS == 0 && amx_ready()) {
       const uint32_t* xt = amx_x(xp, R, K);
       at::parallel_for(0, N / AMX_ROWS, GRAIN / AMX_ROWS, [&](int64_t b0, int64_t b1) {
         bf16_rows_amx(xt, wp, yp, R, N, K, b0 * AMX_ROWS, b1 * AMX_ROWS);
@@ -672,20 +668,7 @@ at::Tensor gemv_int4_a8(const at::Tensor& x, const at::Tensor& packed, const at:
 
 }  // namespace
 
-// amx_one_row(on) -> this thread's setting before; on = -1 only asks. Always 0 where the CPU or OS has no AMX.
-int64_t amx_one_row_(int64_t on) {
-#ifdef COURSE_LIB_AMX
-  const bool before = amx_one_row && amx_ready();
-  if (on >= 0) amx_one_row = on != 0;
-  return before;
-#else
-  (void)on;
-  return 0;
-#endif
-}
-
 TORCH_LIBRARY(course_lib, m) {
-  m.def("amx_one_row(int on) -> int", &amx_one_row_);
   m.def("gemv_float(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales_and_zeros, int group_size) -> Tensor");
